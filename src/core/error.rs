@@ -1,0 +1,113 @@
+//! Every error a caller can branch on, each with its own SQLSTATE.
+//!
+//! Standard SQLSTATEs are used where PostgreSQL has one for the condition; domain errors use
+//! the custom class `TK` (documented in the README). Messages are lower case and name the
+//! entity and the values involved.
+
+use thiserror::Error;
+
+/// An error raised by tasker_core to a SQL caller.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum TaskerError {
+    /// A caller-supplied identifier cannot be used.
+    #[error("invalid {what} name {name:?}: {reason}")]
+    InvalidName {
+        what: &'static str,
+        name: String,
+        reason: &'static str,
+    },
+    /// A required argument was NULL or empty.
+    #[error("{argument} must not be null")]
+    NullArgument { argument: &'static str },
+    /// The Tasker tables were not found in the configured data schema.
+    #[error("tasker data schema {schema:?} is not installed: table {table} is missing (run tasker_core.install_schema({schema:?}) or set tasker_core.data_schema)")]
+    SchemaNotInstalled { schema: String, table: &'static str },
+    /// A task or step does not exist.
+    #[error("{entity} {id} not found")]
+    NotFound { entity: &'static str, id: i64 },
+    /// The dependency graph of a task contains a cycle.
+    #[error("dependency cycle among steps {}", format_ids(.steps))]
+    CycleDetected { steps: Vec<i64> },
+}
+
+fn format_ids(ids: &[i64]) -> String {
+    ids.iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(" -> ")
+}
+
+impl TaskerError {
+    /// The five-character SQLSTATE of this error.
+    pub const fn sqlstate(&self) -> &'static str {
+        match self {
+            TaskerError::InvalidName { .. } => "42602", // invalid_name
+            TaskerError::NullArgument { .. } => "22004", // null_value_not_allowed
+            TaskerError::SchemaNotInstalled { .. } => "TK010",
+            TaskerError::NotFound { .. } => "TK004",
+            TaskerError::CycleDetected { .. } => "TK006",
+        }
+    }
+}
+
+/// The custom SQLSTATEs of class `TK`, with their condition names, for documentation and tests.
+pub const CUSTOM_SQLSTATES: &[(&str, &str)] = &[
+    ("TK004", "entity_not_found"),
+    ("TK006", "cycle_detected"),
+    ("TK010", "schema_not_installed"),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_are_five_uppercase_alphanumerics() {
+        let errors = [
+            TaskerError::InvalidName {
+                what: "schema",
+                name: "x".into(),
+                reason: "r",
+            },
+            TaskerError::NullArgument { argument: "a" },
+            TaskerError::SchemaNotInstalled {
+                schema: "s".into(),
+                table: "t",
+            },
+            TaskerError::NotFound {
+                entity: "task",
+                id: 1,
+            },
+            TaskerError::CycleDetected { steps: vec![1, 2] },
+        ];
+        for e in errors {
+            let code = e.sqlstate();
+            assert_eq!(code.len(), 5);
+            assert!(code
+                .chars()
+                .all(|c| c.is_ascii_digit() || c.is_ascii_uppercase()));
+        }
+    }
+
+    #[test]
+    fn custom_codes_are_unique_and_in_class_tk() {
+        let mut seen = std::collections::HashSet::new();
+        for (code, _) in CUSTOM_SQLSTATES {
+            assert!(code.starts_with("TK"));
+            assert!(seen.insert(code), "duplicate {code}");
+        }
+    }
+
+    #[test]
+    fn messages_name_the_values() {
+        let e = TaskerError::CycleDetected {
+            steps: vec![3, 5, 3],
+        };
+        assert_eq!(e.to_string(), "dependency cycle among steps 3 -> 5 -> 3");
+        let e = TaskerError::NotFound {
+            entity: "task",
+            id: 42,
+        };
+        assert_eq!(e.to_string(), "task 42 not found");
+    }
+}

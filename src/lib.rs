@@ -1,0 +1,37 @@
+//! tasker_core: the core of the Tasker workflow engine inside PostgreSQL.
+//!
+//! Layers (see `DESIGN.md` of the project and the README):
+//! - [`core`]: pure Rust rules — DAGs, states, identifiers, error classes. No pgrx types.
+//! - [`store`]: the only code that knows table and column names; reads and writes through SPI.
+//! - [`api`]: the SQL-facing `#[pg_extern]` functions; converts arguments and raises errors.
+
+use pgrx::prelude::*;
+
+pub mod api;
+pub mod core;
+pub mod store;
+
+::pgrx::pg_module_magic!(name, version);
+
+// Bootstrap: the extension-owned objects that are plain SQL.
+::pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+
+/// Called by PostgreSQL when the library is loaded into a backend.
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    store::settings::register_gucs();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

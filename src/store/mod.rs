@@ -1,0 +1,6 @@
+//! Reads and writes of the Tasker tables through SPI. This is the only module that knows
+//! table and column names.
+
+pub mod schema;
+pub mod settings;
+pub mod workflow;

@@ -1,0 +1,32 @@
+//! Configuration read by the store: where the Tasker data tables live.
+
+use crate::core::error::TaskerError;
+use crate::core::ident::SchemaName;
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+/// `tasker_core.data_schema`: the schema holding the `tasker_*` tables (default `public`).
+pub static DATA_SCHEMA: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"public"));
+
+/// Registers the extension's settings. Called once per backend from `_PG_init`.
+pub fn register_gucs() {
+    GucRegistry::define_string_guc(
+        c"tasker_core.data_schema",
+        c"Schema holding the Tasker data tables (tasker_tasks, tasker_workflow_steps, ...).",
+        c"Rails apps keep them in public; tasker_core.install_schema(target) can put them elsewhere.",
+        &DATA_SCHEMA,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+}
+
+/// The configured data schema, validated.
+pub fn data_schema() -> Result<SchemaName, TaskerError> {
+    let raw = DATA_SCHEMA.get();
+    let raw = raw
+        .as_ref()
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or("public");
+    SchemaName::parse(raw)
+}
