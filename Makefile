@@ -1,0 +1,44 @@
+# tasker_core — the two set-up commands are `make demo` and `make test`.
+# Both install whatever is missing first (Debian packages, cargo-pgrx, pgrx init, test clients).
+
+.PHONY: demo test bench prereqs install test-core test-pg test-integration cluster-start cluster-stop fmt lint clean-cluster
+
+demo:
+	@scripts/demo.sh
+
+test:
+	@scripts/test.sh
+
+bench:
+	@scripts/bench.sh
+
+prereqs:
+	@scripts/prereqs.sh
+
+install: prereqs
+	@scripts/install.sh
+
+test-core: prereqs
+	@scripts/test.sh core
+
+test-pg: prereqs
+	@scripts/test.sh pg
+
+test-integration: prereqs
+	@scripts/test.sh integration
+
+cluster-start:
+	@scripts/cluster.sh start
+
+cluster-stop:
+	@scripts/cluster.sh stop
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+clean-cluster: cluster-stop
+	rm -rf target/tasker-cluster target/pgrx-test
