@@ -15,6 +15,18 @@ pub mod store;
 
 // Bootstrap: the extension-owned objects that are plain SQL.
 ::pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+// Maintained readiness state: tables, triggers and their management functions.
+::pgrx::extension_sql_file!(
+    "../sql/tracking.sql",
+    name = "tracking",
+    requires = ["bootstrap"]
+);
+// The whole-table aggregates of the Rails compatibility surface (set-based SQL over that state).
+::pgrx::extension_sql_file!(
+    "../sql/compat_aggregates.sql",
+    name = "compat_aggregates",
+    requires = ["tracking"]
+);
 
 /// Called by PostgreSQL when the library is loaded into a backend.
 #[pg_guard]

@@ -29,10 +29,17 @@ pub const fn make_sqlstate(code: &str) -> c_int {
 
 /// Raises `err` as an ERROR with its SQLSTATE. Never returns.
 pub fn raise(err: TaskerError) -> ! {
-    let code = make_sqlstate(err.sqlstate());
-    // Copy the message into PostgreSQL memory so nothing Rust-owned outlives the jump.
-    let message = err.to_string().replace('\0', " ");
+    let code = err.sqlstate();
+    let message = err.to_string();
     drop(err);
+    raise_with(code, message)
+}
+
+/// Raises an ERROR with the given SQLSTATE and message. Never returns.
+pub fn raise_with(sqlstate: &'static str, message: String) -> ! {
+    let code = make_sqlstate(sqlstate);
+    // Copy the message into PostgreSQL memory so nothing Rust-owned outlives the jump.
+    let message = message.replace('\0', " ");
     // SAFETY: the current memory context is valid inside a function call; the copy is freed
     // with it when the transaction aborts.
     let msg_ptr = unsafe { pgrx::PgMemoryContexts::CurrentMemoryContext.pstrdup(&message) };
@@ -63,6 +70,24 @@ impl<T> OrRaise<T> for Result<T, TaskerError> {
         match self {
             Ok(v) => v,
             Err(e) => raise(e),
+        }
+    }
+}
+
+impl<T> OrRaise<T> for Result<T, crate::core::readiness::TimeError> {
+    fn or_raise(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => raise_with(e.sqlstate(), e.to_string()),
+        }
+    }
+}
+
+impl<T> OrRaise<T> for Result<T, pgrx::spi::Error> {
+    fn or_raise(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => raise_with("XX000", format!("tasker_core: SPI failure: {e}")),
         }
     }
 }

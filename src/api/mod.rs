@@ -1,6 +1,7 @@
 //! SQL-facing functions, grouped by area. Each converts between SQL and `core`/`store` and
 //! raises errors with their SQLSTATE; none holds logic of its own.
 
+pub mod compat;
 pub mod error;
 pub mod schema;
 pub mod workflow;

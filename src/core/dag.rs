@@ -132,13 +132,78 @@ impl Dag {
         Ok(level)
     }
 
+    /// Longest-path levels measured only along paths that start at `roots` (positions):
+    /// `None` for steps no root reaches. `Err(cycle)` when a cycle is reachable from a root
+    /// (where a path-enumerating recursive CTE would never finish).
+    pub fn levels_from(&self, roots: &[usize]) -> Result<Vec<Option<u32>>, Vec<i64>> {
+        let n = self.len();
+        let mut reachable = vec![false; n];
+        let mut queue: VecDeque<usize> = VecDeque::new();
+        for &r in roots {
+            if !reachable[r] {
+                reachable[r] = true;
+                queue.push_back(r);
+            }
+        }
+        while let Some(i) = queue.pop_front() {
+            for &c in &self.children[i] {
+                if !reachable[c] {
+                    reachable[c] = true;
+                    queue.push_back(c);
+                }
+            }
+        }
+        // Kahn's algorithm on the reachable subgraph.
+        let mut indegree = vec![0usize; n];
+        for i in (0..n).filter(|&i| reachable[i]) {
+            for &c in &self.children[i] {
+                indegree[c] += 1;
+            }
+        }
+        let mut level: Vec<Option<u32>> = vec![None; n];
+        let mut ready: VecDeque<usize> = (0..n)
+            .filter(|&i| reachable[i] && indegree[i] == 0)
+            .collect();
+        for &i in &ready {
+            level[i] = Some(0);
+        }
+        let mut done = 0;
+        while let Some(i) = ready.pop_front() {
+            done += 1;
+            let next = level[i].unwrap_or(0) + 1;
+            for &c in &self.children[i] {
+                level[c] = Some(level[c].map_or(next, |l| l.max(next)));
+                indegree[c] -= 1;
+                if indegree[c] == 0 {
+                    ready.push_back(c);
+                }
+            }
+        }
+        if done < reachable.iter().filter(|&&r| r).count() {
+            let leftover: Vec<usize> = (0..n)
+                .map(|i| if reachable[i] { indegree[i] } else { 0 })
+                .collect();
+            return Err(self.cycle_among(&leftover));
+        }
+        Ok(level)
+    }
+
     /// Shortest distance from any root (a step without parents) to each step, by breadth-first
     /// search; `None` for steps no root reaches (possible only with cycles).
     pub fn min_depths(&self) -> Vec<Option<u32>> {
+        let roots: Vec<usize> = (0..self.len())
+            .filter(|&i| self.parents[i].is_empty())
+            .collect();
+        self.min_depths_from(&roots)
+    }
+
+    /// Shortest distance from any of `roots` (positions) to each step; `None` where no root
+    /// reaches.
+    pub fn min_depths_from(&self, roots: &[usize]) -> Vec<Option<u32>> {
         let mut depth = vec![None; self.len()];
         let mut queue = VecDeque::new();
-        for (i, parents) in self.parents.iter().enumerate() {
-            if parents.is_empty() {
+        for &i in roots {
+            if depth[i].is_none() {
                 depth[i] = Some(0);
                 queue.push_back(i);
             }
@@ -218,6 +283,19 @@ mod tests {
         assert_eq!(dag.parent_ids(1).collect::<Vec<_>>(), vec![1, 1]);
         assert_eq!(dag.child_ids(0).collect::<Vec<_>>(), vec![2, 2]);
         assert_eq!(dag.levels().unwrap(), vec![0, 1]);
+    }
+
+    #[test]
+    fn levels_from_given_roots_skip_unreached_steps() {
+        // 1 -> 2 -> 3, and 4 -> 3 where 4 is not a root (it has a parent elsewhere).
+        let dag = Dag::new([1, 2, 3, 4], [(1, 2), (2, 3), (4, 3)]);
+        let levels = dag.levels_from(&[0]).unwrap();
+        assert_eq!(levels, vec![Some(0), Some(1), Some(2), None]);
+        // A cycle reachable from a root is an error; an unreachable one is not.
+        let dag = Dag::new([1, 2, 3, 4, 5], [(1, 2), (2, 3), (3, 2), (4, 5), (5, 4)]);
+        assert!(dag.levels_from(&[0]).is_err());
+        let dag = Dag::new([1, 4, 5], [(4, 5), (5, 4)]);
+        assert_eq!(dag.levels_from(&[0]).unwrap(), vec![Some(0), None, None]);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Pure Rust rules of the Tasker workflow engine. Nothing in here touches PostgreSQL or pgrx,
 //! so every rule can be tested with plain `#[test]`s.
 
+pub mod context;
 pub mod dag;
 pub mod error;
 pub mod ident;
+pub mod readiness;
 pub mod state;

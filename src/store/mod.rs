@@ -1,6 +1,8 @@
 //! Reads and writes of the Tasker tables through SPI. This is the only module that knows
 //! table and column names.
 
+pub mod facts;
+pub mod plans;
 pub mod schema;
 pub mod settings;
 pub mod workflow;

@@ -1,0 +1,332 @@
+-- Maintained readiness state ("tracking").
+--
+-- Step readiness is maintained, not recomputed: one narrow row per workflow step in
+-- tasker_core.step_state holds everything the readiness functions need — the step's own
+-- columns, its current state (from the most_recent transition), the number of transitions,
+-- and its parents (one array element per incoming edge). Row triggers on the Tasker tables of
+-- the tracked data schema keep it exact under any write, including the SQL Rails writes
+-- itself. Each trigger touches only the row of the step it concerns, using nothing but OLD/NEW,
+-- so writes stay cheap and never contend on other steps' rows.
+--
+-- tasker_core.enable_tracking() attaches the triggers to the data schema
+-- (tasker_core.data_schema) and backfills; disable_tracking() detaches them; rebuild_tracking()
+-- recomputes every row from the tables; check_tracking() lists every disagreement between the
+-- maintained rows and a recomputation (none, when all is well).
+
+CREATE TABLE tasker_core.tracking (
+    data_schema name PRIMARY KEY,
+    enabled_at timestamptz NOT NULL DEFAULT now(),
+    -- one tracked schema at a time: step_state is keyed by workflow_step_id
+    singleton boolean NOT NULL DEFAULT true UNIQUE CHECK (singleton)
+);
+
+CREATE TABLE tasker_core.step_state (
+    workflow_step_id bigint PRIMARY KEY,
+    task_id bigint NOT NULL,
+    named_step_id integer NOT NULL,
+    name text,
+    -- to_state and created_at of the most_recent transition; NULL when there is none
+    state text,
+    state_at timestamp without time zone,
+    state_transition_id bigint,
+    transition_count integer NOT NULL DEFAULT 0,
+    -- from_step_id of every edge into this step (duplicates kept), ascending
+    parent_ids bigint[] NOT NULL DEFAULT '{}',
+    retryable boolean,
+    retry_limit integer,
+    in_process boolean,
+    processed boolean,
+    attempts integer,
+    last_attempted_at timestamp without time zone,
+    backoff_request_seconds integer,
+    created_at timestamp without time zone
+) WITH (fillfactor = 80);
+CREATE INDEX step_state_task_idx ON tasker_core.step_state (task_id, workflow_step_id);
+CREATE INDEX step_state_named_step_idx ON tasker_core.step_state (named_step_id);
+
+SELECT pg_catalog.pg_extension_config_dump('tasker_core.tracking', '');
+SELECT pg_catalog.pg_extension_config_dump('tasker_core.step_state', '');
+
+-- tasker_workflow_steps: a row per step.
+CREATE FUNCTION tasker_core.track_steps() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    step_name text;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        DELETE FROM tasker_core.step_state WHERE workflow_step_id = OLD.workflow_step_id;
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'UPDATE' AND OLD.workflow_step_id = NEW.workflow_step_id
+       AND OLD.named_step_id = NEW.named_step_id THEN
+        UPDATE tasker_core.step_state SET
+            task_id = NEW.task_id,
+            retryable = NEW.retryable, retry_limit = NEW.retry_limit,
+            in_process = NEW.in_process, processed = NEW.processed,
+            attempts = NEW.attempts, last_attempted_at = NEW.last_attempted_at,
+            backoff_request_seconds = NEW.backoff_request_seconds, created_at = NEW.created_at
+        WHERE workflow_step_id = NEW.workflow_step_id;
+        RETURN NULL;
+    END IF;
+    EXECUTE format('SELECT name::text FROM %I.tasker_named_steps WHERE named_step_id = $1', TG_TABLE_SCHEMA)
+        INTO step_name USING NEW.named_step_id;
+    IF TG_OP = 'UPDATE' THEN
+        UPDATE tasker_core.step_state SET
+            workflow_step_id = NEW.workflow_step_id, task_id = NEW.task_id,
+            named_step_id = NEW.named_step_id, name = step_name,
+            retryable = NEW.retryable, retry_limit = NEW.retry_limit,
+            in_process = NEW.in_process, processed = NEW.processed,
+            attempts = NEW.attempts, last_attempted_at = NEW.last_attempted_at,
+            backoff_request_seconds = NEW.backoff_request_seconds, created_at = NEW.created_at
+        WHERE workflow_step_id = OLD.workflow_step_id;
+        RETURN NULL;
+    END IF;
+    -- INSERT: a new step has no edges or transitions yet unless they were written first,
+    -- which the foreign keys forbid.
+    INSERT INTO tasker_core.step_state (
+        workflow_step_id, task_id, named_step_id, name, retryable, retry_limit, in_process,
+        processed, attempts, last_attempted_at, backoff_request_seconds, created_at)
+    VALUES (
+        NEW.workflow_step_id, NEW.task_id, NEW.named_step_id, step_name, NEW.retryable,
+        NEW.retry_limit, NEW.in_process, NEW.processed, NEW.attempts, NEW.last_attempted_at,
+        NEW.backoff_request_seconds, NEW.created_at);
+    RETURN NULL;
+END;
+$$;
+
+-- tasker_named_steps: a renamed step template renames its steps' readiness rows.
+CREATE FUNCTION tasker_core.track_named_steps() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE tasker_core.step_state SET name = NEW.name
+    WHERE named_step_id = NEW.named_step_id AND name IS DISTINCT FROM NEW.name::text;
+    RETURN NULL;
+END;
+$$;
+
+-- tasker_workflow_step_edges: parents of the child step.
+CREATE FUNCTION tasker_core.track_edges() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_OP IN ('DELETE', 'UPDATE') THEN
+        -- remove one occurrence of the parent (duplicate edges each hold one)
+        UPDATE tasker_core.step_state s SET parent_ids = (
+            SELECT COALESCE(array_agg(p ORDER BY p), '{}')
+            FROM (SELECT p, row_number() OVER (PARTITION BY p) AS k FROM unnest(s.parent_ids) AS p) x
+            WHERE NOT (x.p = OLD.from_step_id AND x.k = 1))
+        WHERE s.workflow_step_id = OLD.to_step_id;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        UPDATE tasker_core.step_state s SET parent_ids = (
+            SELECT array_agg(p ORDER BY p) FROM unnest(s.parent_ids || NEW.from_step_id) AS p)
+        WHERE s.workflow_step_id = NEW.to_step_id;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+-- tasker_workflow_step_transitions: current state and transition count. At most one row per
+-- step is most_recent at any moment (the unique partial index), so the row events replay
+-- exactly: a most_recent row appearing sets the state, the current row going away clears it.
+CREATE FUNCTION tasker_core.track_step_transitions() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND OLD.workflow_step_id = NEW.workflow_step_id THEN
+        IF NEW.most_recent THEN
+            UPDATE tasker_core.step_state
+               SET state = NEW.to_state, state_at = NEW.created_at, state_transition_id = NEW.id
+             WHERE workflow_step_id = NEW.workflow_step_id;
+        ELSE
+            UPDATE tasker_core.step_state
+               SET state = NULL, state_at = NULL, state_transition_id = NULL
+             WHERE workflow_step_id = NEW.workflow_step_id AND state_transition_id = OLD.id;
+        END IF;
+        RETURN NULL;
+    END IF;
+    IF TG_OP IN ('DELETE', 'UPDATE') THEN
+        UPDATE tasker_core.step_state SET
+            transition_count = transition_count - 1,
+            state = CASE WHEN state_transition_id = OLD.id THEN NULL ELSE state END,
+            state_at = CASE WHEN state_transition_id = OLD.id THEN NULL ELSE state_at END,
+            state_transition_id = CASE WHEN state_transition_id = OLD.id THEN NULL ELSE state_transition_id END
+        WHERE workflow_step_id = OLD.workflow_step_id;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        IF NEW.most_recent THEN
+            UPDATE tasker_core.step_state SET
+                transition_count = transition_count + 1,
+                state = NEW.to_state, state_at = NEW.created_at, state_transition_id = NEW.id
+            WHERE workflow_step_id = NEW.workflow_step_id;
+        ELSE
+            UPDATE tasker_core.step_state SET transition_count = transition_count + 1
+            WHERE workflow_step_id = NEW.workflow_step_id;
+        END IF;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+-- TRUNCATE of a tracked table (test suites do it): forget what it held.
+CREATE FUNCTION tasker_core.track_truncate() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_TABLE_NAME = 'tasker_workflow_steps' THEN
+        DELETE FROM tasker_core.step_state;
+    ELSIF TG_TABLE_NAME = 'tasker_workflow_step_edges' THEN
+        UPDATE tasker_core.step_state SET parent_ids = '{}' WHERE parent_ids <> '{}';
+    ELSIF TG_TABLE_NAME = 'tasker_workflow_step_transitions' THEN
+        UPDATE tasker_core.step_state
+           SET state = NULL, state_at = NULL, state_transition_id = NULL, transition_count = 0
+         WHERE transition_count <> 0 OR state_transition_id IS NOT NULL;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+-- The recomputation: what step_state should hold for every step of the data schema.
+CREATE FUNCTION tasker_core._recomputed_step_state(data_schema name)
+RETURNS SETOF tasker_core.step_state
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY EXECUTE format($q$
+        SELECT ws.workflow_step_id, ws.task_id, ws.named_step_id, ns.name::text,
+               cur.to_state::text, cur.created_at, cur.id,
+               COALESCE(tc.n, 0)::integer,
+               COALESCE(pe.ids, '{}'::bigint[]),
+               ws.retryable, ws.retry_limit, ws.in_process, ws.processed, ws.attempts,
+               ws.last_attempted_at, ws.backoff_request_seconds, ws.created_at
+        FROM %1$I.tasker_workflow_steps ws
+        LEFT JOIN %1$I.tasker_named_steps ns ON ns.named_step_id = ws.named_step_id
+        LEFT JOIN %1$I.tasker_workflow_step_transitions cur
+               ON cur.workflow_step_id = ws.workflow_step_id AND cur.most_recent
+        LEFT JOIN (SELECT workflow_step_id, count(*) AS n
+                   FROM %1$I.tasker_workflow_step_transitions GROUP BY workflow_step_id) tc
+               ON tc.workflow_step_id = ws.workflow_step_id
+        LEFT JOIN (SELECT to_step_id, array_agg(from_step_id ORDER BY from_step_id) AS ids
+                   FROM %1$I.tasker_workflow_step_edges GROUP BY to_step_id) pe
+               ON pe.to_step_id = ws.workflow_step_id
+    $q$, data_schema);
+END;
+$$;
+
+CREATE FUNCTION tasker_core.rebuild_tracking() RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    tracked name;
+    n bigint;
+BEGIN
+    SELECT t.data_schema INTO tracked FROM tasker_core.tracking t;
+    IF tracked IS NULL THEN
+        RAISE EXCEPTION 'tracking is not enabled: run tasker_core.enable_tracking()'
+            USING ERRCODE = 'TK011';
+    END IF;
+    LOCK TABLE tasker_core.step_state IN EXCLUSIVE MODE;
+    DELETE FROM tasker_core.step_state;
+    INSERT INTO tasker_core.step_state SELECT * FROM tasker_core._recomputed_step_state(tracked);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END;
+$$;
+
+CREATE FUNCTION tasker_core.check_tracking()
+RETURNS TABLE(workflow_step_id bigint, problem text, maintained text, recomputed text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    tracked name;
+BEGIN
+    SELECT t.data_schema INTO tracked FROM tasker_core.tracking t;
+    IF tracked IS NULL THEN
+        RAISE EXCEPTION 'tracking is not enabled: run tasker_core.enable_tracking()'
+            USING ERRCODE = 'TK011';
+    END IF;
+    RETURN QUERY
+    SELECT COALESCE(m.workflow_step_id, r.workflow_step_id),
+           CASE WHEN m.workflow_step_id IS NULL THEN 'missing'
+                WHEN r.workflow_step_id IS NULL THEN 'extra'
+                ELSE 'differs' END,
+           to_jsonb(m)::text, to_jsonb(r)::text
+    FROM tasker_core.step_state m
+    FULL JOIN tasker_core._recomputed_step_state(tracked) r USING (workflow_step_id)
+    WHERE m IS DISTINCT FROM r
+    ORDER BY 1;
+END;
+$$;
+
+CREATE FUNCTION tasker_core.enable_tracking() RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    target name := current_setting('tasker_core.data_schema', true);
+    current_tracked name;
+BEGIN
+    target := COALESCE(NULLIF(target, ''), 'public');
+    SELECT t.data_schema INTO current_tracked FROM tasker_core.tracking t;
+    IF current_tracked IS NOT NULL AND current_tracked <> target THEN
+        RAISE EXCEPTION 'tracking is already enabled for schema %, not %', current_tracked, target
+            USING ERRCODE = 'TK012',
+                  HINT = 'run tasker_core.disable_tracking() first';
+    END IF;
+    IF to_regclass(format('%I.tasker_workflow_steps', target)) IS NULL THEN
+        RAISE EXCEPTION 'tasker data schema % is not installed: table tasker_workflow_steps is missing', target
+            USING ERRCODE = 'TK010';
+    END IF;
+    PERFORM tasker_core._drop_tracking_triggers(target);
+    EXECUTE format('CREATE TRIGGER tasker_core_track AFTER INSERT OR DELETE
+                    OR UPDATE OF workflow_step_id, task_id, named_step_id, retryable, retry_limit, in_process,
+                                 processed, attempts, last_attempted_at, backoff_request_seconds, created_at
+                    ON %I.tasker_workflow_steps
+                    FOR EACH ROW EXECUTE FUNCTION tasker_core.track_steps()', target);
+    EXECUTE format('CREATE TRIGGER tasker_core_track AFTER UPDATE OF name ON %I.tasker_named_steps
+                    FOR EACH ROW EXECUTE FUNCTION tasker_core.track_named_steps()', target);
+    EXECUTE format('CREATE TRIGGER tasker_core_track AFTER INSERT OR DELETE OR UPDATE OF from_step_id, to_step_id
+                    ON %I.tasker_workflow_step_edges
+                    FOR EACH ROW EXECUTE FUNCTION tasker_core.track_edges()', target);
+    EXECUTE format('CREATE TRIGGER tasker_core_track AFTER INSERT OR DELETE
+                    OR UPDATE OF workflow_step_id, to_state, most_recent, created_at
+                    ON %I.tasker_workflow_step_transitions
+                    FOR EACH ROW EXECUTE FUNCTION tasker_core.track_step_transitions()', target);
+    EXECUTE format('CREATE TRIGGER tasker_core_track_truncate AFTER TRUNCATE ON %I.tasker_workflow_steps
+                    FOR EACH STATEMENT EXECUTE FUNCTION tasker_core.track_truncate()', target);
+    EXECUTE format('CREATE TRIGGER tasker_core_track_truncate AFTER TRUNCATE ON %I.tasker_workflow_step_edges
+                    FOR EACH STATEMENT EXECUTE FUNCTION tasker_core.track_truncate()', target);
+    EXECUTE format('CREATE TRIGGER tasker_core_track_truncate AFTER TRUNCATE ON %I.tasker_workflow_step_transitions
+                    FOR EACH STATEMENT EXECUTE FUNCTION tasker_core.track_truncate()', target);
+    INSERT INTO tasker_core.tracking (data_schema) VALUES (target) ON CONFLICT (data_schema) DO NOTHING;
+    RETURN tasker_core.rebuild_tracking();
+END;
+$$;
+
+CREATE FUNCTION tasker_core._drop_tracking_triggers(target name) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    trg record;
+BEGIN
+    FOR trg IN
+        SELECT t.tgname, c.relname
+        FROM pg_trigger t
+        JOIN pg_class c ON c.oid = t.tgrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = target
+          AND t.tgname IN ('tasker_core_track', 'tasker_core_track_truncate')
+          AND c.relname IN ('tasker_workflow_steps', 'tasker_named_steps',
+                            'tasker_workflow_step_edges', 'tasker_workflow_step_transitions')
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %I.%I', trg.tgname, target, trg.relname);
+    END LOOP;
+END;
+$$;
+
+CREATE FUNCTION tasker_core.disable_tracking() RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    tracked name;
+BEGIN
+    SELECT t.data_schema INTO tracked FROM tasker_core.tracking t;
+    IF tracked IS NULL THEN
+        RETURN false;
+    END IF;
+    PERFORM tasker_core._drop_tracking_triggers(tracked);
+    DELETE FROM tasker_core.step_state;
+    DELETE FROM tasker_core.tracking;
+    RETURN true;
+END;
+$$;

@@ -1,0 +1,254 @@
+//! Loading the facts readiness is computed from: from the maintained `tasker_core.step_state`
+//! when the data schema is tracked, otherwise recomputed from the Tasker tables.
+
+use super::plans::with_plan;
+use crate::core::ident::SchemaName;
+use crate::core::readiness::StepFacts;
+use pgrx::pg_sys::{self, PgBuiltInOids, PgOid};
+use pgrx::spi::{SpiClient, SpiResult, SpiTupleTable};
+use std::collections::HashMap;
+
+const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
+const INT8ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID);
+const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+
+/// The columns every facts query returns, in order.
+const FACT_COLUMNS_TRACKED: &str =
+    "s.workflow_step_id, s.task_id, s.named_step_id, s.name, s.state, s.state_at, \
+     s.parent_ids, s.retryable, s.retry_limit, s.in_process, s.processed, s.attempts, \
+     s.last_attempted_at, s.backoff_request_seconds";
+
+fn recompute_sql(schema: &str, filter: &str) -> String {
+    format!(
+        "SELECT ws.workflow_step_id, ws.task_id, ws.named_step_id, ns.name::text, cur.to_state::text, cur.created_at, \
+                ARRAY(SELECT e.from_step_id FROM {schema}.tasker_workflow_step_edges e \
+                      WHERE e.to_step_id = ws.workflow_step_id ORDER BY e.from_step_id), \
+                ws.retryable, ws.retry_limit, ws.in_process, ws.processed, ws.attempts, \
+                ws.last_attempted_at, ws.backoff_request_seconds \
+         FROM {schema}.tasker_workflow_steps ws \
+         JOIN {schema}.tasker_named_steps ns ON ns.named_step_id = ws.named_step_id \
+         LEFT JOIN {schema}.tasker_workflow_step_transitions cur \
+                ON cur.workflow_step_id = ws.workflow_step_id AND cur.most_recent \
+         WHERE {filter} ORDER BY ws.task_id, ws.workflow_step_id"
+    )
+}
+
+fn ts(v: Option<pgrx::datum::Timestamp>) -> Option<i64> {
+    v.map(pg_sys::Timestamp::from)
+}
+
+fn read_facts(table: SpiTupleTable<'_>) -> SpiResult<Vec<StepFacts>> {
+    let mut out = Vec::with_capacity(table.len());
+    for row in table {
+        out.push(StepFacts {
+            workflow_step_id: row.get::<i64>(1)?.unwrap_or_default(),
+            task_id: row.get::<i64>(2)?.unwrap_or_default(),
+            named_step_id: row.get::<i32>(3)?.unwrap_or_default(),
+            name: row.get::<String>(4)?.unwrap_or_default(),
+            state: row.get::<String>(5)?,
+            state_at: ts(row.get(6)?),
+            parent_ids: row.get::<Vec<i64>>(7)?.unwrap_or_default(),
+            retryable: row.get::<bool>(8)?,
+            retry_limit: row.get::<i32>(9)?,
+            in_process: row.get::<bool>(10)?,
+            processed: row.get::<bool>(11)?,
+            attempts: row.get::<i32>(12)?,
+            last_attempted_at: ts(row.get(13)?),
+            backoff_request_seconds: row.get::<i32>(14)?,
+        });
+    }
+    Ok(out)
+}
+
+/// Whether `schema` is the tracked data schema.
+pub fn is_tracked(client: &SpiClient<'_>, schema: &SchemaName) -> SpiResult<bool> {
+    with_plan(
+        client,
+        "is_tracked",
+        "",
+        &[TEXT],
+        || "SELECT 1 FROM tasker_core.tracking WHERE data_schema = $1".to_owned(),
+        |stmt| {
+            Ok(client
+                .select(stmt, Some(1), &[schema.as_str().into()])?
+                .len()
+                == 1)
+        },
+    )
+}
+
+/// The facts of the steps of one task, ordered by step id.
+pub fn for_task(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    task_id: i64,
+) -> SpiResult<Vec<StepFacts>> {
+    let q = schema.quoted();
+    // The tracked read returns rows only when `schema` is the tracked one.
+    let rows = with_plan(
+        client,
+        "facts_task_tracked",
+        schema.as_str(),
+        &[INT8, TEXT],
+        || {
+            format!(
+                "SELECT {FACT_COLUMNS_TRACKED} FROM tasker_core.step_state s \
+                 WHERE s.task_id = $1 AND EXISTS (SELECT 1 FROM tasker_core.tracking WHERE data_schema = $2) \
+                 ORDER BY s.workflow_step_id"
+            )
+        },
+        |stmt| read_facts(client.select(stmt, None, &[task_id.into(), schema.as_str().into()])?),
+    )?;
+    if !rows.is_empty() || is_tracked(client, schema)? {
+        return Ok(rows);
+    }
+    with_plan(
+        client,
+        "facts_task_recompute",
+        schema.as_str(),
+        &[INT8],
+        || recompute_sql(&q, "ws.task_id = $1"),
+        |stmt| read_facts(client.select(stmt, None, &[task_id.into()])?),
+    )
+}
+
+/// The facts of the steps of several tasks, ordered by task and step id.
+pub fn for_tasks(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    task_ids: &[i64],
+) -> SpiResult<Vec<StepFacts>> {
+    if is_tracked(client, schema)? {
+        return with_plan(
+            client,
+            "facts_tasks_tracked",
+            schema.as_str(),
+            &[INT8ARRAY],
+            || {
+                format!(
+                    "SELECT {FACT_COLUMNS_TRACKED} FROM tasker_core.step_state s \
+                     WHERE s.task_id = ANY($1) ORDER BY s.task_id, s.workflow_step_id"
+                )
+            },
+            |stmt| read_facts(client.select(stmt, None, &[task_ids.to_vec().into()])?),
+        );
+    }
+    let q = schema.quoted();
+    with_plan(
+        client,
+        "facts_tasks_recompute",
+        schema.as_str(),
+        &[INT8ARRAY],
+        || recompute_sql(&q, "ws.task_id = ANY($1)"),
+        |stmt| read_facts(client.select(stmt, None, &[task_ids.to_vec().into()])?),
+    )
+}
+
+/// Current states (most_recent `to_state`, `None` without one) of the given steps.
+pub fn states_of(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    step_ids: &[i64],
+) -> SpiResult<HashMap<i64, Option<String>>> {
+    let mut out = HashMap::new();
+    if step_ids.is_empty() {
+        return Ok(out);
+    }
+    let q = schema.quoted();
+    with_plan(
+        client,
+        "states_of",
+        schema.as_str(),
+        &[INT8ARRAY],
+        || {
+            format!(
+                "SELECT ws.workflow_step_id, cur.to_state::text FROM {q}.tasker_workflow_steps ws \
+                 LEFT JOIN {q}.tasker_workflow_step_transitions cur \
+                        ON cur.workflow_step_id = ws.workflow_step_id AND cur.most_recent \
+                 WHERE ws.workflow_step_id = ANY($1)"
+            )
+        },
+        |stmt| {
+            for row in client.select(stmt, None, &[step_ids.to_vec().into()])? {
+                out.insert(
+                    row.get::<i64>(1)?.unwrap_or_default(),
+                    row.get::<String>(2)?,
+                );
+            }
+            Ok(())
+        },
+    )?;
+    Ok(out)
+}
+
+/// A task's `named_task_id` and current state (most_recent task transition, `None` without).
+#[derive(Debug, Clone)]
+pub struct TaskHead {
+    pub task_id: i64,
+    pub named_task_id: i32,
+    pub state: Option<String>,
+}
+
+/// Heads of the given tasks that exist, ordered by task id.
+pub fn task_heads(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    task_ids: &[i64],
+) -> SpiResult<Vec<TaskHead>> {
+    let q = schema.quoted();
+    with_plan(
+        client,
+        "task_heads",
+        schema.as_str(),
+        &[INT8ARRAY],
+        || {
+            format!(
+                "SELECT t.task_id, t.named_task_id, tt.to_state::text FROM {q}.tasker_tasks t \
+                 LEFT JOIN {q}.tasker_task_transitions tt ON tt.task_id = t.task_id AND tt.most_recent \
+                 WHERE t.task_id = ANY($1) ORDER BY t.task_id"
+            )
+        },
+        |stmt| {
+            let mut out = Vec::new();
+            for row in client.select(stmt, None, &[task_ids.to_vec().into()])? {
+                out.push(TaskHead {
+                    task_id: row.get::<i64>(1)?.unwrap_or_default(),
+                    named_task_id: row.get::<i32>(2)?.unwrap_or_default(),
+                    state: row.get::<String>(3)?,
+                });
+            }
+            Ok(out)
+        },
+    )
+}
+
+/// Edges leaving the given steps, as (from, to).
+pub fn edges_from(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    step_ids: &[i64],
+) -> SpiResult<Vec<(i64, i64)>> {
+    let q = schema.quoted();
+    with_plan(
+        client,
+        "edges_from",
+        schema.as_str(),
+        &[INT8ARRAY],
+        || {
+            format!(
+                "SELECT e.from_step_id, e.to_step_id FROM {q}.tasker_workflow_step_edges e \
+                 WHERE e.from_step_id = ANY($1)"
+            )
+        },
+        |stmt| {
+            let mut out = Vec::new();
+            for row in client.select(stmt, None, &[step_ids.to_vec().into()])? {
+                out.push((
+                    row.get::<i64>(1)?.unwrap_or_default(),
+                    row.get::<i64>(2)?.unwrap_or_default(),
+                ));
+            }
+            Ok(out)
+        },
+    )
+}

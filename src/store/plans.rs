@@ -1,0 +1,36 @@
+//! Prepared statements kept for the life of the backend, one per (query, data schema).
+
+use pgrx::pg_sys::PgOid;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+thread_local! {
+    static PLANS: RefCell<HashMap<(&'static str, String), OwnedPreparedStatement>> =
+        RefCell::new(HashMap::new());
+}
+
+/// Runs `f` with the kept plan for `(key, schema)`, preparing `sql()` the first time.
+/// PostgreSQL's plan cache revalidates kept plans when the tables they read change.
+pub fn with_plan<R>(
+    client: &SpiClient<'_>,
+    key: &'static str,
+    schema: &str,
+    arg_types: &[PgOid],
+    sql: impl FnOnce() -> String,
+    f: impl FnOnce(&OwnedPreparedStatement) -> SpiResult<R>,
+) -> SpiResult<R> {
+    let cache_key = (key, schema.to_owned());
+    let missing = PLANS.with(|p| !p.borrow().contains_key(&cache_key));
+    if missing {
+        let stmt = client.prepare(sql().as_str(), arg_types)?.keep();
+        PLANS.with(|p| p.borrow_mut().insert(cache_key.clone(), stmt));
+    }
+    // Take the plan out while it runs so a nested call cannot alias the map borrow.
+    let stmt = PLANS
+        .with(|p| p.borrow_mut().remove(&cache_key))
+        .expect("plan was just inserted");
+    let result = f(&stmt);
+    PLANS.with(|p| p.borrow_mut().insert(cache_key, stmt));
+    result
+}
