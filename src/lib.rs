@@ -27,6 +27,12 @@ pub mod store;
     name = "compat_aggregates",
     requires = ["tracking"]
 );
+// Pointing a Rails database's public functions at tasker_core, and back.
+::pgrx::extension_sql_file!(
+    "../sql/switchover.sql",
+    name = "switchover",
+    requires = ["compat_aggregates"]
+);
 
 /// Called by PostgreSQL when the library is loaded into a backend.
 #[pg_guard]
