@@ -372,6 +372,51 @@ fn calculate_dependency_levels(
     TableIterator::new(rows)
 }
 
+/// Shortest distance from a root (a step without incoming edges, in any task) to each of
+/// `steps`, as the view measures it. Parents in other tasks are followed backwards up to the
+/// depth cap (further ancestors cannot lead to a depth within it); normally there are none and
+/// this reads nothing more.
+fn min_depths_with_ancestors(schema: &SchemaName, steps: &[StepFacts]) -> Vec<Option<u32>> {
+    let mut parents: HashMap<i64, Vec<i64>> = steps
+        .iter()
+        .map(|s| (s.workflow_step_id, s.parent_ids.clone()))
+        .collect();
+    let mut frontier: Vec<i64> = readiness::outside_parents(steps);
+    let mut layers = 0;
+    while !frontier.is_empty() && layers < MAX_DAG_DEPTH {
+        let lists = Spi::connect(|c| facts::parent_lists(c, schema, &frontier)).or_raise();
+        let mut next = Vec::new();
+        for (id, ps) in lists {
+            next.extend(ps.iter().copied().filter(|p| !parents.contains_key(p)));
+            parents.insert(id, ps);
+        }
+        next.sort_unstable();
+        next.dedup();
+        next.retain(|p| !parents.contains_key(p));
+        frontier = next;
+        layers += 1;
+    }
+    // Steps beyond the explored layers are treated as unknown (not roots).
+    let known: Vec<i64> = parents.keys().copied().collect();
+    let dag = Dag::new(
+        known.iter().copied(),
+        parents
+            .iter()
+            .flat_map(|(&child, ps)| ps.iter().map(move |&p| (p, child))),
+    );
+    let roots: Vec<usize> = known
+        .iter()
+        .enumerate()
+        .filter(|(_, id)| parents[id].is_empty())
+        .map(|(i, _)| i)
+        .collect();
+    let depths = dag.min_depths_from(&roots);
+    steps
+        .iter()
+        .map(|s| dag.position(s.workflow_step_id).and_then(|p| depths[p]))
+        .collect()
+}
+
 /// Depth cap of the Rails `tasker_step_dag_relationships` view.
 const MAX_DAG_DEPTH: u32 = 50;
 
@@ -426,19 +471,7 @@ fn step_dag_relationships(
     for (from, to) in out_edges {
         children.entry(from).or_default().push(to);
     }
-    let dag = Dag::new(
-        steps.iter().map(|s| s.workflow_step_id),
-        steps
-            .iter()
-            .flat_map(|s| s.parent_ids.iter().map(move |&p| (p, s.workflow_step_id))),
-    );
-    let roots: Vec<usize> = steps
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.parent_ids.is_empty())
-        .map(|(i, _)| i)
-        .collect();
-    let depths = dag.min_depths_from(&roots);
+    let depths = min_depths_with_ancestors(&schema, &steps);
     let rows: Vec<DagRow> = steps
         .iter()
         .zip(depths)

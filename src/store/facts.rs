@@ -252,3 +252,35 @@ pub fn edges_from(
         },
     )
 }
+
+/// Parent lists (`from_step_id` of every edge in, ascending) of the given steps.
+pub fn parent_lists(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    step_ids: &[i64],
+) -> SpiResult<Vec<(i64, Vec<i64>)>> {
+    let q = schema.quoted();
+    with_plan(
+        client,
+        "parent_lists",
+        schema.as_str(),
+        &[INT8ARRAY],
+        || {
+            format!(
+                "SELECT ws.workflow_step_id, ARRAY(SELECT e.from_step_id FROM {q}.tasker_workflow_step_edges e \
+                        WHERE e.to_step_id = ws.workflow_step_id ORDER BY e.from_step_id) \
+                 FROM {q}.tasker_workflow_steps ws WHERE ws.workflow_step_id = ANY($1)"
+            )
+        },
+        |stmt| {
+            let mut out = Vec::new();
+            for row in client.select(stmt, None, &[step_ids.to_vec().into()])? {
+                out.push((
+                    row.get::<i64>(1)?.unwrap_or_default(),
+                    row.get::<Vec<i64>>(2)?.unwrap_or_default(),
+                ));
+            }
+            Ok(out)
+        },
+    )
+}
