@@ -17,10 +17,11 @@ CREATE SCHEMA IF NOT EXISTS tasker_ref;
 
 -- ---------------------------------------------------------------------------------------------
 -- 1. get_step_readiness_status: one row per step of a task (optionally only some steps).
+-- One flat join of each step to its named step, its current transition, its incoming edges
+-- and their parents' current transitions, grouped by step (so the plan stays a chain of
+-- index lookups, linear in steps + edges, whatever the parameter estimates).
 -- ---------------------------------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION tasker_ref.get_step_readiness_status(
-    input_task_id bigint,
-    step_ids bigint[] DEFAULT NULL)
+CREATE OR REPLACE FUNCTION tasker_ref.get_step_readiness_status(input_task_id bigint, step_ids bigint[] DEFAULT NULL)
 RETURNS TABLE(workflow_step_id bigint, task_id bigint, named_step_id integer, name text,
               current_state text, dependencies_satisfied boolean, retry_eligible boolean,
               ready_for_execution boolean, last_failure_at timestamp, next_retry_at timestamp,
@@ -31,79 +32,60 @@ AS $$
 #variable_conflict use_column
 BEGIN
     RETURN QUERY
-    WITH picked AS (
-        SELECT ws.workflow_step_id, ws.task_id, ws.named_step_id, ws.attempts, ws.retry_limit,
-               ws.retryable, ws.processed, ws.in_process, ws.backoff_request_seconds,
-               ws.last_attempted_at
-        FROM tasker_workflow_steps ws
-        WHERE ws.task_id = input_task_id
-          AND (step_ids IS NULL OR ws.workflow_step_id = ANY (step_ids))
-    ),
-    -- Parent edges of the picked steps, one count per edge row (duplicate edges count twice).
-    parents AS (
-        SELECT e.to_step_id AS step_id,
-               count(*) AS total,
-               count(*) FILTER (WHERE pcur.to_state IN ('complete', 'resolved_manually')) AS done
-        FROM picked p
-        JOIN tasker_workflow_step_edges e ON e.to_step_id = p.workflow_step_id
-        LEFT JOIN tasker_workflow_step_transitions pcur
-               ON pcur.workflow_step_id = e.from_step_id AND pcur.most_recent = true
-        GROUP BY e.to_step_id
-    ),
-    facts AS (
-        SELECT p.workflow_step_id, p.task_id, p.named_step_id,
-               ns.name::text AS step_name,
+    SELECT g.workflow_step_id, g.task_id, g.named_step_id, g.step_name, g.state,
+           (g.total = 0 OR g.done = g.total),
+           (COALESCE(g.attempts, 0) < COALESCE(g.retry_limit, 3)),
+           (g.state IN ('pending', 'error')
+            AND COALESCE(g.processed, false) = false
+            AND (g.total = 0 OR g.done = g.total)
+            AND COALESCE(g.attempts, 0) < COALESCE(g.retry_limit, 3)
+            AND COALESCE(g.retryable, true)
+            AND COALESCE(g.in_process, false) = false
+            AND (g.backoff_request_seconds IS NULL OR g.last_attempted_at IS NULL
+                 OR g.last_attempted_at + g.backoff_request_seconds * interval '1 second' <= now())
+            AND (g.failed_at IS NULL
+                 OR g.failed_at + LEAST(power(2::double precision, COALESCE(g.attempts, 1)::double precision)
+                                            * interval '1 second', interval '30 seconds') <= now())),
+           g.failed_at,
+           CASE WHEN g.backoff_request_seconds IS NOT NULL AND g.last_attempted_at IS NOT NULL
+                THEN g.last_attempted_at + g.backoff_request_seconds * interval '1 second'
+                WHEN g.failed_at IS NOT NULL
+                THEN g.failed_at + LEAST(power(2::double precision, COALESCE(g.attempts, 1)::double precision)
+                                             * interval '1 second', interval '30 seconds')
+           END,
+           g.total::integer,
+           g.done::integer,
+           COALESCE(g.attempts, 0),
+           COALESCE(g.retry_limit, 3),
+           g.backoff_request_seconds,
+           g.last_attempted_at
+    FROM (
+        SELECT ws.workflow_step_id, ws.task_id, ws.named_step_id, ns.name::text AS step_name,
                COALESCE(cur.to_state, 'pending')::text AS state,
                CASE WHEN cur.to_state = 'error' THEN cur.created_at END AS failed_at,
-               COALESCE(pa.total, 0)::integer AS total,
-               COALESCE(pa.done, 0)::integer AS done,
-               p.attempts AS raw_attempts, p.retry_limit AS raw_retry_limit,
-               p.retryable, p.processed, p.in_process,
-               p.backoff_request_seconds, p.last_attempted_at,
-               CASE WHEN p.backoff_request_seconds IS NOT NULL AND p.last_attempted_at IS NOT NULL
-                    THEN p.last_attempted_at + p.backoff_request_seconds * interval '1 second'
-               END AS explicit_until,
-               CASE WHEN cur.to_state = 'error'
-                    THEN cur.created_at
-                         + LEAST(power(2::double precision, COALESCE(p.attempts, 1)::double precision)
-                                     * interval '1 second',
-                                 interval '30 seconds')
-               END AS failure_until
-        FROM picked p
-        JOIN tasker_named_steps ns ON ns.named_step_id = p.named_step_id
+               ws.attempts, ws.retry_limit, ws.retryable, ws.processed, ws.in_process,
+               ws.backoff_request_seconds, ws.last_attempted_at,
+               count(e.from_step_id) AS total,
+               count(e.from_step_id) FILTER (WHERE pcur.to_state IN ('complete', 'resolved_manually')) AS done
+        FROM tasker_workflow_steps ws
+        JOIN tasker_named_steps ns ON ns.named_step_id = ws.named_step_id
         LEFT JOIN tasker_workflow_step_transitions cur
-               ON cur.workflow_step_id = p.workflow_step_id AND cur.most_recent = true
-        LEFT JOIN parents pa ON pa.step_id = p.workflow_step_id
-    )
-    SELECT f.workflow_step_id,
-           f.task_id,
-           f.named_step_id,
-           f.step_name,
-           f.state,
-           (f.total = 0 OR f.done = f.total),
-           (COALESCE(f.raw_attempts, 0) < COALESCE(f.raw_retry_limit, 3)),
-           (f.state IN ('pending', 'error')
-            AND COALESCE(f.processed, false) = false
-            AND (f.total = 0 OR f.done = f.total)
-            AND COALESCE(f.raw_attempts, 0) < COALESCE(f.raw_retry_limit, 3)
-            AND COALESCE(f.retryable, true)
-            AND COALESCE(f.in_process, false) = false
-            AND (f.explicit_until IS NULL OR f.explicit_until <= now())
-            AND (f.failure_until IS NULL OR f.failure_until <= now())),
-           f.failed_at,
-           COALESCE(f.explicit_until, f.failure_until),
-           f.total,
-           f.done,
-           COALESCE(f.raw_attempts, 0),
-           COALESCE(f.raw_retry_limit, 3),
-           f.backoff_request_seconds,
-           f.last_attempted_at
-    FROM facts f;
+               ON cur.workflow_step_id = ws.workflow_step_id AND cur.most_recent = true
+        LEFT JOIN tasker_workflow_step_edges e ON e.to_step_id = ws.workflow_step_id
+        LEFT JOIN tasker_workflow_step_transitions pcur
+               ON pcur.workflow_step_id = e.from_step_id AND pcur.most_recent = true
+        WHERE ws.task_id = input_task_id
+          AND (step_ids IS NULL OR ws.workflow_step_id = ANY (step_ids))
+        GROUP BY ws.workflow_step_id, ns.name, cur.to_state, cur.created_at
+    ) g;
 END;
 $$;
 
 -- ---------------------------------------------------------------------------------------------
 -- 2. get_step_readiness_status_batch: the same rows for every step of several tasks.
+-- One flat join of each step to its named step, its current transition, its incoming edges
+-- and their parents' current transitions, grouped by step (so the plan stays a chain of
+-- index lookups, linear in steps + edges, whatever the parameter estimates).
 -- ---------------------------------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION tasker_ref.get_step_readiness_status_batch(input_task_ids bigint[])
 RETURNS TABLE(workflow_step_id bigint, task_id bigint, named_step_id integer, name text,
@@ -116,72 +98,51 @@ AS $$
 #variable_conflict use_column
 BEGIN
     RETURN QUERY
-    WITH picked AS (
-        SELECT ws.workflow_step_id, ws.task_id, ws.named_step_id, ws.attempts, ws.retry_limit,
-               ws.retryable, ws.processed, ws.in_process, ws.backoff_request_seconds,
-               ws.last_attempted_at
-        FROM tasker_workflow_steps ws
-        WHERE ws.task_id = ANY (input_task_ids)
-    ),
-    parents AS (
-        SELECT e.to_step_id AS step_id,
-               count(*) AS total,
-               count(*) FILTER (WHERE pcur.to_state IN ('complete', 'resolved_manually')) AS done
-        FROM picked p
-        JOIN tasker_workflow_step_edges e ON e.to_step_id = p.workflow_step_id
-        LEFT JOIN tasker_workflow_step_transitions pcur
-               ON pcur.workflow_step_id = e.from_step_id AND pcur.most_recent = true
-        GROUP BY e.to_step_id
-    ),
-    facts AS (
-        SELECT p.workflow_step_id, p.task_id, p.named_step_id,
-               ns.name::text AS step_name,
+    SELECT g.workflow_step_id, g.task_id, g.named_step_id, g.step_name, g.state,
+           (g.total = 0 OR g.done = g.total),
+           (COALESCE(g.attempts, 0) < COALESCE(g.retry_limit, 3)),
+           (g.state IN ('pending', 'error')
+            AND COALESCE(g.processed, false) = false
+            AND (g.total = 0 OR g.done = g.total)
+            AND COALESCE(g.attempts, 0) < COALESCE(g.retry_limit, 3)
+            AND COALESCE(g.retryable, true)
+            AND COALESCE(g.in_process, false) = false
+            AND (g.backoff_request_seconds IS NULL OR g.last_attempted_at IS NULL
+                 OR g.last_attempted_at + g.backoff_request_seconds * interval '1 second' <= now())
+            AND (g.failed_at IS NULL
+                 OR g.failed_at + LEAST(power(2::double precision, COALESCE(g.attempts, 1)::double precision)
+                                            * interval '1 second', interval '30 seconds') <= now())),
+           g.failed_at,
+           CASE WHEN g.backoff_request_seconds IS NOT NULL AND g.last_attempted_at IS NOT NULL
+                THEN g.last_attempted_at + g.backoff_request_seconds * interval '1 second'
+                WHEN g.failed_at IS NOT NULL
+                THEN g.failed_at + LEAST(power(2::double precision, COALESCE(g.attempts, 1)::double precision)
+                                             * interval '1 second', interval '30 seconds')
+           END,
+           g.total::integer,
+           g.done::integer,
+           COALESCE(g.attempts, 0),
+           COALESCE(g.retry_limit, 3),
+           g.backoff_request_seconds,
+           g.last_attempted_at
+    FROM (
+        SELECT ws.workflow_step_id, ws.task_id, ws.named_step_id, ns.name::text AS step_name,
                COALESCE(cur.to_state, 'pending')::text AS state,
                CASE WHEN cur.to_state = 'error' THEN cur.created_at END AS failed_at,
-               COALESCE(pa.total, 0)::integer AS total,
-               COALESCE(pa.done, 0)::integer AS done,
-               p.attempts AS raw_attempts, p.retry_limit AS raw_retry_limit,
-               p.retryable, p.processed, p.in_process,
-               p.backoff_request_seconds, p.last_attempted_at,
-               CASE WHEN p.backoff_request_seconds IS NOT NULL AND p.last_attempted_at IS NOT NULL
-                    THEN p.last_attempted_at + p.backoff_request_seconds * interval '1 second'
-               END AS explicit_until,
-               CASE WHEN cur.to_state = 'error'
-                    THEN cur.created_at
-                         + LEAST(power(2::double precision, COALESCE(p.attempts, 1)::double precision)
-                                     * interval '1 second',
-                                 interval '30 seconds')
-               END AS failure_until
-        FROM picked p
-        JOIN tasker_named_steps ns ON ns.named_step_id = p.named_step_id
+               ws.attempts, ws.retry_limit, ws.retryable, ws.processed, ws.in_process,
+               ws.backoff_request_seconds, ws.last_attempted_at,
+               count(e.from_step_id) AS total,
+               count(e.from_step_id) FILTER (WHERE pcur.to_state IN ('complete', 'resolved_manually')) AS done
+        FROM tasker_workflow_steps ws
+        JOIN tasker_named_steps ns ON ns.named_step_id = ws.named_step_id
         LEFT JOIN tasker_workflow_step_transitions cur
-               ON cur.workflow_step_id = p.workflow_step_id AND cur.most_recent = true
-        LEFT JOIN parents pa ON pa.step_id = p.workflow_step_id
-    )
-    SELECT f.workflow_step_id,
-           f.task_id,
-           f.named_step_id,
-           f.step_name,
-           f.state,
-           (f.total = 0 OR f.done = f.total),
-           (COALESCE(f.raw_attempts, 0) < COALESCE(f.raw_retry_limit, 3)),
-           (f.state IN ('pending', 'error')
-            AND COALESCE(f.processed, false) = false
-            AND (f.total = 0 OR f.done = f.total)
-            AND COALESCE(f.raw_attempts, 0) < COALESCE(f.raw_retry_limit, 3)
-            AND COALESCE(f.retryable, true)
-            AND COALESCE(f.in_process, false) = false
-            AND (f.explicit_until IS NULL OR f.explicit_until <= now())
-            AND (f.failure_until IS NULL OR f.failure_until <= now())),
-           f.failed_at,
-           COALESCE(f.explicit_until, f.failure_until),
-           f.total,
-           f.done,
-           COALESCE(f.raw_attempts, 0),
-           COALESCE(f.raw_retry_limit, 3),
-           f.backoff_request_seconds,
-           f.last_attempted_at
-    FROM facts f;
+               ON cur.workflow_step_id = ws.workflow_step_id AND cur.most_recent = true
+        LEFT JOIN tasker_workflow_step_edges e ON e.to_step_id = ws.workflow_step_id
+        LEFT JOIN tasker_workflow_step_transitions pcur
+               ON pcur.workflow_step_id = e.from_step_id AND pcur.most_recent = true
+        WHERE ws.task_id = ANY (input_task_ids)
+        GROUP BY ws.workflow_step_id, ns.name, cur.to_state, cur.created_at
+    ) g;
 END;
 $$;
 

@@ -3,16 +3,17 @@
 //! the maintained step state; the whole-table aggregates live in `sql/compat_aggregates.sql`.
 
 use super::error::OrRaise;
+use super::srf::{self, RowOut};
 use crate::core::context::StepCounts;
 use crate::core::dag::Dag;
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
 use crate::core::readiness::{self, Clock, Readiness, StepFacts};
 use crate::store::{self, facts};
-use pgrx::datum::{AnyNumeric, Timestamp};
+use pgrx::datum::AnyNumeric;
 use pgrx::prelude::*;
 use pgrx::JsonB;
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 /// `timestamp <= now()` exactly as PostgreSQL compares them (session time zone).
 struct TxnClock {
@@ -46,294 +47,211 @@ fn schema() -> SchemaName {
     store::settings::data_schema().or_raise()
 }
 
-fn to_ts(v: Option<i64>) -> Option<Timestamp> {
-    v.and_then(|t| Timestamp::try_from(t).ok())
-}
-
 /// Readiness rows of the given steps, with parents outside them looked up.
 fn evaluate(schema: &SchemaName, steps: &[StepFacts]) -> Vec<Readiness> {
     let outside_ids = readiness::outside_parents(steps);
     let outside = if outside_ids.is_empty() {
-        HashMap::new()
+        HashMap::default()
     } else {
         Spi::connect(|c| facts::states_of(c, schema, &outside_ids)).or_raise()
     };
     readiness::evaluate_all(steps, &outside, &TxnClock::new()).or_raise()
 }
 
-type ReadinessRow = (
-    i64,
-    i64,
-    i32,
-    String,
-    String,
-    bool,
-    bool,
-    bool,
-    Option<Timestamp>,
-    Option<Timestamp>,
-    i32,
-    i32,
-    i32,
-    i32,
-    Option<i32>,
-    Option<Timestamp>,
-);
-
-fn readiness_row(r: Readiness) -> ReadinessRow {
-    (
-        r.workflow_step_id,
-        r.task_id,
-        r.named_step_id,
-        r.name,
-        r.current_state,
-        r.dependencies_satisfied,
-        r.retry_eligible,
-        r.ready_for_execution,
-        to_ts(r.last_failure_at),
-        to_ts(r.next_retry_at),
-        r.total_parents,
-        r.completed_parents,
-        r.attempts,
-        r.retry_limit,
-        r.backoff_request_seconds,
-        to_ts(r.last_attempted_at),
-    )
+/// Writes one readiness row (the 16 columns of `get_step_readiness_status`).
+fn fill_readiness(r: &Readiness, o: &mut RowOut<'_>) {
+    o.i64(0, r.workflow_step_id);
+    o.i64(1, r.task_id);
+    o.i32(2, r.named_step_id);
+    o.text(3, &r.name);
+    o.text(4, &r.current_state);
+    o.bool(5, r.dependencies_satisfied);
+    o.bool(6, r.retry_eligible);
+    o.bool(7, r.ready_for_execution);
+    o.timestamp(8, r.last_failure_at);
+    o.timestamp(9, r.next_retry_at);
+    o.i32(10, r.total_parents);
+    o.i32(11, r.completed_parents);
+    o.i32(12, r.attempts);
+    o.i32(13, r.retry_limit);
+    o.opt_i32(14, r.backoff_request_seconds);
+    o.timestamp(15, r.last_attempted_at);
 }
 
-#[allow(clippy::type_complexity)]
-/// Readiness of each step of a task (optionally only `step_ids`), as the Rails function.
-#[pg_extern(stable, parallel_safe)]
-fn get_step_readiness_status(
-    input_task_id: Option<i64>,
-    step_ids: default!(Option<Vec<Option<i64>>>, "NULL"),
-) -> TableIterator<
-    'static,
-    (
-        name!(workflow_step_id, i64),
-        name!(task_id, i64),
-        name!(named_step_id, i32),
-        name!(name, String),
-        name!(current_state, String),
-        name!(dependencies_satisfied, bool),
-        name!(retry_eligible, bool),
-        name!(ready_for_execution, bool),
-        name!(last_failure_at, Option<Timestamp>),
-        name!(next_retry_at, Option<Timestamp>),
-        name!(total_parents, i32),
-        name!(completed_parents, i32),
-        name!(attempts, i32),
-        name!(retry_limit, i32),
-        name!(backoff_request_seconds, Option<i32>),
-        name!(last_attempted_at, Option<Timestamp>),
-    ),
-> {
-    let Some(task_id) = input_task_id else {
-        return TableIterator::new(Vec::new());
+/// Readiness rows of one task, optionally only the steps in `step_ids`.
+fn task_readiness(task_id: Option<i64>, step_ids: Option<Vec<i64>>) -> Vec<Readiness> {
+    let Some(task_id) = task_id else {
+        return Vec::new();
     };
     let schema = schema();
     let steps = Spi::connect(|c| facts::for_task(c, &schema, task_id)).or_raise();
-    let rows = evaluate(&schema, &steps);
-    let rows: Vec<ReadinessRow> = match step_ids {
-        None => rows.into_iter().map(readiness_row).collect(),
-        Some(ids) => {
-            let wanted: HashSet<i64> = ids.into_iter().flatten().collect();
-            rows.into_iter()
-                .filter(|r| wanted.contains(&r.workflow_step_id))
-                .map(readiness_row)
-                .collect()
-        }
-    };
-    TableIterator::new(rows)
+    let mut rows = evaluate(&schema, &steps);
+    if let Some(ids) = step_ids {
+        let wanted: HashSet<i64> = ids.into_iter().collect();
+        rows.retain(|r| wanted.contains(&r.workflow_step_id));
+    }
+    rows
 }
 
-fn task_id_list(ids: Option<Vec<Option<i64>>>) -> Vec<i64> {
-    let mut v: Vec<i64> = ids.unwrap_or_default().into_iter().flatten().collect();
+/// Readiness of each step of a task (optionally only `step_ids`), as the Rails function.
+#[pg_extern(sql = r#"
+CREATE FUNCTION "get_step_readiness_status"(
+    "input_task_id" bigint,
+    "step_ids" bigint[] DEFAULT NULL
+) RETURNS TABLE (
+    "workflow_step_id" bigint, "task_id" bigint, "named_step_id" integer, "name" text,
+    "current_state" text, "dependencies_satisfied" boolean, "retry_eligible" boolean,
+    "ready_for_execution" boolean, "last_failure_at" timestamp without time zone,
+    "next_retry_at" timestamp without time zone, "total_parents" integer,
+    "completed_parents" integer, "attempts" integer, "retry_limit" integer,
+    "backoff_request_seconds" integer, "last_attempted_at" timestamp without time zone
+) STABLE PARALLEL SAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'get_step_readiness_status_wrapper';
+"#)]
+fn get_step_readiness_status(fcinfo: pg_sys::FunctionCallInfo) {
+    // SAFETY: the SQL declaration above fixes the argument and result types.
+    let (task_id, step_ids) = unsafe { (srf::arg_i64(fcinfo, 0), srf::arg_i64_array(fcinfo, 1)) };
+    let rows = task_readiness(task_id, step_ids);
+    unsafe { srf::materialize(fcinfo, 16, rows, fill_readiness) };
+}
+
+fn task_id_list(ids: Option<Vec<i64>>) -> Vec<i64> {
+    let mut v: Vec<i64> = ids.unwrap_or_default();
     v.sort_unstable();
     v.dedup();
     v
 }
 
-/// Readiness of every step of several tasks, as the Rails batch function.
-#[pg_extern(stable, parallel_safe)]
-fn get_step_readiness_status_batch(
-    input_task_ids: Option<Vec<Option<i64>>>,
-) -> TableIterator<
-    'static,
-    (
-        name!(workflow_step_id, i64),
-        name!(task_id, i64),
-        name!(named_step_id, i32),
-        name!(name, String),
-        name!(current_state, String),
-        name!(dependencies_satisfied, bool),
-        name!(retry_eligible, bool),
-        name!(ready_for_execution, bool),
-        name!(last_failure_at, Option<Timestamp>),
-        name!(next_retry_at, Option<Timestamp>),
-        name!(total_parents, i32),
-        name!(completed_parents, i32),
-        name!(attempts, i32),
-        name!(retry_limit, i32),
-        name!(backoff_request_seconds, Option<i32>),
-        name!(last_attempted_at, Option<Timestamp>),
-    ),
-> {
-    let ids = task_id_list(input_task_ids);
+/// Readiness rows of every step of the given tasks.
+fn tasks_readiness(ids: &[i64]) -> Vec<Readiness> {
     if ids.is_empty() {
-        return TableIterator::new(Vec::new());
+        return Vec::new();
     }
     let schema = schema();
-    let steps = Spi::connect(|c| facts::for_tasks(c, &schema, &ids)).or_raise();
-    let rows: Vec<ReadinessRow> = evaluate(&schema, &steps)
-        .into_iter()
-        .map(readiness_row)
-        .collect();
-    TableIterator::new(rows)
+    let steps = Spi::connect(|c| facts::for_tasks(c, &schema, ids)).or_raise();
+    evaluate(&schema, &steps)
 }
 
-type ContextRow = (
-    i64,
-    i32,
-    String,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    i64,
-    String,
-    String,
-    AnyNumeric,
-    String,
-);
+/// Readiness of every step of several tasks, as the Rails batch function.
+#[pg_extern(sql = r#"
+CREATE FUNCTION "get_step_readiness_status_batch"(
+    "input_task_ids" bigint[]
+) RETURNS TABLE (
+    "workflow_step_id" bigint, "task_id" bigint, "named_step_id" integer, "name" text,
+    "current_state" text, "dependencies_satisfied" boolean, "retry_eligible" boolean,
+    "ready_for_execution" boolean, "last_failure_at" timestamp without time zone,
+    "next_retry_at" timestamp without time zone, "total_parents" integer,
+    "completed_parents" integer, "attempts" integer, "retry_limit" integer,
+    "backoff_request_seconds" integer, "last_attempted_at" timestamp without time zone
+) STABLE PARALLEL SAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'get_step_readiness_status_batch_wrapper';
+"#)]
+fn get_step_readiness_status_batch(fcinfo: pg_sys::FunctionCallInfo) {
+    // SAFETY: the SQL declaration above fixes the argument and result types.
+    let ids = task_id_list(unsafe { srf::arg_i64_array(fcinfo, 0) });
+    let rows = tasks_readiness(&ids);
+    unsafe { srf::materialize(fcinfo, 16, rows, fill_readiness) };
+}
 
-fn context_row(head: &facts::TaskHead, c: &StepCounts) -> ContextRow {
-    let (execution_status, recommended_action) = c.execution_status();
+/// One task's figures for `get_task_execution_context`.
+struct ContextRow {
+    head: facts::TaskHead,
+    counts: StepCounts,
+}
+
+fn fill_context(c: &ContextRow, o: &mut RowOut<'_>) {
+    let (execution_status, recommended_action) = c.counts.execution_status();
+    o.i64(0, c.head.task_id);
+    o.i32(1, c.head.named_task_id);
+    o.text(2, c.head.state.as_deref().unwrap_or("pending"));
+    o.i64(3, c.counts.total);
+    o.i64(4, c.counts.pending);
+    o.i64(5, c.counts.in_progress);
+    o.i64(6, c.counts.completed);
+    o.i64(7, c.counts.failed);
+    o.i64(8, c.counts.ready);
+    o.text(9, execution_status);
+    o.text(10, recommended_action);
     let pct = c
+        .counts
         .completion_percentage()
         .parse::<AnyNumeric>()
         .unwrap_or_else(|_| AnyNumeric::from(0));
-    (
-        head.task_id,
-        head.named_task_id,
-        head.state.clone().unwrap_or_else(|| "pending".to_owned()),
-        c.total,
-        c.pending,
-        c.in_progress,
-        c.completed,
-        c.failed,
-        c.ready,
-        execution_status.to_owned(),
-        recommended_action.to_owned(),
-        pct,
-        c.health_status().to_owned(),
-    )
+    o.datum(11, pct.into_datum());
+    o.text(12, c.counts.health_status());
 }
 
-/// Step counts, execution status, recommended action and health of one task.
-#[pg_extern(stable, parallel_safe)]
-fn get_task_execution_context(
-    input_task_id: Option<i64>,
-) -> TableIterator<
-    'static,
-    (
-        name!(task_id, i64),
-        name!(named_task_id, i32),
-        name!(status, String),
-        name!(total_steps, i64),
-        name!(pending_steps, i64),
-        name!(in_progress_steps, i64),
-        name!(completed_steps, i64),
-        name!(failed_steps, i64),
-        name!(ready_steps, i64),
-        name!(execution_status, String),
-        name!(recommended_action, String),
-        name!(completion_percentage, AnyNumeric),
-        name!(health_status, String),
-    ),
-> {
-    let Some(task_id) = input_task_id else {
-        return TableIterator::new(Vec::new());
-    };
-    let schema = schema();
-    let (heads, steps) = Spi::connect(|c| {
-        let heads = facts::task_heads(c, &schema, &[task_id])?;
-        let steps = if heads.is_empty() {
-            Vec::new()
-        } else {
-            facts::for_task(c, &schema, task_id)?
-        };
-        Ok::<_, pgrx::spi::Error>((heads, steps))
-    })
-    .or_raise();
-    let Some(head) = heads.first() else {
-        return TableIterator::new(Vec::new());
-    };
-    let counts = StepCounts::of(&evaluate(&schema, &steps));
-    TableIterator::new(vec![context_row(head, &counts)])
-}
-
-/// Execution contexts of several tasks: one row per listed id of an existing task.
-#[pg_extern(stable, parallel_safe)]
-fn get_task_execution_contexts_batch(
-    input_task_ids: Option<Vec<Option<i64>>>,
-) -> TableIterator<
-    'static,
-    (
-        name!(task_id, i64),
-        name!(named_task_id, i32),
-        name!(status, String),
-        name!(total_steps, i64),
-        name!(pending_steps, i64),
-        name!(in_progress_steps, i64),
-        name!(completed_steps, i64),
-        name!(failed_steps, i64),
-        name!(ready_steps, i64),
-        name!(execution_status, String),
-        name!(recommended_action, String),
-        name!(completion_percentage, AnyNumeric),
-        name!(health_status, String),
-    ),
-> {
-    let listed: Vec<i64> = input_task_ids
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .flatten()
-        .collect();
-    let ids = task_id_list(input_task_ids);
+/// Execution contexts of the tasks listed in `listed` (one row per listed id of an existing
+/// task, duplicates repeated), ordered by task id.
+fn contexts(listed: Vec<i64>) -> Vec<ContextRow> {
+    let ids = task_id_list(Some(listed.clone()));
     if ids.is_empty() {
-        return TableIterator::new(Vec::new());
+        return Vec::new();
     }
     let schema = schema();
     let (heads, steps) = Spi::connect(|c| {
         let heads = facts::task_heads(c, &schema, &ids)?;
         let existing: Vec<i64> = heads.iter().map(|h| h.task_id).collect();
-        let steps = if existing.is_empty() {
-            Vec::new()
-        } else {
-            facts::for_tasks(c, &schema, &existing)?
+        let steps = match existing.as_slice() {
+            [] => Vec::new(),
+            [one] => facts::for_task(c, &schema, *one)?,
+            many => facts::for_tasks(c, &schema, many)?,
         };
         Ok::<_, pgrx::spi::Error>((heads, steps))
     })
     .or_raise();
-    let mut counts: HashMap<i64, StepCounts> = HashMap::new();
+    let mut counts: HashMap<i64, StepCounts> = HashMap::default();
     for r in evaluate(&schema, &steps) {
         counts.entry(r.task_id).or_default().add(&r);
     }
     let by_id: HashMap<i64, &facts::TaskHead> = heads.iter().map(|h| (h.task_id, h)).collect();
-    let mut occurrences: Vec<i64> = listed
-        .into_iter()
-        .filter(|id| by_id.contains_key(id))
-        .collect();
+    let mut occurrences: Vec<i64> = listed.into_iter().filter(|id| by_id.contains_key(id)).collect();
     occurrences.sort_unstable();
-    let empty = StepCounts::default();
-    let rows: Vec<ContextRow> = occurrences
+    occurrences
         .into_iter()
-        .map(|id| context_row(by_id[&id], counts.get(&id).unwrap_or(&empty)))
-        .collect();
-    TableIterator::new(rows)
+        .map(|id| ContextRow {
+            head: by_id[&id].clone(),
+            counts: counts.get(&id).copied().unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// Step counts, execution status, recommended action and health of one task.
+#[pg_extern(sql = r#"
+CREATE FUNCTION "get_task_execution_context"(
+    "input_task_id" bigint
+) RETURNS TABLE (
+    "task_id" bigint, "named_task_id" integer, "status" text, "total_steps" bigint,
+    "pending_steps" bigint, "in_progress_steps" bigint, "completed_steps" bigint,
+    "failed_steps" bigint, "ready_steps" bigint, "execution_status" text,
+    "recommended_action" text, "completion_percentage" numeric, "health_status" text
+) STABLE PARALLEL SAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'get_task_execution_context_wrapper';
+"#)]
+fn get_task_execution_context(fcinfo: pg_sys::FunctionCallInfo) {
+    // SAFETY: the SQL declaration above fixes the argument and result types.
+    let task_id = unsafe { srf::arg_i64(fcinfo, 0) };
+    let rows = contexts(task_id.into_iter().collect());
+    unsafe { srf::materialize(fcinfo, 13, rows, fill_context) };
+}
+
+/// Execution contexts of several tasks: one row per listed id of an existing task.
+#[pg_extern(sql = r#"
+CREATE FUNCTION "get_task_execution_contexts_batch"(
+    "input_task_ids" bigint[]
+) RETURNS TABLE (
+    "task_id" bigint, "named_task_id" integer, "status" text, "total_steps" bigint,
+    "pending_steps" bigint, "in_progress_steps" bigint, "completed_steps" bigint,
+    "failed_steps" bigint, "ready_steps" bigint, "execution_status" text,
+    "recommended_action" text, "completion_percentage" numeric, "health_status" text
+) STABLE PARALLEL SAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'get_task_execution_contexts_batch_wrapper';
+"#)]
+fn get_task_execution_contexts_batch(fcinfo: pg_sys::FunctionCallInfo) {
+    // SAFETY: the SQL declaration above fixes the argument and result types.
+    let listed = unsafe { srf::arg_i64_array(fcinfo, 0) }.unwrap_or_default();
+    let rows = contexts(listed);
+    unsafe { srf::materialize(fcinfo, 13, rows, fill_context) };
 }
 
 /// Longest-path dependency level of each step reachable from a root, ordered by level and id.
@@ -467,7 +385,7 @@ fn step_dag_relationships(
         Ok::<_, pgrx::spi::Error>((steps, edges))
     })
     .or_raise();
-    let mut children: HashMap<i64, Vec<i64>> = HashMap::new();
+    let mut children: HashMap<i64, Vec<i64>> = HashMap::default();
     for (from, to) in out_edges {
         children.entry(from).or_default().push(to);
     }

@@ -21,7 +21,7 @@ impl StepCounts {
     /// Adds one readiness row.
     pub fn add(&mut self, r: &Readiness) {
         self.total += 1;
-        match r.current_state.as_str() {
+        match &*r.current_state {
             "pending" => self.pending += 1,
             "in_progress" => self.in_progress += 1,
             "complete" | "resolved_manually" => self.completed += 1,

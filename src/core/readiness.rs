@@ -6,7 +6,8 @@
 //! results — and the failures — are the ones the Rails SQL gives.
 
 use super::state::State;
-use std::collections::HashMap;
+use std::rc::Rc;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use thiserror::Error;
 
 /// Default `retry_limit` when the column is NULL.
@@ -48,9 +49,9 @@ pub struct StepFacts {
     pub workflow_step_id: i64,
     pub task_id: i64,
     pub named_step_id: i32,
-    pub name: String,
+    pub name: Rc<str>,
     /// `to_state` of the most_recent transition; `None` when there is none.
-    pub state: Option<String>,
+    pub state: Option<Rc<str>>,
     /// `created_at` of the most_recent transition.
     pub state_at: Option<i64>,
     /// `from_step_id` of every edge into the step (duplicates kept).
@@ -70,6 +71,14 @@ impl StepFacts {
         self.state.as_deref().unwrap_or(State::Pending.as_str())
     }
 
+    /// `COALESCE(state, 'pending')`, shared.
+    fn current_state_rc(&self) -> Rc<str> {
+        match &self.state {
+            Some(s) => s.clone(),
+            None => PENDING.with(Rc::clone),
+        }
+    }
+
     /// Whether this step, as a parent, satisfies its children.
     pub fn satisfies_children(&self) -> bool {
         state_satisfies(self.state.as_deref())
@@ -82,6 +91,10 @@ impl StepFacts {
             _ => None,
         }
     }
+}
+
+thread_local! {
+    static PENDING: Rc<str> = Rc::from(State::Pending.as_str());
 }
 
 /// Whether a most-recent `to_state` satisfies a dependency.
@@ -97,8 +110,8 @@ pub struct Readiness {
     pub workflow_step_id: i64,
     pub task_id: i64,
     pub named_step_id: i32,
-    pub name: String,
-    pub current_state: String,
+    pub name: Rc<str>,
+    pub current_state: Rc<str>,
     pub dependencies_satisfied: bool,
     pub retry_eligible: bool,
     pub ready_for_execution: bool,
@@ -226,7 +239,7 @@ pub fn evaluate(
         task_id: step.task_id,
         named_step_id: step.named_step_id,
         name: step.name.clone(),
-        current_state: current_state.to_owned(),
+        current_state: step.current_state_rc(),
         dependencies_satisfied,
         retry_eligible,
         ready_for_execution,
@@ -245,7 +258,7 @@ pub fn evaluate(
 /// `outside` (states of parents that belong to other tasks).
 pub fn evaluate_all(
     steps: &[StepFacts],
-    outside: &HashMap<i64, Option<String>>,
+    outside: &HashMap<i64, Option<Rc<str>>>,
     clock: &dyn Clock,
 ) -> Result<Vec<Readiness>, TimeError> {
     let satisfied: HashMap<i64, bool> = steps
@@ -266,7 +279,7 @@ pub fn evaluate_all(
 
 /// Parent ids that are not among `steps` (their states must be fetched separately).
 pub fn outside_parents(steps: &[StepFacts]) -> Vec<i64> {
-    let own: std::collections::HashSet<i64> = steps.iter().map(|s| s.workflow_step_id).collect();
+    let own: HashSet<i64> = steps.iter().map(|s| s.workflow_step_id).collect();
     let mut ids: Vec<i64> = steps
         .iter()
         .flat_map(|s| s.parent_ids.iter().copied())
@@ -297,7 +310,7 @@ mod tests {
             workflow_step_id: id,
             task_id: 1,
             named_step_id: 1,
-            name: format!("s{id}"),
+            name: format!("s{id}").into(),
             state: None,
             state_at: None,
             parent_ids: vec![],
@@ -319,7 +332,7 @@ mod tests {
     fn a_fresh_root_is_ready() {
         let r = eval(&step(1), 0);
         assert!(r.ready_for_execution && r.dependencies_satisfied && r.retry_eligible);
-        assert_eq!(r.current_state, "pending");
+        assert_eq!(&*r.current_state, "pending");
         assert_eq!((r.next_retry_at, r.last_failure_at), (None, None));
     }
 
@@ -366,7 +379,7 @@ mod tests {
     fn only_pending_and_error_can_be_ready() {
         for st in State::ALL {
             let mut s = step(1);
-            s.state = Some(st.as_str().into());
+            s.state = Some(Rc::from(st.as_str()));
             s.state_at = Some(NOW - 60 * SEC);
             let ready = eval(&s, 0).ready_for_execution;
             assert_eq!(ready, matches!(st, State::Pending | State::Error), "{st}");
@@ -457,12 +470,12 @@ mod tests {
         parent.state = Some("complete".into());
         let steps = vec![parent, child];
         assert_eq!(outside_parents(&steps), vec![99]);
-        let mut outside = HashMap::new();
-        outside.insert(99, Some("resolved_manually".to_string()));
+        let mut outside = HashMap::default();
+        outside.insert(99, Some(Rc::from("resolved_manually")));
         let rows = evaluate_all(&steps, &outside, &At(NOW)).unwrap();
         assert_eq!(rows[1].completed_parents, 2);
         assert!(rows[1].ready_for_execution);
-        let rows = evaluate_all(&steps, &HashMap::new(), &At(NOW)).unwrap();
+        let rows = evaluate_all(&steps, &HashMap::default(), &At(NOW)).unwrap();
         assert_eq!(rows[1].completed_parents, 1);
     }
 }

@@ -2,11 +2,13 @@
 //! when the data schema is tracked, otherwise recomputed from the Tasker tables.
 
 use super::plans::with_plan;
+use super::rows::{for_each_row, Col, Interner};
+use std::rc::Rc;
 use crate::core::ident::SchemaName;
 use crate::core::readiness::StepFacts;
-use pgrx::pg_sys::{self, PgBuiltInOids, PgOid};
+use pgrx::pg_sys::{PgBuiltInOids, PgOid};
 use pgrx::spi::{SpiClient, SpiResult, SpiTupleTable};
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
 const INT8ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID);
@@ -29,34 +31,54 @@ fn recompute_sql(schema: &str, filter: &str) -> String {
          JOIN {schema}.tasker_named_steps ns ON ns.named_step_id = ws.named_step_id \
          LEFT JOIN {schema}.tasker_workflow_step_transitions cur \
                 ON cur.workflow_step_id = ws.workflow_step_id AND cur.most_recent \
-         WHERE {filter} ORDER BY ws.task_id, ws.workflow_step_id"
+         WHERE {filter}"
     )
 }
 
-fn ts(v: Option<pgrx::datum::Timestamp>) -> Option<i64> {
-    v.map(pg_sys::Timestamp::from)
-}
+/// Column types of every facts query, in order.
+const FACT_TYPES: [Col; 14] = [
+    Col::Int8,
+    Col::Int8,
+    Col::Int4,
+    Col::Text,
+    Col::Text,
+    Col::Timestamp,
+    Col::Int8Array,
+    Col::Bool,
+    Col::Int4,
+    Col::Bool,
+    Col::Bool,
+    Col::Int4,
+    Col::Timestamp,
+    Col::Int4,
+];
 
+/// Reads the facts query result just produced.
 fn read_facts(table: SpiTupleTable<'_>) -> SpiResult<Vec<StepFacts>> {
     let mut out = Vec::with_capacity(table.len());
-    for row in table {
-        out.push(StepFacts {
-            workflow_step_id: row.get::<i64>(1)?.unwrap_or_default(),
-            task_id: row.get::<i64>(2)?.unwrap_or_default(),
-            named_step_id: row.get::<i32>(3)?.unwrap_or_default(),
-            name: row.get::<String>(4)?.unwrap_or_default(),
-            state: row.get::<String>(5)?,
-            state_at: ts(row.get(6)?),
-            parent_ids: row.get::<Vec<i64>>(7)?.unwrap_or_default(),
-            retryable: row.get::<bool>(8)?,
-            retry_limit: row.get::<i32>(9)?,
-            in_process: row.get::<bool>(10)?,
-            processed: row.get::<bool>(11)?,
-            attempts: row.get::<i32>(12)?,
-            last_attempted_at: ts(row.get(13)?),
-            backoff_request_seconds: row.get::<i32>(14)?,
-        });
+    let mut names = Interner::default();
+    // SAFETY: called right after the query, while `table` keeps the result alive.
+    unsafe {
+        for_each_row(&FACT_TYPES, |row| {
+            out.push(StepFacts {
+                workflow_step_id: row.i64(0).unwrap_or_default(),
+                task_id: row.i64(1).unwrap_or_default(),
+                named_step_id: row.i32(2).unwrap_or_default(),
+                name: row.text_interned(3, &mut names).unwrap_or_else(|| names.get("")),
+                state: row.text_interned(4, &mut names),
+                state_at: row.i64(5),
+                parent_ids: row.i64_array(6),
+                retryable: row.bool(7),
+                retry_limit: row.i32(8),
+                in_process: row.bool(9),
+                processed: row.bool(10),
+                attempts: row.i32(11),
+                last_attempted_at: row.i64(12),
+                backoff_request_seconds: row.i32(13),
+            })
+        })?;
     }
+    drop(table);
     Ok(out)
 }
 
@@ -127,7 +149,7 @@ pub fn for_tasks(
             || {
                 format!(
                     "SELECT {FACT_COLUMNS_TRACKED} FROM tasker_core.step_state s \
-                     WHERE s.task_id = ANY($1) ORDER BY s.task_id, s.workflow_step_id"
+                     WHERE s.task_id = ANY($1)"
                 )
             },
             |stmt| read_facts(client.select(stmt, None, &[task_ids.to_vec().into()])?),
@@ -149,8 +171,8 @@ pub fn states_of(
     client: &SpiClient<'_>,
     schema: &SchemaName,
     step_ids: &[i64],
-) -> SpiResult<HashMap<i64, Option<String>>> {
-    let mut out = HashMap::new();
+) -> SpiResult<HashMap<i64, Option<Rc<str>>>> {
+    let mut out = HashMap::default();
     if step_ids.is_empty() {
         return Ok(out);
     }
@@ -172,7 +194,7 @@ pub fn states_of(
             for row in client.select(stmt, None, &[step_ids.to_vec().into()])? {
                 out.insert(
                     row.get::<i64>(1)?.unwrap_or_default(),
-                    row.get::<String>(2)?,
+                    row.get::<String>(2)?.map(Rc::from),
                 );
             }
             Ok(())

@@ -3,6 +3,7 @@
 
 pub mod facts;
 pub mod plans;
+pub mod rows;
 pub mod schema;
 pub mod settings;
 pub mod workflow;

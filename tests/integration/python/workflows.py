@@ -56,6 +56,7 @@ TASK_NAME_FILTERS = (None, "process_order", "send_email", "refund_payment", "leg
 VERSION_FILTERS = (None, "0.1.0", "1.0.0", "2.1.3", "9.9.9", "")
 
 HUGE_ID = 9223372036854775807
+WRITE_MODES = ("rails", "bulk", "rows", "copy")
 
 
 def load_reference(conn, path):
@@ -708,8 +709,9 @@ class Mutator:
     rewritten, edges added, duplicated, moved and deleted, steps renamed or moved to another
     task, task transitions, whole tasks deleted. Protected (boundary) tasks are left alone."""
 
-    def __init__(self, conn, rng, now, durations, protected_task_ids):
+    def __init__(self, conn, rng, now, durations, protected_task_ids, catalog):
         self.conn = conn
+        self.catalog = catalog
         self.rng = rng
         self.now = now
         self.durations = durations
@@ -768,7 +770,7 @@ class Mutator:
             self.count("bulk step updates", 2)
 
         # 2. transitions added to existing steps (Statesman: previous most_recent flipped first,
-        #    or inserted false and fixed with one UPDATE ... CASE, as update_most_recents does)
+        #    or inserted with most_recent = false, then the old one flipped off and the new one on)
         new_ids = iter(seq_ids(c, "tasker_workflow_step_transitions", "id", len(pools[1])))
         with c.pipeline():
             for sid in pools[1]:
@@ -795,9 +797,10 @@ class Mutator:
                               "sort_key, most_recent, workflow_step_id, created_at, updated_at) "
                               "VALUES (%s, %s, %s, '{}'::jsonb, %s, false, %s, %s, %s)",
                               (nid, state, prev, sk, sid, at, at))
-                    c.execute("UPDATE tasker_workflow_step_transitions SET most_recent = CASE WHEN id = %s "
-                              "THEN true ELSE false END, updated_at = %s WHERE workflow_step_id = %s "
-                              "AND (most_recent = true OR id = %s)", (nid, self.now, sid, nid))
+                    c.execute("UPDATE tasker_workflow_step_transitions SET most_recent = false, updated_at = %s "
+                              "WHERE workflow_step_id = %s AND most_recent = true", (self.now, sid))
+                    c.execute("UPDATE tasker_workflow_step_transitions SET most_recent = true, updated_at = %s "
+                              "WHERE id = %s", (self.now, nid))
                 for x in lst:
                     x[2] = False
                 lst.append([nid, sk, True, state])
@@ -870,10 +873,10 @@ class Mutator:
             insert(c, "tasker_workflow_step_edges", EDGE_COLS, EDGE_TYPES, rows, r.choice(("rows", "bulk")))
             self.count("edges added", len(rows))
 
-        # 7. edges moved (to_step_id or from_step_id rewritten, still lower id -> higher id)
-        for e in r.sample(edges, min(len(edges), max(1, scale // 10))):
-            eid, a, b = e
-            cands = [s for s in by_task.get(next((t for t in tasks if b in by_task[t]), None), []) if s > a and s != b]
+        # 7. edges moved (to_step_id rewritten, still lower id -> higher id, same task)
+        task_of = {sid: tid for sid, tid, _ in steps}
+        for eid, a, b in r.sample(edges, min(len(edges), max(1, scale // 10))):
+            cands = [s for s in by_task.get(task_of.get(b), []) if s > a and s != b]
             if cands:
                 c.execute("UPDATE tasker_workflow_step_edges SET to_step_id = %s, updated_at = %s WHERE id = %s",
                           (r.choice(cands), self.now, eid))
@@ -881,12 +884,8 @@ class Mutator:
 
         # 8. steps renamed (named_step_id) and, rarely, moved to another task
         for sid in pools[4][: max(1, scale // 10)]:
-            c.execute("UPDATE tasker_workflow_steps SET named_step_id = "
-                      "(SELECT min(named_step_id) FROM tasker_named_steps WHERE named_step_id > ws.named_step_id) "
-                      "FROM tasker_workflow_steps ws WHERE ws.workflow_step_id = %s "
-                      "AND tasker_workflow_steps.workflow_step_id = ws.workflow_step_id "
-                      "AND EXISTS (SELECT 1 FROM tasker_named_steps n WHERE n.named_step_id > ws.named_step_id)",
-                      (sid,))
+            c.execute("UPDATE tasker_workflow_steps SET named_step_id = %s, updated_at = %s WHERE workflow_step_id = %s",
+                      (r.choice(self.catalog.named_step_ids), self.now, sid))
             self.count("steps renamed")
         for sid in pools[4][-2:]:
             if len(all_tasks) > 1:
