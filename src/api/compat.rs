@@ -205,7 +205,10 @@ fn contexts(listed: Vec<i64>) -> Vec<ContextRow> {
         counts.entry(r.task_id).or_default().add(&r);
     }
     let by_id: HashMap<i64, &facts::TaskHead> = heads.iter().map(|h| (h.task_id, h)).collect();
-    let mut occurrences: Vec<i64> = listed.into_iter().filter(|id| by_id.contains_key(id)).collect();
+    let mut occurrences: Vec<i64> = listed
+        .into_iter()
+        .filter(|id| by_id.contains_key(id))
+        .collect();
     occurrences.sort_unstable();
     occurrences
         .into_iter()
@@ -351,6 +354,7 @@ type DagRow = (
     Option<i32>,
 );
 
+#[allow(clippy::type_complexity)]
 /// The rows of `tasker_step_dag_relationships` for one task's steps, in O(steps + edges).
 #[pg_extern(stable, parallel_safe)]
 fn step_dag_relationships(

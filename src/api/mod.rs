@@ -3,6 +3,6 @@
 
 pub mod compat;
 pub mod error;
-pub mod srf;
 pub mod schema;
+pub mod srf;
 pub mod workflow;

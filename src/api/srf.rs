@@ -81,7 +81,9 @@ pub unsafe fn materialize<T>(
         || (*rsinfo).type_ != pg_sys::NodeTag::T_ReturnSetInfo
         || ((*rsinfo).allowedModes & pg_sys::SetFunctionReturnMode::SFRM_Materialize as i32) == 0
     {
-        pgrx::error!("tasker_core: set-valued function called in a context that cannot accept a set");
+        pgrx::error!(
+            "tasker_core: set-valued function called in a context that cannot accept a set"
+        );
     }
     let mut tupdesc: pg_sys::TupleDesc = std::ptr::null_mut();
     let kind = pg_sys::get_call_result_type(fcinfo, std::ptr::null_mut(), &mut tupdesc);
@@ -97,7 +99,9 @@ pub unsafe fn materialize<T>(
     let per_query = (*(*rsinfo).econtext).ecxt_per_query_memory;
     let old = pg_sys::MemoryContextSwitchTo(per_query);
     let desc = pg_sys::CreateTupleDescCopy(tupdesc);
-    let random = ((*rsinfo).allowedModes & pg_sys::SetFunctionReturnMode::SFRM_Materialize_Random as i32) != 0;
+    let random = ((*rsinfo).allowedModes
+        & pg_sys::SetFunctionReturnMode::SFRM_Materialize_Random as i32)
+        != 0;
     let store = pg_sys::tuplestore_begin_heap(random, false, pg_sys::work_mem);
     (*rsinfo).returnMode = pg_sys::SetFunctionReturnMode::SFRM_Materialize;
     (*rsinfo).setResult = store;
@@ -129,5 +133,6 @@ pub unsafe fn arg_i64(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<i64>
 /// # Safety
 /// Argument `n` must exist and be of type bigint[].
 pub unsafe fn arg_i64_array(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> Option<Vec<i64>> {
-    pgrx::fcinfo::pg_getarg::<Vec<Option<i64>>>(fcinfo, n).map(|v| v.into_iter().flatten().collect())
+    pgrx::fcinfo::pg_getarg::<Vec<Option<i64>>>(fcinfo, n)
+        .map(|v| v.into_iter().flatten().collect())
 }

@@ -6,8 +6,8 @@
 //! results — and the failures — are the ones the Rails SQL gives.
 
 use super::state::State;
-use std::rc::Rc;
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use std::rc::Rc;
 use thiserror::Error;
 
 /// Default `retry_limit` when the column is NULL.
@@ -135,7 +135,7 @@ pub trait Clock {
 fn interval_mul(span_usecs: i64, factor: f64) -> Result<i64, TimeError> {
     let r = (span_usecs as f64 * factor).round_ties_even();
     // FLOAT8_FITS_IN_INT64: -2^63 <= r < 2^63
-    if r.is_nan() || r < -9_223_372_036_854_775_808.0 || r >= 9_223_372_036_854_775_808.0 {
+    if r.is_nan() || !(-9_223_372_036_854_775_808.0..9_223_372_036_854_775_808.0).contains(&r) {
         return Err(TimeError::IntervalOutOfRange);
     }
     Ok(r as i64)

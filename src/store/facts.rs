@@ -3,12 +3,12 @@
 
 use super::plans::with_plan;
 use super::rows::{for_each_row, Col, Interner};
-use std::rc::Rc;
 use crate::core::ident::SchemaName;
 use crate::core::readiness::StepFacts;
 use pgrx::pg_sys::{PgBuiltInOids, PgOid};
 use pgrx::spi::{SpiClient, SpiResult, SpiTupleTable};
 use rustc_hash::FxHashMap as HashMap;
+use std::rc::Rc;
 
 const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
 const INT8ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID);
@@ -53,33 +53,61 @@ const FACT_TYPES: [Col; 14] = [
     Col::Int4,
 ];
 
+/// Appends the facts of the SPI result just produced to `out`.
+///
+/// # Safety
+/// Call right after the query, while its result is alive.
+unsafe fn append_facts(out: &mut Vec<StepFacts>, names: &mut Interner) -> SpiResult<()> {
+    for_each_row(&FACT_TYPES, |row| {
+        out.push(StepFacts {
+            workflow_step_id: row.i64(0).unwrap_or_default(),
+            task_id: row.i64(1).unwrap_or_default(),
+            named_step_id: row.i32(2).unwrap_or_default(),
+            name: row.text_interned(3, names).unwrap_or_else(|| names.get("")),
+            state: row.text_interned(4, names),
+            state_at: row.i64(5),
+            parent_ids: row.i64_array(6),
+            retryable: row.bool(7),
+            retry_limit: row.i32(8),
+            in_process: row.bool(9),
+            processed: row.bool(10),
+            attempts: row.i32(11),
+            last_attempted_at: row.i64(12),
+            backoff_request_seconds: row.i32(13),
+        })
+    })
+}
+
 /// Reads the facts query result just produced.
 fn read_facts(table: SpiTupleTable<'_>) -> SpiResult<Vec<StepFacts>> {
     let mut out = Vec::with_capacity(table.len());
     let mut names = Interner::default();
     // SAFETY: called right after the query, while `table` keeps the result alive.
-    unsafe {
-        for_each_row(&FACT_TYPES, |row| {
-            out.push(StepFacts {
-                workflow_step_id: row.i64(0).unwrap_or_default(),
-                task_id: row.i64(1).unwrap_or_default(),
-                named_step_id: row.i32(2).unwrap_or_default(),
-                name: row.text_interned(3, &mut names).unwrap_or_else(|| names.get("")),
-                state: row.text_interned(4, &mut names),
-                state_at: row.i64(5),
-                parent_ids: row.i64_array(6),
-                retryable: row.bool(7),
-                retry_limit: row.i32(8),
-                in_process: row.bool(9),
-                processed: row.bool(10),
-                attempts: row.i32(11),
-                last_attempted_at: row.i64(12),
-                backoff_request_seconds: row.i32(13),
-            })
-        })?;
-    }
-    drop(table);
+    unsafe { append_facts(&mut out, &mut names)? };
     Ok(out)
+}
+
+/// Rows fetched per cursor round trip when reading many tasks: bounded memory per call, reused
+/// from one chunk to the next instead of one allocation of the whole result.
+const FETCH_CHUNK: std::ffi::c_long = 2048;
+
+/// Reads a facts query through a cursor, chunk by chunk.
+fn read_facts_chunked(mut cursor: pgrx::spi::SpiCursor<'_>) -> SpiResult<Vec<StepFacts>> {
+    let mut out = Vec::new();
+    let mut names = Interner::default();
+    loop {
+        let table = cursor.fetch(FETCH_CHUNK)?;
+        let n = table.len();
+        // SAFETY: right after the fetch, while `table` keeps its result alive; freed after.
+        unsafe {
+            append_facts(&mut out, &mut names)?;
+            pgrx::pg_sys::SPI_freetuptable(pgrx::pg_sys::SPI_tuptable);
+            pgrx::pg_sys::SPI_tuptable = std::ptr::null_mut();
+        }
+        if n < FETCH_CHUNK as usize {
+            return Ok(out);
+        }
+    }
 }
 
 /// Whether `schema` is the tracked data schema.
@@ -99,7 +127,7 @@ pub fn is_tracked(client: &SpiClient<'_>, schema: &SchemaName) -> SpiResult<bool
     )
 }
 
-/// The facts of the steps of one task, ordered by step id.
+/// The facts of the steps of one task, in no particular order.
 pub fn for_task(
     client: &SpiClient<'_>,
     schema: &SchemaName,
@@ -115,8 +143,7 @@ pub fn for_task(
         || {
             format!(
                 "SELECT {FACT_COLUMNS_TRACKED} FROM tasker_core.step_state s \
-                 WHERE s.task_id = $1 AND EXISTS (SELECT 1 FROM tasker_core.tracking WHERE data_schema = $2) \
-                 ORDER BY s.workflow_step_id"
+                 WHERE s.task_id = $1 AND EXISTS (SELECT 1 FROM tasker_core.tracking WHERE data_schema = $2)"
             )
         },
         |stmt| read_facts(client.select(stmt, None, &[task_id.into(), schema.as_str().into()])?),
@@ -134,7 +161,7 @@ pub fn for_task(
     )
 }
 
-/// The facts of the steps of several tasks, ordered by task and step id.
+/// The facts of the steps of several tasks, in no particular order.
 pub fn for_tasks(
     client: &SpiClient<'_>,
     schema: &SchemaName,
@@ -152,7 +179,7 @@ pub fn for_tasks(
                      WHERE s.task_id = ANY($1)"
                 )
             },
-            |stmt| read_facts(client.select(stmt, None, &[task_ids.to_vec().into()])?),
+            |stmt| read_facts_chunked(client.open_cursor(stmt, &[task_ids.to_vec().into()])),
         );
     }
     let q = schema.quoted();
@@ -162,7 +189,7 @@ pub fn for_tasks(
         schema.as_str(),
         &[INT8ARRAY],
         || recompute_sql(&q, "ws.task_id = ANY($1)"),
-        |stmt| read_facts(client.select(stmt, None, &[task_ids.to_vec().into()])?),
+        |stmt| read_facts_chunked(client.open_cursor(stmt, &[task_ids.to_vec().into()])),
     )
 }
 

@@ -110,7 +110,8 @@ impl Row<'_> {
         // SAFETY: the column was checked to be int8[]; the detoasted array lives in the SPI
         // result's memory context while we copy it out.
         unsafe {
-            let ptr = pg_sys::pg_detoast_datum(self.values[i].cast_mut_ptr()) as *mut pg_sys::ArrayType;
+            let ptr =
+                pg_sys::pg_detoast_datum(self.values[i].cast_mut_ptr()) as *mut pg_sys::ArrayType;
             let Some(nn) = std::ptr::NonNull::new(ptr) else {
                 return Vec::new();
             };
@@ -159,7 +160,9 @@ pub unsafe fn for_each_row(cols: &[Col], mut f: impl FnMut(&Row<'_>)) -> SpiResu
     for (i, col) in cols.iter().enumerate() {
         let att = desc.get(i).ok_or(SpiError::InvalidPosition)?;
         if att.atttypid != col.oid() {
-            let name = CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned();
+            let name = CStr::from_ptr(att.attname.data.as_ptr())
+                .to_string_lossy()
+                .into_owned();
             pgrx::error!(
                 "tasker_core: column {name} has type oid {:?}, expected {:?}",
                 att.atttypid,
