@@ -128,7 +128,16 @@ BEGIN
         WHEN 'levels_paths' THEN SELECT count(*) INTO c FROM bench.path_enumerating_levels(arg);
         WHEN 'dag_rust' THEN SELECT count(*) INTO c FROM tasker_core.step_dag_relationships(arg);
         WHEN 'dag_ref' THEN SELECT count(*) INTO c FROM tasker_ref.step_dag_relationships(arg);
-        WHEN 'floor_base' THEN SELECT bench.floor_base_reads(arg) INTO c;
+        WHEN 'floor_base' THEN
+            -- the same reads as bench.floor_base_reads, as static SQL so its plan is cached
+            SELECT count(*) INTO c FROM tasker_workflow_steps ws
+            JOIN tasker_named_steps ns ON ns.named_step_id = ws.named_step_id
+            LEFT JOIN tasker_workflow_step_transitions cur
+                   ON cur.workflow_step_id = ws.workflow_step_id AND cur.most_recent
+            LEFT JOIN tasker_workflow_step_edges e ON e.to_step_id = ws.workflow_step_id
+            LEFT JOIN tasker_workflow_step_transitions ps
+                   ON ps.workflow_step_id = e.from_step_id AND ps.most_recent
+            WHERE ws.task_id = arg;
         WHEN 'floor_state' THEN SELECT count(*) INTO c FROM tasker_core.step_state s WHERE s.task_id = arg;
         WHEN 'health_rust' THEN SELECT count(*) INTO c FROM tasker_core.get_system_health_counts_v01();
         WHEN 'health_ref' THEN SELECT count(*) INTO c FROM tasker_ref.get_system_health_counts_v01();

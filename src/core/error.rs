@@ -28,6 +28,56 @@ pub enum TaskerError {
     /// The dependency graph of a task contains a cycle.
     #[error("dependency cycle among steps {}", format_ids(.steps))]
     CycleDetected { steps: Vec<i64> },
+    /// A state name that is not one of the six.
+    #[error("unknown {entity} state {state:?} for {entity} {id} (states: pending, in_progress, complete, error, cancelled, resolved_manually)")]
+    UnknownState {
+        entity: &'static str,
+        id: i64,
+        state: String,
+    },
+    /// The state machine has no such edge.
+    #[error("{entity} {id} cannot go from {from} to {to}")]
+    TransitionNotAllowed {
+        entity: &'static str,
+        id: i64,
+        from: String,
+        to: String,
+    },
+    /// The edge exists but its guard refuses it now.
+    #[error("{entity} {id} cannot go from {from} to {to}: {reason}")]
+    GuardFailed {
+        entity: &'static str,
+        id: i64,
+        from: String,
+        to: String,
+        reason: String,
+    },
+    /// Compare-and-swap failed: the owner is not in the expected state.
+    #[error("{entity} {id} is in state {actual}, not {expected}, so it cannot go to {to}")]
+    ExpectedFromMismatch {
+        entity: &'static str,
+        id: i64,
+        expected: String,
+        actual: String,
+        to: String,
+    },
+    /// Concurrent writers kept winning the race for the same owner.
+    #[error("{entity} {id} changed concurrently {attempts} times while going to {to}; try again")]
+    TransitionConflict {
+        entity: &'static str,
+        id: i64,
+        to: String,
+        attempts: u32,
+    },
+    /// An argument has the right type but an unusable value.
+    #[error("invalid {argument}: {reason}")]
+    InvalidArgument {
+        argument: &'static str,
+        reason: String,
+    },
+    /// A named entity (a subscription, a template) does not exist.
+    #[error("{entity} {name:?} not found")]
+    NamedNotFound { entity: &'static str, name: String },
 }
 
 fn format_ids(ids: &[i64]) -> String {
@@ -46,15 +96,29 @@ impl TaskerError {
             TaskerError::SchemaNotInstalled { .. } => "TK010",
             TaskerError::NotFound { .. } => "TK004",
             TaskerError::CycleDetected { .. } => "TK006",
+            TaskerError::UnknownState { .. } => "TK001",
+            TaskerError::TransitionNotAllowed { .. } => "TK002",
+            TaskerError::GuardFailed { .. } => "TK003",
+            TaskerError::ExpectedFromMismatch { .. } => "TK005",
+            TaskerError::TransitionConflict { .. } => "TK013",
+            TaskerError::InvalidArgument { .. } => "22023", // invalid_parameter_value
+            TaskerError::NamedNotFound { .. } => "TK004",
         }
     }
 }
 
 /// The custom SQLSTATEs of class `TK`, with their condition names, for documentation and tests.
 pub const CUSTOM_SQLSTATES: &[(&str, &str)] = &[
+    ("TK001", "unknown_state"),
+    ("TK002", "transition_not_allowed"),
+    ("TK003", "guard_failed"),
     ("TK004", "entity_not_found"),
+    ("TK005", "expected_from_mismatch"),
     ("TK006", "cycle_detected"),
     ("TK010", "schema_not_installed"),
+    ("TK011", "tracking_not_enabled"),
+    ("TK012", "tracking_conflict"),
+    ("TK013", "transition_conflict"),
 ];
 
 #[cfg(test)]

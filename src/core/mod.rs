@@ -4,6 +4,7 @@
 pub mod context;
 pub mod dag;
 pub mod error;
+pub mod events;
 pub mod ident;
 pub mod readiness;
 pub mod state;

@@ -185,6 +185,43 @@ class Checker:
             return ni, nr
         return self.guarded(name, run)
 
+    def slowest(self, fn):
+        """slowest_* over every case of diff_slow. A LIMIT may cut ties in duration differently,
+        so: the durations returned must be the same multiset for both; every row tasker_core
+        returns must be a row of the reference's untruncated answer for the same arguments; and
+        tasker_core's rows must come in descending duration. (Exact equality when the limit
+        exceeds the candidates.)"""
+        q = f"""
+            WITH i AS MATERIALIZED ({slow_calls(fn, IMPL)}),
+                 r AS MATERIALIZED ({slow_calls(fn, REF)}),
+                 f AS MATERIALIZED (SELECT a.case_id AS k, x::text AS v FROM diff_slow a CROSS JOIN LATERAL
+                                    {REF}.{fn}(a.since, {BIG_LIMIT}, a.ns, a.tn, a.ver) x),
+                 dio AS (SELECT k, d FROM i EXCEPT ALL SELECT k, d FROM r),
+                 dro AS (SELECT k, d FROM r EXCEPT ALL SELECT k, d FROM i),
+                 rio AS (SELECT k, v FROM i EXCEPT ALL SELECT k, v FROM f),
+                 ord AS (SELECT k, ord, d, lag(d) OVER (PARTITION BY k ORDER BY ord) AS prev FROM i)
+            SELECT (SELECT count(*) FROM i), (SELECT count(*) FROM r), (SELECT count(*) FROM f),
+                   ARRAY(SELECT x::text FROM (SELECT * FROM dio ORDER BY 1, 2 LIMIT {SAMPLE_ROWS}) x),
+                   ARRAY(SELECT x::text FROM (SELECT * FROM dro ORDER BY 1, 2 LIMIT {SAMPLE_ROWS}) x),
+                   ARRAY(SELECT x::text FROM (SELECT * FROM rio ORDER BY 1, 2 LIMIT {SAMPLE_ROWS}) x),
+                   ARRAY(SELECT x::text FROM (SELECT * FROM ord WHERE d > prev ORDER BY 1, 2 LIMIT {SAMPLE_ROWS}) x)"""
+
+        def run():
+            ni, nr, nf, dio, dro, rio, bad = self.conn.execute(q).fetchone()
+            STATS["rows_compared"] += ni
+            if dio or dro:
+                self.fail(f"{fn}: durations (every filter combination, window and limit)",
+                          f"{IMPL}: {ni} rows, {REF}: {nr} rows; (case, duration) only in {IMPL}: {dio}; "
+                          f"only in {REF}: {dro}\n  cases: SELECT * FROM diff_slow")
+            if rio:
+                self.fail(f"{fn}: rows",
+                          f"rows of {IMPL} (case, row) that {REF} does not return for the same arguments "
+                          f"without a limit ({nf} rows):\n" + "\n".join(f"  {x}" for x in rio))
+            if bad:
+                self.fail(f"{fn}: order", f"rows not in descending duration (case, position, duration, "
+                          f"previous): {bad}")
+        self.guarded(fn, run)
+
     def zero_rows(self, name, template):
         """Both sides must return no rows."""
         def run():
@@ -227,23 +264,22 @@ CONTEXT_ALL = ("SELECT x.id AS k, r::text AS v FROM (SELECT task_id FROM tasker_
                "CROSS JOIN LATERAL {s}.get_task_execution_context(x.id) r")
 
 
-def slow_calls(fn, full=False):
-    """Every slowest_* call of diff_slow, in the call style the row names. full: the same
-    arguments with a limit above any candidate count."""
-    if full:
-        return (f"SELECT a.case_id AS k, r::text AS v FROM diff_slow a CROSS JOIN LATERAL "
-                f"{{s}}.{fn}(a.since, {BIG_LIMIT}, a.ns, a.tn, a.ver) r")
-    return " UNION ALL ".join((
-        f"SELECT a.case_id AS k, r::text AS v, r.duration_seconds AS d FROM diff_slow a CROSS JOIN LATERAL "
-        f"{{s}}.{fn}(a.since, a.lim, a.ns, a.tn, a.ver) r WHERE a.style = 'positional'",
-        f"SELECT a.case_id, r::text, r.duration_seconds FROM diff_slow a CROSS JOIN LATERAL "
-        f"{{s}}.{fn}() r WHERE a.style = 'noargs'",
-        f"SELECT a.case_id, r::text, r.duration_seconds FROM diff_slow a CROSS JOIN LATERAL "
-        f"{{s}}.{fn}(a.since) r WHERE a.style = 'since'",
-        f"SELECT a.case_id, r::text, r.duration_seconds FROM diff_slow a CROSS JOIN LATERAL "
-        f"{{s}}.{fn}(version_filter => a.ver, limit_count => a.lim, since_timestamp => a.since) r "
-        f"WHERE a.style = 'named'",
-    ))
+# slowest_*: 12 result columns each; where duration_seconds is among them.
+SLOWEST = {"get_slowest_steps_v01": 7, "get_slowest_tasks_v01": 5}
+
+
+def slow_calls(fn, schema):
+    """Every slowest_* call of diff_slow, in the call style the row names: (case, row text,
+    duration, position in the result)."""
+    cols = ", ".join(f"c{i}" for i in range(1, 13))
+    row = f"ROW({', '.join(f'r.c{i}' for i in range(1, 13))})::text"
+    dur = f"r.c{SLOWEST[fn]}"
+    styles = (("positional", "a.since, a.lim, a.ns, a.tn, a.ver"), ("noargs", ""), ("since", "a.since"),
+              ("named", "version_filter => a.ver, limit_count => a.lim, since_timestamp => a.since"))
+    return " UNION ALL ".join(
+        f"SELECT a.case_id AS k, {row} AS v, {dur} AS d, r.ord FROM diff_slow a CROSS JOIN LATERAL "
+        f"{schema}.{fn}({args}) WITH ORDINALITY r({cols}, ord) WHERE a.style = '{style}'"
+        for style, args in styles)
 
 
 def fill_args(conn, rng, batch_task_ids, all_task_ids, steps_by_task, other_step_ids):
@@ -318,7 +354,8 @@ def fill_args(conn, rng, batch_task_ids, all_task_ids, steps_by_task, other_step
     rows.append(("noargs", 0, 10, None, None, None))
     rows.append(("since", rng.choice(since_pool), 10, None, None, None))
     rows.append(("named", rng.choice(since_pool), rng.choice((3, BIG_LIMIT)), None, None, rng.choice(wf.VERSION_FILTERS)))
-    rows.append(("positional", 5, BIG_LIMIT, None, None, None))
+    for si in range(len(SINCE_EXPRS)):       # every window, untruncated and unfiltered
+        rows.append(("positional", si, BIG_LIMIT, None, None, None))
     for i, (style, si, lim, ns, tn, ver) in enumerate(rows):
         conn.execute(f"INSERT INTO diff_slow VALUES (%s, %s, {SINCE_EXPRS[si]}, %s, %s, %s, %s)",
                      (i, style, lim, ns, tn, ver))
@@ -373,21 +410,8 @@ def compare_all(ck, conn):
     # LIMIT, so: the durations returned must be the same multiset, every row tasker_core returns
     # must be a row of the reference's untruncated answer, and tasker_core's rows must come in
     # descending duration. (With a limit above the candidate count this is exact equality.)
-    for fn in ("get_slowest_steps_v01", "get_slowest_tasks_v01"):
-        calls = slow_calls(fn)
-        ck.diff(f"{fn}: durations (every filter combination, window and limit)",
-                f"SELECT k, d FROM ({calls}) c")
-        ck.diff(f"{fn}: rows", (f"SELECT k, v FROM ({calls}) c", slow_calls(fn, full=True)), oneway=True)
-
-        def order(fn=fn):
-            q = (f"SELECT a.case_id, r.ordinality, r.duration_seconds, lag(r.duration_seconds) OVER "
-                 f"(PARTITION BY a.case_id ORDER BY r.ordinality) FROM diff_slow a CROSS JOIN LATERAL "
-                 f"{IMPL}.{fn}(a.since, a.lim, a.ns, a.tn, a.ver) WITH ORDINALITY r")
-            bad = [row for row in conn.execute(q).fetchall() if row[3] is not None and row[2] > row[3]]
-            if bad:
-                ck.fail(f"{fn}: order", f"rows not in descending duration (case, position, duration, "
-                        f"previous): {bad[:SAMPLE_ROWS]}")
-        ck.guarded(f"{fn}: order", order)
+    for fn in SLOWEST:
+        ck.slowest(fn)
 
 
 def check_boundaries(ck, conn, now, cases):
@@ -545,8 +569,8 @@ def test_batch(env, batch):
 def test_cycles(env):
     """Edges forming a cycle. Every function but calculate_dependency_levels must agree (the
     DAG view's walk is capped, readiness does not walk); calculate_dependency_levels must agree
-    where no cycle is reachable from a root, and tasker_core must raise TK006 where one is
-    (Rails' recursive CTE would never terminate there, so the reference is not called)."""
+    where no cycle is reachable from a root, and both must raise TK006 where one is (Rails'
+    recursive CTE would never terminate there)."""
     seed = BASE_SEED * 1000 + 999
     rng = random.Random(seed)
     label = f"seed={BASE_SEED} cycles"
@@ -584,20 +608,20 @@ def test_cycles(env):
             for t, reach in pairs:
                 if not reach:
                     continue
-
-                def raises(t=t):
-                    try:
-                        with conn.transaction():
-                            conn.execute("SET LOCAL statement_timeout = '10s'")
-                            rows = conn.execute(
-                                f"SELECT * FROM {IMPL}.calculate_dependency_levels(%s)", (t.id,)).fetchall()
-                        ck.fail("calculate_dependency_levels: reachable cycle",
-                                f"task {t.id}: expected SQLSTATE TK006, got {len(rows)} rows")
-                    except psycopg.Error as e:
-                        if e.sqlstate != "TK006":
-                            ck.fail("calculate_dependency_levels: reachable cycle",
-                                    f"task {t.id}: expected SQLSTATE TK006, got {e.sqlstate}: {str(e).strip()}")
-                ck.guarded("calculate_dependency_levels: reachable cycle", raises)
+                for schema in (IMPL, REF):
+                    def raises(t=t, schema=schema):
+                        try:
+                            with conn.transaction():
+                                conn.execute("SET LOCAL statement_timeout = '10s'")
+                                rows = conn.execute(
+                                    f"SELECT * FROM {schema}.calculate_dependency_levels(%s)", (t.id,)).fetchall()
+                            ck.fail(f"calculate_dependency_levels: reachable cycle ({schema})",
+                                    f"task {t.id} ({t.shape}): expected SQLSTATE TK006, got {len(rows)} rows")
+                        except psycopg.Error as e:
+                            if e.sqlstate != "TK006":
+                                ck.fail(f"calculate_dependency_levels: reachable cycle ({schema})",
+                                        f"task {t.id}: expected SQLSTATE TK006, got {e.sqlstate}: {str(e).strip()}")
+                    ck.guarded(f"calculate_dependency_levels: reachable cycle ({schema})", raises)
             raise psycopg.Rollback(tx)
     assert not ck.failures, f"{seed_note()} {label}:\n" + "\n".join(ck.failures)
 

@@ -761,6 +761,10 @@ class Mutator:
         if rows:
             c.cursor().executemany(upd, rows)
             self.count("step updates", len(rows))
+        for sid in pools[0][:3]:
+            c.execute("UPDATE tasker_workflow_steps SET created_at = created_at - %s WHERE workflow_step_id = %s",
+                      (timedelta(microseconds=r.randint(1, 9_000_000)), sid))
+            self.count("step created_at rewritten")
         if len(pools[0]) > 3:
             c.execute("UPDATE tasker_workflow_steps SET attempts = COALESCE(attempts, 0) + 1, "
                       "last_attempted_at = %s, updated_at = %s WHERE workflow_step_id = ANY(%s)",
@@ -840,6 +844,21 @@ class Mutator:
                 x[2] = False
             self.count("transitions rewritten")
 
+        # 4b. transitions moved to another step (workflow_step_id rewritten); a current one stays
+        #     current only if the target step has none
+        for sid, target in zip(pools[3][::2], pools[5]):
+            lst, tlst = trs.get(sid), trs.setdefault(target, [])
+            if not lst or sid == target:
+                continue
+            x = r.choice(lst)
+            sk = max((y[1] for y in tlst), default=0) + 10
+            mr = x[2] and not any(y[2] for y in tlst)
+            c.execute("UPDATE tasker_workflow_step_transitions SET workflow_step_id = %s, sort_key = %s, "
+                      "most_recent = %s WHERE id = %s", (target, sk, mr, x[0]))
+            lst.remove(x)
+            tlst.append([x[0], sk, mr, x[3]])
+            self.count("transitions moved to another step")
+
         # 5. edges deleted (including one of a duplicate pair)
         edges = [row for row in c.execute(
             "SELECT id, from_step_id, to_step_id FROM tasker_workflow_step_edges ORDER BY id").fetchall()
@@ -892,6 +911,23 @@ class Mutator:
                 c.execute("UPDATE tasker_workflow_steps SET task_id = %s WHERE workflow_step_id = %s",
                           (r.choice(all_tasks), sid))
                 self.count("steps moved to another task")
+
+        # 8b. a step template renamed (tasker_named_steps.name), and a step with neither edges
+        #     nor transitions renumbered (its primary key rewritten)
+        nsid = r.choice(self.catalog.named_step_ids)
+        c.execute("UPDATE tasker_named_steps SET name = left(name, 100) || '_r' || %s, updated_at = %s "
+                  "WHERE named_step_id = %s", (r.randint(0, 999), self.now, nsid))
+        self.count("named steps renamed")
+        lonely = c.execute(
+            "SELECT ws.workflow_step_id FROM tasker_workflow_steps ws WHERE NOT ws.task_id = ANY(%s) "
+            "AND NOT EXISTS (SELECT 1 FROM tasker_workflow_step_edges e WHERE e.from_step_id = ws.workflow_step_id "
+            "OR e.to_step_id = ws.workflow_step_id) AND NOT EXISTS (SELECT 1 FROM tasker_workflow_step_transitions t "
+            "WHERE t.workflow_step_id = ws.workflow_step_id) ORDER BY 1 DESC LIMIT 3", (list(self.protected),)).fetchall()
+        for (sid,) in lonely:
+            c.execute("UPDATE tasker_workflow_steps SET workflow_step_id = "
+                      "nextval(pg_get_serial_sequence('tasker_workflow_steps', 'workflow_step_id')) "
+                      "WHERE workflow_step_id = %s", (sid,))
+            self.count("steps renumbered")
 
         # 9. task transitions: added (flip then insert) and deleted
         ttasks = r.sample(all_tasks, min(len(all_tasks), max(1, scale // 3)))
