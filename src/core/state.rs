@@ -169,7 +169,7 @@ mod tests {
             .flat_map(|&f| State::ALL.iter().map(move |&t| (f, t)))
             .filter(|&(f, t)| Entity::Task.allows(f, t))
             .count();
-        assert_eq!(task_edges, 12);
+        assert_eq!(task_edges, 11);
     }
 
     #[test]
