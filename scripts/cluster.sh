@@ -57,7 +57,7 @@ CONF
         port="$(free_port)"
         echo "$port" > "$DIR/port"
         chmod 644 "$DIR/port"
-        as_pg "$BIN/pg_ctl" start -D "$DATA" -w -t 60 -l "$DIR/server.log" -o "-p $port ${TASKER_PG_OPTS:-}" >/dev/null \
+        as_pg env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE "$BIN/pg_ctl" start -D "$DATA" -w -t 60 -l "$DIR/server.log" -o "-p $port ${TASKER_PG_OPTS:-}" >/dev/null \
             || { cat "$DIR/server.log" >&2; die "the cluster did not start"; }
         note "cluster running on 127.0.0.1:$port (log: $DIR/server.log)"
     fi

@@ -27,6 +27,12 @@ pub mod store;
     name = "compat_aggregates",
     requires = ["tracking"]
 );
+// The durable event log, its cursor and subscriptions, and the clock.
+::pgrx::extension_sql_file!(
+    "../sql/events.sql",
+    name = "events",
+    requires = ["bootstrap"]
+);
 // Pointing a Rails database's public functions at tasker_core, and back.
 ::pgrx::extension_sql_file!(
     "../sql/switchover.sql",

@@ -5,4 +5,5 @@ pub mod compat;
 pub mod error;
 pub mod schema;
 pub mod srf;
+pub mod transitions;
 pub mod workflow;

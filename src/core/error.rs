@@ -75,6 +75,9 @@ pub enum TaskerError {
         argument: &'static str,
         reason: String,
     },
+    /// A failure inside tasker_core that no input should cause.
+    #[error("tasker_core internal error: {context}")]
+    Internal { context: String },
     /// A named entity (a subscription, a template) does not exist.
     #[error("{entity} {name:?} not found")]
     NamedNotFound { entity: &'static str, name: String },
@@ -103,6 +106,7 @@ impl TaskerError {
             TaskerError::TransitionConflict { .. } => "TK013",
             TaskerError::InvalidArgument { .. } => "22023", // invalid_parameter_value
             TaskerError::NamedNotFound { .. } => "TK004",
+            TaskerError::Internal { .. } => "XX000",
         }
     }
 }

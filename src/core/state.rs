@@ -156,7 +156,10 @@ mod tests {
             .filter(|&(f, t)| Entity::Step.allows(f, t))
             .collect();
         assert_eq!(step_edges.len(), 9);
-        assert!(!Entity::Step.allows(Error, InProgress), "a retry goes through pending");
+        assert!(
+            !Entity::Step.allows(Error, InProgress),
+            "a retry goes through pending"
+        );
         assert!(Entity::Step.allows(Error, Pending));
         assert!(!Entity::Task.allows(Error, Cancelled));
         assert!(Entity::Task.allows(Complete, Cancelled));
@@ -175,15 +178,30 @@ mod tests {
     #[test]
     fn events_are_from_aware() {
         use State::*;
-        assert_eq!(Entity::Step.transition_event(Error, Pending), "step.retry_requested");
-        assert_eq!(Entity::Step.transition_event(Pending, InProgress), "step.execution_requested");
-        assert_eq!(Entity::Task.transition_event(InProgress, Pending), "task.initialize_requested");
-        assert_eq!(Entity::Task.transition_event(Error, Pending), "task.retry_requested");
+        assert_eq!(
+            Entity::Step.transition_event(Error, Pending),
+            "step.retry_requested"
+        );
+        assert_eq!(
+            Entity::Step.transition_event(Pending, InProgress),
+            "step.execution_requested"
+        );
+        assert_eq!(
+            Entity::Task.transition_event(InProgress, Pending),
+            "task.initialize_requested"
+        );
+        assert_eq!(
+            Entity::Task.transition_event(Error, Pending),
+            "task.retry_requested"
+        );
         for from in State::ALL {
             for to in State::ALL {
                 for entity in [Entity::Task, Entity::Step] {
                     let e = entity.transition_event(from, to);
-                    assert!(crate::core::events::is_catalogued(e), "{e} not in the catalog");
+                    assert!(
+                        crate::core::events::is_catalogued(e),
+                        "{e} not in the catalog"
+                    );
                     assert!(e.starts_with(entity.as_str()));
                 }
             }

@@ -10,8 +10,8 @@ thread_local! {
         RefCell::new(HashMap::new());
 }
 
-/// Runs `f` with the kept plan for `(key, schema)`, preparing `sql()` the first time.
-/// PostgreSQL's plan cache revalidates kept plans when the tables they read change.
+/// Runs `f` with the kept read-only plan for `(key, schema)`, preparing `sql()` the first
+/// time. PostgreSQL's plan cache revalidates kept plans when the tables they read change.
 pub fn with_plan<R>(
     client: &SpiClient<'_>,
     key: &'static str,
@@ -20,10 +20,39 @@ pub fn with_plan<R>(
     sql: impl FnOnce() -> String,
     f: impl FnOnce(&OwnedPreparedStatement) -> SpiResult<R>,
 ) -> SpiResult<R> {
+    kept(client, key, schema, arg_types, false, sql, f)
+}
+
+/// Like [`with_plan`], for a statement that writes or locks rows.
+pub fn with_write_plan<R>(
+    client: &SpiClient<'_>,
+    key: &'static str,
+    schema: &str,
+    arg_types: &[PgOid],
+    sql: impl FnOnce() -> String,
+    f: impl FnOnce(&OwnedPreparedStatement) -> SpiResult<R>,
+) -> SpiResult<R> {
+    kept(client, key, schema, arg_types, true, sql, f)
+}
+
+fn kept<R>(
+    client: &SpiClient<'_>,
+    key: &'static str,
+    schema: &str,
+    arg_types: &[PgOid],
+    mutating: bool,
+    sql: impl FnOnce() -> String,
+    f: impl FnOnce(&OwnedPreparedStatement) -> SpiResult<R>,
+) -> SpiResult<R> {
     let cache_key = (key, schema.to_owned());
     let missing = PLANS.with(|p| !p.borrow().contains_key(&cache_key));
     if missing {
-        let stmt = client.prepare(sql().as_str(), arg_types)?.keep();
+        let sql = sql();
+        let stmt = if mutating {
+            client.prepare_mut(sql.as_str(), arg_types)?.keep()
+        } else {
+            client.prepare(sql.as_str(), arg_types)?.keep()
+        };
         PLANS.with(|p| p.borrow_mut().insert(cache_key.clone(), stmt));
     }
     // Take the plan out while it runs so a nested call cannot alias the map borrow.

@@ -17,7 +17,6 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 
 import psycopg
 import pytest
@@ -92,26 +91,35 @@ class Env:
         self.durations = wf.DurationPool()
 
 
+def prepare(db):
+    """Schema, tracking, reference, catalog. Returns (catalog, None) or (None, why it failed)."""
+    with db.connect() as conn:
+        conn.execute("SELECT tasker_core.install_schema()")
+        try:
+            conn.execute("SELECT tasker_core.enable_tracking()")
+        except psycopg.Error as e:
+            return None, f"SELECT tasker_core.enable_tracking() failed ({e.sqlstate}): {str(e).strip()}"
+        if not REFERENCE_SQL.exists():
+            return None, f"the reference implementation {REFERENCE_SQL} is missing"
+        try:
+            wf.load_reference(conn, REFERENCE_SQL)
+        except psycopg.Error as e:
+            return None, f"loading {REFERENCE_SQL} failed ({e.sqlstate}): {str(e).strip()}"
+        base = conn.execute("SELECT (now() - interval '30 days')::timestamp").fetchone()[0]
+        return wf.Catalog.install(conn, base), None
+
+
 @pytest.fixture(scope="module")
 def env(request):
+    """A fresh database: tasker_core, install_schema(), enable_tracking(), the reference
+    functions, and the catalog (namespaces, named tasks, dependent systems, named steps).
+    TASKER_DIFF_KEEP_DB=1 keeps it afterwards (with the committed batches) for inspection."""
     announce(request.config, f"test_differential: base seed {BASE_SEED} (replay with TASKER_DIFF_SEED={BASE_SEED})")
     db = create_database("diff")
     try:
-        with db.connect() as conn:
-            conn.execute("SELECT tasker_core.install_schema()")
-            try:
-                conn.execute("SELECT tasker_core.enable_tracking()")
-            except psycopg.Error as e:
-                pytest.fail(f"{seed_note()} tasker_core.enable_tracking() failed "
-                            f"({e.sqlstate}): {e}".strip(), pytrace=False)
-            if not REFERENCE_SQL.exists():
-                pytest.fail(f"{seed_note()} the reference implementation {REFERENCE_SQL} is missing", pytrace=False)
-            try:
-                wf.load_reference(conn, REFERENCE_SQL)
-            except psycopg.Error as e:
-                pytest.fail(f"{seed_note()} loading {REFERENCE_SQL} failed ({e.sqlstate}): {e}", pytrace=False)
-            base = conn.execute("SELECT (now() - interval '30 days')::timestamp").fetchone()[0]
-            catalog = wf.Catalog.install(conn, base)
+        catalog, problem = prepare(db)
+        if problem:
+            pytest.fail(f"{seed_note()} {problem}", pytrace=False)
         yield Env(db, catalog)
     finally:
         if os.environ.get("TASKER_DIFF_KEEP_DB"):
@@ -216,7 +224,8 @@ class Checker:
             if rio:
                 self.fail(f"{fn}: rows",
                           f"rows of {IMPL} (case, row) that {REF} does not return for the same arguments "
-                          f"without a limit ({nf} rows):\n" + "\n".join(f"  {x}" for x in rio))
+                          f"without a limit ({nf} rows in all):\n" + "\n".join(f"  {x}" for x in rio)
+                          + "\n  cases: SELECT * FROM diff_slow")
             if bad:
                 self.fail(f"{fn}: order", f"rows not in descending duration (case, position, duration, "
                           f"previous): {bad}")
@@ -429,10 +438,10 @@ def check_boundaries(ck, conn, now, cases):
             for c in cases:
                 want = c.expected(now)
                 if got.get(c.step_id) != want:
-                    bad.append(f"step {c.step_id} ({c.kind}, explicit offset {c.explicit_offset}, backoff "
-                               f"{c.backoff_seconds}s, failure offset {c.failure_offset} via {c.failure_via}, "
-                               f"attempts {c.attempts}, retry_limit {c.retry_limit}): expected "
-                               f"(ready, next_retry_at) = {want}, got {got.get(c.step_id)}")
+                    bad.append(f"step {c.step_id} ({c.kind} backoff; explicit: offset {c.explicit_offset}, "
+                               f"backoff_request_seconds {c.backoff_seconds}; failure: offset {c.failure_offset} "
+                               f"via {c.failure_via}; attempts {c.attempts}, retry_limit {c.retry_limit}): "
+                               f"expected (ready, next_retry_at) = {want}, got {got.get(c.step_id)}")
             if bad:
                 ck.fail(f"backoff boundaries ({schema})",
                         f"now()::timestamp = {now}\n" + "\n".join("  " + b for b in bad[:10]))

@@ -1,0 +1,220 @@
+-- Lifecycle events: the durable event log, its cursor, subscriptions, and the clock.
+--
+-- NOTIFY is only a wake-up; this log is the data. Every event is one row, written in the same
+-- transaction as the change it describes, so it commits or rolls back with it.
+--
+-- The cursor. Event ids come from a sequence, and sequence values are taken before commit, so a
+-- reader that remembers "the last id I saw" can skip a smaller id that commits later. Each row
+-- therefore also records the id of the transaction that wrote it (xid8), and readers only
+-- consume rows whose transaction is older than every transaction still running
+-- (pg_snapshot_xmin of the current snapshot), in (xid, id) order. No transaction that is still
+-- running can later add a row before that point, so a position (xid, id) is never skipped.
+-- Positions are written as text 'xid/id'; NULL or '0/0' is the beginning.
+
+CREATE TABLE tasker_core.events (
+    id bigint GENERATED ALWAYS AS IDENTITY,
+    xid xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
+    name text NOT NULL,
+    task_id bigint,
+    step_id bigint,
+    from_state text,
+    to_state text,
+    payload jsonb NOT NULL DEFAULT '{}',
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (xid, id)
+);
+CREATE INDEX events_created_at_idx ON tasker_core.events (created_at);
+CREATE INDEX events_task_idx ON tasker_core.events (task_id, id) WHERE task_id IS NOT NULL;
+
+CREATE TABLE tasker_core.subscriptions (
+    name text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$'),
+    patterns text[] NOT NULL,
+    cursor_xid xid8 NOT NULL,
+    cursor_id bigint NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    acked_at timestamptz
+);
+
+SELECT pg_catalog.pg_extension_config_dump('tasker_core.events', '');
+SELECT pg_catalog.pg_extension_config_dump('tasker_core.subscriptions', '');
+
+-- The one clock: the transaction timestamp, or tasker_core.fake_now when a test sets it.
+CREATE FUNCTION tasker_core.now() RETURNS timestamptz
+LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT COALESCE(NULLIF(current_setting('tasker_core.fake_now', true), '')::timestamptz, now())
+$$;
+
+-- Parses a position 'xid/id' (NULL means the beginning).
+CREATE FUNCTION tasker_core._parse_cursor(cursor text, OUT xid xid8, OUT id bigint)
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF cursor IS NULL OR cursor = '' THEN
+        xid := '0'::xid8; id := 0;
+        RETURN;
+    END IF;
+    IF cursor !~ '^[0-9]{1,20}/[0-9]{1,19}$' THEN
+        RAISE EXCEPTION 'invalid event cursor "%": expected ''xid/id'' as returned by events_after or poll', left(cursor, 60)
+            USING ERRCODE = '22P02';
+    END IF;
+    xid := split_part(cursor, '/', 1)::xid8;
+    id := split_part(cursor, '/', 2)::bigint;
+END;
+$$;
+
+-- The position every reader may safely advance to: everything older than the oldest running
+-- transaction.
+CREATE FUNCTION tasker_core.event_horizon() RETURNS text
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_snapshot_xmin(pg_current_snapshot())::text || '/0'
+$$;
+
+-- Events after `after_cursor` (exclusive), oldest first, at most `max_events`, only those no running
+-- transaction can still precede.
+CREATE FUNCTION tasker_core.events_after(after_cursor text DEFAULT NULL, max_events integer DEFAULT 100)
+RETURNS TABLE(cursor text, id bigint, name text, task_id bigint, step_id bigint,
+              from_state text, to_state text, payload jsonb, created_at timestamptz)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c record;
+BEGIN
+    IF max_events IS NULL OR max_events < 1 OR max_events > 10000 THEN
+        RAISE EXCEPTION 'invalid max_events %: expected 1 to 10000', max_events USING ERRCODE = '22023';
+    END IF;
+    c := tasker_core._parse_cursor(after_cursor);
+    RETURN QUERY
+    SELECT e.xid::text || '/' || e.id, e.id, e.name, e.task_id, e.step_id, e.from_state,
+           e.to_state, e.payload, e.created_at
+    FROM tasker_core.events e
+    WHERE (e.xid, e.id) > (c.xid, c.id)
+      AND e.xid < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY e.xid, e.id
+    LIMIT max_events;
+END;
+$$;
+
+-- Deletes events older than `older_than` that every subscription has acknowledged; returns
+-- how many. Events a subscriber has not acked yet are kept whatever their age.
+CREATE FUNCTION tasker_core.prune_events(older_than interval) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' THEN
+        RAISE EXCEPTION 'invalid older_than %: expected a non-negative interval', older_than USING ERRCODE = '22023';
+    END IF;
+    DELETE FROM tasker_core.events e
+    WHERE e.created_at < tasker_core.now() - older_than
+      AND NOT EXISTS (SELECT 1 FROM tasker_core.subscriptions s
+                      WHERE (s.cursor_xid, s.cursor_id) < (e.xid, e.id));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END;
+$$;
+
+-- Glob patterns ('task.*', 'step.completed', '*') as LIKE patterns.
+CREATE FUNCTION tasker_core._like_patterns(patterns text[]) RETURNS text[]
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT array_agg(replace(replace(replace(replace(p, '\', '\\'), '%', '\%'), '_', '\_'), '*', '%'))
+    FROM unnest($1) AS p
+$$;
+
+CREATE FUNCTION tasker_core._check_subscription_name(sub_name text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF sub_name IS NULL OR sub_name !~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$' THEN
+        RAISE EXCEPTION 'invalid subscription name "%": use 1 to 128 letters, digits, and _ . : -', left(sub_name, 60)
+            USING ERRCODE = '42602';
+    END IF;
+END;
+$$;
+
+-- Registers (or updates the patterns of) a subscription. A new one starts at the current
+-- horizon: it receives every event not yet settled when it subscribed, and all later ones.
+-- Returns its position.
+CREATE FUNCTION tasker_core.subscribe(sub_name text, patterns text[] DEFAULT ARRAY['*'])
+RETURNS text
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    p text;
+    result text;
+BEGIN
+    PERFORM tasker_core._check_subscription_name(sub_name);
+    IF patterns IS NULL OR cardinality(patterns) = 0 OR cardinality(patterns) > 100 THEN
+        RAISE EXCEPTION 'invalid patterns for subscription "%": expected 1 to 100 patterns', sub_name
+            USING ERRCODE = '22023';
+    END IF;
+    FOREACH p IN ARRAY patterns LOOP
+        IF p IS NULL OR p !~ '^[a-z0-9_.*]{1,200}$' THEN
+            RAISE EXCEPTION 'invalid event pattern "%": use event names with * wildcards, like task.* or step.completed', left(p, 60)
+                USING ERRCODE = '22023';
+        END IF;
+    END LOOP;
+    INSERT INTO tasker_core.subscriptions AS s (name, patterns, cursor_xid, cursor_id)
+    VALUES (sub_name, patterns, pg_snapshot_xmin(pg_current_snapshot()), 0)
+    ON CONFLICT (name) DO UPDATE SET patterns = excluded.patterns
+    RETURNING s.cursor_xid::text || '/' || s.cursor_id INTO result;
+    RETURN result;
+END;
+$$;
+
+-- The next events of a subscription after its acknowledged position (at-least-once: the same
+-- events come back until they are acked).
+CREATE FUNCTION tasker_core.poll(sub_name text, max_events integer DEFAULT 100)
+RETURNS TABLE(cursor text, id bigint, name text, task_id bigint, step_id bigint,
+              from_state text, to_state text, payload jsonb, created_at timestamptz)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s record;
+BEGIN
+    PERFORM tasker_core._check_subscription_name(sub_name);
+    IF max_events IS NULL OR max_events < 1 OR max_events > 10000 THEN
+        RAISE EXCEPTION 'invalid max_events %: expected 1 to 10000', max_events USING ERRCODE = '22023';
+    END IF;
+    SELECT * INTO s FROM tasker_core.subscriptions x WHERE x.name = sub_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'subscription "%" not found', sub_name USING ERRCODE = 'TK004';
+    END IF;
+    RETURN QUERY
+    SELECT e.xid::text || '/' || e.id, e.id, e.name, e.task_id, e.step_id, e.from_state,
+           e.to_state, e.payload, e.created_at
+    FROM tasker_core.events e
+    WHERE (e.xid, e.id) > (s.cursor_xid, s.cursor_id)
+      AND e.xid < pg_snapshot_xmin(pg_current_snapshot())
+      AND e.name LIKE ANY (tasker_core._like_patterns(s.patterns))
+    ORDER BY e.xid, e.id
+    LIMIT max_events;
+END;
+$$;
+
+-- Acknowledges everything up to and including `acked_cursor`; a subscription never moves backwards.
+-- Returns whether the position advanced.
+CREATE FUNCTION tasker_core.ack(sub_name text, acked_cursor text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c record;
+    moved boolean;
+BEGIN
+    PERFORM tasker_core._check_subscription_name(sub_name);
+    IF acked_cursor IS NULL THEN
+        RAISE EXCEPTION 'acked_cursor must not be null' USING ERRCODE = '22004';
+    END IF;
+    c := tasker_core._parse_cursor(acked_cursor);
+    UPDATE tasker_core.subscriptions s
+       SET cursor_xid = c.xid, cursor_id = c.id, acked_at = pg_catalog.now()
+     WHERE s.name = sub_name AND (s.cursor_xid, s.cursor_id) < (c.xid, c.id);
+    moved := FOUND;
+    IF NOT moved AND NOT EXISTS (SELECT 1 FROM tasker_core.subscriptions s WHERE s.name = sub_name) THEN
+        RAISE EXCEPTION 'subscription "%" not found', sub_name USING ERRCODE = 'TK004';
+    END IF;
+    RETURN moved;
+END;
+$$;
+
+CREATE FUNCTION tasker_core.unsubscribe(sub_name text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM tasker_core._check_subscription_name(sub_name);
+    DELETE FROM tasker_core.subscriptions s WHERE s.name = sub_name;
+    RETURN FOUND;
+END;
+$$;

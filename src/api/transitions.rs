@@ -1,0 +1,114 @@
+//! Task and step state transitions as single SQL calls.
+
+use super::error::OrRaise;
+use crate::core::error::TaskerError;
+use crate::core::state::{Entity, State};
+use crate::store;
+use pgrx::prelude::*;
+use pgrx::JsonB;
+
+fn parse_state(entity: Entity, id: i64, raw: &str) -> Result<State, TaskerError> {
+    State::parse(raw).ok_or_else(|| TaskerError::UnknownState {
+        entity: entity.as_str(),
+        id,
+        state: raw.chars().take(64).collect(),
+    })
+}
+
+fn transition(
+    entity: Entity,
+    id: Option<i64>,
+    to_state: Option<String>,
+    metadata: Option<JsonB>,
+    expected_from: Option<String>,
+) -> Result<bool, TaskerError> {
+    let id = id.ok_or(TaskerError::NullArgument {
+        argument: match entity {
+            Entity::Task => "task_id",
+            Entity::Step => "step_id",
+        },
+    })?;
+    let to_state = to_state.ok_or(TaskerError::NullArgument {
+        argument: "to_state",
+    })?;
+    let to = parse_state(entity, id, &to_state)?;
+    let expected = expected_from
+        .map(|raw| parse_state(entity, id, &raw))
+        .transpose()?;
+    let metadata = match metadata {
+        None => JsonB(serde_json::json!({})),
+        Some(JsonB(v)) if v.is_object() => JsonB(v),
+        Some(JsonB(v)) => {
+            return Err(TaskerError::InvalidArgument {
+                argument: "metadata",
+                reason: format!("expected a JSON object, got {}", json_kind(&v)),
+            })
+        }
+    };
+    let schema = store::settings::data_schema()?;
+    store::transitions::transition(&schema, entity, id, to, &metadata, expected)
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// Moves a workflow step to `to_state`, recording the transition (with `from_state`) and its
+/// lifecycle event. Returns false when the step is already in `to_state`. With
+/// `expected_from`, fails unless the step is currently in that state (compare-and-swap).
+#[pg_extern(volatile, parallel_unsafe)]
+fn transition_step(
+    step_id: Option<i64>,
+    to_state: Option<String>,
+    metadata: default!(Option<JsonB>, "'{}'"),
+    expected_from: default!(Option<String>, "NULL"),
+) -> bool {
+    transition(Entity::Step, step_id, to_state, metadata, expected_from).or_raise()
+}
+
+/// Moves a task to `to_state`; same contract as `transition_step`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn transition_task(
+    task_id: Option<i64>,
+    to_state: Option<String>,
+    metadata: default!(Option<JsonB>, "'{}'"),
+    expected_from: default!(Option<String>, "NULL"),
+) -> bool {
+    transition(Entity::Task, task_id, to_state, metadata, expected_from).or_raise()
+}
+
+type CatalogRow = (String, String, String, String);
+
+/// The lifecycle event catalog: every event name tasker_core knows, its group, what emits it
+/// (`transition`, `orchestration`, or `declared` for names kept for Rails compatibility) and a
+/// description.
+#[pg_extern(immutable, parallel_safe)]
+fn event_catalog() -> TableIterator<
+    'static,
+    (
+        name!(name, String),
+        name!(event_group, String),
+        name!(source, String),
+        name!(description, String),
+    ),
+> {
+    let rows: Vec<CatalogRow> = crate::core::events::CATALOG
+        .iter()
+        .map(|e| {
+            (
+                e.name.to_owned(),
+                crate::core::events::group(e.name).to_owned(),
+                e.source.to_owned(),
+                e.description.to_owned(),
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}

@@ -1,0 +1,111 @@
+//! Writing lifecycle events: one row in `tasker_core.events` per event, and a NOTIFY wake-up.
+
+use super::plans::with_write_plan;
+use pgrx::pg_sys::{self, PgBuiltInOids, PgOid};
+use pgrx::spi::{SpiClient, SpiResult};
+use pgrx::JsonB;
+use std::cell::Cell;
+
+/// The channel every event wakes. Payloads are small JSON objects naming the event, its ids
+/// and its log position; the log is the data.
+pub const EVENTS_CHANNEL: &str = "tasker_events";
+
+const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
+const JSONB: PgOid = PgOid::BuiltIn(PgBuiltInOids::JSONBOID);
+
+/// An event to record.
+#[derive(Debug, Clone)]
+pub struct NewEvent<'a> {
+    pub name: &'a str,
+    pub task_id: Option<i64>,
+    pub step_id: Option<i64>,
+    pub from_state: Option<&'a str>,
+    pub to_state: Option<&'a str>,
+    pub payload: serde_json::Value,
+}
+
+/// Where a recorded event sits in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub id: i64,
+    pub position: String,
+}
+
+thread_local! {
+    /// The top-level transaction id that already sent its NOTIFY on EVENTS_CHANNEL.
+    static NOTIFIED_XID: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Records `event` and, once per transaction, sends a NOTIFY naming it.
+pub fn emit(client: &SpiClient<'_>, event: &NewEvent<'_>) -> SpiResult<Recorded> {
+    let recorded = with_write_plan(
+        client,
+        "emit_event",
+        "",
+        &[TEXT, INT8, INT8, TEXT, TEXT, JSONB],
+        || {
+            "INSERT INTO tasker_core.events (name, task_id, step_id, from_state, to_state, payload) \
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, xid::text"
+                .to_owned()
+        },
+        |stmt| {
+            let row = client
+                .select(
+                    stmt,
+                    None,
+                    &[
+                        event.name.into(),
+                        event.task_id.into(),
+                        event.step_id.into(),
+                        event.from_state.into(),
+                        event.to_state.into(),
+                        JsonB(event.payload.clone()).into(),
+                    ],
+                )?
+                .first()
+                .get_two::<i64, String>()?;
+            let id = row.0.unwrap_or_default();
+            Ok(Recorded {
+                id,
+                position: format!("{}/{}", row.1.unwrap_or_default(), id),
+            })
+        },
+    )?;
+    notify_once(client, event, &recorded)?;
+    Ok(recorded)
+}
+
+/// Sends the wake-up for the first event of the current transaction only: listeners read the
+/// log from their position, which gives them every event of the transaction.
+fn notify_once(client: &SpiClient<'_>, event: &NewEvent<'_>, at: &Recorded) -> SpiResult<()> {
+    // SAFETY: the event insert above assigned a transaction id.
+    let xid = unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner();
+    if NOTIFIED_XID.with(Cell::get) == xid {
+        return Ok(());
+    }
+    let payload = serde_json::json!({
+        "event": event.name,
+        "task_id": event.task_id,
+        "step_id": event.step_id,
+        "position": at.position,
+    })
+    .to_string();
+    with_write_plan(
+        client,
+        "notify",
+        "",
+        &[TEXT, TEXT],
+        || "SELECT pg_notify($1, $2)".to_owned(),
+        |stmt| {
+            client.select(
+                stmt,
+                None,
+                &[EVENTS_CHANNEL.into(), payload.as_str().into()],
+            )?;
+            Ok(())
+        },
+    )?;
+    NOTIFIED_XID.with(|c| c.set(xid));
+    Ok(())
+}

@@ -1,0 +1,361 @@
+//! Task and step transitions: lock the owner, validate against the state machine, flip
+//! `most_recent`, insert the transition row, record the event — in one transaction.
+//!
+//! Safe with Rails writing the same rows concurrently without taking our locks: the current
+//! transition row is flipped by id (a concurrent change makes the flip miss), and the new row
+//! is inserted with `ON CONFLICT DO NOTHING` against the two unique indexes (a concurrent
+//! insert makes it miss). Either miss means "someone else moved first": re-read and decide
+//! again, so a unique violation never reaches the caller.
+
+use super::events::{self, NewEvent};
+use super::plans::{with_plan, with_write_plan};
+use crate::core::error::TaskerError;
+use crate::core::ident::SchemaName;
+use crate::core::state::{Entity, State};
+use pgrx::pg_sys::{PgBuiltInOids, PgOid};
+use pgrx::spi::{SpiClient, SpiResult};
+use pgrx::JsonB;
+
+const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
+const INT4: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT4OID);
+const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+const JSONB: PgOid = PgOid::BuiltIn(PgBuiltInOids::JSONBOID);
+
+/// How often a transition re-reads after losing a race before giving up.
+const MAX_ATTEMPTS: u32 = 8;
+
+/// Table and column names of one state machine's owner and transitions.
+struct Tables {
+    owner: &'static str,
+    owner_key: &'static str,
+    transitions: &'static str,
+}
+
+const fn tables(entity: Entity) -> Tables {
+    match entity {
+        Entity::Task => Tables {
+            owner: "tasker_tasks",
+            owner_key: "task_id",
+            transitions: "tasker_task_transitions",
+        },
+        Entity::Step => Tables {
+            owner: "tasker_workflow_steps",
+            owner_key: "workflow_step_id",
+            transitions: "tasker_workflow_step_transitions",
+        },
+    }
+}
+
+/// The owner row, locked, with its current transition.
+struct Current {
+    task_id: i64,
+    transition_id: Option<i64>,
+    state: Option<String>,
+    max_sort_key: Option<i32>,
+}
+
+fn spi(e: pgrx::spi::Error) -> TaskerError {
+    TaskerError::Internal {
+        context: format!("SPI failure during a transition: {e}"),
+    }
+}
+
+fn lock_current(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    entity: Entity,
+    id: i64,
+) -> SpiResult<Option<Current>> {
+    let t = tables(entity);
+    let q = schema.quoted();
+    let task_col = "o.task_id";
+    let key = match entity {
+        Entity::Task => "lock_task",
+        Entity::Step => "lock_step",
+    };
+    with_write_plan(
+        client,
+        key,
+        schema.as_str(),
+        &[INT8],
+        || {
+            format!(
+                "SELECT {task_col}, cur.id, cur.to_state::text, \
+                        (SELECT max(x.sort_key) FROM {q}.{tr} x WHERE x.{k} = o.{k}) \
+                 FROM {q}.{owner} o \
+                 LEFT JOIN {q}.{tr} cur ON cur.{k} = o.{k} AND cur.most_recent \
+                 WHERE o.{k} = $1 FOR UPDATE OF o",
+                tr = t.transitions,
+                k = t.owner_key,
+                owner = t.owner,
+            )
+        },
+        |stmt| {
+            let table = client.select(stmt, Some(1), &[id.into()])?;
+            if table.is_empty() {
+                return Ok(None);
+            }
+            let row = table.first();
+            Ok(Some(Current {
+                task_id: row.get::<i64>(1)?.unwrap_or_default(),
+                transition_id: row.get::<i64>(2)?,
+                state: row.get::<String>(3)?,
+                max_sort_key: row.get::<i32>(4)?,
+            }))
+        },
+    )
+}
+
+/// Why a guard refuses, or `None` when it allows.
+fn guard(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    entity: Entity,
+    id: i64,
+    to: State,
+) -> SpiResult<Option<String>> {
+    let q = schema.quoted();
+    match (entity, to) {
+        (Entity::Step, State::InProgress) => with_plan(
+            client,
+            "guard_step_parents",
+            schema.as_str(),
+            &[INT8],
+            || {
+                format!(
+                    "SELECT e.from_step_id FROM {q}.tasker_workflow_step_edges e \
+                     LEFT JOIN {q}.tasker_workflow_step_transitions p \
+                            ON p.workflow_step_id = e.from_step_id AND p.most_recent \
+                     WHERE e.to_step_id = $1 \
+                       AND (p.to_state IS NULL OR p.to_state NOT IN ('complete', 'resolved_manually')) \
+                     ORDER BY 1"
+                )
+            },
+            |stmt| {
+                let mut waiting = Vec::new();
+                for row in client.select(stmt, None, &[id.into()])? {
+                    waiting.push(row.get::<i64>(1)?.unwrap_or_default().to_string());
+                }
+                waiting.dedup();
+                Ok((!waiting.is_empty()).then(|| {
+                    format!(
+                        "parents not complete or resolved: steps {}",
+                        waiting.join(", ")
+                    )
+                }))
+            },
+        ),
+        (Entity::Task, State::Complete) => with_plan(
+            client,
+            "guard_task_steps",
+            schema.as_str(),
+            &[INT8],
+            || {
+                format!(
+                    "SELECT ws.workflow_step_id FROM {q}.tasker_workflow_steps ws \
+                     LEFT JOIN {q}.tasker_workflow_step_transitions cur \
+                            ON cur.workflow_step_id = ws.workflow_step_id AND cur.most_recent \
+                     WHERE ws.task_id = $1 \
+                       AND (cur.to_state IS NULL OR cur.to_state NOT IN ('complete', 'resolved_manually')) \
+                     ORDER BY 1"
+                )
+            },
+            |stmt| {
+                let mut open = Vec::new();
+                for row in client.select(stmt, None, &[id.into()])? {
+                    open.push(row.get::<i64>(1)?.unwrap_or_default());
+                }
+                Ok((!open.is_empty()).then(|| {
+                    let shown: Vec<String> = open.iter().take(10).map(i64::to_string).collect();
+                    let more = if open.len() > 10 {
+                        format!(" and {} more", open.len() - 10)
+                    } else {
+                        String::new()
+                    };
+                    format!("steps not complete or resolved: {}{more}", shown.join(", "))
+                }))
+            },
+        ),
+        _ => Ok(None),
+    }
+}
+
+/// Clears `most_recent` on the transition the caller read as current. False when it is no
+/// longer current (someone else moved first).
+fn flip(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    entity: Entity,
+    transition_id: i64,
+) -> SpiResult<bool> {
+    let t = tables(entity);
+    let q = schema.quoted();
+    let key = match entity {
+        Entity::Task => "flip_task",
+        Entity::Step => "flip_step",
+    };
+    with_write_plan(
+        client,
+        key,
+        schema.as_str(),
+        &[INT8],
+        || {
+            format!(
+                "UPDATE {q}.{tr} SET most_recent = false, \
+                        updated_at = (tasker_core.now() AT TIME ZONE 'UTC') \
+                 WHERE id = $1 AND most_recent RETURNING id",
+                tr = t.transitions
+            )
+        },
+        |stmt| Ok(client.select(stmt, None, &[transition_id.into()])?.len() == 1),
+    )
+}
+
+/// Inserts the new current transition; `None` when a concurrent writer took the sort key or
+/// the most_recent slot first.
+#[allow(clippy::too_many_arguments)]
+fn insert(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    entity: Entity,
+    id: i64,
+    to: State,
+    from: &str,
+    metadata: &JsonB,
+    sort_key: i32,
+) -> SpiResult<Option<i64>> {
+    let t = tables(entity);
+    let q = schema.quoted();
+    let key = match entity {
+        Entity::Task => "insert_task_transition",
+        Entity::Step => "insert_step_transition",
+    };
+    with_write_plan(
+        client,
+        key,
+        schema.as_str(),
+        &[INT8, TEXT, TEXT, JSONB, INT4],
+        || {
+            format!(
+                "INSERT INTO {q}.{tr} (to_state, from_state, metadata, sort_key, most_recent, {k}, created_at, updated_at) \
+                 VALUES ($2, $3, $4, $5, true, $1, (tasker_core.now() AT TIME ZONE 'UTC'), (tasker_core.now() AT TIME ZONE 'UTC')) \
+                 ON CONFLICT DO NOTHING RETURNING id",
+                tr = t.transitions,
+                k = t.owner_key
+            )
+        },
+        |stmt| {
+            let table = client.select(
+                stmt,
+                None,
+                &[
+                    id.into(),
+                    to.as_str().into(),
+                    from.into(),
+                    JsonB(metadata.0.clone()).into(),
+                    sort_key.into(),
+                ],
+            )?;
+            if table.is_empty() {
+                return Ok(None);
+            }
+            table.first().get_one::<i64>()
+        },
+    )
+}
+
+/// Moves `entity` `id` to `to`. Returns false when it is already there (a no-op). Errors name
+/// the id and both states.
+pub fn transition(
+    schema: &SchemaName,
+    entity: Entity,
+    id: i64,
+    to: State,
+    metadata: &JsonB,
+    expected_from: Option<State>,
+) -> Result<bool, TaskerError> {
+    pgrx::spi::Spi::connect_mut(|client| {
+        for _ in 0..MAX_ATTEMPTS {
+            let cur = lock_current(client, schema, entity, id)
+                .map_err(spi)?
+                .ok_or(TaskerError::NotFound {
+                    entity: entity.as_str(),
+                    id,
+                })?;
+            let from_str = cur
+                .state
+                .clone()
+                .unwrap_or_else(|| State::Pending.as_str().to_owned());
+            if from_str == to.as_str() {
+                return Ok(false);
+            }
+            if let Some(expected) = expected_from {
+                if expected.as_str() != from_str {
+                    return Err(TaskerError::ExpectedFromMismatch {
+                        entity: entity.as_str(),
+                        id,
+                        expected: expected.to_string(),
+                        actual: from_str,
+                        to: to.to_string(),
+                    });
+                }
+            }
+            let from = match State::parse(&from_str) {
+                Some(f) if entity.allows(f, to) => f,
+                _ => {
+                    return Err(TaskerError::TransitionNotAllowed {
+                        entity: entity.as_str(),
+                        id,
+                        from: from_str,
+                        to: to.to_string(),
+                    })
+                }
+            };
+            if let Some(reason) = guard(client, schema, entity, id, to).map_err(spi)? {
+                return Err(TaskerError::GuardFailed {
+                    entity: entity.as_str(),
+                    id,
+                    from: from_str,
+                    to: to.to_string(),
+                    reason,
+                });
+            }
+            if let Some(current) = cur.transition_id {
+                if !flip(client, schema, entity, current).map_err(spi)? {
+                    continue;
+                }
+            }
+            let sort_key = cur.max_sort_key.map_or(10, |k| k.saturating_add(10));
+            let Some(transition_id) = insert(
+                client, schema, entity, id, to, &from_str, metadata, sort_key,
+            )
+            .map_err(spi)?
+            else {
+                continue;
+            };
+            let (task_id, step_id) = match entity {
+                Entity::Task => (Some(id), None),
+                Entity::Step => (Some(cur.task_id), Some(id)),
+            };
+            events::emit(
+                client,
+                &NewEvent {
+                    name: entity.transition_event(from, to),
+                    task_id,
+                    step_id,
+                    from_state: Some(from.as_str()),
+                    to_state: Some(to.as_str()),
+                    payload: serde_json::json!({ "transition_id": transition_id, "sort_key": sort_key }),
+                },
+            )
+            .map_err(spi)?;
+            return Ok(true);
+        }
+        Err(TaskerError::TransitionConflict {
+            entity: entity.as_str(),
+            id,
+            to: to.to_string(),
+            attempts: MAX_ATTEMPTS,
+        })
+    })
+}
