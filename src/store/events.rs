@@ -37,8 +37,12 @@ thread_local! {
     static NOTIFIED_XID: Cell<u32> = const { Cell::new(0) };
 }
 
-/// Records `event` and, once per transaction, sends a NOTIFY naming it.
-pub fn emit(client: &SpiClient<'_>, event: &NewEvent<'_>) -> SpiResult<Recorded> {
+/// Records `event` and, once per transaction, sends a NOTIFY naming it (each as the settings
+/// `tasker_core.event_log` and `tasker_core.notify` allow). `None` when the log is off.
+pub fn emit(client: &SpiClient<'_>, event: &NewEvent<'_>) -> SpiResult<Option<Recorded>> {
+    if !super::settings::EVENT_LOG.get() {
+        return Ok(None);
+    }
     let recorded = with_write_plan(
         client,
         "emit_event",
@@ -72,8 +76,10 @@ pub fn emit(client: &SpiClient<'_>, event: &NewEvent<'_>) -> SpiResult<Recorded>
             })
         },
     )?;
-    notify_once(client, event, &recorded)?;
-    Ok(recorded)
+    if super::settings::NOTIFY.get() {
+        notify_once(client, event, &recorded)?;
+    }
+    Ok(Some(recorded))
 }
 
 /// Sends the wake-up for the first event of the current transaction only: listeners read the
