@@ -32,6 +32,10 @@ CREATE TABLE tasker_core.step_state (
     transition_count integer NOT NULL DEFAULT 0,
     -- from_step_id of every edge into this step (duplicates kept), ascending
     parent_ids bigint[] NOT NULL DEFAULT '{}',
+    -- to_step_id of every edge out of this step (duplicates kept), ascending
+    child_ids bigint[] NOT NULL DEFAULT '{}',
+    -- edges into this step whose parent is not (yet) complete or resolved_manually
+    blocked_parents integer NOT NULL DEFAULT 0,
     retryable boolean,
     retry_limit integer,
     in_process boolean,
@@ -43,6 +47,10 @@ CREATE TABLE tasker_core.step_state (
 ) WITH (fillfactor = 80);
 CREATE INDEX step_state_task_idx ON tasker_core.step_state (task_id, workflow_step_id);
 CREATE INDEX step_state_named_step_idx ON tasker_core.step_state (named_step_id);
+-- The steps a worker could claim: unblocked, unprocessed, pending or in error.
+CREATE INDEX step_state_claimable_idx ON tasker_core.step_state (workflow_step_id)
+    WHERE blocked_parents = 0 AND processed IS NOT TRUE AND in_process IS NOT TRUE
+      AND (state IS NULL OR state IN ('pending', 'error'));
 
 SELECT pg_catalog.pg_extension_config_dump('tasker_core.tracking', '');
 SELECT pg_catalog.pg_extension_config_dump('tasker_core.step_state', '');
@@ -104,24 +112,101 @@ BEGIN
 END;
 $$;
 
--- tasker_workflow_step_edges: parents of the child step.
+-- Removes one occurrence of `x` from an ascending array.
+CREATE FUNCTION tasker_core._remove_one(arr bigint[], x bigint) RETURNS bigint[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN array_position(arr, x) IS NULL THEN arr
+                ELSE arr[:array_position(arr, x) - 1] || arr[array_position(arr, x) + 1:] END
+$$;
+
+-- Inserts `x` into an ascending array, keeping it ascending.
+CREATE FUNCTION tasker_core._insert_sorted(arr bigint[], x bigint) RETURNS bigint[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT COALESCE(array_agg(v ORDER BY v), '{}') FROM unnest(arr || x) AS v
+$$;
+
+-- Whether a most_recent to_state satisfies a dependency.
+CREATE FUNCTION tasker_core._satisfies(state text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT COALESCE($1 IN ('complete', 'resolved_manually'), false)
+$$;
+
+-- tasker_workflow_step_edges: the child's parents and blocked count, the parent's children.
+-- Both rows are locked in id order first, so concurrent writers cannot deadlock on them.
 CREATE FUNCTION tasker_core.track_edges() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    parent_done boolean;
 BEGIN
     IF TG_OP IN ('DELETE', 'UPDATE') THEN
-        -- remove one occurrence of the parent (duplicate edges each hold one)
-        UPDATE tasker_core.step_state s SET parent_ids = (
-            SELECT COALESCE(array_agg(p ORDER BY p), '{}')
-            FROM (SELECT p, row_number() OVER (PARTITION BY p) AS k FROM unnest(s.parent_ids) AS p) x
-            WHERE NOT (x.p = OLD.from_step_id AND x.k = 1))
-        WHERE s.workflow_step_id = OLD.to_step_id;
+        PERFORM 1 FROM tasker_core.step_state
+         WHERE workflow_step_id IN (OLD.from_step_id, OLD.to_step_id)
+         ORDER BY workflow_step_id FOR UPDATE;
+        SELECT tasker_core._satisfies(p.state) INTO parent_done
+          FROM tasker_core.step_state p WHERE p.workflow_step_id = OLD.from_step_id;
+        UPDATE tasker_core.step_state
+           SET parent_ids = tasker_core._remove_one(parent_ids, OLD.from_step_id),
+               blocked_parents = blocked_parents - CASE WHEN COALESCE(parent_done, false) THEN 0 ELSE 1 END
+         WHERE workflow_step_id = OLD.to_step_id;
+        UPDATE tasker_core.step_state
+           SET child_ids = tasker_core._remove_one(child_ids, OLD.to_step_id)
+         WHERE workflow_step_id = OLD.from_step_id;
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
-        UPDATE tasker_core.step_state s SET parent_ids = (
-            SELECT array_agg(p ORDER BY p) FROM unnest(s.parent_ids || NEW.from_step_id) AS p)
-        WHERE s.workflow_step_id = NEW.to_step_id;
+        PERFORM 1 FROM tasker_core.step_state
+         WHERE workflow_step_id IN (NEW.from_step_id, NEW.to_step_id)
+         ORDER BY workflow_step_id FOR UPDATE;
+        SELECT tasker_core._satisfies(p.state) INTO parent_done
+          FROM tasker_core.step_state p WHERE p.workflow_step_id = NEW.from_step_id;
+        UPDATE tasker_core.step_state
+           SET parent_ids = tasker_core._insert_sorted(parent_ids, NEW.from_step_id),
+               blocked_parents = blocked_parents + CASE WHEN COALESCE(parent_done, false) THEN 0 ELSE 1 END
+         WHERE workflow_step_id = NEW.to_step_id;
+        UPDATE tasker_core.step_state
+           SET child_ids = tasker_core._insert_sorted(child_ids, NEW.to_step_id)
+         WHERE workflow_step_id = NEW.from_step_id;
     END IF;
     RETURN NULL;
+END;
+$$;
+
+-- Sets one step's current state (or, with only_if_tid, clears it only when that transition was
+-- the current one) and adds count_delta to its transition count. When the step starts or stops
+-- satisfying its children, their blocked_parents counts move with it (children locked in id
+-- order).
+CREATE FUNCTION tasker_core._set_step_state(step bigint, new_state text, new_at timestamp,
+                                            new_tid bigint, only_if_tid bigint, count_delta integer)
+RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r record;
+    now_done boolean;
+BEGIN
+    SELECT s.state, s.state_transition_id, s.child_ids INTO r
+      FROM tasker_core.step_state s WHERE s.workflow_step_id = step FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF only_if_tid IS NOT NULL AND r.state_transition_id IS DISTINCT FROM only_if_tid THEN
+        IF count_delta <> 0 THEN
+            UPDATE tasker_core.step_state SET transition_count = transition_count + count_delta
+             WHERE workflow_step_id = step;
+        END IF;
+        RETURN;
+    END IF;
+    UPDATE tasker_core.step_state
+       SET state = new_state, state_at = new_at, state_transition_id = new_tid,
+           transition_count = transition_count + count_delta
+     WHERE workflow_step_id = step;
+    now_done := tasker_core._satisfies(new_state);
+    IF tasker_core._satisfies(r.state) <> now_done AND cardinality(r.child_ids) > 0 THEN
+        PERFORM 1 FROM tasker_core.step_state
+         WHERE workflow_step_id = ANY (r.child_ids) ORDER BY workflow_step_id FOR UPDATE;
+        UPDATE tasker_core.step_state c
+           SET blocked_parents = c.blocked_parents + d.n * CASE WHEN now_done THEN -1 ELSE 1 END
+          FROM (SELECT x AS id, count(*)::integer AS n FROM unnest(r.child_ids) AS x GROUP BY x) d
+         WHERE c.workflow_step_id = d.id;
+    END IF;
 END;
 $$;
 
@@ -133,33 +218,20 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF TG_OP = 'UPDATE' AND OLD.workflow_step_id = NEW.workflow_step_id THEN
         IF NEW.most_recent THEN
-            UPDATE tasker_core.step_state
-               SET state = NEW.to_state, state_at = NEW.created_at, state_transition_id = NEW.id
-             WHERE workflow_step_id = NEW.workflow_step_id;
+            PERFORM tasker_core._set_step_state(NEW.workflow_step_id, NEW.to_state, NEW.created_at, NEW.id, NULL, 0);
         ELSE
-            UPDATE tasker_core.step_state
-               SET state = NULL, state_at = NULL, state_transition_id = NULL
-             WHERE workflow_step_id = NEW.workflow_step_id AND state_transition_id = OLD.id;
+            PERFORM tasker_core._set_step_state(NEW.workflow_step_id, NULL, NULL, NULL, OLD.id, 0);
         END IF;
         RETURN NULL;
     END IF;
     IF TG_OP IN ('DELETE', 'UPDATE') THEN
-        UPDATE tasker_core.step_state SET
-            transition_count = transition_count - 1,
-            state = CASE WHEN state_transition_id = OLD.id THEN NULL ELSE state END,
-            state_at = CASE WHEN state_transition_id = OLD.id THEN NULL ELSE state_at END,
-            state_transition_id = CASE WHEN state_transition_id = OLD.id THEN NULL ELSE state_transition_id END
-        WHERE workflow_step_id = OLD.workflow_step_id;
+        PERFORM tasker_core._set_step_state(OLD.workflow_step_id, NULL, NULL, NULL, OLD.id, -1);
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
         IF NEW.most_recent THEN
-            UPDATE tasker_core.step_state SET
-                transition_count = transition_count + 1,
-                state = NEW.to_state, state_at = NEW.created_at, state_transition_id = NEW.id
-            WHERE workflow_step_id = NEW.workflow_step_id;
+            PERFORM tasker_core._set_step_state(NEW.workflow_step_id, NEW.to_state, NEW.created_at, NEW.id, NULL, 1);
         ELSE
-            UPDATE tasker_core.step_state SET transition_count = transition_count + 1
-            WHERE workflow_step_id = NEW.workflow_step_id;
+            PERFORM tasker_core._set_step_state(NEW.workflow_step_id, NULL, NULL, NULL, -1, 1);
         END IF;
     END IF;
     RETURN NULL;
@@ -173,11 +245,14 @@ BEGIN
     IF TG_TABLE_NAME = 'tasker_workflow_steps' THEN
         DELETE FROM tasker_core.step_state;
     ELSIF TG_TABLE_NAME = 'tasker_workflow_step_edges' THEN
-        UPDATE tasker_core.step_state SET parent_ids = '{}' WHERE parent_ids <> '{}';
+        UPDATE tasker_core.step_state SET parent_ids = '{}', child_ids = '{}', blocked_parents = 0
+         WHERE parent_ids <> '{}' OR child_ids <> '{}';
     ELSIF TG_TABLE_NAME = 'tasker_workflow_step_transitions' THEN
         UPDATE tasker_core.step_state
-           SET state = NULL, state_at = NULL, state_transition_id = NULL, transition_count = 0
-         WHERE transition_count <> 0 OR state_transition_id IS NOT NULL;
+           SET state = NULL, state_at = NULL, state_transition_id = NULL, transition_count = 0,
+               blocked_parents = cardinality(parent_ids)
+         WHERE transition_count <> 0 OR state_transition_id IS NOT NULL
+            OR blocked_parents <> cardinality(parent_ids);
     END IF;
     RETURN NULL;
 END;
@@ -193,6 +268,8 @@ BEGIN
                cur.to_state::text, cur.created_at, cur.id,
                COALESCE(tc.n, 0)::integer,
                COALESCE(pe.ids, '{}'::bigint[]),
+               COALESCE(ce.ids, '{}'::bigint[]),
+               COALESCE(pe.blocked, 0)::integer,
                ws.retryable, ws.retry_limit, ws.in_process, ws.processed, ws.attempts,
                ws.last_attempted_at, ws.backoff_request_seconds, ws.created_at
         FROM %1$I.tasker_workflow_steps ws
@@ -202,9 +279,17 @@ BEGIN
         LEFT JOIN (SELECT workflow_step_id, count(*) AS n
                    FROM %1$I.tasker_workflow_step_transitions GROUP BY workflow_step_id) tc
                ON tc.workflow_step_id = ws.workflow_step_id
-        LEFT JOIN (SELECT to_step_id, array_agg(from_step_id ORDER BY from_step_id) AS ids
-                   FROM %1$I.tasker_workflow_step_edges GROUP BY to_step_id) pe
+        LEFT JOIN (SELECT e.to_step_id, array_agg(e.from_step_id ORDER BY e.from_step_id) AS ids,
+                          count(*) FILTER (WHERE p.to_state IS NULL
+                                           OR p.to_state NOT IN ('complete', 'resolved_manually')) AS blocked
+                   FROM %1$I.tasker_workflow_step_edges e
+                   LEFT JOIN %1$I.tasker_workflow_step_transitions p
+                          ON p.workflow_step_id = e.from_step_id AND p.most_recent
+                   GROUP BY e.to_step_id) pe
                ON pe.to_step_id = ws.workflow_step_id
+        LEFT JOIN (SELECT from_step_id, array_agg(to_step_id ORDER BY to_step_id) AS ids
+                   FROM %1$I.tasker_workflow_step_edges GROUP BY from_step_id) ce
+               ON ce.from_step_id = ws.workflow_step_id
     $q$, data_schema);
 END;
 $$;

@@ -170,6 +170,7 @@ class Task:
     steps: list = field(default_factory=list)
     edges: list = field(default_factory=list)       # (local from, local to)
     extra_edges: list = field(default_factory=list)  # (global from id, local to) cross-task
+    back_edges: list = field(default_factory=list)   # (local from, local to) closing a cycle
     transitions: list = field(default_factory=list)
     initiator: str | None = None
     source_system: str | None = None
@@ -330,7 +331,7 @@ class Generator:
             secs = r.uniform(86400, 172800)
         return self.now - timedelta(microseconds=int(secs * 1_000_000))
 
-    def history(self, final, t0, step_attempts):
+    def history(self, final, t0):
         """Statesman-style transitions ending in `final` (None: no transition at all)."""
         r = self.rng
         if final is None:
@@ -420,7 +421,7 @@ class Generator:
         s.inputs = None if r.random() < 0.3 else json.dumps({"n": r.randint(0, 99)})
         s.results = None if r.random() < 0.6 else json.dumps({"ok": r.random() < 0.5})
         s.skippable = r.random() < 0.1
-        s.transitions = self.history(final, created, s.attempts)
+        s.transitions = self.history(final, created)
         return s
 
     def task_transitions(self, created):
@@ -428,8 +429,7 @@ class Generator:
         if r.random() < 0.15:
             return []
         final = r.choice(TASK_STATES)
-        trs = self.history(final, created, None)
-        return trs
+        return self.history(final, created)
 
     def make_task(self, big=False, created=None):
         r = self.rng
@@ -1042,12 +1042,19 @@ def cycle_tasks(gen):
     t.back_edges = [(1, 1)]            # a self-loop, not reachable from root 0
     t.shape = "self_loop"
     out.append((t, False))
+    t = gen.make_task()
+    while len(t.steps) < 2:
+        t = gen.make_task()
+    t.edges = [(0, 1)]
+    t.back_edges = [(1, 1)]            # a self-loop reachable from root 0
+    t.shape = "self_loop_reachable"
+    out.append((t, True))
     return out
 
 
 def write_back_edges(conn, tasks):
     rows = []
     for t in tasks:
-        for a, b in getattr(t, "back_edges", []):
+        for a, b in t.back_edges:
             rows.append((t.steps[a].id, t.steps[b].id, "provides", t.created_at, t.created_at))
     insert(conn, "tasker_workflow_step_edges", EDGE_COLS, EDGE_TYPES, rows, "rows")
