@@ -75,6 +75,51 @@ pub enum TaskerError {
         argument: &'static str,
         reason: String,
     },
+    /// A template that is not a valid task template.
+    #[error("invalid task template: {reason}")]
+    InvalidTemplate { reason: String },
+    /// Two steps of a template share a name.
+    #[error("invalid task template: step name {name:?} is used twice")]
+    DuplicateStepName { name: String },
+    /// A step depends on a step the template does not declare.
+    #[error("invalid task template: step {step:?} depends on unknown step {dependency:?}")]
+    UnknownDependency { step: String, dependency: String },
+    /// The dependencies of a template form a cycle.
+    #[error("invalid task template: dependency cycle {}", .steps.join(" -> "))]
+    TemplateCycle { steps: Vec<String> },
+    /// A version that is not MAJOR.MINOR.PATCH.
+    #[error("invalid task template: version {version:?} is not MAJOR.MINOR.PATCH")]
+    MalformedVersion { version: String },
+    /// A step without a handler class.
+    #[error("invalid task template: step {step:?} has no handler_class")]
+    MissingHandlerClass { step: String },
+    /// No template registered under that name.
+    #[error("no task template {namespace}.{name}{}", .version.as_ref().map(|v| format!("@{v}")).unwrap_or_default())]
+    UnknownTemplate {
+        namespace: String,
+        name: String,
+        version: Option<String>,
+    },
+    /// The task context does not satisfy the template's JSON schema.
+    #[error("task context does not match the schema of {template}: {}", .violations.join("; "))]
+    ContextInvalid {
+        template: String,
+        violations: Vec<String>,
+    },
+    /// A configured limit was exceeded.
+    #[error("too many {what}: {actual} (the limit is {limit})")]
+    LimitExceeded {
+        what: &'static str,
+        limit: i64,
+        actual: i64,
+    },
+    /// A worker acted on a step it does not (or no longer) hold the lease of.
+    #[error("step {step_id} is not leased to worker {worker:?}{}", .detail)]
+    LeaseLost {
+        step_id: i64,
+        worker: String,
+        detail: String,
+    },
     /// A failure inside tasker_core that no input should cause.
     #[error("tasker_core internal error: {context}")]
     Internal { context: String },
@@ -107,6 +152,16 @@ impl TaskerError {
             TaskerError::InvalidArgument { .. } => "22023", // invalid_parameter_value
             TaskerError::NamedNotFound { .. } => "TK004",
             TaskerError::Internal { .. } => "XX000",
+            TaskerError::InvalidTemplate { .. } => "TK020",
+            TaskerError::DuplicateStepName { .. } => "TK021",
+            TaskerError::UnknownDependency { .. } => "TK022",
+            TaskerError::TemplateCycle { .. } => "TK006",
+            TaskerError::MalformedVersion { .. } => "TK023",
+            TaskerError::MissingHandlerClass { .. } => "TK024",
+            TaskerError::UnknownTemplate { .. } => "TK007",
+            TaskerError::ContextInvalid { .. } => "TK025",
+            TaskerError::LimitExceeded { .. } => "54000", // program_limit_exceeded
+            TaskerError::LeaseLost { .. } => "TK030",
         }
     }
 }
@@ -119,10 +174,18 @@ pub const CUSTOM_SQLSTATES: &[(&str, &str)] = &[
     ("TK004", "entity_not_found"),
     ("TK005", "expected_from_mismatch"),
     ("TK006", "cycle_detected"),
+    ("TK007", "unknown_template"),
     ("TK010", "schema_not_installed"),
     ("TK011", "tracking_not_enabled"),
     ("TK012", "tracking_conflict"),
     ("TK013", "transition_conflict"),
+    ("TK020", "invalid_template"),
+    ("TK021", "duplicate_step_name"),
+    ("TK022", "unknown_dependency"),
+    ("TK023", "malformed_version"),
+    ("TK024", "missing_handler_class"),
+    ("TK025", "context_invalid"),
+    ("TK030", "lease_lost"),
 ];
 
 #[cfg(test)]

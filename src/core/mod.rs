@@ -1,10 +1,13 @@
 //! Pure Rust rules of the Tasker workflow engine. Nothing in here touches PostgreSQL or pgrx,
 //! so every rule can be tested with plain `#[test]`s.
 
+pub mod backoff;
 pub mod context;
 pub mod dag;
 pub mod error;
 pub mod events;
 pub mod ident;
+pub mod jsonschema;
 pub mod readiness;
 pub mod state;
+pub mod template;

@@ -1,0 +1,417 @@
+//! A JSON Schema validator for task contexts: the draft-07 validation keywords a task schema
+//! uses in practice. Schemas using keywords outside this set are refused when the template is
+//! registered, so nothing is silently left unchecked.
+//!
+//! Supported: `type`, `enum`, `const`, `required`, `properties`, `additionalProperties`,
+//! `items`, `minItems`, `maxItems`, `uniqueItems`, `minLength`, `maxLength`, `minimum`,
+//! `maximum`, `exclusiveMinimum`, `exclusiveMaximum`, `multipleOf`, `minProperties`,
+//! `maxProperties`, `allOf`, `anyOf`, `oneOf`, `not`; annotations (`title`, `description`,
+//! `default`, `examples`, `format`, `$schema`, `$id`, `$comment`, ...) are accepted and ignored.
+
+use serde_json::Value;
+
+const SUPPORTED: &[&str] = &[
+    "type",
+    "enum",
+    "const",
+    "required",
+    "properties",
+    "additionalProperties",
+    "items",
+    "minItems",
+    "maxItems",
+    "uniqueItems",
+    "minLength",
+    "maxLength",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minProperties",
+    "maxProperties",
+    "allOf",
+    "anyOf",
+    "oneOf",
+    "not",
+];
+const ANNOTATIONS: &[&str] = &[
+    "$schema",
+    "$id",
+    "$comment",
+    "title",
+    "description",
+    "default",
+    "examples",
+    "format",
+    "readOnly",
+    "writeOnly",
+    "deprecated",
+];
+const TYPES: &[&str] = &[
+    "null", "boolean", "object", "array", "number", "integer", "string",
+];
+
+/// Checks that `schema` only uses supported keywords, with values of the right shape.
+pub fn check_schema(schema: &Value) -> Result<(), String> {
+    check_at(schema, "#")
+}
+
+fn check_at(schema: &Value, at: &str) -> Result<(), String> {
+    let obj = match schema {
+        Value::Bool(_) => return Ok(()),
+        Value::Object(o) => o,
+        _ => return Err(format!("{at} must be a schema object or a boolean")),
+    };
+    for (k, v) in obj {
+        if ANNOTATIONS.contains(&k.as_str()) {
+            continue;
+        }
+        if !SUPPORTED.contains(&k.as_str()) {
+            return Err(format!("{at}: unsupported keyword {k:?}"));
+        }
+        let here = format!("{at}/{k}");
+        match k.as_str() {
+            "type" => {
+                let ok = match v {
+                    Value::String(t) => TYPES.contains(&t.as_str()),
+                    Value::Array(ts) => ts
+                        .iter()
+                        .all(|t| t.as_str().is_some_and(|t| TYPES.contains(&t))),
+                    _ => false,
+                };
+                if !ok {
+                    return Err(format!("{here} must name JSON types"));
+                }
+            }
+            "enum" if !v.is_array() => return Err(format!("{here} must be an array")),
+            "required" if !v.as_array().is_some_and(|a| a.iter().all(Value::is_string)) => {
+                return Err(format!("{here} must be an array of property names"))
+            }
+            "properties" => match v {
+                Value::Object(props) => {
+                    for (name, sub) in props {
+                        check_at(sub, &format!("{here}/{name}"))?;
+                    }
+                }
+                _ => return Err(format!("{here} must be an object")),
+            },
+            "additionalProperties" | "items" | "not" => check_at(v, &here)?,
+            "allOf" | "anyOf" | "oneOf" => match v {
+                Value::Array(subs) if !subs.is_empty() => {
+                    for (i, sub) in subs.iter().enumerate() {
+                        check_at(sub, &format!("{here}/{i}"))?;
+                    }
+                }
+                _ => return Err(format!("{here} must be a non-empty array of schemas")),
+            },
+            "minItems" | "maxItems" | "minLength" | "maxLength" | "minProperties"
+            | "maxProperties"
+                if !v.as_u64().is_some() =>
+            {
+                return Err(format!("{here} must be a non-negative integer"))
+            }
+            "minimum" | "maximum" | "exclusiveMinimum" | "exclusiveMaximum" if !v.is_number() => {
+                return Err(format!("{here} must be a number"))
+            }
+            "multipleOf" if !v.as_f64().is_some_and(|m| m > 0.0) => {
+                return Err(format!("{here} must be a positive number"))
+            }
+            "uniqueItems" if !v.is_boolean() => return Err(format!("{here} must be a boolean")),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn type_matches(t: &str, v: &Value) -> bool {
+    match t {
+        "null" => v.is_null(),
+        "boolean" => v.is_boolean(),
+        "object" => v.is_object(),
+        "array" => v.is_array(),
+        "number" => v.is_number(),
+        "integer" => v.as_f64().is_some_and(|f| f.fract() == 0.0),
+        "string" => v.is_string(),
+        _ => false,
+    }
+}
+
+/// Validates `instance` against `schema` (already checked); returns the violations, each
+/// with its JSON pointer, at most `limit` of them.
+pub fn validate(schema: &Value, instance: &Value, limit: usize) -> Vec<String> {
+    let mut errors = Vec::new();
+    validate_at(schema, instance, "", &mut errors, limit);
+    errors
+}
+
+fn validate_at(schema: &Value, v: &Value, at: &str, errors: &mut Vec<String>, limit: usize) {
+    if errors.len() >= limit {
+        return;
+    }
+    let obj = match schema {
+        Value::Bool(true) => return,
+        Value::Bool(false) => {
+            errors.push(format!("{}: not allowed", path(at)));
+            return;
+        }
+        Value::Object(o) => o,
+        _ => return,
+    };
+    if let Some(t) = obj.get("type") {
+        let ok = match t {
+            Value::String(t) => type_matches(t, v),
+            Value::Array(ts) => ts
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|t| type_matches(t, v)),
+            _ => true,
+        };
+        if !ok {
+            push(
+                errors,
+                limit,
+                at,
+                format!("expected {}, got {}", t, super::template::kind(v)),
+            );
+            return;
+        }
+    }
+    if let Some(Value::Array(options)) = obj.get("enum") {
+        if !options.contains(v) {
+            push(
+                errors,
+                limit,
+                at,
+                format!("must be one of {}", Value::Array(options.clone())),
+            );
+        }
+    }
+    if let Some(c) = obj.get("const") {
+        if c != v {
+            push(errors, limit, at, format!("must be {c}"));
+        }
+    }
+    if let Some(n) = v.as_f64() {
+        let num = |k: &str| obj.get(k).and_then(Value::as_f64);
+        if let Some(m) = num("minimum") {
+            if n < m {
+                push(errors, limit, at, format!("must be at least {m}"));
+            }
+        }
+        if let Some(m) = num("maximum") {
+            if n > m {
+                push(errors, limit, at, format!("must be at most {m}"));
+            }
+        }
+        if let Some(m) = num("exclusiveMinimum") {
+            if n <= m {
+                push(errors, limit, at, format!("must be greater than {m}"));
+            }
+        }
+        if let Some(m) = num("exclusiveMaximum") {
+            if n >= m {
+                push(errors, limit, at, format!("must be less than {m}"));
+            }
+        }
+        if let Some(m) = num("multipleOf") {
+            let q = n / m;
+            if (q - q.round()).abs() > 1e-9 {
+                push(errors, limit, at, format!("must be a multiple of {m}"));
+            }
+        }
+    }
+    if let Some(s) = v.as_str() {
+        let len = s.chars().count() as u64;
+        if let Some(m) = obj.get("minLength").and_then(Value::as_u64) {
+            if len < m {
+                push(
+                    errors,
+                    limit,
+                    at,
+                    format!("must be at least {m} characters"),
+                );
+            }
+        }
+        if let Some(m) = obj.get("maxLength").and_then(Value::as_u64) {
+            if len > m {
+                push(errors, limit, at, format!("must be at most {m} characters"));
+            }
+        }
+    }
+    if let Some(items) = v.as_array() {
+        let n = items.len() as u64;
+        if let Some(m) = obj.get("minItems").and_then(Value::as_u64) {
+            if n < m {
+                push(errors, limit, at, format!("must have at least {m} items"));
+            }
+        }
+        if let Some(m) = obj.get("maxItems").and_then(Value::as_u64) {
+            if n > m {
+                push(errors, limit, at, format!("must have at most {m} items"));
+            }
+        }
+        if obj.get("uniqueItems") == Some(&Value::Bool(true)) {
+            for (i, a) in items.iter().enumerate() {
+                if items[..i].contains(a) {
+                    push(errors, limit, at, "items must be unique".to_owned());
+                    break;
+                }
+            }
+        }
+        if let Some(item_schema) = obj.get("items") {
+            for (i, item) in items.iter().enumerate() {
+                validate_at(item_schema, item, &format!("{at}/{i}"), errors, limit);
+            }
+        }
+    }
+    if let Some(props) = v.as_object() {
+        let n = props.len() as u64;
+        if let Some(m) = obj.get("minProperties").and_then(Value::as_u64) {
+            if n < m {
+                push(
+                    errors,
+                    limit,
+                    at,
+                    format!("must have at least {m} properties"),
+                );
+            }
+        }
+        if let Some(m) = obj.get("maxProperties").and_then(Value::as_u64) {
+            if n > m {
+                push(
+                    errors,
+                    limit,
+                    at,
+                    format!("must have at most {m} properties"),
+                );
+            }
+        }
+        if let Some(Value::Array(required)) = obj.get("required") {
+            for r in required.iter().filter_map(Value::as_str) {
+                if !props.contains_key(r) {
+                    push(
+                        errors,
+                        limit,
+                        at,
+                        format!("missing required property {r:?}"),
+                    );
+                }
+            }
+        }
+        let declared = obj.get("properties").and_then(Value::as_object);
+        for (k, val) in props {
+            let child = format!("{at}/{}", k.replace('~', "~0").replace('/', "~1"));
+            match declared.and_then(|d| d.get(k)) {
+                Some(sub) => validate_at(sub, val, &child, errors, limit),
+                None => {
+                    if let Some(extra) = obj.get("additionalProperties") {
+                        validate_at(extra, val, &child, errors, limit)
+                    }
+                }
+            }
+        }
+    }
+    if let Some(Value::Array(all)) = obj.get("allOf") {
+        for s in all {
+            validate_at(s, v, at, errors, limit);
+        }
+    }
+    if let Some(Value::Array(any)) = obj.get("anyOf") {
+        if !any.iter().any(|s| validate(s, v, 1).is_empty()) {
+            errors.push(format!("{}: does not match any schema of anyOf", path(at)));
+        }
+    }
+    if let Some(Value::Array(one)) = obj.get("oneOf") {
+        let matching = one.iter().filter(|s| validate(s, v, 1).is_empty()).count();
+        if matching != 1 {
+            errors.push(format!(
+                "{}: matches {matching} schemas of oneOf, expected exactly 1",
+                path(at)
+            ));
+        }
+    }
+    if let Some(not) = obj.get("not") {
+        if validate(not, v, 1).is_empty() {
+            errors.push(format!("{}: must not match the schema of not", path(at)));
+        }
+    }
+}
+
+fn push(errors: &mut Vec<String>, limit: usize, at: &str, msg: String) {
+    if errors.len() < limit {
+        errors.push(format!("{}: {msg}", path(at)));
+    }
+}
+
+fn path(at: &str) -> &str {
+    if at.is_empty() {
+        "(root)"
+    } else {
+        at
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn order_schema() -> Value {
+        json!({
+            "type": "object",
+            "required": ["order_id", "items"],
+            "properties": {
+                "order_id": {"type": "integer", "minimum": 1},
+                "items": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["sku"]}},
+                "priority": {"enum": ["low", "high"]}
+            },
+            "additionalProperties": false
+        })
+    }
+
+    #[test]
+    fn accepts_valid_and_lists_violations() {
+        let s = order_schema();
+        assert!(check_schema(&s).is_ok());
+        assert!(validate(&s, &json!({"order_id": 5, "items": [{"sku": "a"}]}), 10).is_empty());
+        let errs = validate(
+            &s,
+            &json!({"order_id": 0, "items": [{}], "priority": "mid", "x": 1}),
+            10,
+        );
+        assert_eq!(errs.len(), 4, "{errs:?}");
+        assert!(errs
+            .iter()
+            .any(|e| e.starts_with("/order_id: must be at least 1")));
+        assert!(errs
+            .iter()
+            .any(|e| e.starts_with("/items/0: missing required property \"sku\"")));
+        assert!(errs.iter().any(|e| e.starts_with("/x: not allowed")));
+        let errs = validate(&s, &json!([]), 10);
+        assert_eq!(errs, vec!["(root): expected \"object\", got an array"]);
+    }
+
+    #[test]
+    fn refuses_unsupported_keywords() {
+        assert!(
+            check_schema(&json!({"type": "object", "properties": {"a": {"$ref": "#/x"}}})).is_err()
+        );
+        assert!(check_schema(&json!({"pattern": "^a"})).is_err());
+        assert!(check_schema(&json!({"type": "nope"})).is_err());
+        assert!(check_schema(
+            &json!({"title": "t", "description": "d", "type": ["string", "null"]})
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn combinators() {
+        let s = json!({"anyOf": [{"type": "string"}, {"type": "integer"}]});
+        assert!(validate(&s, &json!("a"), 5).is_empty());
+        assert_eq!(validate(&s, &json!(1.5), 5).len(), 1);
+        let s = json!({"oneOf": [{"minimum": 0}, {"maximum": 10}]});
+        assert_eq!(validate(&s, &json!(5), 5).len(), 1);
+        assert!(validate(&json!({"not": {"type": "null"}}), &json!(null), 5).len() == 1);
+    }
+}

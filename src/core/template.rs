@@ -1,0 +1,478 @@
+//! Task templates: the Rails YAML task template as JSON, parsed and validated.
+
+use super::dag::Dag;
+use super::error::TaskerError;
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+
+/// Most steps a template may declare unless the setting `tasker_core.max_template_steps`
+/// says otherwise.
+pub const DEFAULT_MAX_STEPS: usize = 10_000;
+
+/// One step of a template.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepTemplate {
+    pub name: String,
+    pub description: Option<String>,
+    pub dependent_system: String,
+    pub handler_class: String,
+    pub handler_config: Option<Value>,
+    pub default_retryable: bool,
+    pub default_retry_limit: i32,
+    pub skippable: bool,
+    /// Names of the steps this one depends on (`depends_on_step` and `depends_on_steps`,
+    /// without duplicates, in declaration order).
+    pub depends_on: Vec<String>,
+}
+
+/// A validated task template.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskTemplate {
+    pub name: String,
+    pub namespace: String,
+    pub version: String,
+    pub description: Option<String>,
+    /// JSON Schema of the task context, if any (checked when the template is registered).
+    pub schema: Option<Value>,
+    /// Steps in declaration order.
+    pub steps: Vec<StepTemplate>,
+}
+
+fn invalid(reason: impl Into<String>) -> TaskerError {
+    TaskerError::InvalidTemplate {
+        reason: reason.into(),
+    }
+}
+
+fn string_field(
+    obj: &Map<String, Value>,
+    key: &str,
+    what: &str,
+    max_len: usize,
+) -> Result<Option<String>, TaskerError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => {
+            Err(invalid(format!("{what} {key} must not be empty")))
+        }
+        Some(Value::String(s)) if s.chars().count() > max_len => Err(invalid(format!(
+            "{what} {key} is longer than {max_len} characters"
+        ))),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(invalid(format!(
+            "{what} {key} must be a string, not {}",
+            kind(other)
+        ))),
+    }
+}
+
+fn bool_field(
+    obj: &Map<String, Value>,
+    key: &str,
+    what: &str,
+    default: bool,
+) -> Result<bool, TaskerError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(invalid(format!(
+            "{what} {key} must be true or false, not {}",
+            kind(other)
+        ))),
+    }
+}
+
+/// The JSON type name of a value, for messages.
+pub fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Whether `v` is a version of the form `MAJOR.MINOR.PATCH` (digits only).
+pub fn is_version(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('.').collect();
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// A version as a sortable tuple (for "latest").
+pub fn version_key(v: &str) -> (u64, u64, u64) {
+    let mut it = v.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    (
+        it.next().unwrap_or(0),
+        it.next().unwrap_or(0),
+        it.next().unwrap_or(0),
+    )
+}
+
+impl TaskTemplate {
+    /// Parses and validates a template: required fields and their types, unique step names,
+    /// known dependencies, no cycle, a `MAJOR.MINOR.PATCH` version, a handler class for every
+    /// step, at most `max_steps` steps.
+    pub fn parse(v: &Value, max_steps: usize) -> Result<TaskTemplate, TaskerError> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| invalid(format!("a template must be a JSON object, not {}", kind(v))))?;
+        let name = string_field(obj, "name", "template", 64)?
+            .ok_or_else(|| invalid("template name is required"))?;
+        let namespace = string_field(obj, "namespace_name", "template", 64)?
+            .unwrap_or_else(|| "default".to_owned());
+        let version = match obj.get("version") {
+            None | Some(Value::Null) => "0.1.0".to_owned(),
+            Some(Value::String(s)) if is_version(s) => s.clone(),
+            Some(Value::String(s)) => {
+                return Err(TaskerError::MalformedVersion {
+                    version: s.chars().take(40).collect(),
+                })
+            }
+            Some(other) => {
+                return Err(TaskerError::MalformedVersion {
+                    version: other.to_string().chars().take(40).collect(),
+                })
+            }
+        };
+        let description = string_field(obj, "description", "template", 255)?;
+        let schema = match obj.get("schema") {
+            None | Some(Value::Null) => None,
+            Some(s @ Value::Object(_)) => {
+                super::jsonschema::check_schema(s).map_err(|e| invalid(format!("schema: {e}")))?;
+                Some(s.clone())
+            }
+            Some(other) => {
+                return Err(invalid(format!(
+                    "template schema must be an object, not {}",
+                    kind(other)
+                )))
+            }
+        };
+        let default_system = string_field(obj, "default_dependent_system", "template", 64)?
+            .unwrap_or_else(|| "unknown".to_owned());
+        let whitelist: Option<Vec<String>> = match obj.get("named_steps") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(items)) => Some(
+                items
+                    .iter()
+                    .map(|i| match i {
+                        Value::String(s) => Ok(s.clone()),
+                        other => Err(invalid(format!(
+                            "named_steps must hold strings, not {}",
+                            kind(other)
+                        ))),
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "named_steps must be an array, not {}",
+                    kind(other)
+                )))
+            }
+        };
+        let raw_steps = match obj.get("step_templates") {
+            Some(Value::Array(items)) if !items.is_empty() => items,
+            Some(Value::Array(_)) => return Err(invalid("step_templates must not be empty")),
+            None | Some(Value::Null) => return Err(invalid("step_templates is required")),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "step_templates must be an array, not {}",
+                    kind(other)
+                )))
+            }
+        };
+        if raw_steps.len() > max_steps {
+            return Err(TaskerError::LimitExceeded {
+                what: "steps in a template",
+                limit: max_steps as i64,
+                actual: raw_steps.len() as i64,
+            });
+        }
+        let mut steps = Vec::with_capacity(raw_steps.len());
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for (i, raw) in raw_steps.iter().enumerate() {
+            let s = raw.as_object().ok_or_else(|| {
+                invalid(format!(
+                    "step_templates[{i}] must be an object, not {}",
+                    kind(raw)
+                ))
+            })?;
+            let where_ = format!("step_templates[{i}]");
+            let step_name = string_field(s, "name", &where_, 128)?
+                .ok_or_else(|| invalid(format!("{where_} needs a name")))?;
+            if index.insert(step_name.clone(), i).is_some() {
+                return Err(TaskerError::DuplicateStepName { name: step_name });
+            }
+            let handler_class = match s.get("handler_class") {
+                Some(Value::String(h)) if !h.trim().is_empty() && h.chars().count() <= 255 => {
+                    h.clone()
+                }
+                Some(Value::String(h)) if !h.trim().is_empty() => {
+                    return Err(invalid(format!(
+                        "step {step_name:?} handler_class is longer than 255 characters"
+                    )))
+                }
+                _ => return Err(TaskerError::MissingHandlerClass { step: step_name }),
+            };
+            let handler_config = match s.get("handler_config") {
+                None | Some(Value::Null) => None,
+                Some(c @ Value::Object(_)) => Some(c.clone()),
+                Some(other) => {
+                    return Err(invalid(format!(
+                        "step {step_name:?} handler_config must be an object, not {}",
+                        kind(other)
+                    )))
+                }
+            };
+            let retry_limit = match s.get("default_retry_limit") {
+                None | Some(Value::Null) => 3,
+                Some(Value::Number(n)) => match n.as_i64() {
+                    Some(k) if (0..=1000).contains(&k) => k as i32,
+                    _ => {
+                        return Err(invalid(format!(
+                            "step {step_name:?} default_retry_limit must be 0 to 1000"
+                        )))
+                    }
+                },
+                Some(other) => {
+                    return Err(invalid(format!(
+                        "step {step_name:?} default_retry_limit must be a number, not {}",
+                        kind(other)
+                    )))
+                }
+            };
+            let mut depends_on: Vec<String> = Vec::new();
+            if let Some(one) =
+                string_field(s, "depends_on_step", &format!("step {step_name:?}"), 128)?
+            {
+                depends_on.push(one);
+            }
+            match s.get("depends_on_steps") {
+                None | Some(Value::Null) => {}
+                Some(Value::Array(items)) => {
+                    for d in items {
+                        match d {
+                            Value::String(d) => {
+                                if !depends_on.contains(d) {
+                                    depends_on.push(d.clone())
+                                }
+                            }
+                            other => return Err(invalid(format!(
+                                "step {step_name:?} depends_on_steps must hold step names, not {}",
+                                kind(other)
+                            ))),
+                        }
+                    }
+                }
+                Some(other) => {
+                    return Err(invalid(format!(
+                        "step {step_name:?} depends_on_steps must be an array, not {}",
+                        kind(other)
+                    )))
+                }
+            }
+            steps.push(StepTemplate {
+                description: string_field(s, "description", &format!("step {step_name:?}"), 255)?,
+                dependent_system: string_field(
+                    s,
+                    "dependent_system",
+                    &format!("step {step_name:?}"),
+                    64,
+                )?
+                .unwrap_or_else(|| default_system.clone()),
+                handler_class,
+                handler_config,
+                default_retryable: bool_field(
+                    s,
+                    "default_retryable",
+                    &format!("step {step_name:?}"),
+                    true,
+                )?,
+                default_retry_limit: retry_limit,
+                skippable: bool_field(s, "skippable", &format!("step {step_name:?}"), false)?,
+                depends_on,
+                name: step_name,
+            });
+        }
+        for step in &steps {
+            for d in &step.depends_on {
+                if !index.contains_key(d) {
+                    return Err(TaskerError::UnknownDependency {
+                        step: step.name.clone(),
+                        dependency: d.clone(),
+                    });
+                }
+            }
+            if let Some(allowed) = &whitelist {
+                for n in std::iter::once(&step.name).chain(step.depends_on.iter()) {
+                    if !allowed.contains(n) {
+                        return Err(invalid(format!("step {n:?} is not listed in named_steps")));
+                    }
+                }
+            }
+        }
+        let template = TaskTemplate {
+            name,
+            namespace,
+            version,
+            description,
+            schema,
+            steps,
+        };
+        if let Err(cycle) = template.dag().topological_order() {
+            return Err(TaskerError::TemplateCycle {
+                steps: cycle
+                    .iter()
+                    .map(|&i| template.steps[i as usize].name.clone())
+                    .collect(),
+            });
+        }
+        Ok(template)
+    }
+
+    /// The dependency graph over step positions (ids are positions).
+    pub fn dag(&self) -> Dag {
+        let index: HashMap<&str, i64> = self
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i as i64))
+            .collect();
+        Dag::new(
+            0..self.steps.len() as i64,
+            self.steps.iter().enumerate().flat_map(|(i, s)| {
+                let index = &index;
+                s.depends_on
+                    .iter()
+                    .map(move |d| (index[d.as_str()], i as i64))
+            }),
+        )
+    }
+
+    /// `namespace.name@version`, as Rails names a template.
+    pub fn full_name(&self) -> String {
+        format!("{}.{}@{}", self.namespace, self.name, self.version)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn order_template() -> Value {
+        json!({
+            "name": "process_order", "namespace_name": "fulfilment", "version": "1.0.0",
+            "step_templates": [
+                {"name": "validate", "handler_class": "Validate"},
+                {"name": "reserve", "handler_class": "Reserve", "depends_on_step": "validate"},
+                {"name": "charge", "handler_class": "Charge", "depends_on_step": "validate",
+                 "default_retry_limit": 5, "handler_config": {"gateway": "test"}},
+                {"name": "ship", "handler_class": "Ship", "depends_on_steps": ["reserve", "charge", "reserve"]},
+            ]
+        })
+    }
+
+    #[test]
+    fn parses_a_fan_out_fan_in() {
+        let t = TaskTemplate::parse(&order_template(), 100).unwrap();
+        assert_eq!(t.full_name(), "fulfilment.process_order@1.0.0");
+        assert_eq!(t.steps[3].depends_on, vec!["reserve", "charge"]);
+        assert_eq!(t.steps[2].default_retry_limit, 5);
+        assert_eq!(t.steps[0].dependent_system, "unknown");
+        assert_eq!(t.dag().levels().unwrap(), vec![0, 1, 1, 2]);
+    }
+
+    #[test]
+    fn defaults_follow_rails() {
+        let t = TaskTemplate::parse(
+            &json!({"name": "x", "step_templates": [{"name": "a", "handler_class": "A"}]}),
+            10,
+        )
+        .unwrap();
+        assert_eq!(
+            (t.namespace.as_str(), t.version.as_str()),
+            ("default", "0.1.0")
+        );
+        let s = &t.steps[0];
+        assert!(s.default_retryable && !s.skippable);
+        assert_eq!(s.default_retry_limit, 3);
+    }
+
+    fn err(mut v: Value, f: impl FnOnce(&mut Value)) -> TaskerError {
+        f(&mut v);
+        TaskTemplate::parse(&v, 100).unwrap_err()
+    }
+
+    #[test]
+    fn each_defect_has_its_own_error() {
+        let e = err(order_template(), |v| {
+            v["step_templates"][3]["depends_on_steps"] = json!(["nope"])
+        });
+        assert_eq!(e.sqlstate(), "TK022");
+        assert!(e.to_string().contains("\"nope\""));
+        let e = err(order_template(), |v| {
+            v["step_templates"][1]["name"] = json!("validate")
+        });
+        assert_eq!(e.sqlstate(), "TK021");
+        let e = err(order_template(), |v| {
+            v["step_templates"][0]["depends_on_step"] = json!("ship")
+        });
+        assert_eq!(e.sqlstate(), "TK006");
+        let msg = e.to_string();
+        for n in ["validate", "reserve", "ship"] {
+            assert!(
+                msg.contains(n) || n == "reserve" && msg.contains("charge"),
+                "{msg}"
+            );
+        }
+        let e = err(order_template(), |v| v["version"] = json!("1.0"));
+        assert_eq!(e.sqlstate(), "TK023");
+        let e = err(order_template(), |v| {
+            v["step_templates"][2]
+                .as_object_mut()
+                .unwrap()
+                .remove("handler_class")
+                .map(|_| ())
+                .unwrap()
+        });
+        assert_eq!(e.sqlstate(), "TK024");
+        let e = err(order_template(), |v| {
+            v["step_templates"][2]["handler_class"] = json!("")
+        });
+        assert_eq!(e.sqlstate(), "TK024");
+        let e = err(order_template(), |v| v["step_templates"] = json!([]));
+        assert_eq!(e.sqlstate(), "TK020");
+        let e = err(json!([1]), |_| {});
+        assert_eq!(e.sqlstate(), "TK020");
+        let e = err(order_template(), |v| {
+            v["step_templates"][0]["default_retry_limit"] = json!("3")
+        });
+        assert_eq!(e.sqlstate(), "TK020");
+    }
+
+    #[test]
+    fn too_many_steps_is_a_limit() {
+        let steps: Vec<Value> = (0..11)
+            .map(|i| json!({"name": format!("s{i}"), "handler_class": "H"}))
+            .collect();
+        let e =
+            TaskTemplate::parse(&json!({"name": "big", "step_templates": steps}), 10).unwrap_err();
+        assert_eq!(e.sqlstate(), "54000");
+    }
+
+    #[test]
+    fn versions() {
+        assert!(is_version("0.1.0") && is_version("10.20.30"));
+        for bad in ["1.0", "1.0.0.0", "v1.0.0", "1.a.0", "", "1..0"] {
+            assert!(!is_version(bad), "{bad}");
+        }
+        assert!(version_key("1.10.0") > version_key("1.9.9"));
+    }
+}
