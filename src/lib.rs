@@ -33,6 +33,12 @@ pub mod store;
     name = "events",
     requires = ["bootstrap"]
 );
+// The worker protocol's leases, timers, operator functions and DAG picture.
+::pgrx::extension_sql_file!(
+    "../sql/worker.sql",
+    name = "worker",
+    requires = ["events", "compat_aggregates"]
+);
 // Pointing a Rails database's public functions at tasker_core, and back.
 ::pgrx::extension_sql_file!(
     "../sql/switchover.sql",

@@ -6,4 +6,5 @@ pub mod error;
 pub mod schema;
 pub mod srf;
 pub mod transitions;
+pub mod worker;
 pub mod workflow;

@@ -120,6 +120,11 @@ pub enum TaskerError {
         worker: String,
         detail: String,
     },
+    /// The maintained state the native surface reads is not enabled for the data schema.
+    #[error(
+        "tracking is not enabled for data schema {schema:?}: run tasker_core.enable_tracking()"
+    )]
+    TrackingDisabled { schema: String },
     /// A failure inside tasker_core that no input should cause.
     #[error("tasker_core internal error: {context}")]
     Internal { context: String },
@@ -162,6 +167,7 @@ impl TaskerError {
             TaskerError::ContextInvalid { .. } => "TK025",
             TaskerError::LimitExceeded { .. } => "54000", // program_limit_exceeded
             TaskerError::LeaseLost { .. } => "TK030",
+            TaskerError::TrackingDisabled { .. } => "TK011",
         }
     }
 }

@@ -107,7 +107,7 @@ fn check_at(schema: &Value, at: &str) -> Result<(), String> {
             },
             "minItems" | "maxItems" | "minLength" | "maxLength" | "minProperties"
             | "maxProperties"
-                if !v.as_u64().is_some() =>
+                if v.as_u64().is_none() =>
             {
                 return Err(format!("{here} must be a non-negative integer"))
             }

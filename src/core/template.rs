@@ -263,10 +263,12 @@ impl TaskTemplate {
                                     depends_on.push(d.clone())
                                 }
                             }
-                            other => return Err(invalid(format!(
+                            other => {
+                                return Err(invalid(format!(
                                 "step {step_name:?} depends_on_steps must hold step names, not {}",
                                 kind(other)
-                            ))),
+                            )))
+                            }
                         }
                     }
                 }

@@ -32,9 +32,14 @@ pub struct Recorded {
     pub position: String,
 }
 
+/// The channel that wakes workers when steps may have become claimable. Payload:
+/// `{"task_id": ..., "namespace": ...}` of the first such task in the transaction.
+pub const READY_CHANNEL: &str = "tasker_ready";
+
 thread_local! {
-    /// The top-level transaction id that already sent its NOTIFY on EVENTS_CHANNEL.
-    static NOTIFIED_XID: Cell<u32> = const { Cell::new(0) };
+    /// The top-level transaction ids that already sent their NOTIFY, per channel.
+    static NOTIFIED_EVENTS: Cell<u32> = const { Cell::new(0) };
+    static NOTIFIED_READY: Cell<u32> = const { Cell::new(0) };
 }
 
 /// Records `event` and, once per transaction, sends a NOTIFY naming it (each as the settings
@@ -76,27 +81,42 @@ pub fn emit(client: &SpiClient<'_>, event: &NewEvent<'_>) -> SpiResult<Option<Re
             })
         },
     )?;
-    if super::settings::NOTIFY.get() {
-        notify_once(client, event, &recorded)?;
-    }
+    notify_once(client, event, &recorded)?;
     Ok(Some(recorded))
 }
 
 /// Sends the wake-up for the first event of the current transaction only: listeners read the
 /// log from their position, which gives them every event of the transaction.
 fn notify_once(client: &SpiClient<'_>, event: &NewEvent<'_>, at: &Recorded) -> SpiResult<()> {
-    // SAFETY: the event insert above assigned a transaction id.
-    let xid = unsafe { pg_sys::GetTopTransactionIdIfAny() }.into_inner();
-    if NOTIFIED_XID.with(Cell::get) == xid {
-        return Ok(());
-    }
     let payload = serde_json::json!({
         "event": event.name,
         "task_id": event.task_id,
         "step_id": event.step_id,
         "position": at.position,
-    })
-    .to_string();
+    });
+    notify_channel_once(client, EVENTS_CHANNEL, &payload)
+}
+
+/// NOTIFY `channel` with `payload` unless this transaction already did (or NOTIFY is off).
+pub fn notify_channel_once(
+    client: &SpiClient<'_>,
+    channel: &'static str,
+    payload: &serde_json::Value,
+) -> SpiResult<()> {
+    if !super::settings::NOTIFY.get() {
+        return Ok(());
+    }
+    let slot = if channel == READY_CHANNEL {
+        &NOTIFIED_READY
+    } else {
+        &NOTIFIED_EVENTS
+    };
+    // SAFETY: asks for (and if needed assigns) the current top-level transaction id.
+    let xid = unsafe { pg_sys::GetTopTransactionId() }.into_inner();
+    if slot.with(Cell::get) == xid {
+        return Ok(());
+    }
+    let text = payload.to_string();
     with_write_plan(
         client,
         "notify",
@@ -104,14 +124,10 @@ fn notify_once(client: &SpiClient<'_>, event: &NewEvent<'_>, at: &Recorded) -> S
         &[TEXT, TEXT],
         || "SELECT pg_notify($1, $2)".to_owned(),
         |stmt| {
-            client.select(
-                stmt,
-                None,
-                &[EVENTS_CHANNEL.into(), payload.as_str().into()],
-            )?;
+            client.select(stmt, None, &[channel.into(), text.as_str().into()])?;
             Ok(())
         },
     )?;
-    NOTIFIED_XID.with(|c| c.set(xid));
+    slot.with(|c| c.set(xid));
     Ok(())
 }

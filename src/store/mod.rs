@@ -7,5 +7,7 @@ pub mod plans;
 pub mod rows;
 pub mod schema;
 pub mod settings;
+pub mod templates;
 pub mod transitions;
+pub mod worker;
 pub mod workflow;

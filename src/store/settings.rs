@@ -17,8 +17,63 @@ pub static NOTIFY: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Off loses events for subscribers; it exists for bulk loads and for measuring its cost.
 pub static EVENT_LOG: GucSetting<bool> = GucSetting::<bool>::new(true);
 
+/// `tasker_core.backoff_jitter`: add ±10 % jitter to computed backoffs (default on).
+pub static BACKOFF_JITTER: GucSetting<bool> = GucSetting::<bool>::new(true);
+
+/// `tasker_core.jitter_seed`: when non-zero, jitter is a function of this seed, the step and
+/// the attempt, so tests and replays are deterministic (default 0: varies).
+pub static JITTER_SEED: GucSetting<i32> = GucSetting::<i32>::new(0);
+
+/// `tasker_core.max_template_steps`: most steps a template may declare.
+pub static MAX_TEMPLATE_STEPS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
+/// The jitter seed of a backoff for `step_id`'s `attempt`, or `None` without jitter.
+pub fn jitter_seed(step_id: i64, attempt: i32) -> Option<u64> {
+    if !BACKOFF_JITTER.get() {
+        return None;
+    }
+    let base = match JITTER_SEED.get() {
+        0 => {
+            // SAFETY: reading the statement start time has no preconditions.
+            (unsafe { pgrx::pg_sys::GetCurrentStatementStartTimestamp() }) as u64
+        }
+        seed => seed as u64,
+    };
+    Some(crate::core::backoff::splitmix64(
+        base ^ (step_id as u64).rotate_left(17) ^ (attempt as u64).rotate_left(41),
+    ))
+}
+
 /// Registers the extension's settings. Called once per backend from `_PG_init`.
 pub fn register_gucs() {
+    GucRegistry::define_bool_guc(
+        c"tasker_core.backoff_jitter",
+        c"Add up to 10% jitter to computed retry backoffs.",
+        c"Spreads retries of steps that failed together.",
+        &BACKOFF_JITTER,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"tasker_core.jitter_seed",
+        c"Seed of the backoff jitter; 0 varies it.",
+        c"A non-zero seed makes the jitter a function of the seed, the step and the attempt.",
+        &JITTER_SEED,
+        i32::MIN,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"tasker_core.max_template_steps",
+        c"Most steps a task template may declare.",
+        c"register_task_template refuses larger templates with SQLSTATE 54000.",
+        &MAX_TEMPLATE_STEPS,
+        1,
+        1_000_000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"tasker_core.notify",
         c"Send NOTIFY wake-ups on channel tasker_events when events are recorded.",

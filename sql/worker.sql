@@ -1,0 +1,174 @@
+-- The worker protocol's own state (leases) and the functions written in SQL: timers
+-- (tick), operator functions (cancel, retry, resolve) and the DAG picture.
+
+-- One row per claimed step: who holds it and until when.
+CREATE TABLE tasker_core.step_claims (
+    workflow_step_id bigint PRIMARY KEY,
+    task_id bigint NOT NULL,
+    worker_id text NOT NULL,
+    lease_seconds integer NOT NULL CHECK (lease_seconds > 0),
+    lease_expires_at timestamptz NOT NULL,
+    claimed_at timestamptz NOT NULL DEFAULT tasker_core.now(),
+    heartbeat_at timestamptz
+);
+CREATE INDEX step_claims_expiry_idx ON tasker_core.step_claims (lease_expires_at);
+SELECT pg_catalog.pg_extension_config_dump('tasker_core.step_claims', '');
+
+-- When tick() last ran: steps whose backoff ended since then are announced.
+CREATE TABLE tasker_core.tick_state (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    last_tick_at timestamptz NOT NULL
+);
+SELECT pg_catalog.pg_extension_config_dump('tasker_core.tick_state', '');
+
+-- Timers, without clients polling the tables: fails steps whose lease expired (so they can be
+-- claimed again) and wakes workers (NOTIFY tasker_ready) when a backoff ended or a lease
+-- expired since the last tick. Run it every second or so: from pg_cron
+-- (SELECT cron.schedule('tasker-tick', '1 second', 'SELECT tasker_core.tick()')), from the
+-- background worker (tasker_core in shared_preload_libraries), or from any client.
+-- Returns the number of steps it made claimable or announced.
+CREATE FUNCTION tasker_core.tick() RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ds name := tasker_core._data_schema();
+    since timestamptz;
+    now_ts timestamptz := tasker_core.now();
+    expired integer := 0;
+    woke integer := 0;
+    r record;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM tasker_core.tracking t WHERE t.data_schema = ds) THEN
+        RETURN 0;
+    END IF;
+    INSERT INTO tasker_core.tick_state AS t (last_tick_at) VALUES (now_ts)
+    ON CONFLICT (singleton) DO UPDATE SET last_tick_at = excluded.last_tick_at
+    RETURNING (SELECT last_tick_at FROM tasker_core.tick_state) INTO since;
+    since := COALESCE(since, now_ts - interval '1 hour');
+    expired := tasker_core._expire_leases(1000);
+    SELECT count(*) INTO woke
+      FROM tasker_core.step_state s
+     WHERE s.blocked_parents = 0 AND s.processed IS NOT TRUE AND s.in_process IS NOT TRUE
+       AND s.state = 'error' AND s.backoff_request_seconds IS NOT NULL AND s.last_attempted_at IS NOT NULL
+       AND COALESCE(s.retryable, true) AND COALESCE(s.attempts, 0) < COALESCE(s.retry_limit, 3)
+       AND s.last_attempted_at + s.backoff_request_seconds * interval '1 second'
+           > (since AT TIME ZONE 'UTC')
+       AND s.last_attempted_at + s.backoff_request_seconds * interval '1 second'
+           <= (now_ts AT TIME ZONE 'UTC');
+    IF expired + woke > 0 AND current_setting('tasker_core.notify', true) IS DISTINCT FROM 'off' THEN
+        PERFORM pg_notify('tasker_ready', json_build_object('reason', 'tick', 'steps', expired + woke)::text);
+    END IF;
+    RETURN expired + woke;
+END;
+$$;
+
+-- Cancels a task and, atomically, every step of it that is not finished. Returns the number
+-- of steps cancelled.
+CREATE FUNCTION tasker_core.cancel_task(task_id bigint, reason text DEFAULT NULL) RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ds name := tasker_core._data_schema();
+    meta jsonb := jsonb_build_object('reason', COALESCE(reason, 'cancelled by operator'));
+    st text;
+    n integer := 0;
+    s record;
+BEGIN
+    IF cancel_task.task_id IS NULL THEN
+        RAISE EXCEPTION 'task_id must not be null' USING ERRCODE = '22004';
+    END IF;
+    EXECUTE format('SELECT 1 FROM %I.tasker_tasks WHERE task_id = $1 FOR UPDATE', ds) USING cancel_task.task_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'task % not found', cancel_task.task_id USING ERRCODE = 'TK004';
+    END IF;
+    FOR s IN SELECT x.workflow_step_id, x.state FROM tasker_core.step_state x
+             WHERE x.task_id = cancel_task.task_id
+               AND (x.state IS NULL OR x.state IN ('pending', 'in_progress', 'error'))
+             ORDER BY x.workflow_step_id LOOP
+        IF s.state = 'error' THEN
+            PERFORM tasker_core.transition_step(s.workflow_step_id, 'pending', meta);
+        END IF;
+        PERFORM tasker_core.transition_step(s.workflow_step_id, 'cancelled', meta);
+        n := n + 1;
+    END LOOP;
+    DELETE FROM tasker_core.step_claims c WHERE c.task_id = cancel_task.task_id;
+    EXECUTE format('UPDATE %I.tasker_workflow_steps SET in_process = false WHERE task_id = $1 AND in_process', ds)
+        USING cancel_task.task_id;
+    EXECUTE format('SELECT to_state::text FROM %I.tasker_task_transitions WHERE task_id = $1 AND most_recent', ds)
+        INTO st USING cancel_task.task_id;
+    IF st = 'error' THEN
+        PERFORM tasker_core.transition_task(cancel_task.task_id, 'pending', meta);
+    END IF;
+    PERFORM tasker_core.transition_task(cancel_task.task_id, 'cancelled', meta);
+    RETURN n;
+END;
+$$;
+
+-- Retries a task: every step in error goes back to pending with its attempts reset (and is
+-- made retryable again), the task goes from error back to pending, and workers are woken.
+-- Returns the number of steps reset.
+CREATE FUNCTION tasker_core.retry_task(task_id bigint) RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ds name := tasker_core._data_schema();
+    meta jsonb := jsonb_build_object('reason', 'retried by operator');
+    st text;
+    n integer := 0;
+    s record;
+BEGIN
+    IF retry_task.task_id IS NULL THEN
+        RAISE EXCEPTION 'task_id must not be null' USING ERRCODE = '22004';
+    END IF;
+    EXECUTE format('SELECT 1 FROM %I.tasker_tasks WHERE task_id = $1 FOR UPDATE', ds) USING retry_task.task_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'task % not found', retry_task.task_id USING ERRCODE = 'TK004';
+    END IF;
+    EXECUTE format('SELECT to_state::text FROM %I.tasker_task_transitions WHERE task_id = $1 AND most_recent', ds)
+        INTO st USING retry_task.task_id;
+    IF st IN ('complete', 'cancelled', 'resolved_manually') THEN
+        RAISE EXCEPTION 'task % cannot be retried: it is %', retry_task.task_id, st USING ERRCODE = 'TK002';
+    END IF;
+    FOR s IN SELECT x.workflow_step_id FROM tasker_core.step_state x
+             WHERE x.task_id = retry_task.task_id AND x.state = 'error'
+             ORDER BY x.workflow_step_id LOOP
+        EXECUTE format('UPDATE %I.tasker_workflow_steps SET attempts = 0, retryable = true,
+                               backoff_request_seconds = NULL, updated_at = (tasker_core.now() AT TIME ZONE ''UTC'')
+                        WHERE workflow_step_id = $1', ds) USING s.workflow_step_id;
+        PERFORM tasker_core.transition_step(s.workflow_step_id, 'pending', meta);
+        n := n + 1;
+    END LOOP;
+    IF st = 'error' THEN
+        PERFORM tasker_core.transition_task(retry_task.task_id, 'pending', meta);
+    END IF;
+    PERFORM pg_notify('tasker_ready', json_build_object('task_id', retry_task.task_id, 'reason', 'retry')::text);
+    RETURN n;
+END;
+$$;
+
+-- A Graphviz DOT picture of a task's DAG: nodes coloured by state, ready steps outlined.
+CREATE FUNCTION tasker_core.task_graph_dot(task_id bigint) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    out text;
+BEGIN
+    IF task_graph_dot.task_id IS NULL THEN
+        RAISE EXCEPTION 'task_id must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM tasker_core.task_steps(task_graph_dot.task_id)) THEN
+        RETURN format('digraph task_%s {}', task_graph_dot.task_id);
+    END IF;
+    SELECT format(E'digraph task_%s {\n  rankdir=LR;\n  node [shape=box, style="rounded,filled", fontname="Helvetica"];\n%s\n%s\n}',
+                  task_graph_dot.task_id,
+                  string_agg(DISTINCT n.line, E'\n'),
+                  COALESCE((SELECT string_agg(format('  s%s -> s%s;', p, t.workflow_step_id), E'\n' ORDER BY p, t.workflow_step_id)
+                            FROM tasker_core.task_steps(task_graph_dot.task_id) t, unnest(t.parent_step_ids) p), ''))
+      INTO out
+      FROM (SELECT format('  s%s [label="%s\n%s", fillcolor="%s"%s];',
+                          r.workflow_step_id, replace(r.name, '"', ''''), r.current_state,
+                          CASE r.current_state
+                              WHEN 'complete' THEN '#9be39b' WHEN 'resolved_manually' THEN '#c8e6c9'
+                              WHEN 'in_progress' THEN '#8ec5ff' WHEN 'error' THEN '#ff9e9e'
+                              WHEN 'cancelled' THEN '#d0d0d0' ELSE '#ffffff' END,
+                          CASE WHEN r.ready_for_execution THEN ', penwidth=3, color="#1f6feb"' ELSE '' END) AS line
+            FROM tasker_core.get_step_readiness_status(task_graph_dot.task_id) r) n;
+    RETURN out;
+END;
+$$;

@@ -1,0 +1,364 @@
+//! Templates, task creation, and the worker protocol: any language that sends SQL can define
+//! a workflow, start tasks and run their steps.
+
+use super::error::OrRaise;
+use crate::core::error::TaskerError;
+use crate::core::template::TaskTemplate;
+use crate::store::{self, templates, worker};
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::Value;
+
+fn schema() -> crate::core::ident::SchemaName {
+    store::settings::data_schema().or_raise()
+}
+
+fn required<T>(v: Option<T>, argument: &'static str) -> Result<T, TaskerError> {
+    v.ok_or(TaskerError::NullArgument { argument })
+}
+
+fn bounded(argument: &'static str, v: i32, min: i32, max: i32) -> Result<i32, TaskerError> {
+    if (min..=max).contains(&v) {
+        Ok(v)
+    } else {
+        Err(TaskerError::InvalidArgument {
+            argument,
+            reason: format!("{v} is outside {min}..={max}"),
+        })
+    }
+}
+
+fn worker_id(raw: Option<String>) -> Result<String, TaskerError> {
+    let w = required(raw, "worker_id")?;
+    if w.is_empty() || w.chars().count() > 200 || w.chars().any(char::is_control) {
+        return Err(TaskerError::InvalidArgument {
+            argument: "worker_id",
+            reason: "expected 1 to 200 printable characters".into(),
+        });
+    }
+    Ok(w)
+}
+
+/// Registers a task template (the Rails YAML template as JSON) in the Rails tables, replacing
+/// an earlier registration of the same namespace, name and version. Returns the named task id.
+#[pg_extern(volatile, parallel_unsafe)]
+fn register_task_template(template: Option<JsonB>) -> i32 {
+    (|| {
+        let raw = required(template, "template")?.0;
+        let max = store::settings::MAX_TEMPLATE_STEPS.get().max(1) as usize;
+        let t = TaskTemplate::parse(&raw, max)?;
+        templates::register(&store::settings::data_schema()?, &t, &raw)
+    })()
+    .or_raise()
+}
+
+/// A registered template as stored (latest version when `version` is NULL).
+#[pg_extern(stable, parallel_safe)]
+fn get_task_template(
+    namespace: Option<String>,
+    name: Option<String>,
+    version: default!(Option<String>, "NULL"),
+) -> JsonB {
+    (|| {
+        let ns = required(namespace, "namespace")?;
+        let name = required(name, "name")?;
+        let schema = store::settings::data_schema()?;
+        Spi::connect(|c| templates::find(c, &schema, &ns, &name, version.as_deref()))
+            .map(|s| JsonB(s.config))
+    })()
+    .or_raise()
+}
+
+/// Registered templates, optionally of one namespace, ordered by namespace, name, version.
+#[pg_extern(stable, parallel_safe)]
+fn list_task_templates(
+    namespace: default!(Option<String>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(namespace, String),
+        name!(name, String),
+        name!(version, String),
+        name!(description, Option<String>),
+        name!(step_count, i32),
+    ),
+> {
+    let rows = templates::list(&schema(), namespace.as_deref()).or_raise();
+    TableIterator::new(
+        rows.into_iter()
+            .map(|l| (l.namespace, l.name, l.version, l.description, l.step_count)),
+    )
+}
+
+fn string_option(
+    options: &serde_json::Map<String, Value>,
+    key: &'static str,
+    max: usize,
+) -> Result<Option<String>, TaskerError> {
+    match options.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() && s.chars().count() <= max => Ok(Some(s.clone())),
+        Some(_) => Err(TaskerError::InvalidArgument {
+            argument: "options",
+            reason: format!("{key} must be a string of 1 to {max} characters"),
+        }),
+    }
+}
+
+fn parse_options(raw: Option<JsonB>) -> Result<templates::TaskOptions, TaskerError> {
+    let v = raw
+        .map(|j| j.0)
+        .unwrap_or(Value::Object(Default::default()));
+    let Value::Object(o) = v else {
+        return Err(TaskerError::InvalidArgument {
+            argument: "options",
+            reason: "expected a JSON object".into(),
+        });
+    };
+    const KNOWN: [&str; 6] = [
+        "initiator",
+        "source_system",
+        "reason",
+        "tags",
+        "bypass_steps",
+        "idempotency_key",
+    ];
+    if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(TaskerError::InvalidArgument {
+            argument: "options",
+            reason: format!("unknown option {k:?} (known: {})", KNOWN.join(", ")),
+        });
+    }
+    let array = |key: &'static str| -> Result<Value, TaskerError> {
+        match o.get(key) {
+            None | Some(Value::Null) => Ok(Value::Array(vec![])),
+            Some(a @ Value::Array(_)) => Ok(a.clone()),
+            Some(_) => Err(TaskerError::InvalidArgument {
+                argument: "options",
+                reason: format!("{key} must be an array"),
+            }),
+        }
+    };
+    Ok(templates::TaskOptions {
+        initiator: string_option(&o, "initiator", 128)?,
+        source_system: string_option(&o, "source_system", 128)?,
+        reason: string_option(&o, "reason", 128)?,
+        tags: array("tags")?,
+        bypass_steps: array("bypass_steps")?,
+        idempotency_key: string_option(&o, "idempotency_key", 255)?,
+    })
+}
+
+/// Creates a task of a registered template — the task, its steps and edges — and wakes
+/// workers. `version` NULL means the latest. The context is validated against the template's
+/// JSON schema. `options`: initiator, source_system, reason, tags, bypass_steps,
+/// idempotency_key (a key used before returns that task's id and creates nothing).
+#[pg_extern(volatile, parallel_unsafe)]
+fn create_task(
+    namespace: Option<String>,
+    name: Option<String>,
+    version: Option<String>,
+    context: Option<JsonB>,
+    options: default!(Option<JsonB>, "'{}'"),
+) -> i64 {
+    (|| {
+        let ns = required(namespace, "namespace")?;
+        let name = required(name, "name")?;
+        let context = required(context, "context")?.0;
+        if !context.is_object() {
+            return Err(TaskerError::InvalidArgument {
+                argument: "context",
+                reason: format!(
+                    "expected a JSON object, got {}",
+                    crate::core::template::kind(&context)
+                ),
+            });
+        }
+        let options = parse_options(options)?;
+        let schema = store::settings::data_schema()?;
+        templates::create_task(&schema, &ns, &name, version.as_deref(), &context, &options)
+            .map(|(id, _)| id)
+    })()
+    .or_raise()
+}
+
+type ClaimRow = (
+    i64,
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<JsonB>,
+    Option<JsonB>,
+    JsonB,
+    i32,
+    Option<TimestampWithTimeZone>,
+);
+
+/// Claims up to `max_steps` ready steps (of `namespaces`, all when NULL) for `worker_id`,
+/// leasing each for `lease_seconds`. Concurrent claimers never get the same step. Each row has
+/// what the worker needs: ids, names, handler class and config, inputs, the results of the
+/// step's parents by name, the attempt number and the lease deadline.
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn claim_steps(
+    worker_id: Option<String>,
+    namespaces: default!(Option<Vec<Option<String>>>, "NULL"),
+    max_steps: default!(Option<i32>, "1"),
+    lease_seconds: default!(Option<i32>, "60"),
+) -> TableIterator<
+    'static,
+    (
+        name!(task_id, i64),
+        name!(workflow_step_id, i64),
+        name!(step_name, String),
+        name!(namespace, String),
+        name!(task_name, String),
+        name!(handler_class, Option<String>),
+        name!(handler_config, Option<JsonB>),
+        name!(inputs, Option<JsonB>),
+        name!(parent_results, JsonB),
+        name!(attempt, i32),
+        name!(lease_expires_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let claimed = (|| {
+        let w = self::worker_id(worker_id)?;
+        let max = bounded("max_steps", required(max_steps, "max_steps")?, 1, 1000)?;
+        let lease = bounded(
+            "lease_seconds",
+            required(lease_seconds, "lease_seconds")?,
+            1,
+            86_400,
+        )?;
+        let namespaces = namespaces.map(|v| v.into_iter().flatten().collect::<Vec<String>>());
+        worker::claim(&store::settings::data_schema()?, &w, namespaces, max, lease)
+    })()
+    .or_raise();
+    let rows: Vec<ClaimRow> = claimed
+        .into_iter()
+        .map(|c| {
+            (
+                c.task_id,
+                c.workflow_step_id,
+                c.step_name,
+                c.namespace,
+                c.task_name,
+                c.handler_class,
+                c.handler_config.map(JsonB),
+                c.inputs.map(JsonB),
+                JsonB(c.parent_results),
+                c.attempt,
+                TimestampWithTimeZone::try_from(c.lease_expires_at).ok(),
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
+/// Records the success of a claimed step, finalizes its task, and wakes workers for the steps
+/// that became ready. Fails with TK030 unless `worker_id` holds the step's lease.
+#[pg_extern(volatile, parallel_unsafe)]
+fn complete_step(
+    step_id: Option<i64>,
+    worker_id: Option<String>,
+    results: default!(Option<JsonB>, "'{}'"),
+) -> bool {
+    (|| {
+        let step = required(step_id, "step_id")?;
+        let w = self::worker_id(worker_id)?;
+        let results = results
+            .map(|j| j.0)
+            .unwrap_or(Value::Object(Default::default()));
+        worker::complete(&store::settings::data_schema()?, step, &w, &results).map(|_| true)
+    })()
+    .or_raise()
+}
+
+/// Records the failure of a claimed step. Retryable failures back off (the server's
+/// `retry_after_seconds` when given, capped at 300 s; else exponential with jitter) and are
+/// claimed again; a permanent failure (`retryable` false) or exhausted retries block the step.
+/// Returns the backoff in seconds, or NULL when the step will not be retried.
+#[pg_extern(volatile, parallel_unsafe)]
+fn fail_step(
+    step_id: Option<i64>,
+    worker_id: Option<String>,
+    error: Option<JsonB>,
+    retryable: default!(Option<bool>, "true"),
+    retry_after_seconds: default!(Option<i32>, "NULL"),
+) -> Option<i32> {
+    (|| {
+        let step = required(step_id, "step_id")?;
+        let w = self::worker_id(worker_id)?;
+        let error = error.map(|j| j.0).unwrap_or(Value::Null);
+        let retryable = retryable.unwrap_or(true);
+        if let Some(r) = retry_after_seconds {
+            bounded("retry_after_seconds", r, 0, i32::MAX)?;
+        }
+        worker::fail(
+            &store::settings::data_schema()?,
+            step,
+            &w,
+            &error,
+            retryable,
+            retry_after_seconds.map(i64::from),
+        )
+        .map(|b| b.map(|s| s as i32))
+    })()
+    .or_raise()
+}
+
+/// Extends the lease of a claimed step by its lease length; returns the new deadline.
+#[pg_extern(volatile, parallel_unsafe)]
+fn heartbeat(step_id: Option<i64>, worker_id: Option<String>) -> Option<TimestampWithTimeZone> {
+    (|| {
+        let step = required(step_id, "step_id")?;
+        let w = self::worker_id(worker_id)?;
+        worker::heartbeat(step, &w)
+    })()
+    .map(|t| TimestampWithTimeZone::try_from(t).ok())
+    .or_raise()
+}
+
+/// The backoff, in seconds, after the `attempt`-th execution of a step failed: Retry-After
+/// wins (capped at 300); else 1, 2, 4, 8, 16, 32, then attempt², capped at 300, with ±10 %
+/// jitter drawn from `jitter_seed` (none when NULL).
+#[pg_extern(immutable, parallel_safe)]
+fn backoff_seconds(
+    attempt: i32,
+    retry_after_seconds: default!(Option<i32>, "NULL"),
+    jitter_seed: default!(Option<i64>, "NULL"),
+) -> i32 {
+    crate::core::backoff::backoff_seconds(
+        attempt,
+        retry_after_seconds.map(i64::from),
+        jitter_seed.map(|s| s as u64),
+    ) as i32
+}
+
+/// Marks a step resolved by an operator with the given results (failing it first if it is in
+/// progress), releases its lease, and finalizes its task.
+#[pg_extern(volatile, parallel_unsafe)]
+fn resolve_step_manually(step_id: Option<i64>, results: default!(Option<JsonB>, "'{}'")) -> bool {
+    (|| {
+        let step = required(step_id, "step_id")?;
+        let results = results
+            .map(|j| j.0)
+            .unwrap_or(Value::Object(Default::default()));
+        worker::resolve_manually(&store::settings::data_schema()?, step, &results)
+    })()
+    .or_raise()
+}
+
+/// Fails up to `max_steps` in-progress steps whose lease expired (used by `tick()`).
+#[pg_extern(volatile, parallel_unsafe, name = "_expire_leases")]
+fn expire_leases(max_steps: i32) -> i32 {
+    (|| {
+        let schema = store::settings::data_schema()?;
+        Spi::connect_mut(|c| worker::expire_leases(c, &schema, max_steps.clamp(1, 100_000)))
+    })()
+    .map(|ids| ids.len() as i32)
+    .or_raise()
+}

@@ -1,0 +1,920 @@
+//! The worker protocol: claim ready steps under a lease, complete or fail them, heartbeat,
+//! and finalize the task — each call one transaction.
+//!
+//! Native readiness (what a claim takes): the step is pending or in error, not processed nor
+//! in process, every parent complete or resolved_manually (the maintained blocked count is 0),
+//! attempts below the retry limit, retryable, and its explicit backoff
+//! (`last_attempted_at + backoff_request_seconds`) expired by `tasker_core.now()` (UTC). A
+//! step in progress whose lease expired is failed (`lease_expired`) and, retries permitting,
+//! claimed again.
+
+use super::events::{self, NewEvent, READY_CHANNEL};
+use super::plans::{with_plan, with_write_plan};
+use super::transitions;
+use crate::core::backoff;
+use crate::core::error::TaskerError;
+use crate::core::ident::SchemaName;
+use crate::core::state::{Entity, State};
+use pgrx::pg_sys::{PgBuiltInOids, PgOid};
+use pgrx::spi::{Spi, SpiClient, SpiResult};
+use pgrx::JsonB;
+use serde_json::{json, Value};
+
+const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+const TEXTARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
+const INT4: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT4OID);
+const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
+const INT8ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID);
+const JSONB: PgOid = PgOid::BuiltIn(PgBuiltInOids::JSONBOID);
+const BOOL: PgOid = PgOid::BuiltIn(PgBuiltInOids::BOOLOID);
+
+const NOW: &str = "(tasker_core.now() AT TIME ZONE 'UTC')";
+
+fn spi(e: pgrx::spi::Error) -> TaskerError {
+    TaskerError::Internal {
+        context: format!("SPI failure in the worker protocol: {e}"),
+    }
+}
+
+fn require_tracked(client: &SpiClient<'_>, schema: &SchemaName) -> Result<(), TaskerError> {
+    if super::facts::is_tracked(client, schema).map_err(spi)? {
+        Ok(())
+    } else {
+        Err(TaskerError::TrackingDisabled {
+            schema: schema.as_str().to_owned(),
+        })
+    }
+}
+
+/// Wakes workers (NOTIFY on `tasker_ready`, once per transaction).
+pub fn wake(client: &SpiClient<'_>, task_id: i64, namespace: &str) -> SpiResult<()> {
+    events::notify_channel_once(
+        client,
+        READY_CHANNEL,
+        &json!({ "task_id": task_id, "namespace": namespace }),
+    )
+}
+
+fn emit(
+    client: &SpiClient<'_>,
+    name: &str,
+    task_id: i64,
+    step_id: Option<i64>,
+    payload: Value,
+) -> Result<(), TaskerError> {
+    events::emit(
+        client,
+        &NewEvent {
+            name,
+            task_id: Some(task_id),
+            step_id,
+            from_state: None,
+            to_state: None,
+            payload,
+        },
+    )
+    .map_err(spi)?;
+    Ok(())
+}
+
+/// One claimed step, with what its worker needs.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub task_id: i64,
+    pub workflow_step_id: i64,
+    pub step_name: String,
+    pub namespace: String,
+    pub task_name: String,
+    pub handler_class: Option<String>,
+    pub handler_config: Option<Value>,
+    pub inputs: Option<Value>,
+    pub parent_results: Value,
+    pub attempt: i32,
+    pub lease_expires_at: i64,
+}
+
+/// Fails the in-progress steps whose lease expired (at most `limit`), so that they can be
+/// claimed again. Returns their ids.
+pub fn expire_leases(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    limit: i32,
+) -> Result<Vec<i64>, TaskerError> {
+    let q = schema.quoted();
+    let expired: Vec<(i64, String)> = with_write_plan(
+        client,
+        "expired_leases",
+        schema.as_str(),
+        &[INT4],
+        || {
+            format!(
+                "SELECT c.workflow_step_id, c.worker_id FROM tasker_core.step_claims c
+                 JOIN {q}.tasker_workflow_steps ws ON ws.workflow_step_id = c.workflow_step_id
+                 WHERE c.lease_expires_at <= tasker_core.now()
+                 ORDER BY c.lease_expires_at
+                 LIMIT $1
+                 FOR UPDATE OF ws SKIP LOCKED"
+            )
+        },
+        |stmt| {
+            let mut out = Vec::new();
+            for row in client.select(stmt, None, &[limit.into()])? {
+                out.push((
+                    row.get::<i64>(1)?.unwrap_or_default(),
+                    row.get::<String>(2)?.unwrap_or_default(),
+                ));
+            }
+            Ok(out)
+        },
+    )
+    .map_err(spi)?;
+    let mut ids = Vec::with_capacity(expired.len());
+    for (step_id, worker) in expired {
+        release(client, schema, step_id, "lease_expired", &worker)?;
+        ids.push(step_id);
+    }
+    Ok(ids)
+}
+
+/// Drops a step's claim and fails it (`in_progress -> error`) with `reason`, counting the
+/// attempt, so it can be retried.
+fn release(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    step_id: i64,
+    reason: &str,
+    worker: &str,
+) -> Result<(), TaskerError> {
+    let q = schema.quoted();
+    with_write_plan(
+        client,
+        "release_step",
+        schema.as_str(),
+        &[INT8],
+        || {
+            format!(
+                "WITH gone AS (DELETE FROM tasker_core.step_claims WHERE workflow_step_id = $1)
+                 UPDATE {q}.tasker_workflow_steps SET in_process = false, last_attempted_at = {NOW},
+                        updated_at = {NOW}
+                 WHERE workflow_step_id = $1"
+            )
+        },
+        |stmt| {
+            client.select(stmt, None, &[step_id.into()])?;
+            Ok(())
+        },
+    )
+    .map_err(spi)?;
+    let metadata = JsonB(json!({ "reason": reason, "worker_id": worker }));
+    match transitions::transition(
+        schema,
+        Entity::Step,
+        step_id,
+        State::Error,
+        &metadata,
+        Some(State::InProgress),
+    ) {
+        Ok(_) | Err(TaskerError::ExpectedFromMismatch { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Claims up to `max_steps` ready steps of the given namespaces (all when `None`) for
+/// `worker_id`, under a lease of `lease_seconds`.
+pub fn claim(
+    schema: &SchemaName,
+    worker_id: &str,
+    namespaces: Option<Vec<String>>,
+    max_steps: i32,
+    lease_seconds: i32,
+) -> Result<Vec<Claimed>, TaskerError> {
+    let q = schema.quoted();
+    Spi::connect_mut(|client| {
+        require_tracked(client, schema)?;
+        expire_leases(client, schema, max_steps)?;
+        let candidates: Vec<(i64, i64, Option<String>)> = with_write_plan(
+            client,
+            "claim_candidates",
+            schema.as_str(),
+            &[INT4, TEXTARRAY],
+            || {
+                format!(
+                    "SELECT ws.workflow_step_id, ws.task_id, s.state
+                     FROM tasker_core.step_state s
+                     JOIN {q}.tasker_workflow_steps ws ON ws.workflow_step_id = s.workflow_step_id
+                     JOIN {q}.tasker_tasks t ON t.task_id = s.task_id
+                     JOIN {q}.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
+                     JOIN {q}.tasker_task_namespaces tn ON tn.task_namespace_id = nt.task_namespace_id
+                     WHERE s.blocked_parents = 0 AND s.processed IS NOT TRUE AND s.in_process IS NOT TRUE
+                       AND (s.state IS NULL OR s.state IN ('pending', 'error'))
+                       AND COALESCE(s.attempts, 0) < COALESCE(s.retry_limit, 3)
+                       AND COALESCE(s.retryable, true)
+                       AND (s.backoff_request_seconds IS NULL OR s.last_attempted_at IS NULL
+                            OR s.last_attempted_at + s.backoff_request_seconds * interval '1 second' <= {NOW})
+                       AND t.complete IS NOT TRUE
+                       AND ($2::text[] IS NULL OR tn.name = ANY ($2))
+                     ORDER BY s.workflow_step_id
+                     LIMIT $1
+                     FOR UPDATE OF ws SKIP LOCKED"
+                )
+            },
+            |stmt| {
+                let mut out = Vec::new();
+                for row in client.select(stmt, None, &[max_steps.into(), namespaces.clone().into()])? {
+                    out.push((
+                        row.get::<i64>(1)?.unwrap_or_default(),
+                        row.get::<i64>(2)?.unwrap_or_default(),
+                        row.get::<String>(3)?,
+                    ));
+                }
+                Ok(out)
+            },
+        )
+        .map_err(spi)?;
+        let mut claimed_ids = Vec::new();
+        let mut tasks_started = std::collections::BTreeSet::new();
+        for (step_id, task_id, state) in candidates {
+            // The locked row may have moved on since the scan read it: the transitions
+            // re-validate against the current state and skip the step if it is not claimable.
+            if state.as_deref() == Some("error") {
+                let retry = JsonB(json!({ "reason": "retry", "worker_id": worker_id }));
+                match transitions::transition(
+                    schema,
+                    Entity::Step,
+                    step_id,
+                    State::Pending,
+                    &retry,
+                    Some(State::Error),
+                ) {
+                    Ok(_) => {}
+                    Err(TaskerError::ExpectedFromMismatch { .. })
+                    | Err(TaskerError::TransitionNotAllowed { .. }) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            let meta = JsonB(json!({ "worker_id": worker_id }));
+            match transitions::transition(
+                schema,
+                Entity::Step,
+                step_id,
+                State::InProgress,
+                &meta,
+                Some(State::Pending),
+            ) {
+                Ok(true) => {
+                    claimed_ids.push(step_id);
+                    tasks_started.insert(task_id);
+                }
+                Ok(false)
+                | Err(TaskerError::ExpectedFromMismatch { .. })
+                | Err(TaskerError::TransitionNotAllowed { .. })
+                | Err(TaskerError::GuardFailed { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        for task_id in tasks_started {
+            start_task(client, schema, task_id)?;
+        }
+        if claimed_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        with_write_plan(
+            client,
+            "claim_record",
+            schema.as_str(),
+            &[INT8ARRAY, TEXT, INT4],
+            || {
+                format!(
+                    "WITH upd AS (
+                         UPDATE {q}.tasker_workflow_steps
+                            SET in_process = true, attempts = COALESCE(attempts, 0) + 1,
+                                last_attempted_at = {NOW}, updated_at = {NOW}
+                          WHERE workflow_step_id = ANY ($1)
+                          RETURNING workflow_step_id, task_id)
+                     INSERT INTO tasker_core.step_claims (workflow_step_id, task_id, worker_id, lease_seconds, lease_expires_at)
+                     SELECT upd.workflow_step_id, upd.task_id, $2, $3, tasker_core.now() + $3 * interval '1 second'
+                     FROM upd"
+                )
+            },
+            |stmt| {
+                client.select(stmt, None, &[claimed_ids.clone().into(), worker_id.into(), lease_seconds.into()])?;
+                Ok(())
+            },
+        )
+        .map_err(spi)?;
+        claimed_rows(client, schema, &claimed_ids)
+    })
+}
+
+/// Moves a task to in_progress when a step of it starts (from pending, or error via pending).
+fn start_task(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    task_id: i64,
+) -> Result<(), TaskerError> {
+    let empty = JsonB(json!({}));
+    match task_state(client, schema, task_id)?.as_deref() {
+        Some("in_progress") => return Ok(()),
+        Some("error") => {
+            transitions::transition(
+                schema,
+                Entity::Task,
+                task_id,
+                State::Pending,
+                &empty,
+                Some(State::Error),
+            )?;
+        }
+        Some("complete") | Some("cancelled") | Some("resolved_manually") => return Ok(()),
+        _ => {}
+    }
+    match transitions::transition(
+        schema,
+        Entity::Task,
+        task_id,
+        State::InProgress,
+        &empty,
+        None,
+    ) {
+        Ok(_) | Err(TaskerError::TransitionNotAllowed { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn task_state(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    task_id: i64,
+) -> Result<Option<String>, TaskerError> {
+    let q = schema.quoted();
+    with_plan(
+        client,
+        "task_state",
+        schema.as_str(),
+        &[INT8],
+        || format!("SELECT to_state::text FROM {q}.tasker_task_transitions WHERE task_id = $1 AND most_recent"),
+        |stmt| {
+            let t = client.select(stmt, Some(1), &[task_id.into()])?;
+            if t.is_empty() {
+                Ok(None)
+            } else {
+                t.first().get_one::<String>()
+            }
+        },
+    )
+    .map_err(spi)
+}
+
+fn claimed_rows(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    ids: &[i64],
+) -> Result<Vec<Claimed>, TaskerError> {
+    let q = schema.quoted();
+    with_plan(
+        client,
+        "claimed_rows",
+        schema.as_str(),
+        &[INT8ARRAY],
+        || {
+            format!(
+                "SELECT ws.task_id, ws.workflow_step_id, ns.name::text, tn.name::text, nt.name::text,
+                        st ->> 'handler_class', st -> 'handler_config', ws.inputs,
+                        COALESCE((SELECT jsonb_object_agg(pns.name, COALESCE(pws.results, 'null'::jsonb))
+                                  FROM {q}.tasker_workflow_step_edges e
+                                  JOIN {q}.tasker_workflow_steps pws ON pws.workflow_step_id = e.from_step_id
+                                  JOIN {q}.tasker_named_steps pns ON pns.named_step_id = pws.named_step_id
+                                  WHERE e.to_step_id = ws.workflow_step_id), '{{}}'::jsonb),
+                        ws.attempts,
+                        c.lease_expires_at
+                 FROM {q}.tasker_workflow_steps ws
+                 JOIN tasker_core.step_claims c ON c.workflow_step_id = ws.workflow_step_id
+                 JOIN {q}.tasker_named_steps ns ON ns.named_step_id = ws.named_step_id
+                 JOIN {q}.tasker_tasks t ON t.task_id = ws.task_id
+                 JOIN {q}.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
+                 JOIN {q}.tasker_task_namespaces tn ON tn.task_namespace_id = nt.task_namespace_id
+                 LEFT JOIN LATERAL (
+                     SELECT x AS st FROM jsonb_array_elements(
+                         CASE WHEN jsonb_typeof(nt.configuration -> 'step_templates') = 'array'
+                              THEN nt.configuration -> 'step_templates' ELSE '[]'::jsonb END) x
+                     WHERE x ->> 'name' = ns.name::text LIMIT 1) tmpl ON true
+                 WHERE ws.workflow_step_id = ANY ($1)
+                 ORDER BY ws.workflow_step_id"
+            )
+        },
+        |stmt| {
+            let mut out = Vec::new();
+            for row in client.select(stmt, None, &[ids.to_vec().into()])? {
+                out.push(Claimed {
+                    task_id: row.get::<i64>(1)?.unwrap_or_default(),
+                    workflow_step_id: row.get::<i64>(2)?.unwrap_or_default(),
+                    step_name: row.get::<String>(3)?.unwrap_or_default(),
+                    namespace: row.get::<String>(4)?.unwrap_or_default(),
+                    task_name: row.get::<String>(5)?.unwrap_or_default(),
+                    handler_class: row.get::<String>(6)?,
+                    handler_config: row.get::<JsonB>(7)?.map(|j| j.0),
+                    inputs: row.get::<JsonB>(8)?.map(|j| j.0),
+                    parent_results: row.get::<JsonB>(9)?.map(|j| j.0).unwrap_or(Value::Null),
+                    attempt: row.get::<i32>(10)?.unwrap_or_default(),
+                    lease_expires_at: row
+                        .get::<pgrx::datum::TimestampWithTimeZone>(11)?
+                        .map(pgrx::pg_sys::TimestampTz::from)
+                        .unwrap_or_default(),
+                });
+            }
+            Ok(out)
+        },
+    )
+    .map_err(spi)
+}
+
+/// The claim of a step, checked for `worker_id`: `(task_id, lease_seconds)`.
+fn check_lease(
+    client: &SpiClient<'_>,
+    step_id: i64,
+    worker_id: &str,
+) -> Result<(i64, i32), TaskerError> {
+    let row: Option<(String, i64, i32, bool, String)> = with_write_plan(
+        client,
+        "check_lease",
+        "",
+        &[INT8],
+        || {
+            "SELECT worker_id, task_id, lease_seconds, lease_expires_at > tasker_core.now(), lease_expires_at::text
+             FROM tasker_core.step_claims WHERE workflow_step_id = $1 FOR UPDATE"
+                .to_owned()
+        },
+        |stmt| {
+            let t = client.select(stmt, Some(1), &[step_id.into()])?;
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let r = t.first();
+            Ok(Some((
+                r.get::<String>(1)?.unwrap_or_default(),
+                r.get::<i64>(2)?.unwrap_or_default(),
+                r.get::<i32>(3)?.unwrap_or_default(),
+                r.get::<bool>(4)?.unwrap_or(false),
+                r.get::<String>(5)?.unwrap_or_default(),
+            )))
+        },
+    )
+    .map_err(spi)?;
+    let lost = |detail: String| TaskerError::LeaseLost {
+        step_id,
+        worker: worker_id.to_owned(),
+        detail,
+    };
+    match row {
+        None => Err(lost(": the step is not claimed".into())),
+        Some((holder, _, _, _, _)) if holder != worker_id => {
+            Err(lost(format!(": it is leased to worker {holder:?}")))
+        }
+        Some((_, _, _, false, at)) => Err(lost(format!(": the lease expired at {at}"))),
+        Some((_, task_id, secs, true, _)) => Ok((task_id, secs)),
+    }
+}
+
+/// Records a step's success: results, processed, `in_progress -> complete`, then finalizes
+/// the task and wakes workers for the steps that became ready.
+pub fn complete(
+    schema: &SchemaName,
+    step_id: i64,
+    worker_id: &str,
+    results: &Value,
+) -> Result<(), TaskerError> {
+    let q = schema.quoted();
+    Spi::connect_mut(|client| {
+        require_tracked(client, schema)?;
+        let (task_id, _) = check_lease(client, step_id, worker_id)?;
+        with_write_plan(
+            client,
+            "complete_step",
+            schema.as_str(),
+            &[INT8, JSONB],
+            || {
+                format!(
+                    "WITH gone AS (DELETE FROM tasker_core.step_claims WHERE workflow_step_id = $1)
+                     UPDATE {q}.tasker_workflow_steps
+                        SET results = $2, processed = true, processed_at = {NOW}, in_process = false,
+                            updated_at = {NOW}
+                      WHERE workflow_step_id = $1"
+                )
+            },
+            |stmt| {
+                client.select(stmt, None, &[step_id.into(), JsonB(results.clone()).into()])?;
+                Ok(())
+            },
+        )
+        .map_err(spi)?;
+        let meta = JsonB(json!({ "worker_id": worker_id }));
+        transitions::transition(
+            schema,
+            Entity::Step,
+            step_id,
+            State::Complete,
+            &meta,
+            Some(State::InProgress),
+        )?;
+        finalize(client, schema, task_id)?;
+        Ok(())
+    })
+}
+
+/// Records a step's failure: error in results, backoff, `in_progress -> error`; a permanent
+/// failure marks the step not retryable. Then finalizes the task. Returns the backoff in
+/// seconds, or `None` when the step will not be retried.
+pub fn fail(
+    schema: &SchemaName,
+    step_id: i64,
+    worker_id: &str,
+    error: &Value,
+    retryable: bool,
+    retry_after: Option<i64>,
+) -> Result<Option<i64>, TaskerError> {
+    let q = schema.quoted();
+    Spi::connect_mut(|client| {
+        require_tracked(client, schema)?;
+        let (task_id, _) = check_lease(client, step_id, worker_id)?;
+        let (attempts, retry_limit): (i32, i32) = with_plan(
+            client,
+            "step_attempts",
+            schema.as_str(),
+            &[INT8],
+            || format!("SELECT COALESCE(attempts, 0), COALESCE(retry_limit, 3) FROM {q}.tasker_workflow_steps WHERE workflow_step_id = $1"),
+            |stmt| {
+                let t = client.select(stmt, Some(1), &[step_id.into()])?;
+                let r = t.first();
+                Ok((r.get::<i32>(1)?.unwrap_or_default(), r.get::<i32>(2)?.unwrap_or(3)))
+            },
+        )
+        .map_err(spi)?;
+        let seed = super::settings::jitter_seed(step_id, attempts);
+        let backoff_secs = backoff::backoff_seconds(attempts, retry_after, seed);
+        let will_retry = retryable && attempts < retry_limit;
+        with_write_plan(
+            client,
+            "fail_step",
+            schema.as_str(),
+            &[INT8, JSONB, BOOL, INT4],
+            || {
+                format!(
+                    "WITH gone AS (DELETE FROM tasker_core.step_claims WHERE workflow_step_id = $1)
+                     UPDATE {q}.tasker_workflow_steps
+                        SET results = COALESCE(results, '{{}}'::jsonb) || jsonb_build_object('error', $2::jsonb),
+                            processed = false, in_process = false, last_attempted_at = {NOW},
+                            backoff_request_seconds = $4,
+                            retryable = retryable AND $3, updated_at = {NOW}
+                      WHERE workflow_step_id = $1"
+                )
+            },
+            |stmt| {
+                client.select(
+                    stmt,
+                    None,
+                    &[step_id.into(), JsonB(error.clone()).into(), retryable.into(), (backoff_secs as i32).into()],
+                )?;
+                Ok(())
+            },
+        )
+        .map_err(spi)?;
+        let meta = JsonB(json!({
+            "worker_id": worker_id, "error": error, "retryable": retryable,
+            "backoff_seconds": if will_retry { Some(backoff_secs) } else { None },
+        }));
+        transitions::transition(
+            schema,
+            Entity::Step,
+            step_id,
+            State::Error,
+            &meta,
+            Some(State::InProgress),
+        )?;
+        if will_retry {
+            emit(
+                client,
+                "observability.step.backoff",
+                task_id,
+                Some(step_id),
+                json!({ "backoff_seconds": backoff_secs, "attempt": attempts,
+                        "backoff_type": if retry_after.is_some() { "server_requested" } else { "exponential" } }),
+            )?;
+        } else if retryable {
+            emit(
+                client,
+                "observability.step.max_retries_reached",
+                task_id,
+                Some(step_id),
+                json!({ "attempts": attempts, "retry_limit": retry_limit }),
+            )?;
+        }
+        finalize(client, schema, task_id)?;
+        Ok(will_retry.then_some(backoff_secs))
+    })
+}
+
+/// Extends a step's lease by its lease length; returns the new deadline.
+pub fn heartbeat(step_id: i64, worker_id: &str) -> Result<i64, TaskerError> {
+    Spi::connect_mut(|client| {
+        check_lease(client, step_id, worker_id)?;
+        with_write_plan(
+            client,
+            "heartbeat",
+            "",
+            &[INT8],
+            || {
+                "UPDATE tasker_core.step_claims
+                    SET lease_expires_at = tasker_core.now() + lease_seconds * interval '1 second',
+                        heartbeat_at = tasker_core.now()
+                  WHERE workflow_step_id = $1 RETURNING lease_expires_at"
+                    .to_owned()
+            },
+            |stmt| {
+                Ok(client
+                    .select(stmt, Some(1), &[step_id.into()])?
+                    .first()
+                    .get_one::<pgrx::datum::TimestampWithTimeZone>()?
+                    .map(pgrx::pg_sys::TimestampTz::from)
+                    .unwrap_or_default())
+            },
+        )
+        .map_err(spi)
+    })
+}
+
+/// Step counts of a task by the native rules (a non-retryable error counts as permanently
+/// blocked, unlike the Rails function).
+#[derive(Debug, Default, Clone, Copy)]
+struct NativeCounts {
+    total: i64,
+    done: i64,
+    in_progress: i64,
+    ready: i64,
+    waiting: i64,
+    blocked: i64,
+}
+
+fn native_counts(client: &SpiClient<'_>, task_id: i64) -> Result<NativeCounts, TaskerError> {
+    with_plan(
+        client,
+        "native_counts",
+        "",
+        &[INT8],
+        || {
+            format!(
+                "SELECT count(*),
+                        count(*) FILTER (WHERE s.state IN ('complete', 'resolved_manually')),
+                        count(*) FILTER (WHERE s.state = 'in_progress'),
+                        count(*) FILTER (WHERE s.blocked_parents = 0 AND s.processed IS NOT TRUE
+                                           AND (s.state IS NULL OR s.state IN ('pending', 'error'))
+                                           AND COALESCE(s.attempts, 0) < COALESCE(s.retry_limit, 3)
+                                           AND COALESCE(s.retryable, true)
+                                           AND (s.backoff_request_seconds IS NULL OR s.last_attempted_at IS NULL
+                                                OR s.last_attempted_at + s.backoff_request_seconds * interval '1 second' <= {NOW})),
+                        count(*) FILTER (WHERE s.state = 'error' AND COALESCE(s.attempts, 0) < COALESCE(s.retry_limit, 3)
+                                           AND COALESCE(s.retryable, true)),
+                        count(*) FILTER (WHERE s.state = 'error' AND (COALESCE(s.attempts, 0) >= COALESCE(s.retry_limit, 3)
+                                           OR NOT COALESCE(s.retryable, true)))
+                 FROM tasker_core.step_state s WHERE s.task_id = $1"
+            )
+        },
+        |stmt| {
+            let t = client.select(stmt, Some(1), &[task_id.into()])?;
+            let r = t.first();
+            Ok(NativeCounts {
+                total: r.get::<i64>(1)?.unwrap_or_default(),
+                done: r.get::<i64>(2)?.unwrap_or_default(),
+                in_progress: r.get::<i64>(3)?.unwrap_or_default(),
+                ready: r.get::<i64>(4)?.unwrap_or_default(),
+                waiting: r.get::<i64>(5)?.unwrap_or_default(),
+                blocked: r.get::<i64>(6)?.unwrap_or_default(),
+            })
+        },
+    )
+    .map_err(spi)
+}
+
+/// The finalizer's decision table (Rails §4.4, first match), applied to a task after one of
+/// its steps finished: all steps done -> complete; ready steps -> in_progress and wake
+/// workers; steps still running or waiting out a backoff -> unchanged; otherwise a permanent
+/// failure -> error. Returns the execution status it decided on.
+pub fn finalize(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    task_id: i64,
+) -> Result<&'static str, TaskerError> {
+    let c = native_counts(client, task_id)?;
+    let empty = JsonB(json!({}));
+    let status = if c.total > 0 && c.done == c.total {
+        "all_complete"
+    } else if c.ready > 0 {
+        "has_ready_steps"
+    } else if c.in_progress > 0 {
+        "processing"
+    } else if c.blocked > 0 {
+        "blocked_by_failures"
+    } else {
+        "waiting_for_dependencies"
+    };
+    match status {
+        "all_complete" => {
+            let q = schema.quoted();
+            if matches!(
+                task_state(client, schema, task_id)?.as_deref(),
+                None | Some("pending") | Some("error")
+            ) {
+                if task_state(client, schema, task_id)?.as_deref() == Some("error") {
+                    transitions::transition(
+                        schema,
+                        Entity::Task,
+                        task_id,
+                        State::Pending,
+                        &empty,
+                        None,
+                    )?;
+                }
+                transitions::transition(
+                    schema,
+                    Entity::Task,
+                    task_id,
+                    State::InProgress,
+                    &empty,
+                    None,
+                )?;
+            }
+            with_write_plan(
+                client,
+                "task_complete_flag",
+                schema.as_str(),
+                &[INT8],
+                || format!("UPDATE {q}.tasker_tasks SET complete = true, updated_at = {NOW} WHERE task_id = $1"),
+                |stmt| {
+                    client.select(stmt, None, &[task_id.into()])?;
+                    Ok(())
+                },
+            )
+            .map_err(spi)?;
+            let meta = JsonB(json!({ "execution_status": status, "total_steps": c.total }));
+            transitions::transition(schema, Entity::Task, task_id, State::Complete, &meta, None)?;
+            emit(
+                client,
+                "workflow.task_finalization_completed",
+                task_id,
+                None,
+                json!({ "execution_status": status, "final_status": "complete" }),
+            )?;
+        }
+        "blocked_by_failures"
+            if task_state(client, schema, task_id)?.as_deref() != Some("error") =>
+        {
+            let meta = JsonB(
+                json!({ "execution_status": status, "error_message": "steps_in_error_state",
+                                          "failed_steps_count": c.blocked }),
+            );
+            match transitions::transition(schema, Entity::Task, task_id, State::Error, &meta, None)
+            {
+                Ok(_) | Err(TaskerError::TransitionNotAllowed { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            emit(
+                client,
+                "workflow.task_finalization_completed",
+                task_id,
+                None,
+                json!({ "execution_status": status, "final_status": "error" }),
+            )?;
+        }
+        "has_ready_steps" => {
+            let ns = task_namespace(client, schema, task_id)?;
+            wake(client, task_id, &ns).map_err(spi)?;
+            emit(
+                client,
+                "workflow.viable_steps_discovered",
+                task_id,
+                None,
+                json!({ "step_count": c.ready }),
+            )?;
+        }
+        _ => {}
+    }
+    let _ = c.waiting;
+    Ok(status)
+}
+
+fn task_namespace(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    task_id: i64,
+) -> Result<String, TaskerError> {
+    let q = schema.quoted();
+    with_plan(
+        client,
+        "task_namespace",
+        schema.as_str(),
+        &[INT8],
+        || {
+            format!(
+                "SELECT tn.name::text FROM {q}.tasker_tasks t
+                 JOIN {q}.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
+                 JOIN {q}.tasker_task_namespaces tn ON tn.task_namespace_id = nt.task_namespace_id
+                 WHERE t.task_id = $1"
+            )
+        },
+        |stmt| {
+            Ok(client
+                .select(stmt, Some(1), &[task_id.into()])?
+                .first()
+                .get_one::<String>()?
+                .unwrap_or_default())
+        },
+    )
+    .map_err(spi)
+}
+
+/// Runs the finalizer for a task (operator functions use it after they change steps).
+pub fn finalize_task(schema: &SchemaName, task_id: i64) -> Result<&'static str, TaskerError> {
+    Spi::connect_mut(|client| finalize(client, schema, task_id))
+}
+
+/// Marks a step `resolved_manually` with `results` (an in-progress step is failed first, since
+/// the state machine has no direct edge), releases its lease and finalizes its task.
+pub fn resolve_manually(
+    schema: &SchemaName,
+    step_id: i64,
+    results: &Value,
+) -> Result<bool, TaskerError> {
+    let q = schema.quoted();
+    Spi::connect_mut(|client| {
+        require_tracked(client, schema)?;
+        let row: Option<(i64, Option<String>)> = with_write_plan(
+            client,
+            "resolve_lock",
+            schema.as_str(),
+            &[INT8],
+            || {
+                format!(
+                    "SELECT ws.task_id, s.state FROM {q}.tasker_workflow_steps ws
+                     LEFT JOIN tasker_core.step_state s ON s.workflow_step_id = ws.workflow_step_id
+                     WHERE ws.workflow_step_id = $1 FOR UPDATE OF ws"
+                )
+            },
+            |stmt| {
+                let t = client.select(stmt, Some(1), &[step_id.into()])?;
+                if t.is_empty() {
+                    return Ok(None);
+                }
+                let r = t.first();
+                Ok(Some((
+                    r.get::<i64>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?,
+                )))
+            },
+        )
+        .map_err(spi)?;
+        let (task_id, state) = row.ok_or(TaskerError::NotFound {
+            entity: "step",
+            id: step_id,
+        })?;
+        let meta = JsonB(json!({ "reason": "resolved by operator" }));
+        if state.as_deref() == Some("in_progress") {
+            transitions::transition(
+                schema,
+                Entity::Step,
+                step_id,
+                State::Error,
+                &meta,
+                Some(State::InProgress),
+            )?;
+        }
+        let changed = transitions::transition(
+            schema,
+            Entity::Step,
+            step_id,
+            State::ResolvedManually,
+            &meta,
+            None,
+        )?;
+        with_write_plan(
+            client,
+            "resolve_record",
+            schema.as_str(),
+            &[INT8, JSONB],
+            || {
+                format!(
+                    "WITH gone AS (DELETE FROM tasker_core.step_claims WHERE workflow_step_id = $1)
+                     UPDATE {q}.tasker_workflow_steps
+                        SET results = $2, processed = true, processed_at = {NOW}, in_process = false,
+                            updated_at = {NOW}
+                      WHERE workflow_step_id = $1"
+                )
+            },
+            |stmt| {
+                client.select(stmt, None, &[step_id.into(), JsonB(results.clone()).into()])?;
+                Ok(())
+            },
+        )
+        .map_err(spi)?;
+        finalize(client, schema, task_id)?;
+        Ok(changed)
+    })
+}
