@@ -41,4 +41,5 @@ lint:
 	cargo clippy --all-targets -- -D warnings
 
 clean-cluster: cluster-stop
-	rm -rf target/tasker-cluster target/pgrx-test
+	TASKER_CLUSTER_DIR=target/demo-cluster scripts/cluster.sh stop
+	rm -rf target/tasker-cluster target/demo-cluster target/pgrx-test

@@ -1,46 +1,101 @@
 #!/usr/bin/env bash
 # `make demo`: install what is missing, build and install tasker_core into a throwaway
-# cluster, create the Tasker schema, insert a sample workflow and show it, then stop.
+# cluster, register an order-fulfilment workflow, create a few tasks, and run them to the end
+# with two workers written only in SQL, printing the events as they arrive.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
+# The demo has a cluster of its own, so it never disturbs the one the tests use.
+export TASKER_CLUSTER_DIR="${TASKER_CLUSTER_DIR:-$ROOT/target/demo-cluster}"
 
-step "1/6 checking prerequisites"
+step "1/8 checking prerequisites"
 "$ROOT/scripts/prereqs.sh"
 
-step "2/6 building and installing the extension"
+step "2/8 building and installing the extension"
 "$ROOT/scripts/install.sh"
 
-step "3/6 starting a throwaway PostgreSQL cluster under target/"
+step "3/8 starting a throwaway PostgreSQL cluster under target/"
 "$ROOT/scripts/cluster.sh" start
 eval "$("$ROOT/scripts/cluster.sh" env)"
-trap '"$ROOT/scripts/cluster.sh" stop' EXIT
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    "$ROOT/scripts/cluster.sh" stop
+}
+trap cleanup EXIT
 psql_q() { psql -X -q -v ON_ERROR_STOP=1 "$@"; }
 psql_q -c "DROP DATABASE IF EXISTS tasker_demo WITH (FORCE)" -c "CREATE DATABASE tasker_demo"
 export PGDATABASE=tasker_demo
 
-step "4/6 CREATE EXTENSION tasker_core; SELECT tasker_core.install_schema()"
+step "4/8 CREATE EXTENSION tasker_core; install the Tasker schema; enable tracking"
 psql_q -c "CREATE EXTENSION tasker_core" \
        -c "SELECT tasker_core.install_schema() AS created_tasker_tables" \
-       -c "SELECT extversion AS tasker_core_version FROM pg_extension WHERE extname = 'tasker_core'"
+       -c "SELECT tasker_core.enable_tracking() AS tracked_steps"
 
-step "5/6 inserting a sample workflow: validate -> {reserve, charge, pack} -> ship -> notify"
-psql_q -f "$ROOT/demo/sample_workflow.sql"
-task_id="$(psql -X -At -c "SELECT max(task_id) FROM tasker_tasks")"
-note "task $task_id created"
-
-step "6/6 the workflow of task $task_id"
-psql_q -v task_id="$task_id" <<'SQL'
-\echo 'steps, in dependency order (tasker_core.task_steps):'
-SELECT workflow_step_id AS step, name, current_state AS state,
-       parent_step_ids AS parents, dependency_level AS level
-FROM tasker_core.task_steps(:task_id);
-\echo 'edges (parent -> child):'
-SELECT p.name || ' -> ' || c.name AS edge
-FROM tasker_workflow_step_edges e
-JOIN tasker_core.task_steps(:task_id) p ON p.workflow_step_id = e.from_step_id
-JOIN tasker_core.task_steps(:task_id) c ON c.workflow_step_id = e.to_step_id
-ORDER BY p.dependency_level, p.workflow_step_id, c.workflow_step_id;
+step "5/8 registering the order-fulfilment template: validate -> {reserve, charge} -> ship -> notify"
+psql_q -v template="$(cat "$ROOT/demo/order_fulfilment.json")" <<'SQL'
+SELECT tasker_core.register_task_template(:'template'::jsonb) AS named_task_id;
+SELECT namespace, name, version, step_count FROM tasker_core.list_task_templates();
 SQL
 
-step "done: stopping the cluster (data stays in target/tasker-cluster until 'make clean-cluster')"
+step "6/8 creating three tasks (charge_payment will fail once in each and retry after its backoff)"
+psql_q <<'SQL'
+SELECT tasker_core.subscribe('demo', ARRAY['task.*', 'step.*']) AS subscribed_at;
+SELECT tasker_core.create_task('shop', 'order_fulfilment', NULL,
+         jsonb_build_object('order_id', n, 'amount_cents', 1000 * n, 'items', jsonb_build_array('book', 'lamp')),
+         jsonb_build_object('initiator', 'demo', 'idempotency_key', 'order-' || n)) AS task_id
+FROM generate_series(1, 3) AS n;
+SQL
+
+step "7/8 running two SQL workers (psql sessions calling claim_steps / complete_step / fail_step)"
+psql_q -f "$ROOT/demo/worker.sql"
+for w in sql-worker-1 sql-worker-2; do
+    psql -X -q -v ON_ERROR_STOP=1 -c "CALL demo.run_worker('$w')" >/dev/null &
+    pids+=("$!")
+done
+# Print the events as they arrive, from the durable log through the subscription.
+deadline=$((SECONDS + 90))
+while :; do
+    psql -X -At -F ' ' <<'SQL' | sed 's/^/    /'
+WITH batch AS (SELECT * FROM tasker_core.poll('demo', 500)),
+     shown AS (SELECT to_char(b.created_at, 'HH24:MI:SS.MS') AS at, b.name,
+                      'task ' || b.task_id || COALESCE(' step ' || b.step_id || ' (' || ns.name || ')', '') AS what,
+                      COALESCE(b.from_state || ' -> ' || b.to_state, '') AS change, b.cursor, b.id
+               FROM batch b
+               LEFT JOIN tasker_workflow_steps ws ON ws.workflow_step_id = b.step_id
+               LEFT JOIN tasker_named_steps ns ON ns.named_step_id = ws.named_step_id),
+     acked AS (SELECT tasker_core.ack('demo', (SELECT cursor FROM shown ORDER BY id DESC LIMIT 1))
+               WHERE EXISTS (SELECT 1 FROM shown))
+SELECT at, rpad(name, 26), rpad(what, 40), change FROM shown, (SELECT count(*) FROM acked) a ORDER BY id;
+SQL
+    done_tasks="$(psql -X -At -c "SELECT count(*) FILTER (WHERE complete) || '/' || count(*) FROM tasker_tasks")"
+    if [ "${done_tasks%/*}" = "${done_tasks#*/}" ] && ! jobs -r | grep -q .; then break; fi
+    if [ "$SECONDS" -gt "$deadline" ]; then die "the workflow did not finish in 90 s"; fi
+    sleep 0.3
+done
+wait
+pids=()
+
+step "8/8 final states"
+psql_q <<'SQL'
+SELECT task_id, status, completed_steps || '/' || total_steps AS steps, execution_status, health_status
+FROM tasker_core.get_task_execution_contexts_batch((SELECT array_agg(task_id) FROM tasker_tasks));
+\echo 'charge_payment of task 1, transition by transition:'
+SELECT t.sort_key, t.from_state, t.to_state, t.metadata ->> 'worker_id' AS worker,
+       t.metadata -> 'error' ->> 'message' AS error, t.metadata ->> 'backoff_seconds' AS backoff_s
+FROM tasker_workflow_step_transitions t
+JOIN tasker_workflow_steps ws ON ws.workflow_step_id = t.workflow_step_id
+JOIN tasker_named_steps ns ON ns.named_step_id = ws.named_step_id
+WHERE ws.task_id = 1 AND ns.name = 'charge_payment' ORDER BY t.sort_key;
+SELECT tasker_core.task_graph_dot(1) AS dag_of_task_1 \gset
+\echo :dag_of_task_1
+SQL
+mkdir -p "$ROOT/target/demo"
+psql -X -At -c "SELECT tasker_core.task_graph_dot(1)" > "$ROOT/target/demo/task_1.dot"
+if command -v dot >/dev/null; then
+    dot -Tpng "$ROOT/target/demo/task_1.dot" -o "$ROOT/target/demo/task_1.png"
+    note "DAG rendered with Graphviz: target/demo/task_1.png"
+else
+    note "Graphviz is not installed: the DOT source is in target/demo/task_1.dot"
+fi
+step "done: stopping the cluster (data stays in target/demo-cluster until 'make clean-cluster')"

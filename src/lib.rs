@@ -46,10 +46,15 @@ pub mod store;
     requires = ["compat_aggregates"]
 );
 
-/// Called by PostgreSQL when the library is loaded into a backend.
+/// Called by PostgreSQL when the library is loaded: registers the settings, and — when loaded
+/// through `shared_preload_libraries` — the timer background worker.
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     store::settings::register_gucs();
+    // SAFETY: a plain global flag PostgreSQL sets while preloading libraries.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        api::timer::register_background_worker();
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

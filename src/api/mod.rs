@@ -5,6 +5,7 @@ pub mod compat;
 pub mod error;
 pub mod schema;
 pub mod srf;
+pub mod timer;
 pub mod transitions;
 pub mod worker;
 pub mod workflow;

@@ -27,6 +27,14 @@ pub static JITTER_SEED: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// `tasker_core.max_template_steps`: most steps a template may declare.
 pub static MAX_TEMPLATE_STEPS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
+/// `tasker_core.tick_database`: the database the timer background worker runs `tick()` in.
+pub static TICK_DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+
+/// `tasker_core.tick_interval_ms`: how often the timer background worker runs `tick()`
+/// (0: no background worker).
+pub static TICK_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+
 /// The jitter seed of a backoff for `step_id`'s `attempt`, or `None` without jitter.
 pub fn jitter_seed(step_id: i64, attempt: i32) -> Option<u64> {
     if !BACKOFF_JITTER.get() {
@@ -62,6 +70,24 @@ pub fn register_gucs() {
         i32::MIN,
         i32::MAX,
         GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"tasker_core.tick_database",
+        c"Database in which the timer background worker runs tasker_core.tick().",
+        c"Only used when tasker_core is in shared_preload_libraries.",
+        &TICK_DATABASE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"tasker_core.tick_interval_ms",
+        c"Milliseconds between two tasker_core.tick() runs of the timer background worker.",
+        c"0 disables the background worker; tick() can also be scheduled with pg_cron.",
+        &TICK_INTERVAL_MS,
+        0,
+        3_600_000,
+        GucContext::Sighup,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

@@ -494,7 +494,7 @@ def test_not_found_message_names_the_id(conn):
     assert info.value.sqlstate == "TK004" and "step 424242" in str(info.value)
 
 
-def test_schema_not_installed(db):
+def test_schema_not_installed_is_TK010(db):
     with db.connect() as c:
         for fn in ("transition_task", "transition_step"):
             assert sqlstate_of(c, f"SELECT tasker_core.{fn}(1, 'in_progress')") == "TK010"
