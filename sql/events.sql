@@ -6,10 +6,16 @@
 -- The cursor. Event ids come from a sequence, and sequence values are taken before commit, so a
 -- reader that remembers "the last id I saw" can skip a smaller id that commits later. Each row
 -- therefore also records the id of the transaction that wrote it (xid8), and readers only
--- consume rows whose transaction is older than every transaction still running
--- (pg_snapshot_xmin of the current snapshot), in (xid, id) order. No transaction that is still
+-- consume rows whose transaction is older than every transaction of this database still
+-- running in their snapshot (_horizon_xid), in (xid, id) order. No transaction that is still
 -- running can later add a row before that point, so a position (xid, id) is never skipped.
 -- Positions are written as text 'xid/id'; NULL or '0/0' is the beginning.
+
+-- The one clock: the transaction timestamp, or tasker_core.fake_now when a test sets it.
+CREATE FUNCTION tasker_core.now() RETURNS timestamptz
+LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT COALESCE(NULLIF(current_setting('tasker_core.fake_now', true), '')::timestamptz, now())
+$$;
 
 CREATE TABLE tasker_core.events (
     id bigint GENERATED ALWAYS AS IDENTITY,
@@ -20,7 +26,7 @@ CREATE TABLE tasker_core.events (
     from_state text,
     to_state text,
     payload jsonb NOT NULL DEFAULT '{}',
-    created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    created_at timestamptz NOT NULL DEFAULT tasker_core.now(),
     PRIMARY KEY (xid, id)
 );
 CREATE INDEX events_created_at_idx ON tasker_core.events (created_at);
@@ -31,18 +37,13 @@ CREATE TABLE tasker_core.subscriptions (
     patterns text[] NOT NULL,
     cursor_xid xid8 NOT NULL,
     cursor_id bigint NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    created_at timestamptz NOT NULL DEFAULT tasker_core.now(),
     acked_at timestamptz
 );
 
 SELECT pg_catalog.pg_extension_config_dump('tasker_core.events', '');
 SELECT pg_catalog.pg_extension_config_dump('tasker_core.subscriptions', '');
 
--- The one clock: the transaction timestamp, or tasker_core.fake_now when a test sets it.
-CREATE FUNCTION tasker_core.now() RETURNS timestamptz
-LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT COALESCE(NULLIF(current_setting('tasker_core.fake_now', true), '')::timestamptz, now())
-$$;
 
 -- Parses a position 'xid/id' (NULL means the beginning).
 CREATE FUNCTION tasker_core._parse_cursor(cursor text, OUT xid xid8, OUT id bigint)
@@ -52,7 +53,9 @@ BEGIN
         xid := '0'::xid8; id := 0;
         RETURN;
     END IF;
-    IF cursor !~ '^[0-9]{1,20}/[0-9]{1,19}$' THEN
+    IF cursor !~ '^[0-9]{1,20}/[0-9]{1,19}$'
+       OR split_part(cursor, '/', 1)::numeric > 18446744073709551615
+       OR split_part(cursor, '/', 2)::numeric > 9223372036854775807 THEN
         RAISE EXCEPTION 'invalid event cursor "%": expected ''xid/id'' as returned by events_after or poll', left(cursor, 60)
             USING ERRCODE = '22P02';
     END IF;
@@ -61,11 +64,25 @@ BEGIN
 END;
 $$;
 
--- The position every reader may safely advance to: everything older than the oldest running
--- transaction.
+-- The transaction id below which no running transaction of THIS database can still write:
+-- the oldest transaction in progress in the current snapshot, ignoring those seen running in
+-- other databases (they cannot write our events). A transaction that finished since the
+-- snapshot was taken still counts, so nothing it wrote is ever skipped.
+CREATE FUNCTION tasker_core._horizon_xid() RETURNS xid8
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+    WITH s AS (SELECT pg_current_snapshot() AS snap)
+    SELECT COALESCE(
+        (SELECT min(x) FROM s, pg_snapshot_xip(s.snap) AS x
+          WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                             WHERE a.backend_xid = xid(x) AND a.datid IS NOT NULL
+                               AND a.datname IS DISTINCT FROM current_database())),
+        (SELECT pg_snapshot_xmax(s.snap) FROM s))
+$$;
+
+-- The position every reader may safely advance to.
 CREATE FUNCTION tasker_core.event_horizon() RETURNS text
 LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT pg_snapshot_xmin(pg_current_snapshot())::text || '/0'
+    SELECT tasker_core._horizon_xid()::text || '/0'
 $$;
 
 -- Events after `after_cursor` (exclusive), oldest first, at most `max_events`, only those no running
@@ -76,17 +93,19 @@ RETURNS TABLE(cursor text, id bigint, name text, task_id bigint, step_id bigint,
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     c record;
+    horizon xid8;
 BEGIN
     IF max_events IS NULL OR max_events < 1 OR max_events > 10000 THEN
         RAISE EXCEPTION 'invalid max_events %: expected 1 to 10000', max_events USING ERRCODE = '22023';
     END IF;
     c := tasker_core._parse_cursor(after_cursor);
+    horizon := tasker_core._horizon_xid();
     RETURN QUERY
     SELECT e.xid::text || '/' || e.id, e.id, e.name, e.task_id, e.step_id, e.from_state,
            e.to_state, e.payload, e.created_at
     FROM tasker_core.events e
     WHERE (e.xid, e.id) > (c.xid, c.id)
-      AND e.xid < pg_snapshot_xmin(pg_current_snapshot())
+      AND e.xid < horizon
     ORDER BY e.xid, e.id
     LIMIT max_events;
 END;
@@ -150,7 +169,7 @@ BEGIN
         END IF;
     END LOOP;
     INSERT INTO tasker_core.subscriptions AS s (name, patterns, cursor_xid, cursor_id)
-    VALUES (sub_name, patterns, pg_snapshot_xmin(pg_current_snapshot()), 0)
+    VALUES (sub_name, patterns, tasker_core._horizon_xid(), 0)
     ON CONFLICT (name) DO UPDATE SET patterns = excluded.patterns
     RETURNING s.cursor_xid::text || '/' || s.cursor_id INTO result;
     RETURN result;
@@ -165,6 +184,7 @@ RETURNS TABLE(cursor text, id bigint, name text, task_id bigint, step_id bigint,
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     s record;
+    horizon xid8;
 BEGIN
     PERFORM tasker_core._check_subscription_name(sub_name);
     IF max_events IS NULL OR max_events < 1 OR max_events > 10000 THEN
@@ -174,12 +194,13 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'subscription "%" not found', sub_name USING ERRCODE = 'TK004';
     END IF;
+    horizon := tasker_core._horizon_xid();
     RETURN QUERY
     SELECT e.xid::text || '/' || e.id, e.id, e.name, e.task_id, e.step_id, e.from_state,
            e.to_state, e.payload, e.created_at
     FROM tasker_core.events e
     WHERE (e.xid, e.id) > (s.cursor_xid, s.cursor_id)
-      AND e.xid < pg_snapshot_xmin(pg_current_snapshot())
+      AND e.xid < horizon
       AND e.name LIKE ANY (tasker_core._like_patterns(s.patterns))
     ORDER BY e.xid, e.id
     LIMIT max_events;
@@ -199,8 +220,12 @@ BEGIN
         RAISE EXCEPTION 'acked_cursor must not be null' USING ERRCODE = '22004';
     END IF;
     c := tasker_core._parse_cursor(acked_cursor);
+    IF c.xid > pg_snapshot_xmax(pg_current_snapshot()) THEN
+        RAISE EXCEPTION 'invalid event cursor "%": it is ahead of every event written so far', acked_cursor
+            USING ERRCODE = '22023';
+    END IF;
     UPDATE tasker_core.subscriptions s
-       SET cursor_xid = c.xid, cursor_id = c.id, acked_at = pg_catalog.now()
+       SET cursor_xid = c.xid, cursor_id = c.id, acked_at = tasker_core.now()
      WHERE s.name = sub_name AND (s.cursor_xid, s.cursor_id) < (c.xid, c.id);
     moved := FOUND;
     IF NOT moved AND NOT EXISTS (SELECT 1 FROM tasker_core.subscriptions s WHERE s.name = sub_name) THEN

@@ -75,7 +75,7 @@ BEGIN
     IF cancel_task.task_id IS NULL THEN
         RAISE EXCEPTION 'task_id must not be null' USING ERRCODE = '22004';
     END IF;
-    EXECUTE format('SELECT 1 FROM %I.tasker_tasks WHERE task_id = $1 FOR UPDATE', ds) USING cancel_task.task_id;
+    EXECUTE format('SELECT 1 FROM %I.tasker_tasks WHERE task_id = $1 FOR NO KEY UPDATE', ds) USING cancel_task.task_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'task % not found', cancel_task.task_id USING ERRCODE = 'TK004';
     END IF;
@@ -117,7 +117,7 @@ BEGIN
     IF retry_task.task_id IS NULL THEN
         RAISE EXCEPTION 'task_id must not be null' USING ERRCODE = '22004';
     END IF;
-    EXECUTE format('SELECT 1 FROM %I.tasker_tasks WHERE task_id = $1 FOR UPDATE', ds) USING retry_task.task_id;
+    EXECUTE format('SELECT 1 FROM %I.tasker_tasks WHERE task_id = $1 FOR NO KEY UPDATE', ds) USING retry_task.task_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'task % not found', retry_task.task_id USING ERRCODE = 'TK004';
     END IF;

@@ -51,6 +51,7 @@ pub mod store;
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     store::settings::register_gucs();
+    store::events::register_callbacks();
     // SAFETY: a plain global flag PostgreSQL sets while preloading libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         api::timer::register_background_worker();

@@ -97,6 +97,28 @@ fn notify_once(client: &SpiClient<'_>, event: &NewEvent<'_>, at: &Recorded) -> S
     notify_channel_once(client, EVENTS_CHANNEL, &payload)
 }
 
+/// Forgets which transaction already notified: a NOTIFY queued in a subtransaction that rolls
+/// back is discarded, so the next event must send its own.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn forget_on_subxact_abort(
+    event: pg_sys::SubXactEvent::Type,
+    _my: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        NOTIFIED_EVENTS.with(|c| c.set(0));
+        NOTIFIED_READY.with(|c| c.set(0));
+    }
+}
+
+/// Registers the subtransaction callback (once per backend, from `_PG_init`).
+pub fn register_callbacks() {
+    // SAFETY: registers a static function with no argument; PostgreSQL calls it on the
+    // backend's main thread.
+    unsafe { pg_sys::RegisterSubXactCallback(Some(forget_on_subxact_abort), std::ptr::null_mut()) }
+}
+
 /// NOTIFY `channel` with `payload` unless this transaction already did (or NOTIFY is off).
 pub fn notify_channel_once(
     client: &SpiClient<'_>,

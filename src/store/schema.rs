@@ -74,6 +74,26 @@ pub fn install_schema(schema: &SchemaName) -> bool {
     .unwrap_or_else(|e| pgrx::error!("install_schema failed: {e}"))
 }
 
+thread_local! {
+    /// Data schemas this backend has already found installed.
+    static INSTALLED: std::cell::RefCell<std::collections::HashSet<String>> =
+        std::cell::RefCell::new(std::collections::HashSet::new());
+}
+
+/// Like [`require_installed`], checked once per backend and schema (a schema dropped later
+/// surfaces as PostgreSQL's own undefined-table error).
+pub fn require_installed_cached(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+) -> Result<(), TaskerError> {
+    if INSTALLED.with(|s| s.borrow().contains(schema.as_str())) {
+        return Ok(());
+    }
+    require_installed(client, schema)?;
+    INSTALLED.with(|s| s.borrow_mut().insert(schema.as_str().to_owned()));
+    Ok(())
+}
+
 /// Fails with [`TaskerError::SchemaNotInstalled`] unless every required table exists in `schema`.
 pub fn require_installed(client: &SpiClient<'_>, schema: &SchemaName) -> Result<(), TaskerError> {
     let quoted = schema.quoted();

@@ -74,6 +74,7 @@ pub fn register(schema: &SchemaName, t: &TaskTemplate, raw: &Value) -> Result<i3
     let limits: Vec<i32> = t.steps.iter().map(|s| s.default_retry_limit).collect();
     let skippable: Vec<bool> = t.steps.iter().map(|s| s.skippable).collect();
     Spi::connect_mut(|client| {
+        super::schema::require_installed_cached(client, schema)?;
         let named_task_id = with_write_plan(
             client,
             "register_task",
@@ -315,6 +316,7 @@ pub fn create_task(
 ) -> Result<(i64, bool), TaskerError> {
     let q = schema.quoted();
     Spi::connect_mut(|client| {
+        super::schema::require_installed_cached(client, schema)?;
         let stored = find(client, schema, namespace, name, version)?;
         let t =
             TaskTemplate::parse(&stored.config, usize::MAX).map_err(|e| TaskerError::Internal {

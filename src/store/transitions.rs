@@ -84,7 +84,7 @@ fn lock_current(
                         (SELECT max(x.sort_key) FROM {q}.{tr} x WHERE x.{k} = o.{k}) \
                  FROM {q}.{owner} o \
                  LEFT JOIN {q}.{tr} cur ON cur.{k} = o.{k} AND cur.most_recent \
-                 WHERE o.{k} = $1 FOR UPDATE OF o",
+                 WHERE o.{k} = $1 FOR NO KEY UPDATE OF o",
                 tr = t.transitions,
                 k = t.owner_key,
                 owner = t.owner,
@@ -275,6 +275,7 @@ pub fn transition(
     expected_from: Option<State>,
 ) -> Result<bool, TaskerError> {
     pgrx::spi::Spi::connect_mut(|client| {
+        super::schema::require_installed_cached(client, schema)?;
         for _ in 0..MAX_ATTEMPTS {
             let cur = lock_current(client, schema, entity, id)
                 .map_err(spi)?

@@ -37,6 +37,7 @@ fn spi(e: pgrx::spi::Error) -> TaskerError {
 }
 
 fn require_tracked(client: &SpiClient<'_>, schema: &SchemaName) -> Result<(), TaskerError> {
+    super::schema::require_installed_cached(client, schema)?;
     if super::facts::is_tracked(client, schema).map_err(spi)? {
         Ok(())
     } else {
@@ -113,7 +114,7 @@ pub fn expire_leases(
                  WHERE c.lease_expires_at <= tasker_core.now()
                  ORDER BY c.lease_expires_at
                  LIMIT $1
-                 FOR UPDATE OF ws SKIP LOCKED"
+                 FOR NO KEY UPDATE OF ws SKIP LOCKED"
             )
         },
         |stmt| {
@@ -215,7 +216,7 @@ pub fn claim(
                        AND ($2::text[] IS NULL OR tn.name = ANY ($2))
                      ORDER BY s.workflow_step_id
                      LIMIT $1
-                     FOR UPDATE OF ws SKIP LOCKED"
+                     FOR NO KEY UPDATE OF ws SKIP LOCKED"
                 )
             },
             |stmt| {
@@ -855,7 +856,7 @@ pub fn resolve_manually(
                 format!(
                     "SELECT ws.task_id, s.state FROM {q}.tasker_workflow_steps ws
                      LEFT JOIN tasker_core.step_state s ON s.workflow_step_id = ws.workflow_step_id
-                     WHERE ws.workflow_step_id = $1 FOR UPDATE OF ws"
+                     WHERE ws.workflow_step_id = $1 FOR NO KEY UPDATE OF ws"
                 )
             },
             |stmt| {

@@ -1,0 +1,171 @@
+"""Benchmark of the worker protocol: end-to-end steps per second with 8 SQL workers against
+the floor measured in the same run (pgbench -N transactions per second / 2, since a step
+needs a claim and a completion), claim and complete latency, and the time from a step's
+completion to its dependent's claim by a NOTIFY-driven worker.
+
+Run by `make bench`. Prints ratios, never asserts.
+"""
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+
+ROOT = Path(os.environ.get("TASKER_ROOT", Path(__file__).resolve().parents[1]))
+DB = "tasker_bench_worker"
+CLIENTS = 8
+SECONDS = int(os.environ.get("TASKER_BENCH_WORKER_SECONDS", "8"))
+
+TEMPLATE = """{"name": "bench_flow", "namespace_name": "bench", "version": "1.0.0",
+  "step_templates": [
+    {"name": "a", "handler_class": "A"},
+    {"name": "b", "handler_class": "B", "depends_on_step": "a"},
+    {"name": "c", "handler_class": "C", "depends_on_step": "a"},
+    {"name": "d", "handler_class": "D", "depends_on_steps": ["b", "c"]}]}"""
+
+CHAIN = """{"name": "bench_chain", "namespace_name": "latency", "version": "1.0.0",
+  "step_templates": [{"name": "first", "handler_class": "F"},
+                     {"name": "second", "handler_class": "S", "depends_on_step": "first"}]}"""
+
+
+def connect(dbname=DB):
+    return psycopg.connect(dbname=dbname, autocommit=True)
+
+
+def pgbench(args, dbname):
+    out = subprocess.run(["pgbench", *args, dbname], capture_output=True, text=True)
+    m = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", out.stdout)
+    if not m:
+        sys.exit(f"pgbench failed:\n{out.stdout}\n{out.stderr}")
+    return float(m.group(1)), out.stdout
+
+
+def setup(tasks):
+    with connect("postgres") as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+        admin.execute(f"CREATE DATABASE {DB}")
+    with connect() as conn:
+        conn.execute("CREATE EXTENSION tasker_core")
+        conn.execute("SELECT tasker_core.install_schema()")
+        conn.execute("SELECT tasker_core.enable_tracking()")
+        conn.execute("SELECT tasker_core.register_task_template(%s::jsonb)", (TEMPLATE,))
+        conn.execute("SELECT tasker_core.register_task_template(%s::jsonb)", (CHAIN,))
+        conn.execute("SET tasker_core.notify = off")
+        conn.execute("SELECT tasker_core.create_task('bench', 'bench_flow', NULL, jsonb_build_object('n', i)) "
+                     "FROM generate_series(1, %s) i", (tasks,))
+        conn.execute("VACUUM ANALYZE")
+
+
+def floor_tps():
+    """pgbench -N (the built-in simple update without branches) on its own tables."""
+    subprocess.run(["pgbench", "-i", "-q", "-s", "8", DB], capture_output=True, check=True)
+    tps, _ = pgbench(["-n", "-N", "-c", str(CLIENTS), "-j", "2", "-T", str(SECONDS)], DB)
+    return tps
+
+
+WORKER_SCRIPT = """SELECT COALESCE((SELECT workflow_step_id FROM tasker_core.claim_steps('w' || :client_id, NULL, 1, 60)), 0) AS s \\gset
+SELECT CASE WHEN :s > 0 THEN tasker_core.complete_step(:s, 'w' || :client_id, '{}') END;
+"""
+
+
+def throughput():
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write(WORKER_SCRIPT)
+        path = f.name
+    os.chmod(path, 0o644)
+    with connect() as conn:
+        before = conn.execute("SELECT count(*) FROM tasker_workflow_steps WHERE processed").fetchone()[0]
+    start = time.time()
+    _, out = pgbench(["-n", "-c", str(CLIENTS), "-j", "2", "-T", str(SECONDS), "-r", "-f", path], DB)
+    elapsed = time.time() - start
+    os.unlink(path)
+    with connect() as conn:
+        after = conn.execute("SELECT count(*) FROM tasker_workflow_steps WHERE processed").fetchone()[0]
+        in_flight = conn.execute("SELECT count(*) FROM tasker_core.step_claims").fetchone()[0]
+    lat = re.findall(r"^\s+([0-9.]+)\s+\d+\s+SELECT", out, re.M)
+    return (after - before) / SECONDS, [float(x) for x in lat], in_flight, elapsed
+
+
+def latencies(samples=2000):
+    """p50/p99 of claim_steps and complete_step calls from one worker, no contention."""
+    claim, complete = [], []
+    with connect() as conn:
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            row = conn.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('lat', NULL, 1, 60)").fetchone()
+            t1 = time.perf_counter()
+            if not row:
+                break
+            conn.execute("SELECT tasker_core.complete_step(%s, 'lat', '{}')", (row[0],))
+            t2 = time.perf_counter()
+            claim.append((t1 - t0) * 1000)
+            complete.append((t2 - t1) * 1000)
+    pct = lambda xs, p: sorted(xs)[max(0, int(len(xs) * p) - 1)]  # noqa: E731
+    return {k: (statistics.median(v), pct(v, 0.99), len(v)) for k, v in (("claim", claim), ("complete", complete))}
+
+
+def dependent_claim_latency(rounds=200):
+    """From a step's complete_step call to its dependent's claim by a worker blocked in
+    LISTEN tasker_ready (no polling)."""
+    with connect() as conn:
+        conn.execute("SELECT tasker_core.create_task('latency', 'bench_chain', NULL, jsonb_build_object('i', i)) "
+                     "FROM generate_series(1, %s) i", (rounds,))
+    results = []
+    listener = connect()
+    listener.execute("LISTEN tasker_ready")
+    producer = connect()
+    for _ in range(rounds):
+        first = producer.execute(
+            "SELECT workflow_step_id FROM tasker_core.claim_steps('producer', ARRAY['latency'], 1, 60)").fetchone()
+        if not first:
+            break
+        for _ in listener.notifies(timeout=0):  # drain wake-ups of the claim itself
+            pass
+        t0 = time.perf_counter()
+        producer.execute("SELECT tasker_core.complete_step(%s, 'producer', '{}')", (first[0],))
+        got = None
+        while got is None:
+            for _ in listener.notifies(timeout=1.0, stop_after=1):
+                break
+            got = listener.execute(
+                "SELECT workflow_step_id FROM tasker_core.claim_steps('consumer', ARRAY['latency'], 1, 60)").fetchone()
+        results.append((time.perf_counter() - t0) * 1000)
+        listener.execute("SELECT tasker_core.complete_step(%s, 'consumer', '{}')", (got[0],))
+    listener.close()
+    producer.close()
+    return statistics.median(results), sorted(results)[int(len(results) * 0.99) - 1], len(results)
+
+
+def main():
+    setup(tasks=int(os.environ.get("TASKER_BENCH_WORKER_TASKS", "20000")))
+    steps_per_s, stmt_lat, in_flight, _ = throughput()
+    floor = floor_tps()
+    print(f"\n**end-to-end steps per second, {CLIENTS} SQL workers (pgbench: claim_steps then complete_step, "
+          f"each its own transaction), {SECONDS} s**\n")
+    print("| floor: pgbench -N tps ÷ 2 | tasker_core steps/s | vs floor | avg claim | avg complete |")
+    print("|---|---|---|---|---|")
+    claim_avg, complete_avg = (stmt_lat + [float("nan")] * 2)[:2]
+    print(f"| {floor / 2:,.0f} | {steps_per_s:,.0f} | **{steps_per_s / (floor / 2):.2f}** | "
+          f"{claim_avg:.2f} ms | {complete_avg:.2f} ms |")
+    lat = latencies()
+    print("\n**claim and complete latency, one worker**\n")
+    print("| call | p50 | p99 | calls |")
+    print("|---|---|---|---|")
+    for k, (p50, p99, n) in lat.items():
+        print(f"| {k} | {p50:.2f} ms | {p99:.2f} ms | {n} |")
+    p50, p99, n = dependent_claim_latency()
+    print(f"\n**completion → dependent claimed by a NOTIFY-driven worker** ({n} chains)\n")
+    print("| median | p99 |")
+    print("|---|---|")
+    print(f"| **{p50:.2f} ms** | {p99:.2f} ms |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
