@@ -5,6 +5,31 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+/// Makes kept plans run as generic plans while it lives. Left to itself the plan cache may
+/// decide a custom plan is cheaper and then re-plan every execution, which costs more than
+/// these short, index-driven statements take to run. Restores the setting on drop, including
+/// when an error unwinds.
+struct GenericPlans(std::ffi::c_int);
+
+impl GenericPlans {
+    fn force() -> GenericPlans {
+        // SAFETY: plan_cache_mode is a plain int GUC variable of the backend's main thread.
+        unsafe {
+            let old = pgrx::pg_sys::plan_cache_mode;
+            pgrx::pg_sys::plan_cache_mode =
+                pgrx::pg_sys::PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN as std::ffi::c_int;
+            GenericPlans(old)
+        }
+    }
+}
+
+impl Drop for GenericPlans {
+    fn drop(&mut self) {
+        // SAFETY: as above; restores the caller's value.
+        unsafe { pgrx::pg_sys::plan_cache_mode = self.0 }
+    }
+}
+
 thread_local! {
     static PLANS: RefCell<HashMap<(&'static str, String), OwnedPreparedStatement>> =
         RefCell::new(HashMap::new());
@@ -59,7 +84,10 @@ fn kept<R>(
     let stmt = PLANS
         .with(|p| p.borrow_mut().remove(&cache_key))
         .expect("plan was just inserted");
-    let result = f(&stmt);
+    let result = {
+        let _generic = GenericPlans::force();
+        f(&stmt)
+    };
     PLANS.with(|p| p.borrow_mut().insert(cache_key, stmt));
     result
 }

@@ -200,21 +200,26 @@ pub fn claim(
             &[INT4, TEXTARRAY],
             || {
                 format!(
-                    "SELECT ws.workflow_step_id, ws.task_id, s.state
-                     FROM tasker_core.step_state s
-                     JOIN {q}.tasker_workflow_steps ws ON ws.workflow_step_id = s.workflow_step_id
-                     JOIN {q}.tasker_tasks t ON t.task_id = s.task_id
-                     JOIN {q}.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
-                     JOIN {q}.tasker_task_namespaces tn ON tn.task_namespace_id = nt.task_namespace_id
-                     WHERE s.blocked_parents = 0 AND s.processed IS NOT TRUE AND s.in_process IS NOT TRUE
-                       AND (s.state IS NULL OR s.state IN ('pending', 'error'))
-                       AND COALESCE(s.attempts, 0) < COALESCE(s.retry_limit, 3)
-                       AND COALESCE(s.retryable, true)
-                       AND (s.backoff_request_seconds IS NULL OR s.last_attempted_at IS NULL
-                            OR s.last_attempted_at + s.backoff_request_seconds * interval '1 second' <= {NOW})
-                       AND t.complete IS NOT TRUE
-                       AND ($2::text[] IS NULL OR tn.name = ANY ($2))
-                     ORDER BY s.workflow_step_id
+                    "WITH c AS MATERIALIZED (
+                         SELECT s.workflow_step_id, s.task_id, s.state
+                         FROM tasker_core.step_state s
+                         JOIN {q}.tasker_tasks t ON t.task_id = s.task_id
+                         JOIN {q}.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
+                         JOIN {q}.tasker_task_namespaces tn ON tn.task_namespace_id = nt.task_namespace_id
+                         WHERE s.blocked_parents = 0 AND s.processed IS NOT TRUE AND s.in_process IS NOT TRUE
+                           AND (s.state IS NULL OR s.state IN ('pending', 'error'))
+                           AND COALESCE(s.attempts, 0) < COALESCE(s.retry_limit, 3)
+                           AND COALESCE(s.retryable, true)
+                           AND (s.backoff_request_seconds IS NULL OR s.last_attempted_at IS NULL
+                                OR s.last_attempted_at + s.backoff_request_seconds * interval '1 second' <= {NOW})
+                           AND t.complete IS NOT TRUE
+                           AND ($2::text[] IS NULL OR tn.name = ANY ($2))
+                         ORDER BY s.workflow_step_id
+                         -- more than asked for: concurrent claimers hold some of the first ones
+                         LIMIT $1 + 32)
+                     SELECT ws.workflow_step_id, c.task_id, c.state
+                     FROM c JOIN {q}.tasker_workflow_steps ws ON ws.workflow_step_id = c.workflow_step_id
+                     ORDER BY c.workflow_step_id
                      LIMIT $1
                      FOR NO KEY UPDATE OF ws SKIP LOCKED"
                 )
