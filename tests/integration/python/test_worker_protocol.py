@@ -1310,9 +1310,13 @@ def test_task_graph_dot(wdb):
         assert lines, f"step {name} is not in the picture:\n{dot}"
         node_lines[name] = lines[0]
         assert states[name] in lines[0], f"{name} should show state {states[name]}: {lines[0]}"
-    # colours differ by state; the ready step (the other of reserve/charge) is marked
-    assert len({re.search(r'fillcolor="([^"]+)"', node_lines[n]).group(1)
-                for n in ("validate", "reserve", "ship")}) >= 2 or states["reserve"] == "pending"
+    # coloured by state: one colour per state, different states different colours
+    colours = collections.defaultdict(set)
+    for name, line in node_lines.items():
+        colours[states[name]].add(re.search(r'fillcolor="([^"]+)"', line).group(1))
+    assert set(colours) == {"complete", "in_progress", "pending"}
+    assert all(len(v) == 1 for v in colours.values()) and len(set.union(*colours.values())) == 3, colours
+    # the ready step (the other of reserve/charge) is marked, the blocked ones are not
     ready = "charge" if states["reserve"] == "in_progress" else "reserve"
     assert "penwidth" in node_lines[ready] and "penwidth" not in node_lines["ship"]
     node_ids = {name: re.match(r"\s*(\S+)\s*\[", node_lines[name]).group(1) for name in ids}
