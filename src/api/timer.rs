@@ -14,6 +14,7 @@ pub fn register_background_worker() {
         return;
     }
     BackgroundWorkerBuilder::new("tasker_core timer")
+        .set_type("tasker_core timer")
         .set_function("tasker_core_timer_main")
         .set_library("tasker_core")
         .enable_spi_access()
@@ -52,4 +53,8 @@ pub extern "C-unwind" fn tasker_core_timer_main(_arg: pg_sys::Datum) {
         });
     }
     log!("tasker_core timer: exiting");
+    // Exit code 1 asks the postmaster to start the worker again (after 5 s) when it was
+    // terminated while the server keeps running — by DROP DATABASE ... WITH (FORCE), say.
+    // SAFETY: proc_exit runs PostgreSQL's exit callbacks and never returns.
+    unsafe { pg_sys::proc_exit(1) }
 }
