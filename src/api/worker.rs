@@ -310,6 +310,18 @@ fn fail_step(
     .or_raise()
 }
 
+/// Gives a claimed step back without counting the attempt (a worker shutting down before it
+/// ran the handler); the step can be claimed again at once. TK030 unless `worker_id` holds it.
+#[pg_extern(volatile, parallel_unsafe)]
+fn release_step(step_id: Option<i64>, worker_id: Option<String>) -> bool {
+    (|| {
+        let step = required(step_id, "step_id")?;
+        let w = self::worker_id(worker_id)?;
+        worker::release_claim(&store::settings::data_schema()?, step, &w).map(|_| true)
+    })()
+    .or_raise()
+}
+
 /// Extends the lease of a claimed step by its lease length; returns the new deadline.
 #[pg_extern(volatile, parallel_unsafe)]
 fn heartbeat(step_id: Option<i64>, worker_id: Option<String>) -> Option<TimestampWithTimeZone> {

@@ -619,6 +619,56 @@ pub fn fail(
     })
 }
 
+/// Gives a claimed step back (a worker shutting down): `in_progress -> error` with reason
+/// `released`, the attempt not counted and no backoff, so the next claim takes it at once.
+pub fn release_claim(
+    schema: &SchemaName,
+    step_id: i64,
+    worker_id: &str,
+) -> Result<(), TaskerError> {
+    let q = schema.quoted();
+    Spi::connect_mut(|client| {
+        require_tracked(client, schema)?;
+        check_lease(client, step_id, worker_id)?;
+        release(client, schema, step_id, "released", worker_id)?;
+        with_write_plan(
+            client,
+            "release_uncount",
+            schema.as_str(),
+            &[INT8],
+            || {
+                format!(
+                    "UPDATE {q}.tasker_workflow_steps
+                        SET attempts = GREATEST(COALESCE(attempts, 1) - 1, 0), backoff_request_seconds = NULL
+                      WHERE workflow_step_id = $1"
+                )
+            },
+            |stmt| {
+                client.select(stmt, None, &[step_id.into()])?;
+                Ok(())
+            },
+        )
+        .map_err(spi)?;
+        let task_id = with_plan(
+            client,
+            "step_task",
+            schema.as_str(),
+            &[INT8],
+            || format!("SELECT task_id FROM {q}.tasker_workflow_steps WHERE workflow_step_id = $1"),
+            |stmt| {
+                Ok(client
+                    .select(stmt, Some(1), &[step_id.into()])?
+                    .first()
+                    .get_one::<i64>()?
+                    .unwrap_or_default())
+            },
+        )
+        .map_err(spi)?;
+        finalize(client, schema, task_id)?;
+        Ok(())
+    })
+}
+
 /// Extends a step's lease by its lease length; returns the new deadline.
 pub fn heartbeat(step_id: i64, worker_id: &str) -> Result<i64, TaskerError> {
     Spi::connect_mut(|client| {
