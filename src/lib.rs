@@ -39,6 +39,8 @@ pub mod store;
     name = "worker",
     requires = ["events", "compat_aggregates"]
 );
+// Operations: verify(), metrics(), health().
+::pgrx::extension_sql_file!("../sql/ops.sql", name = "ops", requires = ["worker"]);
 // Pointing a Rails database's public functions at tasker_core, and back.
 ::pgrx::extension_sql_file!(
     "../sql/switchover.sql",
