@@ -70,13 +70,16 @@ DECLARE
     meta jsonb := jsonb_build_object('reason', COALESCE(reason, 'cancelled by operator'));
     st text;
     n integer := 0;
+    locked bigint;
     s record;
 BEGIN
     IF cancel_task.task_id IS NULL THEN
         RAISE EXCEPTION 'task_id must not be null' USING ERRCODE = '22004';
     END IF;
+    -- (EXECUTE does not set FOUND: the row count tells whether the task exists.)
     EXECUTE format('SELECT 1 FROM %I.tasker_tasks WHERE task_id = $1 FOR NO KEY UPDATE', ds) USING cancel_task.task_id;
-    IF NOT FOUND THEN
+    GET DIAGNOSTICS locked = ROW_COUNT;
+    IF locked = 0 THEN
         RAISE EXCEPTION 'task % not found', cancel_task.task_id USING ERRCODE = 'TK004';
     END IF;
     FOR s IN SELECT x.workflow_step_id, x.state FROM tasker_core.step_state x
@@ -112,13 +115,16 @@ DECLARE
     meta jsonb := jsonb_build_object('reason', 'retried by operator');
     st text;
     n integer := 0;
+    locked bigint;
     s record;
 BEGIN
     IF retry_task.task_id IS NULL THEN
         RAISE EXCEPTION 'task_id must not be null' USING ERRCODE = '22004';
     END IF;
+    -- (EXECUTE does not set FOUND: the row count tells whether the task exists.)
     EXECUTE format('SELECT 1 FROM %I.tasker_tasks WHERE task_id = $1 FOR NO KEY UPDATE', ds) USING retry_task.task_id;
-    IF NOT FOUND THEN
+    GET DIAGNOSTICS locked = ROW_COUNT;
+    IF locked = 0 THEN
         RAISE EXCEPTION 'task % not found', retry_task.task_id USING ERRCODE = 'TK004';
     END IF;
     EXECUTE format('SELECT to_state::text FROM %I.tasker_task_transitions WHERE task_id = $1 AND most_recent', ds)

@@ -339,10 +339,11 @@ fn heartbeat(step_id: Option<i64>, worker_id: Option<String>) -> Option<Timestam
 /// jitter drawn from `jitter_seed` (none when NULL).
 #[pg_extern(immutable, parallel_safe)]
 fn backoff_seconds(
-    attempt: i32,
+    attempt: Option<i32>,
     retry_after_seconds: default!(Option<i32>, "NULL"),
     jitter_seed: default!(Option<i64>, "NULL"),
 ) -> i32 {
+    let attempt = required(attempt, "attempt").or_raise();
     crate::core::backoff::backoff_seconds(
         attempt,
         retry_after_seconds.map(i64::from),

@@ -96,6 +96,10 @@ pub fn kind(v: &Value) -> &'static str {
 
 /// Whether `v` is a version of the form `MAJOR.MINOR.PATCH` (digits only).
 pub fn is_version(v: &str) -> bool {
+    // tasker_named_tasks.version is varchar(16)
+    if v.len() > 16 {
+        return false;
+    }
     let parts: Vec<&str> = v.split('.').collect();
     parts.len() == 3
         && parts

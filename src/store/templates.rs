@@ -166,6 +166,34 @@ pub fn register(schema: &SchemaName, t: &TaskTemplate, raw: &Value) -> Result<i3
             },
         )
         .map_err(spi)?;
+        // Steps the template no longer declares leave the task's step list.
+        with_write_plan(
+            client,
+            "register_prune_steps",
+            schema.as_str(),
+            &[INT4, TEXTARRAY, TEXTARRAY],
+            || {
+                format!(
+                    "DELETE FROM {q}.tasker_named_tasks_named_steps x
+                     WHERE x.named_task_id = $1
+                       AND NOT EXISTS (
+                           SELECT 1 FROM unnest($2::text[], $3::text[]) AS s(name, system)
+                           JOIN {q}.tasker_dependent_systems ds ON ds.name = s.system
+                           JOIN {q}.tasker_named_steps ns
+                             ON ns.dependent_system_id = ds.dependent_system_id AND ns.name = s.name
+                           WHERE ns.named_step_id = x.named_step_id)"
+                )
+            },
+            |stmt| {
+                client.select(
+                    stmt,
+                    None,
+                    &[named_task_id.into(), names.into(), systems.into()],
+                )?;
+                Ok(())
+            },
+        )
+        .map_err(spi)?;
         Ok(named_task_id)
     })
 }
@@ -381,7 +409,8 @@ pub fn create_task(
         .map_err(spi)?;
         let Some(task_id) = created else {
             // The idempotency key was used before: that task is the answer.
-            let existing = with_plan(
+            // a fresh snapshot: the conflicting task may have committed after this statement began
+            let existing = with_write_plan(
                 client,
                 "task_by_identity",
                 schema.as_str(),

@@ -8,7 +8,7 @@
 //! again, so a unique violation never reaches the caller.
 
 use super::events::{self, NewEvent};
-use super::plans::{with_plan, with_write_plan};
+use super::plans::with_write_plan;
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
 use crate::core::state::{Entity, State};
@@ -116,7 +116,7 @@ fn guard(
 ) -> SpiResult<Option<String>> {
     let q = schema.quoted();
     match (entity, to) {
-        (Entity::Step, State::InProgress) => with_plan(
+        (Entity::Step, State::InProgress) => with_write_plan(
             client,
             "guard_step_parents",
             schema.as_str(),
@@ -145,7 +145,7 @@ fn guard(
                 }))
             },
         ),
-        (Entity::Task, State::Complete) => with_plan(
+        (Entity::Task, State::Complete) => with_write_plan(
             client,
             "guard_task_steps",
             schema.as_str(),

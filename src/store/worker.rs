@@ -3,7 +3,8 @@
 //!
 //! Native readiness (what a claim takes): the step is pending or in error, not processed nor
 //! in process, every parent complete or resolved_manually (the maintained blocked count is 0),
-//! attempts below the retry limit, retryable, and its explicit backoff
+//! attempts below the retry limit, retryable (or never attempted: `retryable = false` stops
+//! retries, not the first run — unlike the Rails function), and its explicit backoff
 //! (`last_attempted_at + backoff_request_seconds`) expired by `tasker_core.now()` (UTC). A
 //! step in progress whose lease expired is failed (`lease_expired`) and, retries permitting,
 //! claimed again.
@@ -29,6 +30,16 @@ const JSONB: PgOid = PgOid::BuiltIn(PgBuiltInOids::JSONBOID);
 const BOOL: PgOid = PgOid::BuiltIn(PgBuiltInOids::BOOLOID);
 
 const NOW: &str = "(tasker_core.now() AT TIME ZONE 'UTC')";
+
+/// Native readiness of a `tasker_core.step_state` row `s` (see the module comment).
+const CLAIMABLE: &str =
+    "s.blocked_parents = 0 AND s.processed IS NOT TRUE AND s.in_process IS NOT TRUE
+    AND (s.state IS NULL OR s.state IN ('pending', 'error'))
+    AND COALESCE(s.attempts, 0) < COALESCE(s.retry_limit, 3)
+    AND (COALESCE(s.retryable, true) OR COALESCE(s.attempts, 0) = 0)
+    AND (s.backoff_request_seconds IS NULL OR s.last_attempted_at IS NULL
+         OR s.last_attempted_at + s.backoff_request_seconds * interval '1 second'
+            <= (tasker_core.now() AT TIME ZONE 'UTC'))";
 
 fn spi(e: pgrx::spi::Error) -> TaskerError {
     TaskerError::Internal {
@@ -131,23 +142,26 @@ pub fn expire_leases(
     .map_err(spi)?;
     let mut ids = Vec::with_capacity(expired.len());
     for (step_id, worker) in expired {
-        release(client, schema, step_id, "lease_expired", &worker)?;
+        let task_id = release(client, schema, step_id, "lease_expired", &worker)?;
+        // The lost attempt may have been the last one: the task may now have failed.
+        finalize(client, schema, task_id)?;
         ids.push(step_id);
     }
     Ok(ids)
 }
 
 /// Drops a step's claim and fails it (`in_progress -> error`) with `reason`, counting the
-/// attempt, so it can be retried.
+/// attempt, so it can be retried at once (a previous backoff no longer applies). Returns the
+/// step's task.
 fn release(
     client: &SpiClient<'_>,
     schema: &SchemaName,
     step_id: i64,
     reason: &str,
     worker: &str,
-) -> Result<(), TaskerError> {
+) -> Result<i64, TaskerError> {
     let q = schema.quoted();
-    with_write_plan(
+    let task_id = with_write_plan(
         client,
         "release_step",
         schema.as_str(),
@@ -156,16 +170,20 @@ fn release(
             format!(
                 "WITH gone AS (DELETE FROM tasker_core.step_claims WHERE workflow_step_id = $1)
                  UPDATE {q}.tasker_workflow_steps SET in_process = false, last_attempted_at = {NOW},
-                        updated_at = {NOW}
-                 WHERE workflow_step_id = $1"
+                        backoff_request_seconds = NULL, updated_at = {NOW}
+                 WHERE workflow_step_id = $1
+                 RETURNING task_id"
             )
         },
         |stmt| {
-            client.select(stmt, None, &[step_id.into()])?;
-            Ok(())
+            client
+                .select(stmt, Some(1), &[step_id.into()])?
+                .first()
+                .get_one::<i64>()
         },
     )
-    .map_err(spi)?;
+    .map_err(spi)?
+    .unwrap_or_default();
     let metadata = JsonB(json!({ "reason": reason, "worker_id": worker }));
     match transitions::transition(
         schema,
@@ -175,7 +193,7 @@ fn release(
         &metadata,
         Some(State::InProgress),
     ) {
-        Ok(_) | Err(TaskerError::ExpectedFromMismatch { .. }) => Ok(()),
+        Ok(_) | Err(TaskerError::ExpectedFromMismatch { .. }) => Ok(task_id),
         Err(e) => Err(e),
     }
 }
@@ -206,12 +224,7 @@ pub fn claim(
                          JOIN {q}.tasker_tasks t ON t.task_id = s.task_id
                          JOIN {q}.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
                          JOIN {q}.tasker_task_namespaces tn ON tn.task_namespace_id = nt.task_namespace_id
-                         WHERE s.blocked_parents = 0 AND s.processed IS NOT TRUE AND s.in_process IS NOT TRUE
-                           AND (s.state IS NULL OR s.state IN ('pending', 'error'))
-                           AND COALESCE(s.attempts, 0) < COALESCE(s.retry_limit, 3)
-                           AND COALESCE(s.retryable, true)
-                           AND (s.backoff_request_seconds IS NULL OR s.last_attempted_at IS NULL
-                                OR s.last_attempted_at + s.backoff_request_seconds * interval '1 second' <= {NOW})
+                         WHERE {CLAIMABLE}
                            AND t.complete IS NOT TRUE
                            AND ($2::text[] IS NULL OR tn.name = ANY ($2))
                          ORDER BY s.workflow_step_id
@@ -237,6 +250,9 @@ pub fn claim(
             },
         )
         .map_err(spi)?;
+        // The scan's snapshot may be older than a locked row: another worker may have claimed
+        // and failed the step in between. Holding the lock now, read the rows again.
+        let candidates = recheck_claimable(client, candidates)?;
         let mut claimed_ids = Vec::new();
         let mut tasks_started = std::collections::BTreeSet::new();
         for (step_id, task_id, state) in candidates {
@@ -312,6 +328,44 @@ pub fn claim(
     })
 }
 
+/// The candidates (locked by this transaction) that are still claimable by a fresh read.
+fn recheck_claimable(
+    client: &SpiClient<'_>,
+    candidates: Vec<(i64, i64, Option<String>)>,
+) -> Result<Vec<(i64, i64, Option<String>)>, TaskerError> {
+    if candidates.is_empty() {
+        return Ok(candidates);
+    }
+    let ids: Vec<i64> = candidates.iter().map(|c| c.0).collect();
+    let still: std::collections::HashMap<i64, Option<String>> = with_write_plan(
+        client,
+        "claim_recheck",
+        "",
+        &[INT8ARRAY],
+        || {
+            format!(
+                "SELECT s.workflow_step_id, s.state FROM tasker_core.step_state s
+                    WHERE s.workflow_step_id = ANY ($1) AND {CLAIMABLE}"
+            )
+        },
+        |stmt| {
+            let mut out = std::collections::HashMap::new();
+            for row in client.select(stmt, None, &[ids.into()])? {
+                out.insert(
+                    row.get::<i64>(1)?.unwrap_or_default(),
+                    row.get::<String>(2)?,
+                );
+            }
+            Ok(out)
+        },
+    )
+    .map_err(spi)?;
+    Ok(candidates
+        .into_iter()
+        .filter_map(|(id, task, _)| still.get(&id).map(|state| (id, task, state.clone())))
+        .collect())
+}
+
 /// Moves a task to in_progress when a step of it starts (from pending, or error via pending).
 fn start_task(
     client: &SpiClient<'_>,
@@ -353,7 +407,8 @@ fn task_state(
     task_id: i64,
 ) -> Result<Option<String>, TaskerError> {
     let q = schema.quoted();
-    with_plan(
+    // a fresh snapshot: the state another finalizer committed while this one waited
+    with_write_plan(
         client,
         "task_state",
         schema.as_str(),
@@ -542,22 +597,28 @@ pub fn fail(
     Spi::connect_mut(|client| {
         require_tracked(client, schema)?;
         let (task_id, _) = check_lease(client, step_id, worker_id)?;
-        let (attempts, retry_limit): (i32, i32) = with_plan(
+        let (attempts, retry_limit, step_retryable): (i32, i32, bool) = with_write_plan(
             client,
             "step_attempts",
             schema.as_str(),
             &[INT8],
-            || format!("SELECT COALESCE(attempts, 0), COALESCE(retry_limit, 3) FROM {q}.tasker_workflow_steps WHERE workflow_step_id = $1"),
+            || format!("SELECT COALESCE(attempts, 0), COALESCE(retry_limit, 3), COALESCE(retryable, true)
+                        FROM {q}.tasker_workflow_steps WHERE workflow_step_id = $1"),
             |stmt| {
                 let t = client.select(stmt, Some(1), &[step_id.into()])?;
                 let r = t.first();
-                Ok((r.get::<i32>(1)?.unwrap_or_default(), r.get::<i32>(2)?.unwrap_or(3)))
+                Ok((
+                    r.get::<i32>(1)?.unwrap_or_default(),
+                    r.get::<i32>(2)?.unwrap_or(3),
+                    r.get::<bool>(3)?.unwrap_or(true),
+                ))
             },
         )
         .map_err(spi)?;
         let seed = super::settings::jitter_seed(step_id, attempts);
         let backoff_secs = backoff::backoff_seconds(attempts, retry_after, seed);
-        let will_retry = retryable && attempts < retry_limit;
+        // not retried when the worker says so, or the step was declared not retryable
+        let will_retry = retryable && step_retryable && attempts < retry_limit;
         with_write_plan(
             client,
             "fail_step",
@@ -630,7 +691,7 @@ pub fn release_claim(
     Spi::connect_mut(|client| {
         require_tracked(client, schema)?;
         check_lease(client, step_id, worker_id)?;
-        release(client, schema, step_id, "released", worker_id)?;
+        let task_id = release(client, schema, step_id, "released", worker_id)?;
         with_write_plan(
             client,
             "release_uncount",
@@ -646,21 +707,6 @@ pub fn release_claim(
             |stmt| {
                 client.select(stmt, None, &[step_id.into()])?;
                 Ok(())
-            },
-        )
-        .map_err(spi)?;
-        let task_id = with_plan(
-            client,
-            "step_task",
-            schema.as_str(),
-            &[INT8],
-            || format!("SELECT task_id FROM {q}.tasker_workflow_steps WHERE workflow_step_id = $1"),
-            |stmt| {
-                Ok(client
-                    .select(stmt, Some(1), &[step_id.into()])?
-                    .first()
-                    .get_one::<i64>()?
-                    .unwrap_or_default())
             },
         )
         .map_err(spi)?;
@@ -710,8 +756,25 @@ struct NativeCounts {
     blocked: i64,
 }
 
+fn lock_task(client: &SpiClient<'_>, schema: &SchemaName, task_id: i64) -> Result<(), TaskerError> {
+    let q = schema.quoted();
+    with_write_plan(
+        client,
+        "finalize_lock_task",
+        schema.as_str(),
+        &[INT8],
+        || format!("SELECT 1 FROM {q}.tasker_tasks WHERE task_id = $1 FOR NO KEY UPDATE"),
+        |stmt| {
+            client.select(stmt, None, &[task_id.into()])?;
+            Ok(())
+        },
+    )
+    .map_err(spi)
+}
+
+/// (A write plan, though it only reads: it must take a fresh snapshot, see [`finalize`].)
 fn native_counts(client: &SpiClient<'_>, task_id: i64) -> Result<NativeCounts, TaskerError> {
-    with_plan(
+    with_write_plan(
         client,
         "native_counts",
         "",
@@ -721,12 +784,7 @@ fn native_counts(client: &SpiClient<'_>, task_id: i64) -> Result<NativeCounts, T
                 "SELECT count(*),
                         count(*) FILTER (WHERE s.state IN ('complete', 'resolved_manually')),
                         count(*) FILTER (WHERE s.state = 'in_progress'),
-                        count(*) FILTER (WHERE s.blocked_parents = 0 AND s.processed IS NOT TRUE
-                                           AND (s.state IS NULL OR s.state IN ('pending', 'error'))
-                                           AND COALESCE(s.attempts, 0) < COALESCE(s.retry_limit, 3)
-                                           AND COALESCE(s.retryable, true)
-                                           AND (s.backoff_request_seconds IS NULL OR s.last_attempted_at IS NULL
-                                                OR s.last_attempted_at + s.backoff_request_seconds * interval '1 second' <= {NOW})),
+                        count(*) FILTER (WHERE {CLAIMABLE}),
                         count(*) FILTER (WHERE s.state = 'error' AND COALESCE(s.attempts, 0) < COALESCE(s.retry_limit, 3)
                                            AND COALESCE(s.retryable, true)),
                         count(*) FILTER (WHERE s.state = 'error' AND (COALESCE(s.attempts, 0) >= COALESCE(s.retry_limit, 3)
@@ -759,6 +817,10 @@ pub fn finalize(
     schema: &SchemaName,
     task_id: i64,
 ) -> Result<&'static str, TaskerError> {
+    // Finalizers of one task take turns, and each counts with a snapshot taken after its
+    // turn came: two workers finishing the last two steps at once cannot both see the
+    // other's step still running.
+    lock_task(client, schema, task_id)?;
     let c = native_counts(client, task_id)?;
     let empty = JsonB(json!({}));
     let status = if c.total > 0 && c.done == c.total {
