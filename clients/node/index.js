@@ -1,0 +1,424 @@
+'use strict';
+// tasker-worker: runs Tasker step handlers against a PostgreSQL database with tasker_core.
+// The database does the orchestration (readiness, retries, backoff, leases, finalization);
+// this loop only claims steps, runs handlers, heartbeats, and reports the outcome.
+
+const { EventEmitter } = require('node:events');
+const os = require('node:os');
+const pg = require('pg');
+
+const READY_CHANNEL = 'tasker_ready';
+const LEASE_LOST = 'TK030';
+
+/** A failure worth retrying; `retryAfter` (seconds) overrides the database's backoff. */
+class RetryableError extends Error {
+  constructor(message, { retryAfter, cause } = {}) {
+    super(message, cause === undefined ? undefined : { cause });
+    this.name = 'RetryableError';
+    this.retryAfter = retryAfter;
+  }
+}
+
+/** A failure that retrying cannot fix: the step is not retried and its task ends in error. */
+class PermanentError extends Error {
+  constructor(message, options) {
+    super(message, options);
+    this.name = 'PermanentError';
+  }
+}
+
+/** No handler is registered for a step's handler_class (a permanent failure). */
+class UnknownHandlerError extends PermanentError {
+  constructor(handlerClass) {
+    super(`no handler registered for ${JSON.stringify(handlerClass)}`);
+    this.name = 'UnknownHandlerError';
+  }
+}
+
+/** A handler ran longer than stepTimeoutMs (a retryable failure). */
+class TimeoutError extends Error {
+  constructor(ms) {
+    super(`step handler timed out after ${ms} ms`);
+    this.name = 'TimeoutError';
+  }
+}
+
+// Abort reasons that end a step without reporting a failure.
+class LeaseLostError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = 'LeaseLostError';
+  }
+}
+class ShutdownError extends Error {
+  constructor() {
+    super('worker shutting down: step released');
+    this.name = 'ShutdownError';
+  }
+}
+
+/** The JSON a failure is recorded with (results.error and the transition metadata). */
+function errorJson(error) {
+  const isError = error instanceof Error;
+  const name = isError ? error.name : 'NonErrorThrown';
+  const json = {
+    message: isError ? error.message : String(error),
+    name,
+    errorClass: isError ? error.constructor.name : typeof error,
+  };
+  if (isError && typeof error.stack === 'string') {
+    json.stack = error.stack.split('\n').slice(1, 6).map((line) => line.trim());
+  }
+  if (isError && error.code !== undefined) json.code = String(error.code);
+  return json;
+}
+
+function classify(error) {
+  if (error instanceof PermanentError) return { retryable: false, retryAfter: null };
+  const after = error instanceof RetryableError ? Number(error.retryAfter) : NaN;
+  return { retryable: true, retryAfter: Number.isFinite(after) ? Math.max(0, Math.ceil(after)) : null };
+}
+
+function toStep(row) {
+  return {
+    taskId: Number(row.task_id),
+    stepId: Number(row.workflow_step_id),
+    name: row.step_name,
+    namespace: row.namespace,
+    taskName: row.task_name,
+    handlerClass: row.handler_class,
+    config: row.handler_config ?? {},
+    inputs: row.inputs ?? {},
+    parentResults: row.parent_results ?? {},
+    attempt: row.attempt,
+    leaseExpiresAt: row.lease_expires_at,
+  };
+}
+
+const quiet = { info() {}, warn() {}, error() {} };
+
+class Worker extends EventEmitter {
+  #pgConfig;
+  #inFlight = new Map(); // stepId -> { step, controller, state: 'running' | 'finishing', done }
+  #timers = new Set(); // wake-ups for backoffs running out
+  #listener = null;
+  #loop = null;
+  #stopping = false;
+  #stopPromise = null;
+  #woken = false;
+  #wakeup = null;
+  #signalHandler = null;
+
+  /**
+   * @param {object} options pg settings (connectionString, host, database, ...) plus
+   *   workerId, namespaces, batchSize, leaseSeconds, pollIntervalMs, stepTimeoutMs,
+   *   shutdownGraceMs (default leaseSeconds/2), handleSignals (default true), logger.
+   */
+  constructor(options = {}) {
+    super();
+    const {
+      workerId = `${os.hostname()}-${process.pid}`,
+      namespaces = null,
+      batchSize = 4,
+      leaseSeconds = 30,
+      pollIntervalMs = 1000,
+      stepTimeoutMs = 5 * 60 * 1000,
+      shutdownGraceMs = (leaseSeconds * 1000) / 2,
+      handleSignals = true,
+      logger = console,
+      ...pgConfig
+    } = options;
+    if (!Number.isInteger(batchSize) || batchSize < 1 || batchSize > 1000) throw new RangeError('batchSize must be an integer in 1..1000');
+    if (!Number.isInteger(leaseSeconds) || leaseSeconds < 1 || leaseSeconds > 86400) throw new RangeError('leaseSeconds must be an integer in 1..86400');
+    Object.assign(this, { workerId, batchSize, leaseSeconds, pollIntervalMs, stepTimeoutMs, shutdownGraceMs, handleSignals });
+    this.namespaces = namespaces == null ? null : [].concat(namespaces);
+    const log = logger || quiet;
+    const prefix = `[tasker-worker ${workerId}]`;
+    this.log = {
+      info: (msg) => log.info(`${prefix} ${msg}`),
+      warn: (msg) => log.warn(`${prefix} ${msg}`),
+      error: (msg) => log.error(`${prefix} ${msg}`),
+    };
+    this.#pgConfig = pgConfig;
+    this.pool = new pg.Pool({ ...pgConfig, max: batchSize + 2 });
+    this.pool.on('error', (err) => this.log.warn(`idle connection error: ${err.message}`));
+    this.handlers = new Map();
+  }
+
+  /** Registers `fn(step) -> results` for steps whose template says `handler_class: name`. */
+  register(handlerClass, fn) {
+    if (typeof fn !== 'function') throw new TypeError('a handler must be a function');
+    this.handlers.set(handlerClass, fn);
+    return this;
+  }
+
+  /** tasker_core.register_task_template: stores a template (the Rails YAML as an object). */
+  async registerTemplate(template) {
+    const { rows } = await this.pool.query('SELECT tasker_core.register_task_template($1::jsonb) AS id', [JSON.stringify(template)]);
+    return rows[0].id;
+  }
+
+  /** tasker_core.create_task: starts a task; options as in the SQL function plus `version`. */
+  async createTask(namespace, name, context = {}, { version = null, ...options } = {}) {
+    const { rows } = await this.pool.query(
+      'SELECT tasker_core.create_task($1, $2, $3, $4::jsonb, $5::jsonb) AS id',
+      [namespace, name, version, JSON.stringify(context), JSON.stringify(options)],
+    );
+    return Number(rows[0].id);
+  }
+
+  /** Connects, LISTENs and starts the claim loop; resolves once it is running. */
+  async start() {
+    if (this.#loop || this.#stopping) throw new Error('a Worker is started once');
+    await this.#listen();
+    if (this.handleSignals) {
+      this.#signalHandler = (signal) => this.#onSignal(signal);
+      process.on('SIGTERM', this.#signalHandler);
+      process.on('SIGINT', this.#signalHandler);
+    }
+    this.log.info(`started (namespaces ${this.namespaces ? this.namespaces.join(', ') : 'all'}, batch ${this.batchSize}, lease ${this.leaseSeconds} s)`);
+    this.#loop = this.#run();
+    return this;
+  }
+
+  /**
+   * Stops claiming, lets in-flight handlers finish for `graceMs`, releases the steps still
+   * running (release_step: the attempt is not counted) and closes the connections.
+   */
+  stop({ graceMs = this.shutdownGraceMs } = {}) {
+    this.#stopPromise ??= (async () => {
+      this.#stopping = true;
+      this.#wake();
+      await this.#loop;
+      for (const t of this.#timers) clearTimeout(t);
+      if (this.#inFlight.size > 0) {
+        this.log.info(`stopping: waiting up to ${graceMs} ms for ${this.#inFlight.size} step(s)`);
+        let timer;
+        const grace = new Promise((resolve) => { timer = setTimeout(resolve, graceMs); });
+        await Promise.race([grace, this.#settled()]);
+        clearTimeout(timer);
+        this.#releaseRunning();
+        await this.#settled();
+      }
+      if (this.#signalHandler) {
+        process.off('SIGTERM', this.#signalHandler);
+        process.off('SIGINT', this.#signalHandler);
+      }
+      const listener = this.#listener;
+      this.#listener = null;
+      await Promise.allSettled([listener?.end(), this.pool.end()]);
+      this.log.info('stopped');
+    })();
+    return this.#stopPromise;
+  }
+
+  #onSignal(signal) {
+    if (this.#stopping) {
+      this.log.warn(`${signal} again: releasing the running steps now`);
+      this.#releaseRunning();
+      return;
+    }
+    this.log.info(`${signal}: shutting down`);
+    this.stop().then(() => process.exit(0), (err) => {
+      this.log.error(`shutdown failed: ${err.stack}`);
+      process.exit(1);
+    });
+  }
+
+  #releaseRunning() {
+    for (const entry of this.#inFlight.values()) {
+      if (entry.state === 'running') entry.controller.abort(new ShutdownError());
+    }
+  }
+
+  #settled() {
+    return Promise.allSettled([...this.#inFlight.values()].map((e) => e.done));
+  }
+
+  // --- wake-ups: NOTIFY on tasker_ready, a finished handler, a backoff running out, the poll
+
+  async #listen() {
+    const client = new pg.Client(this.#pgConfig);
+    const drop = (err) => {
+      if (this.#listener !== client) return;
+      this.#listener = null;
+      if (!this.#stopping) this.log.warn(`listener lost${err ? `: ${err.message}` : ''}; polling until it reconnects`);
+      client.end().catch(() => {});
+      this.#wake();
+    };
+    client.on('error', drop);
+    client.on('end', () => drop());
+    client.on('notification', (msg) => {
+      let ns = null;
+      try { ns = JSON.parse(msg.payload).namespace; } catch { /* a wake-up all the same */ }
+      if (!this.namespaces || ns == null || this.namespaces.includes(ns)) this.#wake();
+    });
+    try {
+      await client.connect();
+      await client.query(`LISTEN ${READY_CHANNEL}`);
+    } catch (err) {
+      client.end().catch(() => {});
+      throw err;
+    }
+    this.#listener = client;
+  }
+
+  #wake() {
+    this.#woken = true;
+    if (this.#wakeup) this.#wakeup();
+  }
+
+  #wakeIn(ms) {
+    const t = setTimeout(() => { this.#timers.delete(t); this.#wake(); }, ms);
+    t.unref();
+    this.#timers.add(t);
+  }
+
+  #sleep(ms) {
+    if (this.#woken || this.#stopping) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.#wakeup = null;
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      this.#wakeup = done;
+    });
+  }
+
+  // --- the loop: claim what the free slots allow, start the handlers, sleep until woken
+
+  async #run() {
+    while (!this.#stopping) {
+      if (!this.#listener) {
+        await this.#listen().catch((err) => this.log.warn(`cannot LISTEN: ${err.message}`));
+      }
+      const free = this.batchSize - this.#inFlight.size;
+      let claimed = [];
+      this.#woken = false;
+      if (free > 0) {
+        try {
+          const { rows } = await this.pool.query(
+            'SELECT * FROM tasker_core.claim_steps($1, $2::text[], $3, $4)',
+            [this.workerId, this.namespaces, free, this.leaseSeconds],
+          );
+          claimed = rows.map(toStep);
+        } catch (err) {
+          this.log.error(`claim failed: ${err.message}`);
+          this.#woken = false; // wait a poll interval before trying again
+        }
+      }
+      // steps claimed while stop() began are released at once by #launch
+      for (const step of claimed) this.#launch(step);
+      if (claimed.length < free || free === 0) await this.#sleep(this.pollIntervalMs);
+    }
+  }
+
+  #launch(step) {
+    const controller = new AbortController();
+    step.signal = controller.signal; // aborted on timeout, lost lease or shutdown
+    const entry = { step, controller, state: 'running' };
+    this.#inFlight.set(step.stepId, entry);
+    if (this.#stopping) controller.abort(new ShutdownError());
+    entry.done = this.#execute(entry)
+      .catch((err) => this.log.error(`step ${step.stepId}: ${err.stack}`))
+      .finally(() => {
+        this.#inFlight.delete(step.stepId);
+        this.#wake();
+      });
+  }
+
+  async #execute(entry) {
+    const { step, controller } = entry;
+    const aborted = new Promise((resolve) => {
+      if (controller.signal.aborted) resolve({ kind: 'aborted', reason: controller.signal.reason });
+      controller.signal.addEventListener('abort', () => resolve({ kind: 'aborted', reason: controller.signal.reason }), { once: true });
+    });
+    const timer = setTimeout(() => controller.abort(new TimeoutError(this.stepTimeoutMs)), this.stepTimeoutMs);
+    const beat = setInterval(() => this.#heartbeat(entry), (this.leaseSeconds * 1000) / 3);
+    let outcome;
+    try {
+      outcome = await Promise.race([
+        aborted,
+        (async () => {
+          if (controller.signal.aborted) return new Promise(() => {});
+          const handler = this.handlers.get(step.handlerClass);
+          if (!handler) throw new UnknownHandlerError(step.handlerClass);
+          return handler(step);
+        })().then((value) => ({ kind: 'ok', value }), (error) => ({ kind: 'error', error })),
+      ]);
+    } finally {
+      clearTimeout(timer);
+      clearInterval(beat);
+      entry.state = 'finishing';
+    }
+    const what = `step ${step.stepId} (${step.taskName}/${step.name}, task ${step.taskId}, attempt ${step.attempt})`;
+    try {
+      if (outcome.kind === 'ok') {
+        await this.#complete(step, outcome.value, what);
+      } else if (outcome.kind === 'error') {
+        await this.#fail(step, outcome.error, what);
+      } else if (outcome.reason instanceof TimeoutError) {
+        await this.#fail(step, outcome.reason, what);
+      } else if (outcome.reason instanceof ShutdownError) {
+        await this.pool.query('SELECT tasker_core.release_step($1, $2)', [step.stepId, this.workerId]);
+        this.log.info(`${what} released`);
+        this.emit('released', step);
+      } // LeaseLostError: logged by heartbeat, nothing to report
+    } catch (err) {
+      if (err.code === LEASE_LOST) {
+        this.log.warn(`${what}: lease lost, outcome skipped (${err.message})`);
+        this.emit('leaseLost', step, err);
+      } else {
+        this.log.error(`${what}: reporting the outcome failed: ${err.message}; the lease will expire and the step will be retried`);
+      }
+    }
+  }
+
+  async #complete(step, value, what) {
+    let results;
+    try {
+      results = JSON.stringify(value === undefined ? {} : value);
+    } catch (err) {
+      return this.#fail(step, err, what); // e.g. a BigInt or a cycle in the results
+    }
+    await this.pool.query('SELECT tasker_core.complete_step($1, $2, $3::jsonb)', [step.stepId, this.workerId, results]);
+    this.log.info(`${what} complete`);
+    this.emit('completed', step, value);
+  }
+
+  async #fail(step, error, what) {
+    const { retryable, retryAfter } = classify(error);
+    const json = errorJson(error);
+    const { rows } = await this.pool.query(
+      'SELECT tasker_core.fail_step($1, $2, $3::jsonb, $4, $5) AS backoff',
+      [step.stepId, this.workerId, JSON.stringify(json), retryable, retryAfter],
+    );
+    const backoff = rows[0].backoff;
+    // nobody else may NOTIFY when the backoff runs out (unless tick() runs): wake ourselves
+    if (backoff != null) this.#wakeIn(backoff * 1000 + 20);
+    this.log.warn(`${what} failed (${json.name}: ${json.message}); ${backoff != null ? `retry in ${backoff} s` : 'not retried'}`);
+    this.emit('failed', step, json, { retryable, backoff });
+  }
+
+  async #heartbeat(entry) {
+    if (entry.state !== 'running' || entry.beating) return;
+    entry.beating = true;
+    try {
+      await this.pool.query('SELECT tasker_core.heartbeat($1, $2)', [entry.step.stepId, this.workerId]);
+    } catch (err) {
+      if (err.code === LEASE_LOST && entry.state === 'running') {
+        this.log.warn(`step ${entry.step.stepId}: lease lost while running (${err.message}); abandoning it`);
+        this.emit('leaseLost', entry.step, err);
+        entry.controller.abort(new LeaseLostError(err.message));
+      } else if (err.code !== LEASE_LOST) {
+        this.log.warn(`step ${entry.step.stepId}: heartbeat failed: ${err.message}`);
+      }
+    } finally {
+      entry.beating = false;
+    }
+  }
+}
+
+module.exports = { Worker, RetryableError, PermanentError, UnknownHandlerError, TimeoutError, errorJson };

@@ -1,0 +1,420 @@
+// tasker-worker against a real PostgreSQL with tasker_core: each test creates its own database
+// (CREATE EXTENSION, install_schema, enable_tracking) and drops it afterwards. Connection
+// settings come from the PG* environment (scripts/cluster.sh env).
+'use strict';
+const { test } = require('node:test');
+const assert = require('node:assert/strict');
+const path = require('node:path');
+const { spawn } = require('node:child_process');
+const { once } = require('node:events');
+const { Client } = require('pg');
+const { Worker, RetryableError, PermanentError } = require('..');
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function withDatabase(fn) {
+  const name = `tasker_node_${process.pid}_${Math.random().toString(16).slice(2, 10)}`;
+  const admin = new Client({ database: 'postgres' });
+  await admin.connect();
+  await admin.query(`CREATE DATABASE "${name}"`);
+  const db = new Client({ database: name });
+  const workers = [];
+  try {
+    await db.connect();
+    await db.query('CREATE EXTENSION tasker_core');
+    await db.query('SELECT tasker_core.install_schema()');
+    await db.query('SELECT tasker_core.enable_tracking()');
+    const ctx = {
+      name,
+      db,
+      query: async (sql, params) => (await db.query(sql, params)).rows,
+      worker(options = {}) {
+        const logs = [];
+        const logger = { info: (m) => logs.push(m), warn: (m) => logs.push(m), error: (m) => logs.push(m) };
+        const w = new Worker({ database: name, handleSignals: false, logger, workerId: `w${workers.length + 1}`, ...options });
+        w.logs = logs;
+        workers.push(w);
+        return w;
+      },
+      template: (tmpl) => db.query('SELECT tasker_core.register_task_template($1::jsonb)', [JSON.stringify(tmpl)]),
+      async task(namespace, name, context = {}) {
+        const { rows } = await db.query('SELECT tasker_core.create_task($1, $2, NULL, $3::jsonb) AS id', [namespace, name, JSON.stringify(context)]);
+        return Number(rows[0].id);
+      },
+      async taskState(taskId) {
+        const { rows } = await db.query('SELECT to_state FROM tasker_task_transitions WHERE task_id = $1 AND most_recent', [taskId]);
+        return rows[0]?.to_state ?? 'pending';
+      },
+      async waitForTask(taskId, states = ['complete', 'error'], ms = 20000) {
+        const deadline = Date.now() + ms;
+        for (;;) {
+          const state = await ctx.taskState(taskId);
+          if (states.includes(state)) return state;
+          if (Date.now() > deadline) throw new Error(`task ${taskId} is still ${state} after ${ms} ms`);
+          await sleep(25);
+        }
+      },
+      // a step of a task by name, with its state, attempts and results
+      async step(taskId, stepName) {
+        const { rows } = await db.query(
+          `SELECT ts.workflow_step_id::int AS id, ts.current_state AS state, ws.attempts, ws.results, ws.retryable
+           FROM tasker_core.task_steps($1) ts JOIN tasker_workflow_steps ws USING (workflow_step_id)
+           WHERE ts.name = $2`, [taskId, stepName]);
+        return rows[0];
+      },
+      async transitions(stepId) {
+        const { rows } = await db.query(
+          `SELECT from_state, to_state, metadata, created_at FROM tasker_workflow_step_transitions
+           WHERE workflow_step_id = $1 ORDER BY sort_key`, [stepId]);
+        return rows;
+      },
+    };
+    await fn(ctx);
+  } finally {
+    await Promise.allSettled(workers.map((w) => w.stop({ graceMs: 0 })));
+    await db.end().catch(() => {});
+    await admin.query(`DROP DATABASE IF EXISTS "${name}" WITH (FORCE)`);
+    await admin.end();
+  }
+}
+
+const single = (namespace, handler, extra = {}) => ({
+  name: 'single', namespace_name: namespace, version: '1.0.0',
+  step_templates: [{ name: 'only', handler_class: handler, default_retry_limit: 3, ...extra }],
+});
+
+const edges = (rows) => rows.map((t) => `${t.from_state}->${t.to_state}`);
+
+test('a fan-out/fan-in template runs to completion, parent results reach the children, the batch runs concurrently', async () => {
+  await withDatabase(async (t) => {
+    await t.template({
+      name: 'diamond', namespace_name: 'fan', version: '1.0.0',
+      step_templates: [
+        { name: 'start', handler_class: 'Start' },
+        { name: 'left', handler_class: 'Mul', depends_on_step: 'start', handler_config: { factor: 2 } },
+        { name: 'middle', handler_class: 'Mul', depends_on_step: 'start', handler_config: { factor: 3 } },
+        { name: 'right', handler_class: 'Mul', depends_on_step: 'start', handler_config: { factor: 5 } },
+        { name: 'join', handler_class: 'Sum', depends_on_steps: ['left', 'middle', 'right'] },
+      ],
+    });
+    const w = t.worker({ namespaces: ['fan'], batchSize: 4 });
+    let running = 0;
+    let maxRunning = 0;
+    const seen = [];
+    w.register('Start', async (step) => {
+      seen.push(step);
+      return { n: step.inputs.n };
+    });
+    w.register('Mul', async (step) => {
+      running += 1;
+      maxRunning = Math.max(maxRunning, running);
+      await sleep(150);
+      running -= 1;
+      return { value: step.parentResults.start.n * step.config.factor };
+    });
+    w.register('Sum', async (step) => ({
+      parents: Object.keys(step.parentResults).sort(),
+      total: Object.values(step.parentResults).reduce((s, r) => s + r.value, 0),
+    }));
+    const tasks = [await t.task('fan', 'diamond', { n: 1 }), await t.task('fan', 'diamond', { n: 10 })];
+    await w.start();
+    for (const id of tasks) assert.equal(await t.waitForTask(id), 'complete');
+    assert.deepEqual((await t.step(tasks[0], 'join')).results, { parents: ['left', 'middle', 'right'], total: 10 });
+    assert.deepEqual((await t.step(tasks[1], 'join')).results, { parents: ['left', 'middle', 'right'], total: 100 });
+    assert.ok(maxRunning > 1, `the fan-out ran concurrently (at most ${maxRunning} at once)`);
+    const s = seen.find((x) => x.taskId === tasks[0]);
+    assert.equal(s.name, 'start');
+    assert.equal(s.namespace, 'fan');
+    assert.equal(s.taskName, 'diamond');
+    assert.equal(s.handlerClass, 'Start');
+    assert.equal(s.attempt, 1);
+    assert.deepEqual(s.parentResults, {});
+    assert.equal(typeof s.stepId, 'number');
+  });
+});
+
+test('RetryableError with retryAfter is retried after the delay (error -> pending -> in_progress)', async () => {
+  await withDatabase(async (t) => {
+    await t.template(single('retry', 'Flaky'));
+    // a long poll: only the worker's own backoff timer can bring the retry on time
+    const w = t.worker({ namespaces: ['retry'], pollIntervalMs: 30000 });
+    const calls = [];
+    w.register('Flaky', async (step) => {
+      calls.push({ at: Date.now(), attempt: step.attempt });
+      if (step.attempt === 1) throw new RetryableError('rate limited', { retryAfter: 2 });
+      return { ok: true };
+    });
+    const id = await t.task('retry', 'single');
+    await w.start();
+    assert.equal(await t.waitForTask(id), 'complete');
+    assert.deepEqual(calls.map((c) => c.attempt), [1, 2]);
+    const gap = calls[1].at - calls[0].at;
+    assert.ok(gap >= 2000 && gap < 4000, `retried ${gap} ms later`);
+    const step = await t.step(id, 'only');
+    assert.equal(step.attempts, 2);
+    const tr = await t.transitions(step.id);
+    assert.deepEqual(edges(tr), ['pending->in_progress', 'in_progress->error', 'error->pending', 'pending->in_progress', 'in_progress->complete']);
+    const { error, retryable, backoff_seconds: backoff } = tr[1].metadata;
+    assert.equal(retryable, true);
+    assert.equal(backoff, 2);
+    assert.equal(error.message, 'rate limited');
+    assert.equal(error.name, 'RetryableError');
+    assert.equal(error.errorClass, 'RetryableError');
+    assert.ok(Array.isArray(error.stack) && error.stack.length > 0 && error.stack.length <= 5);
+  });
+});
+
+test('PermanentError ends the task in error without a retry', async () => {
+  await withDatabase(async (t) => {
+    await t.template(single('perm', 'Broken'));
+    const w = t.worker({ namespaces: ['perm'] });
+    let calls = 0;
+    w.register('Broken', async () => {
+      calls += 1;
+      throw new PermanentError('card declined');
+    });
+    const id = await t.task('perm', 'single');
+    await w.start();
+    assert.equal(await t.waitForTask(id), 'error');
+    await sleep(300);
+    assert.equal(calls, 1);
+    const step = await t.step(id, 'only');
+    assert.equal(step.state, 'error');
+    assert.equal(step.retryable, false);
+    assert.equal(step.results.error.name, 'PermanentError');
+    assert.equal(step.results.error.message, 'card declined');
+    const tr = await t.transitions(step.id);
+    assert.equal(tr.at(-1).metadata.retryable, false);
+  });
+});
+
+test('a step without a registered handler fails permanently', async () => {
+  await withDatabase(async (t) => {
+    await t.template(single('unknown', 'NobodyHandlesThis'));
+    const w = t.worker({ namespaces: ['unknown'] });
+    w.register('Other', async () => ({}));
+    const id = await t.task('unknown', 'single');
+    await w.start();
+    assert.equal(await t.waitForTask(id), 'error');
+    const step = await t.step(id, 'only');
+    assert.equal(step.attempts, 1);
+    assert.equal(step.retryable, false);
+    assert.equal(step.results.error.name, 'UnknownHandlerError');
+    assert.match(step.results.error.message, /NobodyHandlesThis/);
+  });
+});
+
+test('a handler over stepTimeoutMs fails retryably, and the retry completes', async () => {
+  await withDatabase(async (t) => {
+    await t.template(single('slow', 'Sleepy'));
+    const w = t.worker({ namespaces: ['slow'], stepTimeoutMs: 300 });
+    let abortedFirst = false;
+    w.register('Sleepy', async (step) => {
+      if (step.attempt === 1) {
+        await sleep(1500);
+        abortedFirst = step.signal.aborted;
+        return { late: true };
+      }
+      return { attempt: step.attempt };
+    });
+    const id = await t.task('slow', 'single');
+    await w.start();
+    assert.equal(await t.waitForTask(id), 'complete');
+    const step = await t.step(id, 'only');
+    assert.deepEqual(step.results, { attempt: 2 });
+    const tr = await t.transitions(step.id);
+    assert.deepEqual(edges(tr), ['pending->in_progress', 'in_progress->error', 'error->pending', 'pending->in_progress', 'in_progress->complete']);
+    assert.equal(tr[1].metadata.retryable, true);
+    assert.equal(tr[1].metadata.error.name, 'TimeoutError');
+    await sleep(1300);
+    assert.ok(abortedFirst, 'the timed-out handler saw step.signal aborted');
+    assert.equal((await t.step(id, 'only')).state, 'complete', 'the late result of attempt 1 changed nothing');
+  });
+});
+
+test('a handler longer than the lease keeps it by heartbeats and completes', async () => {
+  await withDatabase(async (t) => {
+    await t.template(single('long', 'Long'));
+    const w = t.worker({ namespaces: ['long'], leaseSeconds: 1 }); // heartbeat every 333 ms
+    let calls = 0;
+    w.register('Long', async () => {
+      calls += 1;
+      await sleep(3500);
+      return { done: true };
+    });
+    // a second worker keeps claiming (each claim expires overdue leases first) and tick() runs
+    const rival = t.worker({ namespaces: ['long'], pollIntervalMs: 100 });
+    rival.register('Long', async () => ({ stolen: true }));
+    const id = await t.task('long', 'single');
+    await w.start();
+    await sleep(200);
+    await rival.start();
+    const ticking = setInterval(() => t.db.query('SELECT tasker_core.tick()').catch(() => {}), 200);
+    try {
+      assert.equal(await t.waitForTask(id), 'complete');
+    } finally {
+      clearInterval(ticking);
+    }
+    const step = await t.step(id, 'only');
+    assert.equal(calls, 1);
+    assert.deepEqual(step.results, { done: true });
+    assert.equal(step.attempts, 1);
+    assert.deepEqual(edges(await t.transitions(step.id)), ['pending->in_progress', 'in_progress->complete']);
+  });
+});
+
+test('a lost lease (TK030 on complete) is logged and skipped; the worker goes on', async () => {
+  await withDatabase(async (t) => {
+    await t.template(single('lost', 'Waits'));
+    const w = t.worker({ namespaces: ['lost'] });
+    let release;
+    const gate = new Promise((resolve) => { release = resolve; });
+    w.register('Waits', async (step) => {
+      if (step.inputs.wait) await gate;
+      return { by: 'worker' };
+    });
+    const lost = [];
+    w.on('leaseLost', (step, err) => lost.push([step.stepId, err.code]));
+    const first = await t.task('lost', 'single', { wait: true });
+    await w.start();
+    const step = await t.step(first, 'only');
+    for (let i = 0; (await t.step(first, 'only')).state !== 'in_progress'; i += 1) {
+      assert.ok(i < 400, 'the step was claimed');
+      await sleep(25);
+    }
+    // an operator resolves the step while its handler runs: the worker's lease is gone
+    await t.query("SELECT tasker_core.resolve_step_manually($1, '{\"by\": \"operator\"}')", [step.id]);
+    release();
+    assert.equal(await t.waitForTask(first), 'complete');
+    const second = await t.task('lost', 'single', { wait: false });
+    assert.equal(await t.waitForTask(second), 'complete');
+    assert.deepEqual(lost, [[step.id, 'TK030']]);
+    assert.ok(w.logs.some((m) => /lease lost/.test(m)), 'logged');
+    assert.deepEqual((await t.step(first, 'only')).results, { by: 'operator' });
+  });
+});
+
+test('a lease lost while the handler runs is noticed by the heartbeat: step.signal aborts, nothing is reported', async () => {
+  await withDatabase(async (t) => {
+    await t.template(single('lost', 'Waits'));
+    const w = t.worker({ namespaces: ['lost'], leaseSeconds: 3 }); // heartbeat every second
+    let reason;
+    w.register('Waits', (step) => new Promise((resolve) => {
+      step.signal.addEventListener('abort', () => { reason = step.signal.reason; resolve({ by: 'worker' }); });
+    }));
+    const lost = [];
+    w.on('leaseLost', (step, err) => lost.push(err.code));
+    const id = await t.task('lost', 'single');
+    await w.start();
+    const step = await t.step(id, 'only');
+    for (let i = 0; (await t.step(id, 'only')).state !== 'in_progress'; i += 1) {
+      assert.ok(i < 400, 'the step was claimed');
+      await sleep(25);
+    }
+    await t.query("SELECT tasker_core.resolve_step_manually($1, '{\"by\": \"operator\"}')", [step.id]);
+    assert.equal(await t.waitForTask(id), 'complete');
+    for (let i = 0; lost.length === 0; i += 1) {
+      assert.ok(i < 200, 'the heartbeat noticed');
+      await sleep(25);
+    }
+    assert.deepEqual(lost, ['TK030']);
+    assert.equal(reason?.name, 'LeaseLostError');
+    await sleep(100);
+    assert.deepEqual((await t.step(id, 'only')).results, { by: 'operator' });
+    assert.ok(!w.logs.some((m) => /reporting the outcome failed/.test(m)), w.logs.join('\n'));
+  });
+});
+
+async function runChild(t, { slowMs, graceMs }) {
+  const child = spawn(process.execPath, [path.join(__dirname, 'sigterm-worker.js')], {
+    env: { ...process.env, PGDATABASE: t.name, SLOW_MS: String(slowMs), GRACE_MS: String(graceMs) },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  child.stdout.on('data', (d) => { out += d; });
+  child.stderr.on('data', (d) => { out += d; });
+  const exited = once(child, 'exit');
+  const deadline = Date.now() + 15000;
+  while (!out.includes('handler started')) {
+    if (Date.now() > deadline || child.exitCode !== null) throw new Error(`child never started a step:\n${out}`);
+    await sleep(20);
+  }
+  const signalled = Date.now();
+  child.kill('SIGTERM');
+  const [code, signal] = await exited;
+  return { code, signal, out, ms: Date.now() - signalled };
+}
+
+test('SIGTERM mid-step: the child worker finishes the step within the grace period and exits 0', async () => {
+  await withDatabase(async (t) => {
+    await t.template(single('term', 'Slow'));
+    const id = await t.task('term', 'single');
+    const r = await runChild(t, { slowMs: 1000, graceMs: 10000 });
+    assert.equal(r.code, 0, r.out);
+    assert.equal(await t.waitForTask(id, ['complete', 'error'], 1000), 'complete');
+    const step = await t.step(id, 'only');
+    assert.deepEqual(step.results, { slow: 'child' });
+    assert.equal(step.attempts, 1);
+  });
+});
+
+test('SIGTERM mid-step: past the grace period the child releases the step, exits 0, and another worker completes it', async () => {
+  await withDatabase(async (t) => {
+    await t.template(single('term', 'Slow'));
+    const id = await t.task('term', 'single');
+    const r = await runChild(t, { slowMs: 60000, graceMs: 300 });
+    assert.equal(r.code, 0, r.out);
+    assert.ok(r.ms < 5000, `exited ${r.ms} ms after SIGTERM`);
+    assert.match(r.out, /released/);
+    const w = t.worker({ namespaces: ['term'] });
+    w.register('Slow', async (step) => ({ slow: 'rescuer', attempt: step.attempt }));
+    await w.start();
+    assert.equal(await t.waitForTask(id), 'complete');
+    const step = await t.step(id, 'only');
+    assert.deepEqual(step.results, { slow: 'rescuer', attempt: 1 }, 'the released attempt was not counted');
+    const tr = await t.transitions(step.id);
+    assert.deepEqual(edges(tr), ['pending->in_progress', 'in_progress->error', 'error->pending', 'pending->in_progress', 'in_progress->complete']);
+    assert.equal(tr[1].metadata.reason, 'released');
+  });
+});
+
+test('a worker waiting in LISTEN picks up a new task well before its poll interval', async () => {
+  await withDatabase(async (t) => {
+    await t.template({
+      name: 'pair', namespace_name: 'listen', version: '1.0.0',
+      step_templates: [{ name: 'a', handler_class: 'Quick' }, { name: 'b', handler_class: 'Quick', depends_on_step: 'a' }],
+    });
+    const w = t.worker({ namespaces: ['listen'], pollIntervalMs: 30000 });
+    w.register('Quick', async (step) => ({ step: step.name }));
+    await w.start();
+    await sleep(500); // its first claim found nothing: it now sleeps in LISTEN
+    const started = Date.now();
+    const id = await t.task('listen', 'pair');
+    assert.equal(await t.waitForTask(id, ['complete', 'error'], 5000), 'complete');
+    const ms = Date.now() - started;
+    assert.ok(ms < 2000, `done in ${ms} ms with a 30 s poll interval`);
+  });
+});
+
+test('example.js runs as written', async () => {
+  await withDatabase(async (t) => {
+    const child = spawn(process.execPath, [path.join(__dirname, '..', 'example.js')], {
+      cwd: path.join(__dirname, '..'),
+      env: { ...process.env, PGDATABASE: t.name },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let out = '';
+    child.stdout.on('data', (d) => { out += d; });
+    child.stderr.on('data', (d) => { out += d; });
+    const exited = once(child, 'exit');
+    const deadline = Date.now() + 15000;
+    while (!/receipt for 2 boxes, charged 10/.test(out)) {
+      if (Date.now() > deadline || child.exitCode !== null) throw new Error(`example did not finish its task:\n${out}`);
+      await sleep(20);
+    }
+    child.kill('SIGINT');
+    const [code] = await exited;
+    assert.equal(code, 0, out);
+    assert.equal(await t.taskState(1), 'complete');
+  });
+});

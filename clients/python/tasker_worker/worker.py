@@ -1,0 +1,387 @@
+"""A tasker_core worker: LISTEN for wake-ups, claim steps, run handlers, report back.
+
+The database does the orchestration (readiness, retries, backoff, leases, finalization); this
+module only moves steps between SQL calls and Python functions:
+
+    claim_steps -> handler(step) -> complete_step | fail_step     (heartbeat while it runs)
+
+Threads: the caller's thread runs the claim loop, one listener thread blocks in LISTEN on its
+own connection, one heartbeat thread extends the leases of running steps, and each claimed step
+runs in its own daemon thread. Claims, reports and heartbeats share one connection (used
+under a lock).
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import psycopg
+
+log = logging.getLogger("tasker_worker")
+
+LEASE_LOST = "TK030"  # SQLSTATE: the worker no longer holds the step's lease
+CHANNEL = "tasker_ready"
+TRACEBACK_CHARS = 2000
+
+CLAIM_SQL = """
+SELECT task_id, workflow_step_id, step_name, namespace, task_name, handler_class,
+       handler_config, inputs, parent_results, attempt
+FROM tasker_core.claim_steps(%s, %s::text[], %s, %s)"""
+
+
+class RetryableError(Exception):
+    """A failure worth retrying; `retry_after` (seconds) overrides the server's backoff."""
+
+    def __init__(self, message: str, retry_after: Optional[float] = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(Exception):
+    """A failure that retrying cannot fix: the step is not retried and the task ends in error."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a handler gets: one claimed step, with everything it needs."""
+
+    task_id: int
+    step_id: int
+    name: str
+    namespace: str
+    task_name: str
+    handler_class: Optional[str]
+    config: Dict[str, Any]
+    inputs: Dict[str, Any]
+    parent_results: Dict[str, Any]
+    attempt: int
+
+
+@dataclass
+class _Handler:
+    fn: Callable[[Step], Any]
+    timeout: Optional[float]
+
+
+@dataclass
+class _Outcome:
+    ok: bool
+    payload: str  # results or error, as JSON text
+    retryable: bool = True
+    retry_after: Optional[int] = None
+
+
+class _Execution:
+    def __init__(self, step: Step):
+        self.step = step
+        self.reporting = False  # the handler is done and its outcome is being recorded
+        self.released = False  # shutdown gave the step back: drop the outcome
+
+
+def _error(exc: BaseException, error_class: Optional[str] = None) -> str:
+    cls = type(exc)
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__, limit=-5))
+    return json.dumps({
+        "message": str(exc) or cls.__name__,
+        "error_class": error_class or name,
+        "traceback": tb[-TRACEBACK_CHARS:],
+    })
+
+
+def _sqlstate(exc: BaseException) -> Optional[str]:
+    return getattr(exc, "sqlstate", None)
+
+
+class Worker:
+    """Runs the steps of tasker_core tasks with registered Python handlers."""
+
+    def __init__(self, conninfo: str = "", worker_id: Optional[str] = None,
+                 namespaces: Optional[Iterable[str]] = None, batch_size: int = 4,
+                 lease_seconds: float = 30, poll_interval: float = 1.0,
+                 step_timeout: Optional[float] = None, grace_period: Optional[float] = None):
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.conninfo = conninfo
+        self.worker_id = worker_id or f"py-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.namespaces = [namespaces] if isinstance(namespaces, str) else (
+            list(namespaces) if namespaces is not None else None)
+        self.batch_size = batch_size
+        self.lease_seconds = max(1, math.ceil(lease_seconds))
+        self.poll_interval = poll_interval
+        self.step_timeout = step_timeout
+        self.grace_period = self.lease_seconds / 2 if grace_period is None else grace_period
+        self._handlers: Dict[str, _Handler] = {}
+        self._inflight: Dict[int, _Execution] = {}
+        self._cv = threading.Condition()  # guards _inflight and _retry_at
+        self._retry_at: List[float] = []  # monotonic times when steps we failed become ready
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._force = threading.Event()
+        self._conn: Optional[psycopg.Connection] = None
+        self._conn_lock = threading.RLock()
+
+    # ------------------------------------------------------------------ registration
+    def handler(self, handler_class: str, *, timeout: Optional[float] = None):
+        """Decorator: `@worker.handler("Orders::Ship", timeout=10)` registers `fn(step)`."""
+        def register(fn: Callable[[Step], Any]):
+            if handler_class in self._handlers:
+                raise ValueError(f"a handler for {handler_class!r} is already registered")
+            self._handlers[handler_class] = _Handler(fn, timeout)
+            return fn
+        return register
+
+    # ------------------------------------------------------------------ running
+    def stop(self) -> None:
+        """Stop claiming; run() then finishes or releases what it holds and returns."""
+        self._stopping.set()
+        self._wake.set()
+
+    def run(self, until: Optional[Callable[[], bool]] = None) -> None:
+        """Work until stop(), SIGTERM/SIGINT, or `until()` returns true (checked every 0.1 s)."""
+        restore = self._install_signal_handlers()
+        done = threading.Event()  # ends this run's listener and heartbeat threads
+        threads: List[threading.Thread] = []
+        try:
+            self._sql("SELECT 1")  # fail fast on a bad conninfo
+            listener = psycopg.connect(self.conninfo, autocommit=True)
+            try:
+                listener.execute(f"LISTEN {CHANNEL}")
+            except BaseException:
+                listener.close()
+                raise
+            threads = [threading.Thread(target=self._listen, args=(listener, done), daemon=True,
+                                        name=f"{self.worker_id}-listen"),
+                       threading.Thread(target=self._heartbeat, args=(done,), daemon=True,
+                                        name=f"{self.worker_id}-heartbeat")]
+            for t in threads:
+                t.start()
+            log.info("worker %s started (namespaces %s)", self.worker_id, self.namespaces or "all")
+            while not self._stopping.is_set():
+                if until is not None and until():
+                    break
+                self._wake.clear()
+                self._claim()
+                self._wake.wait(self._wait_seconds(until is not None))
+        finally:
+            self._shutdown(done, threads)
+            restore()
+
+    def _wait_seconds(self, polling_until: bool) -> float:
+        wait = min(self.poll_interval, 0.1) if polling_until else self.poll_interval
+        with self._cv:
+            now = time.monotonic()
+            while self._retry_at and self._retry_at[0] <= now:
+                heapq.heappop(self._retry_at)
+            if self._retry_at:
+                wait = min(wait, self._retry_at[0] - now)
+        return max(wait, 0.0)
+
+    def _claim(self) -> None:
+        with self._cv:
+            free = self.batch_size - len(self._inflight)
+        if free <= 0 or self._stopping.is_set():
+            return
+        try:
+            rows = self._sql(CLAIM_SQL, (self.worker_id, self.namespaces, free, self.lease_seconds))
+        except psycopg.OperationalError as e:  # connection trouble: try again after the poll interval
+            log.warning("claim failed: %s", e)
+            return
+        for r in rows:
+            step = Step(task_id=r[0], step_id=r[1], name=r[2], namespace=r[3], task_name=r[4],
+                        handler_class=r[5], config=r[6] or {}, inputs=r[7] or {},
+                        parent_results=r[8] or {}, attempt=r[9])
+            ex = _Execution(step)
+            with self._cv:
+                self._inflight[step.step_id] = ex
+            threading.Thread(target=self._execute, args=(ex,), daemon=True,
+                             name=f"{self.worker_id}-step-{step.step_id}").start()
+
+    # ------------------------------------------------------------------ one step
+    def _execute(self, ex: _Execution) -> None:
+        step = ex.step
+        h = self._handlers.get(step.handler_class or "")
+        if h is None:
+            known = ", ".join(sorted(self._handlers)) or "none"
+            outcome = _Outcome(False, json.dumps({
+                "message": f"no handler registered for handler_class {step.handler_class!r} "
+                           f"on worker {self.worker_id} (registered: {known})",
+                "error_class": "tasker_worker.UnknownHandler", "traceback": ""}), retryable=False)
+        else:
+            outcome = self._call(h, step)
+        self._report(ex, outcome)
+
+    def _call(self, h: _Handler, step: Step) -> _Outcome:
+        timeout = h.timeout if h.timeout is not None else self.step_timeout
+        if timeout is None:
+            return self._invoke(h.fn, step)
+        box: List[_Outcome] = []
+        t = threading.Thread(target=lambda: box.append(self._invoke(h.fn, step)), daemon=True,
+                             name=f"{self.worker_id}-handler-{step.step_id}")
+        t.start()
+        t.join(timeout)
+        if box:
+            return box[0]
+        # Python cannot kill a thread: the handler is abandoned and its outcome ignored.
+        log.warning("step %s (%s) timed out after %ss", step.step_id, step.handler_class, timeout)
+        return _Outcome(False, json.dumps({
+            "message": f"handler {step.handler_class} timed out after {timeout} s",
+            "error_class": "TimeoutError", "traceback": ""}))
+
+    @staticmethod
+    def _invoke(fn: Callable[[Step], Any], step: Step) -> _Outcome:
+        try:
+            result = fn(step)
+        except RetryableError as e:
+            after = None if e.retry_after is None else max(0, math.ceil(e.retry_after))
+            return _Outcome(False, _error(e), True, after)
+        except PermanentError as e:
+            return _Outcome(False, _error(e), False)
+        except Exception as e:  # anything else is worth another attempt
+            return _Outcome(False, _error(e), True)
+        try:
+            return _Outcome(True, json.dumps({} if result is None else result, allow_nan=False))
+        except (TypeError, ValueError) as e:  # a bug in the handler: retrying returns the same
+            return _Outcome(False, _error(e, "tasker_worker.ResultNotSerializable"), False)
+
+    def _report(self, ex: _Execution, outcome: _Outcome) -> None:
+        step = ex.step
+        with self._cv:
+            if ex.released:
+                return
+            ex.reporting = True
+        try:
+            if outcome.ok:
+                self._sql("SELECT tasker_core.complete_step(%s, %s, %s::jsonb)",
+                          (step.step_id, self.worker_id, outcome.payload))
+                log.debug("step %s (%s) complete", step.step_id, step.handler_class)
+            else:
+                backoff = self._sql("SELECT tasker_core.fail_step(%s, %s, %s::jsonb, %s, %s)",
+                                    (step.step_id, self.worker_id, outcome.payload,
+                                     outcome.retryable, outcome.retry_after))[0][0]
+                log.info("step %s (%s) failed%s", step.step_id, step.handler_class,
+                         "" if backoff is None else f", retry in {backoff} s")
+                if backoff is not None:  # wake up for the retry without waiting for a poll
+                    with self._cv:
+                        heapq.heappush(self._retry_at, time.monotonic() + backoff + 0.05)
+        except Exception as e:
+            if _sqlstate(e) == LEASE_LOST:
+                log.warning("step %s: lease lost, outcome dropped: %s", step.step_id, e)
+            else:
+                log.error("step %s: recording the outcome failed: %s", step.step_id, e)
+        finally:
+            with self._cv:
+                self._inflight.pop(step.step_id, None)
+                self._cv.notify_all()
+            self._wake.set()
+
+    # ------------------------------------------------------------------ background threads
+    def _listen(self, conn: Optional[psycopg.Connection], done: threading.Event) -> None:
+        while not (done.is_set() or self._stopping.is_set()):
+            try:
+                if conn is None:
+                    conn = psycopg.connect(self.conninfo, autocommit=True)
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    self._wake.set()  # notifications may have been missed while disconnected
+                # Any wake-up triggers a claim: payloads are not filtered by namespace, as
+                # tasker_ready is sent once per transaction (naming only its first task) and
+                # tick() names no namespace.
+                for _ in conn.notifies(timeout=0.5):
+                    self._wake.set()
+            except psycopg.Error as e:
+                log.warning("listener: %s; reconnecting", e)
+                conn = self._close(conn)
+                done.wait(self.poll_interval)
+        self._close(conn)
+
+    def _heartbeat(self, done: threading.Event) -> None:
+        while not done.wait(self.lease_seconds / 3):
+            with self._cv:
+                running = [ex for ex in self._inflight.values() if not ex.reporting]
+            for ex in running:
+                try:
+                    self._sql("SELECT tasker_core.heartbeat(%s, %s)", (ex.step.step_id, self.worker_id))
+                except Exception as e:
+                    if not (ex.reporting or ex.released):
+                        log.warning("step %s: heartbeat failed: %s", ex.step.step_id, e)
+
+    # ------------------------------------------------------------------ shutdown
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def on_signal(signum, _frame):
+            if self._stopping.is_set():
+                log.warning("second signal: releasing in-flight steps now")
+                self._force.set()
+            else:
+                log.info("signal %s: finishing in-flight steps (grace %ss)", signum, self.grace_period)
+            self.stop()
+            with self._cv:
+                self._cv.notify_all()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def restore():
+            for s, h in previous.items():
+                signal.signal(s, h)
+        return restore
+
+    def _shutdown(self, done: threading.Event, threads: List[threading.Thread]) -> None:
+        self.stop()
+        deadline = time.monotonic() + self.grace_period
+        with self._cv:
+            while self._inflight and not self._force.is_set() and time.monotonic() < deadline:
+                self._cv.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+            left = [ex for ex in self._inflight.values() if not ex.reporting]
+            for ex in left:
+                ex.released = True
+                del self._inflight[ex.step.step_id]
+        for ex in left:
+            try:
+                self._sql("SELECT tasker_core.release_step(%s, %s)", (ex.step.step_id, self.worker_id))
+                log.info("step %s released", ex.step.step_id)
+            except Exception as e:
+                log.warning("step %s: release failed: %s", ex.step.step_id, e)
+        with self._cv:  # outcomes being recorded right now
+            self._cv.wait_for(lambda: not self._inflight, timeout=5)
+        done.set()
+        for t in threads:
+            t.join(timeout=5)
+        with self._conn_lock:
+            self._conn = self._close(self._conn)
+        self._stopping.clear()  # run() may be called again
+        self._force.clear()
+        log.info("worker %s stopped", self.worker_id)
+
+    # ------------------------------------------------------------------ database
+    def _sql(self, query: str, params: Any = None) -> List[tuple]:
+        with self._conn_lock:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(self.conninfo, autocommit=True)
+            try:
+                cur = self._conn.execute(query, params)
+                return cur.fetchall() if cur.description else []
+            except psycopg.OperationalError:
+                self._conn = self._close(self._conn)  # reconnect on the next call
+                raise
+
+    @staticmethod
+    def _close(conn: Optional[psycopg.Connection]) -> None:
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+        return None

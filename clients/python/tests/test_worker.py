@@ -1,0 +1,307 @@
+"""The Python worker against a real tasker_core database: real connections, worker threads, and a
+worker subprocess for the signal tests. Each test gets its own database (see conftest.py)."""
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PACKAGE_ROOT, running
+from tasker_worker import PermanentError, RetryableError, Step, Worker
+
+NS = "pytest"
+
+
+def template(name, steps):
+    """A template of `steps`: (step name, handler_class, [parents], {extra fields})."""
+    out = {"name": name, "namespace_name": NS, "version": "1.0.0", "step_templates": []}
+    for sname, handler_class, parents, *extra in steps:
+        st = {"name": sname, "handler_class": handler_class, "depends_on_steps": parents}
+        st.update(extra[0] if extra else {})
+        out["step_templates"].append(st)
+    return out
+
+
+def path(transitions):
+    return [(f, t) for f, t, _ in transitions]
+
+
+FAN = template("fan", [
+    ("fetch", "Fan::Fetch", [], {"handler_config": {"factor": 10}}),
+    ("a", "Fan::Part", ["fetch"]),
+    ("b", "Fan::Part", ["fetch"]),
+    ("c", "Fan::Part", ["fetch"]),
+    ("total", "Fan::Total", ["a", "b", "c"]),
+])
+
+
+def fan_handlers(worker, seen):
+    @worker.handler("Fan::Fetch")
+    def fetch(step):
+        seen.append(step)
+        return {"n": step.inputs["n"] * step.config["factor"]}
+
+    @worker.handler("Fan::Part")
+    def part(step):
+        seen.append(step)
+        return {"part": step.parent_results["fetch"]["n"] + ord(step.name)}
+
+    @worker.handler("Fan::Total")
+    def total(step):
+        seen.append(step)
+        return {"total": sum(r["part"] for r in step.parent_results.values()),
+                "parents": sorted(step.parent_results)}
+
+
+def test_fan_out_fan_in_runs_to_completion(db):
+    db.register(FAN)
+    tasks = {db.create_task(FAN, {"n": n}): n for n in range(1, 21)}
+    seen_a, seen_b = [], []
+    helper = Worker(db.conninfo, worker_id="helper", batch_size=2, poll_interval=0.2)
+    fan_handlers(helper, seen_a)
+    main = Worker(db.conninfo, worker_id="main", namespaces=[NS], poll_interval=0.2)
+    fan_handlers(main, seen_b)
+
+    def all_done():
+        return all(db.task_state(t) in ("complete", "error") for t in tasks)
+
+    with running(helper):
+        main.run(until=all_done)  # in this thread: run(until=...) returns when it says so
+
+    for task_id, n in tasks.items():
+        assert db.task_state(task_id) == "complete"
+        expected = 3 * n * 10 + ord("a") + ord("b") + ord("c")
+        assert db.step(task_id, "total")[3] == {"total": expected, "parents": ["a", "b", "c"]}
+    seen = seen_a + seen_b
+    assert len(seen) == 5 * len(tasks)  # each step ran once
+    first = next(s for s in seen if s.name == "fetch" and tasks[s.task_id] == 1)
+    assert first == Step(task_id=first.task_id, step_id=db.step(first.task_id, "fetch")[0], name="fetch",
+                         namespace=NS, task_name="fan", handler_class="Fan::Fetch",
+                         config={"factor": 10}, inputs={"n": 1}, parent_results={}, attempt=1)
+    part = next(s for s in seen if s.name == "b" and s.task_id == first.task_id)
+    assert part.parent_results == {"fetch": {"n": 10}}
+
+
+def test_retryable_error_honours_retry_after_and_is_recorded(db):
+    t = template("flaky", [("call", "Flaky::Call", [])])
+    db.register(t)
+    task_id = db.create_task(t)
+    started = []
+    # A long poll interval: the retry is driven by the backoff fail_step returned, not a poll.
+    w = Worker(db.conninfo, worker_id="w1", poll_interval=30)
+
+    @w.handler("Flaky::Call")
+    def call(step):
+        started.append((step.attempt, time.monotonic()))
+        if step.attempt == 1:
+            raise RetryableError("rate limited", retry_after=2)
+        return {"ok": True}
+
+    with running(w):
+        assert db.wait_task(task_id) == "complete"
+
+    assert [a for a, _ in started] == [1, 2]
+    delay = started[1][1] - started[0][1]
+    assert 2.0 <= delay < 4.0, delay
+    step_id, attempts, _, results = db.step(task_id, "call")
+    assert attempts == 2 and results == {"ok": True}
+    trans = db.transitions(step_id)
+    assert path(trans)[-5:] == [("pending", "in_progress"), ("in_progress", "error"),
+                                ("error", "pending"), ("pending", "in_progress"),
+                                ("in_progress", "complete")]
+    error_meta = trans[-4][2]
+    assert error_meta["retryable"] is True and error_meta["backoff_seconds"] == 2
+    assert error_meta["worker_id"] == "w1"
+    assert error_meta["error"]["message"] == "rate limited"
+    assert error_meta["error"]["error_class"] == "tasker_worker.RetryableError"
+    assert "raise RetryableError" in error_meta["error"]["traceback"]
+
+
+def test_permanent_error_ends_the_task_in_error(db):
+    t = template("doomed", [("first", "Doomed::First", []), ("second", "Doomed::Second", ["first"])])
+    db.register(t)
+    task_id = db.create_task(t)
+    calls = []
+    w = Worker(db.conninfo, poll_interval=0.2)
+
+    class CardDeclined(PermanentError):
+        pass
+
+    @w.handler("Doomed::First")
+    def first(step):
+        calls.append(step.attempt)
+        raise CardDeclined("card declined")
+
+    with running(w):
+        assert db.wait_task(task_id) == "error"
+        time.sleep(0.5)  # a retry would happen now
+
+    assert calls == [1]
+    _, attempts, retryable, results = db.step(task_id, "first")
+    assert attempts == 1 and retryable is False
+    assert results["error"]["message"] == "card declined"
+    assert results["error"]["error_class"].endswith("CardDeclined")
+    assert not db.step(task_id, "second")[1]  # never ran
+
+
+def test_unknown_handler_class_fails_the_step_permanently(db):
+    t = template("orphan", [("lost", "Nobody::Home", [])])
+    db.register(t)
+    task_id = db.create_task(t)
+    w = Worker(db.conninfo, worker_id="w-known", poll_interval=0.2)
+    w.handler("Somebody::Else")(lambda step: {})
+
+    with running(w):
+        assert db.wait_task(task_id) == "error"
+
+    _, attempts, retryable, results = db.step(task_id, "lost")
+    assert attempts == 1 and retryable is False
+    assert results["error"]["error_class"] == "tasker_worker.UnknownHandler"
+    assert "'Nobody::Home'" in results["error"]["message"]
+    assert "Somebody::Else" in results["error"]["message"]
+
+
+@pytest.mark.parametrize("where", ["handler", "worker"])
+def test_a_handler_over_its_timeout_fails_retryably(db, where):
+    t = template("slow", [("wait", "Slow::Wait", [])])
+    db.register(t)
+    task_id = db.create_task(t)
+    w = Worker(db.conninfo, poll_interval=0.2, step_timeout=0.5 if where == "worker" else None)
+
+    @w.handler("Slow::Wait", timeout=0.5 if where == "handler" else None)
+    def wait(step):
+        if step.attempt == 1:
+            time.sleep(3)
+        return {"attempt": step.attempt}
+
+    began = time.monotonic()
+    with running(w):
+        assert db.wait_task(task_id) == "complete"
+    assert time.monotonic() - began < 2.5  # the timeout, a ~1 s backoff, the retry
+
+    step_id, attempts, _, results = db.step(task_id, "wait")
+    assert attempts == 2 and results == {"attempt": 2}
+    errors = [m for _, to, m in db.transitions(step_id) if to == "error"]
+    assert len(errors) == 1 and errors[0]["retryable"] is True
+    assert errors[0]["error"]["error_class"] == "TimeoutError"
+    assert "timed out after 0.5 s" in errors[0]["error"]["message"]
+
+
+def test_heartbeats_keep_the_lease_of_a_long_step(db):
+    t = template("long", [("crunch", "Long::Crunch", [])])
+    db.register(t)
+    task_id = db.create_task(t)
+    runs = []
+    holder = Worker(db.conninfo, worker_id="holder", lease_seconds=2, poll_interval=0.2)
+    # A rival claiming all the time: its claims expire any lease that was not extended.
+    rival = Worker(db.conninfo, worker_id="rival", lease_seconds=2, poll_interval=0.1)
+
+    def crunch(step):
+        runs.append(step.attempt)
+        time.sleep(5)  # 2.5 leases
+        return {"done": True}
+
+    holder.handler("Long::Crunch")(crunch)
+    with running(holder):
+        while not runs:
+            time.sleep(0.02)
+        rival.handler("Long::Crunch")(crunch)
+        with running(rival):
+            assert db.wait_task(task_id, timeout=15) == "complete"
+
+    assert runs == [1]
+    step_id, attempts, _, results = db.step(task_id, "crunch")
+    assert attempts == 1 and results == {"done": True}
+    assert path(db.transitions(step_id))[-2:] == [("pending", "in_progress"), ("in_progress", "complete")]
+    assert db.transitions(step_id)[-1][2]["worker_id"] == "holder"
+
+
+def test_a_lost_lease_is_logged_and_the_worker_goes_on(db, caplog):
+    t = template("stolen", [("grab", "Stolen::Grab", [])])
+    db.register(t)
+    task_id = db.create_task(t)
+    w = Worker(db.conninfo, worker_id="w-lost", poll_interval=0.2)
+
+    @w.handler("Stolen::Grab")
+    def grab(step):
+        if step.attempt == 1:  # as if the worker had stalled past its lease
+            db.rows("UPDATE tasker_core.step_claims SET lease_expires_at = now() - interval '1 s' "
+                    "WHERE workflow_step_id = %s", [step.step_id])
+        return {"attempt": step.attempt}
+
+    with caplog.at_level(logging.WARNING, logger="tasker_worker"):
+        with running(w):
+            assert db.wait_task(task_id) == "complete"
+
+    assert any("lease lost" in r.getMessage() for r in caplog.records)
+    step_id, attempts, _, results = db.step(task_id, "grab")
+    assert attempts == 2 and results == {"attempt": 2}
+    reasons = [m.get("reason") for _, to, m in db.transitions(step_id) if to == "error"]
+    assert reasons == ["lease_expired"]
+
+
+@pytest.mark.parametrize("case", ["finishes", "releases"])
+def test_sigterm_mid_step_finishes_or_releases_and_nothing_is_lost(db, case):
+    t = template("term", [("slow", "Slow::Step", []), ("after", "Slow::Step", ["slow"])])
+    db.register(t)
+    task_id = db.create_task(t)
+    sleep, grace = (1.0, 10.0) if case == "finishes" else (60.0, 1.0)
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE_ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "proc_worker.py"), db.conninfo, "proc", str(sleep),
+         str(grace)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("started "), (line, proc.stderr.read() if proc.poll() is not None else "")
+        step_id = int(line.split()[1])
+        proc.send_signal(signal.SIGTERM)
+        began = time.monotonic()
+        out, err = proc.communicate(timeout=20)
+        took = time.monotonic() - began
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "exited" in out
+    assert took < (sleep if case == "finishes" else grace) + 2.0, took
+
+    trans = db.transitions(step_id)
+    if case == "finishes":
+        assert path(trans)[-1] == ("in_progress", "complete") and trans[-1][2]["worker_id"] == "proc"
+        assert not db.step(task_id, "after")[1]  # it stopped claiming after SIGTERM
+    else:
+        assert path(trans)[-1] == ("in_progress", "error")
+        assert trans[-1][2]["reason"] == "released"
+        assert "released" in err
+
+    other = Worker(db.conninfo, worker_id="other", poll_interval=0.2)
+    other.handler("Slow::Step")(lambda step: {"by": "other"})
+    with running(other):
+        assert db.wait_task(task_id) == "complete"
+    assert db.step(task_id, "slow")[1] == 1  # a released attempt is not counted
+
+
+def test_a_worker_blocked_in_listen_wakes_up_for_a_new_task(db):
+    t = template("wake", [("one", "Wake::Step", []), ("two", "Wake::Step", ["one"])])
+    db.register(t)
+    w = Worker(db.conninfo, poll_interval=30)
+    w.handler("Wake::Step")(lambda step: {"name": step.name})
+
+    with running(w):
+        deadline = time.monotonic() + 10
+        while not db.scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                            "AND query = 'LISTEN tasker_ready'", [db.name]):
+            assert time.monotonic() < deadline, "the worker never listened"
+            time.sleep(0.05)
+        time.sleep(0.5)  # its first claim found nothing: it now waits for up to 30 s
+        began = time.monotonic()
+        task_id = db.create_task(t)
+        assert db.wait_task(task_id, timeout=10) == "complete"
+        took = time.monotonic() - began
+
+    print(f"woke and ran a 2-step task in {took:.3f} s")
+    assert took < 2.0, took  # two wake-ups (create_task, then complete_step), no poll

@@ -1,0 +1,79 @@
+module TaskerCore
+  # The SQL calls, each one statement with bound parameters on the calling thread's
+  # ActiveRecord connection (autocommit: each call is its own transaction, unless the caller
+  # wraps it in one).
+  module SQL
+    ARRAY = PG::TextEncoder::Array.new
+    LEASE_LOST = "TK030"
+
+    module_function
+
+    def connection
+      TaskerCore.record_class.connection
+    end
+
+    # Rows as hashes, values cast by their column types (Integer, Time, Hash for jsonb, ...).
+    def rows(sql, binds = [], name = "TaskerCore")
+      result = connection.select_all(sql, name, binds, preparable: true)
+      types = result.column_types
+      result.rows.map do |values|
+        result.columns.each_with_index.to_h do |column, i|
+          type = types[column]
+          [column, type ? type.deserialize(values[i]) : values[i]]
+        end
+      end
+    end
+
+    def value(sql, binds = [])
+      rows(sql, binds).first&.values&.first
+    end
+
+    # A PostgreSQL array literal for a bound parameter (nil stays NULL).
+    def array(values)
+      values && ARRAY.encode(Array(values))
+    end
+
+    # The SQLSTATE of a PG error, or of the PG error behind an ActiveRecord one.
+    def sqlstate(error)
+      pg = error.is_a?(PG::Error) ? error : error.cause
+      pg.result&.error_field(PG::Result::PG_DIAG_SQLSTATE) if pg.is_a?(PG::Error)
+    end
+
+    # Runs the block, turning TK030 into TaskerCore::LeaseLost.
+    def lease_checked
+      yield
+    rescue ActiveRecord::StatementInvalid, PG::Error => e
+      raise unless sqlstate(e) == LEASE_LOST
+      pg = e.is_a?(PG::Error) ? e : e.cause
+      raise LeaseLost, pg.result.error_field(PG::Result::PG_DIAG_MESSAGE_PRIMARY)
+    end
+
+    def claim_steps(worker_id, namespaces: nil, max_steps: 1, lease_seconds: 60)
+      rows("SELECT * FROM tasker_core.claim_steps($1, $2::text[], $3, $4)",
+           [worker_id, array(namespaces), max_steps, lease_seconds]).map { |r| Step.from_row(r) }
+    end
+
+    def complete_step(step_id, worker_id, results)
+      lease_checked do
+        value("SELECT tasker_core.complete_step($1, $2, $3::jsonb)", [step_id, worker_id, JSON.generate(results)])
+      end
+    end
+
+    # Returns the backoff in seconds, or nil when the step will not be retried.
+    def fail_step(step_id, worker_id, error, retryable: true, retry_after: nil)
+      lease_checked do
+        value("SELECT tasker_core.fail_step($1, $2, $3::jsonb, $4, $5::integer)",
+              [step_id, worker_id, JSON.generate(error), retryable, retry_after&.ceil])
+      end
+    end
+
+    # Returns the new lease deadline.
+    def heartbeat(step_id, worker_id)
+      lease_checked { value("SELECT tasker_core.heartbeat($1, $2)", [step_id, worker_id]) }
+    end
+
+    def release_step(step_id, worker_id)
+      lease_checked { value("SELECT tasker_core.release_step($1, $2)", [step_id, worker_id]) }
+    end
+  end
+end

@@ -1,0 +1,295 @@
+require "active_support/inflector"
+require "securerandom"
+require "socket"
+require "timeout"
+
+module TaskerCore
+  # Runs steps until stopped. It LISTENs on `tasker_ready` (falling back to a poll every
+  # poll_interval), claims up to `concurrency` ready steps under a lease, runs each handler in
+  # its own thread under a timeout while a heartbeat thread renews the leases every
+  # lease_seconds / 3, and records each outcome with complete_step or fail_step.
+  #
+  # SIGTERM / SIGINT (or #stop, or `stop_when`) stop the claiming; running steps get
+  # shutdown_timeout seconds to finish, the rest are given back with release_step (a second
+  # signal skips the wait). #run then returns, so a script that calls it exits 0.
+  #
+  # Claims, heartbeats and outcomes go through ActiveRecord's connection pool (the step's thread
+  # holds one connection while it runs: the handler's queries use it too), so the pool needs
+  # concurrency + 2 connections. The LISTEN connection is a separate PG::Connection.
+  class Worker
+    CHANNEL = "tasker_ready"
+    Running = Struct.new(:step, :thread, :reporting, :killed)
+
+    attr_reader :worker_id, :concurrency
+
+    def initialize(namespaces: nil, concurrency: nil, lease_seconds: 60, step_timeout: 300,
+                   poll_interval: 5, shutdown_timeout: 25, worker_id: nil, logger: nil,
+                   executor: (Rails.application&.executor if defined?(Rails) && Rails.respond_to?(:application)))
+      pool_size = TaskerCore.record_class.connection_pool.size
+      @namespaces = namespaces && Array(namespaces).map(&:to_s)
+      @concurrency = concurrency || [pool_size - 2, 1].max
+      @lease_seconds = Integer(lease_seconds)
+      @step_timeout = step_timeout
+      @poll_interval = poll_interval
+      @shutdown_timeout = shutdown_timeout
+      @worker_id = worker_id || "#{Socket.gethostname}:#{Process.pid}:#{SecureRandom.hex(3)}"
+      @logger = logger || ActiveRecord::Base.logger || Logger.new($stderr, level: :info)
+      @executor = executor # Rails: autoloading, reloading and the query cache are safe in step threads
+      @running = {}
+      @mutex = Mutex.new
+      @wake_r, @wake_w = IO.pipe
+      @stopping = @force = false
+      if @concurrency + 2 > pool_size
+        log(:warn, "concurrency #{@concurrency} needs a connection pool of #{@concurrency + 2} (it has #{pool_size})")
+      end
+    end
+
+    # Blocks until SIGTERM/SIGINT (when run on the main thread), #stop, or `stop_when`
+    # (checked after every wake-up) returns true; then shuts down gracefully. A worker runs once.
+    def run(stop_when: nil)
+      traps = install_traps if Thread.current == Thread.main
+      @heartbeat = Thread.new { heartbeat_loop }
+      listen
+      log(:info, "worker #{@worker_id} started (namespaces: #{@namespaces&.join(", ") || "all"}, concurrency: #{@concurrency})")
+      begin
+        until @stopping || stop_when&.call
+          wait unless claim
+        end
+      ensure
+        shutdown
+        traps&.each { |sig, old| Signal.trap(sig, old || "DEFAULT") }
+        @heartbeat_stop = true
+        begin
+          @heartbeat.wakeup
+        rescue ThreadError # it already ended
+          nil
+        end
+        @heartbeat.join
+        close_listener
+      end
+    end
+
+    # Stops the worker from any thread, also before #run began (a signal does the same).
+    def stop
+      @stopping = true
+      wake
+    end
+
+    private
+
+    # ---- the loop: claim, wait for a wake-up
+
+    # Claims what there is room for; true when it got all it asked for (claim again at once).
+    def claim
+      free = @concurrency - @mutex.synchronize { @running.size }
+      return false if free <= 0
+
+      steps = SQL.claim_steps(@worker_id, namespaces: @namespaces, max_steps: free, lease_seconds: @lease_seconds)
+      steps.each { |step| start(step) }
+      steps.size == free
+    rescue ActiveRecord::ActiveRecordError, PG::Error => e
+      log(:error, "claim failed: #{brief(e)}")
+      TaskerCore.record_class.connection_pool.release_connection # verified again at the next checkout
+      false
+    end
+
+    # Sleeps until a NOTIFY, a step of ours finished, a signal, the backoff of a step we failed
+    # ran out, or the poll interval passed.
+    def wait
+      retry_at = @mutex.synchronize { @retry_at }
+      timeout = retry_at ? [@poll_interval, retry_at - now].min : @poll_interval
+      listen unless @listener
+      ios = [@wake_r]
+      ios << @listener.socket_io if @listener
+      IO.select(ios, nil, nil, [timeout, 0].max)
+      @wake_r.read_nonblock(4096, exception: false)
+      @mutex.synchronize { @retry_at = nil if @retry_at && @retry_at <= now }
+      nil while @listener&.wait_for_notify(0) { |channel, _pid, payload| log(:debug, "woken: #{channel} #{payload}") }
+    rescue PG::Error, IOError => e
+      log(:warn, "LISTEN connection lost (#{brief(e)}); reconnecting")
+      close_listener
+    end
+
+    def listen
+      config = TaskerCore.record_class.connection_db_config.configuration_hash.compact
+      params = { application_name: "tasker_core listener" }
+               .merge(config.transform_keys(username: :user, database: :dbname))
+               .slice(*PG::Connection.conndefaults_hash.keys)
+      @listener = PG.connect(params)
+      @listener.set_notice_processor { |message| log(:debug, message.strip) }
+      @listener.exec("LISTEN #{CHANNEL}")
+    rescue PG::Error => e
+      log(:warn, "cannot LISTEN (#{brief(e)}); polling every #{@poll_interval}s")
+      close_listener
+    end
+
+    def close_listener
+      @listener&.close
+    rescue PG::Error
+      nil
+    ensure
+      @listener = nil
+    end
+
+    def wake
+      @wake_w.write_nonblock(".", exception: false)
+    rescue IOError
+      nil
+    end
+
+    def install_traps
+      %w[TERM INT].to_h do |sig|
+        # trap context: no mutexes (so no Logger) — set flags and wake the loop
+        [sig, Signal.trap(sig) { @force = @stopping; @stopping = true; wake }]
+      end
+    end
+
+    # ---- one step, in its own thread
+
+    def start(step)
+      entry = Running.new(step, nil, false, false)
+      @mutex.synchronize do
+        @running[step.step_id] = entry
+        entry.thread = Thread.new { perform(entry) }
+      end
+    end
+
+    def perform(entry)
+      step = entry.step
+      wrapped do
+        TaskerCore.record_class.connection_pool.with_connection do |conn|
+          started = now
+          outcome = execute(step, conn)
+          entry.reporting = true
+          report(step, *outcome, now - started)
+        ensure
+          conn.disconnect! if entry.killed # stopped mid-query: do not hand the session back as is
+        end
+      end
+    rescue StandardError => e
+      log(:error, "step #{step.step_id}: #{e.class}: #{brief(e)}")
+    ensure
+      @mutex.synchronize { @running.delete(step.step_id) }
+      wake
+    end
+
+    def wrapped(&block)
+      @executor ? @executor.wrap(&block) : yield
+    end
+
+    # Runs the handler: [:complete, results] or [:fail, error].
+    def execute(step, conn)
+      handler = build_handler(step)
+      limit = step.config["timeout_seconds"] if step.config.is_a?(Hash)
+      limit = limit ? Float(limit) : @step_timeout
+      started = now
+      results = Timeout.timeout(limit) { handler.call(step) }
+      results = {} if results.nil?
+      JSON.generate(results) # not serializable: a failure of the handler, not of the worker
+      [:complete, results]
+    rescue Timeout::Error => e
+      ours = limit && now - started >= limit
+      return [:fail, e] unless ours # a Timeout::Error of the handler's own (Net::ReadTimeout, ...)
+
+      conn.reconnect! # the handler may have been stopped in the middle of a query
+      [:fail, StepTimeout.new("#{step.handler_class} ran longer than #{limit}s")]
+    rescue StandardError, ScriptError => e # ScriptError: NotImplementedError, autoload failures
+      [:fail, e]
+    end
+
+    def build_handler(step)
+      klass = step.handler_class && ActiveSupport::Inflector.safe_constantize(step.handler_class)
+      raise UnknownHandler, "handler_class #{step.handler_class.inspect} names no class" unless klass.is_a?(Class)
+
+      raise UnknownHandler, "#{klass} does not respond to call(step)" unless klass.method_defined?(:call)
+
+      klass.instance_method(:initialize).arity.zero? ? klass.new : klass.new(step.config)
+    end
+
+    def report(step, kind, value, seconds)
+      what = "step #{step.step_id} #{step.task_name}/#{step.name} attempt #{step.attempt}"
+      if kind == :complete
+        SQL.complete_step(step.step_id, @worker_id, value)
+        return log(:info, "#{what} completed (#{(seconds * 1000).round} ms)")
+      end
+      retryable = !value.is_a?(PermanentError)
+      retry_after = value.retry_after if value.is_a?(RetryableError)
+      backoff = SQL.fail_step(step.step_id, @worker_id, error_json(value), retryable: retryable, retry_after: retry_after)
+      what = "#{what} failed: #{value.class}: #{value.message}"
+      if backoff
+        @mutex.synchronize { @retry_at = [@retry_at, now + backoff + 0.05].compact.min } # claim it when due
+        log(:warn, "#{what} (retry in #{backoff}s)")
+      else
+        log(:error, "#{what} (not retried)")
+      end
+    rescue LeaseLost => e
+      log(:warn, "step #{step.step_id}: outcome not recorded, lease lost: #{e.message}")
+    end
+
+    def error_json(error)
+      { "message" => error.message, "error_class" => error.class.name,
+        "backtrace" => Array(error.backtrace).first(10) }
+    end
+
+    # ---- leases
+
+    def heartbeat_loop
+      until @heartbeat_stop
+        sleep(@lease_seconds / 3.0)
+        entries = @mutex.synchronize { @running.values.reject(&:reporting) }
+        next if @heartbeat_stop || entries.empty?
+
+        begin
+          TaskerCore.record_class.connection_pool.with_connection { entries.each { |entry| heartbeat(entry) } }
+        rescue StandardError => e
+          log(:error, "heartbeat failed: #{brief(e)}")
+        end
+      end
+    end
+
+    def heartbeat(entry)
+      SQL.heartbeat(entry.step.step_id, @worker_id)
+    rescue LeaseLost => e
+      log(:warn, "step #{entry.step.step_id}: #{e.message}") if @mutex.synchronize { @running[entry.step.step_id] && !entry.reporting }
+    end
+
+    # ---- shutdown
+
+    def shutdown
+      deadline = now + @shutdown_timeout
+      left = @mutex.synchronize { @running.size }
+      log(:info, "stopping: #{left} running step(s), waiting up to #{@shutdown_timeout}s") if left.positive?
+      while @mutex.synchronize { @running.any? } && !@force && now < deadline
+        IO.select([@wake_r], nil, nil, [deadline - now, 0].max) # woken by finishing steps and signals
+        @wake_r.read_nonblock(4096, exception: false)
+      end
+      @mutex.synchronize { @running.values }.each { |entry| give_back(entry) }
+    end
+
+    def give_back(entry)
+      return if entry.reporting && entry.thread.join(5) # recording its outcome: let it
+
+      entry.killed = true
+      entry.thread.kill
+      entry.thread.join(5)
+      SQL.release_step(entry.step.step_id, @worker_id)
+      log(:warn, "released step #{entry.step.step_id} #{entry.step.task_name}/#{entry.step.name}")
+    rescue LeaseLost => e
+      log(:warn, "step #{entry.step.step_id} not released: #{e.message}")
+    rescue StandardError => e
+      log(:error, "step #{entry.step.step_id} not released: #{brief(e)}")
+    end
+
+    def now
+      Process.clock_gettime(Process::CLOCK_MONOTONIC)
+    end
+
+    def brief(error)
+      error.message.lines.first&.strip
+    end
+
+    def log(level, message)
+      @logger.public_send(level, "tasker_core: #{message}")
+    end
+  end
+end

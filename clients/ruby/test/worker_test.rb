@@ -1,0 +1,199 @@
+require_relative "test_helper"
+
+class WorkerTest < Minitest::Test
+  include WorkerHelpers
+
+  def order_template
+    template("order", [
+      ["validate", "Shop::Validate"],
+      ["price_a", "Shop::Price", ["validate"], { "handler_config" => { "factor" => 1 } }],
+      ["price_b", "Shop::Price", ["validate"], { "handler_config" => { "factor" => 10 } }],
+      ["price_c", "Shop::Price", ["validate"], { "handler_config" => { "factor" => 100 } }],
+      ["total", "Shop::Total", %w[price_a price_b price_c]],
+      ["plain", "PlainHandler", ["total"]],
+    ])
+  end
+
+  def test_fan_out_fan_in_runs_to_completion_with_parent_results
+    name = order_template
+    tasks = 3.times.map { |i| TaskerCore.create_task(namespace, name, { "order_id" => i + 1, "items" => [1, 2, i] }) }
+    run_until(worker(concurrency: 4)) { tasks.all? { |t| finished?(t) } }
+
+    tasks.each_with_index do |task_id, i|
+      assert_equal "complete", TaskerCore.task_status(task_id)
+      steps = steps_of(task_id)
+      sum = 3 + i
+      assert_equal({ "amount" => sum * 10, "by" => "price_b" }, steps["price_b"]["results"])
+      assert_equal({ "total" => sum * 111, "parents" => %w[price_a price_b price_c] }, steps["total"]["results"])
+      assert_equal({ "plain" => "plain" }, steps["plain"]["results"])
+      steps.each_value do |s|
+        assert_equal 1, s["attempts"]
+        assert_equal %w[pending>in_progress in_progress>complete], states(s["workflow_step_id"])
+      end
+    end
+  end
+
+  def test_retryable_error_with_retry_after_is_retried_after_the_delay
+    name = template("flaky", [["charge", "FlakyGateway", [], { "handler_config" => { "retry_after" => 1 } }]])
+    task_id = TaskerCore.create_task(namespace, name, {})
+    # the poll interval is far away: the worker wakes itself when the backoff it was given ends
+    elapsed = run_until(worker(poll_interval: 30)) { finished?(task_id) }
+
+    assert_equal "complete", TaskerCore.task_status(task_id)
+    step = steps_of(task_id)["charge"]
+    assert_equal({ "charged" => true, "attempt" => 2 }, step["results"])
+    transitions = step_transitions(step["workflow_step_id"])
+    assert_equal %w[pending>in_progress in_progress>error error>pending pending>in_progress in_progress>complete],
+                 states(step["workflow_step_id"])
+    error = transitions[1]["metadata"]
+    assert_equal 1, error["backoff_seconds"]
+    assert_equal "gateway busy", error["error"]["message"]
+    assert_equal "TaskerCore::RetryableError", error["error"]["error_class"]
+    assert_kind_of Array, error["error"]["backtrace"]
+    assert_match(/handlers\.rb/, error["error"]["backtrace"].first)
+    waited = transitions[3]["created_at"] - transitions[1]["created_at"]
+    assert_operator waited, :>=, 1.0, "claimed again before the retry_after"
+    assert_operator elapsed, :<, 5, "retried long after its backoff"
+  end
+
+  def test_permanent_error_ends_the_task_in_error
+    name = template("declined", [["charge", "CardDeclined"], ["ship", "PlainHandler", ["charge"]]])
+    task_id = TaskerCore.create_task(namespace, name, {})
+    run_until(worker) { finished?(task_id) }
+
+    assert_equal "error", TaskerCore.task_status(task_id)
+    step = steps_of(task_id)["charge"]
+    assert_equal 1, step["attempts"]
+    assert_equal false, step["retryable"]
+    assert_equal "TaskerCore::PermanentError", step["results"]["error"]["error_class"]
+    assert_equal "card declined", step["results"]["error"]["message"]
+    assert_equal %w[pending>in_progress in_progress>error], states(step["workflow_step_id"])
+    assert_equal [], states(steps_of(task_id)["ship"]["workflow_step_id"])
+  end
+
+  def test_unknown_handler_class_fails_permanently
+    name = template("unknown", [["a", "No::Such::Handler"], ["b", "String"]])
+    task_id = TaskerCore.create_task(namespace, name, {})
+    run_until(worker) { finished?(task_id) }
+
+    assert_equal "error", TaskerCore.task_status(task_id)
+    steps = steps_of(task_id)
+    assert_equal "TaskerCore::UnknownHandler", steps["a"]["results"]["error"]["error_class"]
+    assert_match(/No::Such::Handler/, steps["a"]["results"]["error"]["message"])
+    assert_equal "TaskerCore::UnknownHandler", steps["b"]["results"]["error"]["error_class"]
+    assert_match(/String does not respond to call/, steps["b"]["results"]["error"]["message"])
+    assert_equal [1, 1], [steps["a"]["attempts"], steps["b"]["attempts"]]
+  end
+
+  def test_timeout_fails_retryably
+    name = template("slow", [["export", "SlowFirstTime", [], { "handler_config" => { "seconds" => 30, "timeout_seconds" => 0.5 } }]])
+    task_id = TaskerCore.create_task(namespace, name, {})
+    elapsed = run_until(worker(poll_interval: 30)) { finished?(task_id) }
+
+    assert_equal "complete", TaskerCore.task_status(task_id)
+    step = steps_of(task_id)["export"]
+    assert_equal({ "attempt" => 2 }, step["results"])
+    error = step_transitions(step["workflow_step_id"])[1]["metadata"]
+    assert_equal "TaskerCore::StepTimeout", error["error"]["error_class"]
+    assert_equal true, error["retryable"]
+    assert_operator elapsed, :<, 5
+  end
+
+  class WorkerWithoutHeartbeats < TaskerCore::Worker
+    private def heartbeat(_entry) = nil
+  end
+
+  def test_a_handler_longer_than_its_lease_keeps_it_by_heartbeats
+    name = template("long", [["crunch", "Sleeper", [], { "handler_config" => { "seconds" => 4.5 } }]])
+    kept = TaskerCore.create_task(namespace, name, {})
+    # the control: the same step run by a worker that does not heartbeat, in another namespace
+    other = "#{namespace}_control"
+    TaskerCore.register_template("name" => name, "namespace_name" => other, "version" => "1.0.0",
+                                 "step_templates" => [{ "name" => "crunch", "handler_class" => "Sleeper",
+                                                        "handler_config" => { "seconds" => 4.5 } }])
+    lost = TaskerCore.create_task(other, name, {})
+    control = WorkerWithoutHeartbeats.new(namespaces: [other], logger: Logger.new(log_io), lease_seconds: 2)
+    control_thread = Thread.new { control.run }
+    # once the workers hold the steps, a rival claims all the while: a 2 s lease that is not
+    # renewed expires and the rival takes the step over
+    stolen = []
+    rival = Thread.new do
+      ActiveRecord::Base.connection_pool.with_connection do
+        sleep 0.05 until [kept, lost].none? { |t| TaskerCore.task_status(t) == "pending" }
+        until finished?(kept)
+          stolen.concat(TaskerCore::SQL.claim_steps("rival", namespaces: [namespace, other], lease_seconds: 60))
+          sleep 0.2
+        end
+      end
+    end
+    run_until(worker(lease_seconds: 2)) { finished?(kept) }
+    rival.join(5)
+    control.stop
+    control_thread.join
+
+    assert_equal [lost], stolen.map(&:task_id), "the control lost its step, the heartbeating worker kept its own"
+    assert_equal "complete", TaskerCore.task_status(kept)
+    step = steps_of(kept)["crunch"]
+    assert_equal 1, step["attempts"]
+    assert_equal %w[pending>in_progress in_progress>complete], states(step["workflow_step_id"])
+  end
+
+  def test_lease_lost_on_completion_is_logged_and_the_worker_goes_on
+    name = template("resolved", [["a", "ResolvedUnderneath"], ["b", "PlainHandler", ["a"]]])
+    task_id = TaskerCore.create_task(namespace, name, {})
+    run_until(worker) { finished?(task_id) }
+
+    assert_equal "complete", TaskerCore.task_status(task_id)
+    steps = steps_of(task_id)
+    assert_equal({ "by" => "operator" }, steps["a"]["results"])
+    assert_equal({ "plain" => "b" }, steps["b"]["results"])
+    assert_match(/outcome not recorded, lease lost: .*step #{steps["a"]["workflow_step_id"]}/, log_io.string)
+  end
+
+  def test_a_listening_worker_picks_up_a_new_task_well_before_its_poll_interval
+    name = template("wake", [["only", "PlainHandler"]])
+    w = worker(poll_interval: 30)
+    thread = Thread.new { w.run }
+    sleep 0.5 # it claimed nothing and sleeps in LISTEN
+    created = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+    task_id = TaskerCore.create_task(namespace, name, {})
+    sleep 0.01 until finished?(task_id) || Process.clock_gettime(Process::CLOCK_MONOTONIC) - created > 10
+    latency = Process.clock_gettime(Process::CLOCK_MONOTONIC) - created
+
+    assert_equal "complete", TaskerCore.task_status(task_id)
+    assert_operator latency, :<, 1.0, "took #{latency.round(2)}s with a poll interval of 30s"
+  ensure
+    w.stop
+    thread&.join
+  end
+
+  def test_retries_stop_at_the_retry_limit
+    name = template("limited", [["charge", "FlakyGateway", [], { "handler_config" => { "retry_after" => 0 }, "default_retry_limit" => 1 }]])
+    task_id = TaskerCore.create_task(namespace, name, {})
+    run_until(worker) { finished?(task_id) }
+
+    assert_equal "error", TaskerCore.task_status(task_id)
+    assert_match(/attempt 1 failed: TaskerCore::RetryableError: gateway busy \(not retried\)/, log_io.string)
+  end
+
+  def test_the_worker_survives_losing_its_connections
+    name = template("resilient", [["only", "PlainHandler"]])
+    w = worker(poll_interval: 30)
+    thread = Thread.new { w.run }
+    sleep 0.5
+    killed = conn.select_value(<<~SQL)
+      SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+      WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+    SQL
+    assert_operator killed, :>=, 2, "the worker's claim and LISTEN connections"
+    sleep 0.5
+    task_id = TaskerCore.create_task(namespace, name, {})
+    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 10
+    sleep 0.02 until finished?(task_id) || Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+    assert_equal "complete", TaskerCore.task_status(task_id)
+    assert_match(/LISTEN connection lost/, log_io.string)
+  ensure
+    w.stop
+    thread&.join
+  end
+end
