@@ -7,6 +7,8 @@ source "$(dirname "$0")/lib.sh"
 
 wanted=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang ruby ruby-activerecord ruby-pg)
 is_root && wanted+=(sudo)
+wanted+=(graphviz)                                   # the demo draws its DAG with dot
+command -v node >/dev/null || wanted+=(nodejs npm)   # the Node client and its tests
 missing=()
 for pkg in "${wanted[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -43,7 +45,7 @@ if "$VENV/bin/python" -c 'import psycopg, pytest' 2>/dev/null; then
 else
     step "creating the Python test environment in target/venv (psycopg, pytest)"
     python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check 'psycopg[binary]>=3.1,<4' 'pytest>=7,<9'
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check 'psycopg[binary]>=3.2,<4' 'pytest>=7,<9'
 fi
 
 NODE_DIR="$ROOT/target/node"

@@ -6,6 +6,7 @@
 #   python/test_*.py     pytest + psycopg (fixtures in python/conftest.py)
 #   ruby/*_test.rb       plain Ruby (ActiveRecord, pg) — each file is one program, exit 0 = pass
 #   node/*.test.js       node --test, with `pg` from target/node
+#   clients/{python,node,ruby}  the worker clients' own test suites
 #   rust/Cargo.toml      cargo test, if that crate exists
 # Every test gets PGHOST/PGPORT/PGUSER of the cluster and creates its own databases.
 #   tests/integration/run.sh [pytest args...]
@@ -40,6 +41,14 @@ if [ ${#node_tests[@]} -gt 0 ]; then
         echo "node or target/node missing: run scripts/prereqs.sh" >&2; failed=$((failed + 1))
     fi
 fi
+# The worker clients (clients/*) and their own tests, against the same cluster.
+run "python client (pytest)" "$ROOT/target/venv/bin/pytest" -q -p no:cacheprovider "$ROOT/clients/python/tests"
+if command -v node >/dev/null && [ -d "$ROOT/target/node/node_modules" ]; then
+    run "node client" env NODE_PATH="$ROOT/target/node/node_modules" node --test "$ROOT/clients/node/test/worker.test.js"
+fi
+for t in "$ROOT"/clients/ruby/test/*_test.rb; do
+    run "ruby client $(basename "$t")" ruby -I"$ROOT/clients/ruby/lib" -I"$ROOT/clients/ruby/test" "$t"
+done
 if [ -f "$HERE/rust/Cargo.toml" ]; then
     run "rust" cargo test --manifest-path "$HERE/rust/Cargo.toml"
 fi
