@@ -34,26 +34,28 @@ BEGIN
           ON m.task_id = t.task_id
         WHERE t.most_recent AND t.sort_key < m.top
         UNION ALL
-        -- a child never starts before every parent finished
+        -- a child never starts before every parent finished. Compared by transition id, not
+        -- time: created_at is the transaction's start, so a claim that began a moment before
+        -- the parent's completion committed carries an earlier time; ids are drawn in order.
         SELECT 'parents_before_children', 'step', e.to_step_id,
-               'started at ' || c.started || ' but parent ' || e.from_step_id ||
-               COALESCE(' finished at ' || p.finished, ' never finished')
+               'started by transition ' || c.started || ' but parent ' || e.from_step_id ||
+               COALESCE(' finished by transition ' || p.finished, ' never finished')
         FROM %1$I.tasker_workflow_step_edges e
-        JOIN (SELECT workflow_step_id, min(created_at) AS started FROM %1$I.tasker_workflow_step_transitions
+        JOIN (SELECT workflow_step_id, min(id) AS started FROM %1$I.tasker_workflow_step_transitions
               WHERE to_state = 'in_progress' GROUP BY workflow_step_id) c ON c.workflow_step_id = e.to_step_id
-        LEFT JOIN (SELECT workflow_step_id, min(created_at) AS finished FROM %1$I.tasker_workflow_step_transitions
+        LEFT JOIN (SELECT workflow_step_id, min(id) AS finished FROM %1$I.tasker_workflow_step_transitions
                    WHERE to_state IN ('complete', 'resolved_manually') GROUP BY workflow_step_id) p
           ON p.workflow_step_id = e.from_step_id
         WHERE p.finished IS NULL OR p.finished > c.started
         UNION ALL
         -- a complete task has only complete or resolved steps, and its flag says so
         SELECT 'task_state_consistent', 'task', t.task_id,
-               CASE WHEN cur.to_state = 'complete' AND NOT t.complete THEN 'state complete but complete = false'
+               CASE WHEN cur.to_state = 'complete' AND t.complete IS NOT TRUE THEN 'state complete but complete = false'
                     WHEN cur.to_state IS DISTINCT FROM 'complete' AND t.complete THEN 'complete = true but state ' || COALESCE(cur.to_state, 'pending')
                     ELSE 'complete with unfinished steps' END
         FROM %1$I.tasker_tasks t
         LEFT JOIN %1$I.tasker_task_transitions cur ON cur.task_id = t.task_id AND cur.most_recent
-        WHERE (cur.to_state = 'complete') IS DISTINCT FROM t.complete
+        WHERE COALESCE(cur.to_state = 'complete', false) IS DISTINCT FROM COALESCE(t.complete, false)
            OR (cur.to_state = 'complete' AND EXISTS (
                  SELECT 1 FROM %1$I.tasker_workflow_steps ws
                  LEFT JOIN %1$I.tasker_workflow_step_transitions sc

@@ -40,6 +40,7 @@ def run_all(db, worker="w"):
 
 def test_verify_is_empty_on_a_healthy_run_and_names_each_violation(db):
     setup_db(db)
+    assert db.execute("SELECT * FROM tasker_core.verify()") == [], "tasks not started yet are consistent"
     run_all(db)
     assert db.execute("SELECT * FROM tasker_core.verify()") == []
     # break each invariant by hand, the way a bad script or a restore might
