@@ -48,6 +48,9 @@ pub mod store;
     requires = ["compat_aggregates"]
 );
 
+// Least privilege: who runs as whom, and tasker_core.create_roles(). Last, over every function.
+::pgrx::extension_sql_file!("../sql/roles.sql", name = "roles", finalize);
+
 /// Called by PostgreSQL when the library is loaded: registers the settings, and — when loaded
 /// through `shared_preload_libraries` — the timer background worker.
 #[pg_guard]

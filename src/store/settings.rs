@@ -97,7 +97,7 @@ pub fn register_gucs() {
         &MAX_TEMPLATE_STEPS,
         1,
         1_000_000,
-        GucContext::Userset,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
@@ -105,7 +105,7 @@ pub fn register_gucs() {
         c"Send NOTIFY wake-ups on channel tasker_events when events are recorded.",
         c"Listeners are woken once per transaction; the event log is the data.",
         &NOTIFY,
-        GucContext::Userset,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
@@ -113,7 +113,15 @@ pub fn register_gucs() {
         c"Record lifecycle events in tasker_core.events.",
         c"Turning it off loses events for subscribers; meant for bulk loads and benchmarks.",
         &EVENT_LOG,
-        GucContext::Userset,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"tasker_core.fake_now",
+        c"A timestamp tasker_core.now() returns instead of the transaction time.",
+        c"For tests and replays; empty means the real clock.",
+        &FAKE_NOW,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(
@@ -121,10 +129,15 @@ pub fn register_gucs() {
         c"Schema holding the Tasker data tables (tasker_tasks, tasker_workflow_steps, ...).",
         c"Rails apps keep them in public; tasker_core.install_schema(target) can put them elsewhere.",
         &DATA_SCHEMA,
-        GucContext::Userset,
+        GucContext::Suset,
         GucFlags::default(),
     );
 }
+
+/// `tasker_core.fake_now`: a timestamp `tasker_core.now()` returns instead of the
+/// transaction time (tests and replays). Superuser-only, like every setting that changes what
+/// the SECURITY DEFINER functions do: a worker may not move the clock past its backoff.
+pub static FAKE_NOW: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// The configured data schema, validated.
 pub fn data_schema() -> Result<SchemaName, TaskerError> {

@@ -1,0 +1,212 @@
+"""Least privilege: tasker_core.create_roles() and what each role may (and may not) do, tried
+through real logins; settings that change what the SECURITY DEFINER functions do are
+superuser-only; names that reach SQL or NOTIFY can not inject anything."""
+import json
+import uuid
+
+import psycopg
+import pytest
+
+from conftest import connect
+
+TEMPLATE = """{"name": "roles_flow", "namespace_name": "roles", "version": "1.0.0",
+  "step_templates": [
+    {"name": "a", "handler_class": "A"},
+    {"name": "b", "handler_class": "B", "depends_on_step": "a"}]}"""
+
+
+@pytest.fixture
+def logins(tasker_db):
+    """The database set up with tracking, a template, a task and the roles, plus one LOGIN
+    role per tasker role (and one with none), cleaned up afterwards."""
+    db = tasker_db
+    db.scalar("SELECT tasker_core.enable_tracking()")
+    db.scalar("SELECT tasker_core.register_task_template(%s::jsonb)", (TEMPLATE,))
+    db.scalar("SELECT tasker_core.create_task('roles', 'roles_flow', NULL, '{}')")
+    db.execute("SELECT tasker_core.create_roles()")
+    suffix = uuid.uuid4().hex[:8]
+    users = {kind: f"tk_{kind}_{suffix}" for kind in ("worker", "reader", "admin", "nobody", "writer")}
+    with connect() as admin:
+        for kind, user in users.items():
+            admin.execute(f'CREATE ROLE "{user}" LOGIN')
+            if kind in ("worker", "reader", "admin"):
+                admin.execute(f'GRANT tasker_{kind} TO "{user}"')
+        admin.execute(f'GRANT CONNECT ON DATABASE "{db.name}" TO PUBLIC')
+    with db.connect() as owner:
+        # an application role that writes the Tasker tables (as a Rails app does) but has no
+        # privilege on tasker_core's own tables
+        owner.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{users["writer"]}"')
+        owner.execute(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{users["writer"]}"')
+
+    def login(kind):
+        return psycopg.connect(dbname=db.name, user=users[kind], autocommit=True)
+
+    yield db, login
+    from conftest import drop_database
+    drop_database(db)
+    with connect() as admin:
+        for user in users.values():
+            admin.execute(f'DROP ROLE IF EXISTS "{user}"')
+
+
+def denied(conn, sql, params=None):
+    """The SQLSTATE `sql` fails with (None when it succeeds)."""
+    try:
+        conn.execute(sql, params)
+    except psycopg.Error as e:
+        return e.sqlstate
+    return None
+
+
+def test_create_roles_is_idempotent_and_owner_only(logins):
+    db, login = logins
+    again = db.execute("SELECT * FROM tasker_core.create_roles()")
+    assert not any("created role" in r[0] for r in again), again
+    with login("admin") as c:
+        assert denied(c, "SELECT tasker_core.create_roles()") == "42501"
+
+
+def test_a_worker_runs_steps_and_nothing_else(logins):
+    db, login = logins
+    with login("worker") as w:
+        rows = w.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w1')").fetchall()
+        assert len(rows) == 1
+        step = rows[0][0]
+        assert w.execute("SELECT tasker_core.heartbeat(%s, 'w1') IS NOT NULL", (step,)).fetchone()[0]
+        assert w.execute("SELECT tasker_core.complete_step(%s, 'w1', '{\"ok\": 1}')", (step,)).fetchone()[0]
+        # events and its own subscriptions
+        assert w.execute("SELECT tasker_core.subscribe('w1-sub', ARRAY['step.*'])").fetchone()[0]
+        assert w.execute("SELECT count(*) FROM tasker_core.events_after(NULL, 1000)").fetchone()[0] > 0
+        # nothing else: no tables, no operator or admin functions, no maintenance
+        for sql in [
+            "SELECT * FROM tasker_workflow_steps",
+            "UPDATE tasker_workflow_steps SET processed = true",
+            "SELECT * FROM tasker_core.events",
+            "SELECT * FROM tasker_core.step_state",
+            "DELETE FROM tasker_core.step_claims",
+            "SELECT tasker_core.register_task_template('{}'::jsonb)",
+            "SELECT tasker_core.create_task('roles', 'roles_flow', NULL, '{}')",
+            "SELECT tasker_core.cancel_task(1)",
+            "SELECT tasker_core.retry_task(1)",
+            "SELECT tasker_core.resolve_step_manually(1)",
+            "SELECT tasker_core.transition_step(1, 'complete')",
+            "SELECT tasker_core.tick()",
+            "SELECT tasker_core.prune_events('1 day')",
+            "SELECT tasker_core.enable_tracking()",
+            "SELECT tasker_core.disable_tracking()",
+            "SELECT tasker_core.install_schema('elsewhere')",
+            "SELECT tasker_core.switch_over()",
+            "SELECT tasker_core._set_step_state(1, 'complete', now()::timestamp, 1, NULL, 0)",
+            "SELECT tasker_core._expire_leases(10)",
+            "SELECT * FROM tasker_core.get_step_readiness_status(1)",
+            "SELECT tasker_core.metrics()",
+        ]:
+            assert denied(w, sql) == "42501", sql
+
+
+def test_settings_that_change_the_definer_functions_are_superuser_only(logins):
+    db, login = logins
+    with login("worker") as w:
+        w.execute("SELECT tasker_core.backoff_seconds(1)")   # the library is loaded
+        for setting, value in [("tasker_core.fake_now", "2099-01-01"), ("tasker_core.data_schema", "mine"),
+                               ("tasker_core.event_log", "off"), ("tasker_core.notify", "off"),
+                               ("tasker_core.max_template_steps", "1000000")]:
+            assert denied(w, f"SET {setting} = '{value}'") == "42501", setting
+    # set before the library is loaded, a superuser-only value is dropped when it loads
+    with login("worker") as w:
+        w.execute("SET tasker_core.fake_now = '2099-01-01'")
+        w.execute("SELECT tasker_core.backoff_seconds(1)")
+        assert w.execute("SELECT current_setting('tasker_core.fake_now', true)").fetchone()[0] in (None, "")
+
+
+def test_a_reader_reads_and_writes_nothing(logins):
+    db, login = logins
+    with login("reader") as r:
+        rows = r.execute("SELECT workflow_step_id, ready_for_execution FROM tasker_core.get_step_readiness_status(1)").fetchall()
+        assert len(rows) == 2 and sum(1 for _, ready in rows if ready) == 1
+        assert r.execute("SELECT count(*) FROM tasker_core.get_task_execution_context(1)").fetchone()[0] == 1
+        assert "tasker_steps" in r.execute("SELECT tasker_core.metrics()").fetchone()[0]
+        assert r.execute("SELECT count(*) FROM tasker_core.health()").fetchone()[0] > 0
+        assert r.execute("SELECT count(*) FROM tasker_core.verify()").fetchone()[0] == 0
+        assert r.execute("SELECT tasker_core.task_graph_dot(1)").fetchone()[0].startswith("digraph")
+        assert r.execute("SELECT count(*) FROM tasker_workflow_steps").fetchone()[0] == 2
+        for sql in [
+            "SELECT * FROM tasker_core.claim_steps('r')",
+            "SELECT tasker_core.complete_step(1, 'r')",
+            "SELECT tasker_core.create_task('roles', 'roles_flow', NULL, '{}')",
+            "UPDATE tasker_workflow_steps SET processed = true",
+            "INSERT INTO tasker_core.events (name) VALUES ('x')",
+            "UPDATE tasker_core.step_state SET blocked_parents = 0",
+        ]:
+            assert denied(r, sql) == "42501", sql
+    assert db.scalar("SELECT count(*) FROM tasker_workflow_steps WHERE processed") == 0
+
+
+def test_an_admin_manages_templates_and_tasks_but_claims_nothing(logins):
+    db, login = logins
+    with login("admin") as a:
+        assert a.execute("SELECT tasker_core.register_task_template(%s::jsonb)", (TEMPLATE,)).fetchone()[0]
+        task = a.execute("SELECT tasker_core.create_task('roles', 'roles_flow', NULL, '{}')").fetchone()[0]
+        assert a.execute("SELECT tasker_core.cancel_task(%s)", (task,)).fetchone()[0] == 2
+        assert a.execute("SELECT count(*) FROM tasker_core.get_step_readiness_status(1)").fetchone()[0] == 2
+        assert denied(a, "SELECT * FROM tasker_core.claim_steps('a')") == "42501"
+        assert denied(a, "DELETE FROM tasker_tasks") == "42501"
+        assert denied(a, "SELECT tasker_core.enable_tracking()") == "42501"
+
+
+def test_a_role_without_a_tasker_role_gets_nothing(logins):
+    db, login = logins
+    with login("nobody") as n:
+        for sql in ["SELECT * FROM tasker_core.claim_steps('n')", "SELECT tasker_core.metrics()",
+                    "SELECT * FROM tasker_core.get_step_readiness_status(1)",
+                    "SELECT * FROM tasker_core.events_after(NULL)"]:
+            assert denied(n, sql) == "42501", sql
+
+
+def test_an_application_role_writing_the_tables_keeps_the_maintained_state(logins):
+    """The trigger functions run as the owner: a role that may write the Tasker tables, and has
+    no privilege on tasker_core's tables, still keeps tasker_core.step_state right."""
+    db, login = logins
+    with login("writer") as app:
+        assert denied(app, "SELECT * FROM tasker_core.step_state") == "42501"
+        app.execute("UPDATE tasker_workflow_steps SET retry_limit = 7")
+        step = app.execute("SELECT workflow_step_id FROM tasker_workflow_steps ORDER BY 1 LIMIT 1").fetchone()[0]
+        app.execute("UPDATE tasker_workflow_step_transitions SET most_recent = false WHERE workflow_step_id = %s", (step,))
+        app.execute("""INSERT INTO tasker_workflow_step_transitions
+                       (workflow_step_id, to_state, from_state, sort_key, most_recent, metadata, created_at, updated_at)
+                       VALUES (%s, 'in_progress', 'pending',
+                               (SELECT COALESCE(max(sort_key), 0) + 1 FROM tasker_workflow_step_transitions WHERE workflow_step_id = %s),
+                               true, '{}', now(), now())""", (step, step))
+    assert db.scalar("SELECT count(*) FROM tasker_core.step_state WHERE retry_limit = 7") == 2
+    assert db.scalar("SELECT state FROM tasker_core.step_state WHERE workflow_step_id = %s", (step,)) == "in_progress"
+    assert db.execute("SELECT * FROM tasker_core.check_tracking()") == []
+
+
+INJECTIONS = ["x'); DROP TABLE tasker_tasks; --", 'q"; DROP TABLE tasker_tasks; --', "a$$b", "tasker_events; DROP"]
+
+
+@pytest.mark.parametrize("evil", INJECTIONS)
+def test_names_can_not_inject_sql(logins, evil):
+    db, login = logins
+    with login("admin") as a:
+        template = {"name": evil, "namespace_name": evil, "version": "1.0.0",
+                    "step_templates": [{"name": evil, "handler_class": evil},
+                                       {"name": "next", "handler_class": "N", "depends_on_step": evil}]}
+        state = denied(a, "SELECT tasker_core.register_task_template(%s::jsonb)", (json.dumps(template),))
+        if state is None:   # accepted: stored literally
+            task = a.execute("SELECT tasker_core.create_task(%s, %s, NULL, '{}')", (evil, evil)).fetchone()[0]
+            dot = a.execute("SELECT tasker_core.task_graph_dot(%s)", (task,)).fetchone()[0]
+            assert dot.count('"') % 2 == 0 or '\\"' in dot
+            assert db.scalar("SELECT count(*) FROM tasker_task_namespaces WHERE name = %s", (evil,)) == 1
+        else:
+            assert state.startswith("TK02") or state in ("22023", "42602"), state
+    with login("worker") as w:
+        assert w.execute("SELECT count(*) FROM tasker_core.claim_steps('w', ARRAY[%s])", (evil,)).fetchone()[0] in (0, 1)
+        assert denied(w, "SELECT tasker_core.subscribe(%s)", (evil,)) == "42602"
+        assert denied(w, "SELECT * FROM tasker_core.poll(%s)", (evil,)) == "42602"
+        assert denied(w, "SELECT tasker_core.subscribe('ok', ARRAY[%s])", (evil,)) == "22023"
+    with db.connect() as su:
+        su.execute("SELECT set_config('tasker_core.data_schema', %s, false)", (evil,))
+        assert denied(su, "SELECT * FROM tasker_core.claim_steps('w')") in ("22023", "3F000", "42602", "TK010")
+    assert db.scalar("SELECT to_regclass('public.tasker_tasks') IS NOT NULL")
+    assert db.scalar("SELECT count(*) FROM tasker_tasks") >= 1
