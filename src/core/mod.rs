@@ -8,6 +8,8 @@ pub mod error;
 pub mod events;
 pub mod ident;
 pub mod jsonschema;
+#[cfg(test)]
+mod proptests;
 pub mod readiness;
 pub mod state;
 pub mod template;
