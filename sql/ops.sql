@@ -141,7 +141,8 @@ BEGIN
             FROM tasker_core.step_state s
             WHERE s.blocked_parents = 0 AND s.processed IS NOT TRUE AND s.in_process IS NOT TRUE
               AND (s.state IS NULL OR s.state IN ('pending', 'error'))
-              AND COALESCE(s.attempts, 0) < COALESCE(s.retry_limit, 3) AND COALESCE(s.retryable, true)) c;
+              AND COALESCE(s.attempts, 0) < COALESCE(s.retry_limit, 3)
+              AND (COALESCE(s.retryable, true) OR COALESCE(s.attempts, 0) = 0)) c;
     out := out || E'# HELP tasker_steps_ready Steps a worker could claim now.\n# TYPE tasker_steps_ready gauge\n'
                || format(E'tasker_steps_ready %s\n', r.ready)
                || E'# HELP tasker_steps_in_backoff Failed steps waiting out their retry backoff.\n# TYPE tasker_steps_in_backoff gauge\n'
