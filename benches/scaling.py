@@ -1,0 +1,60 @@
+"""How claims scale with the number of workers on one PostgreSQL: steps per second (each a
+claim_steps and a complete_step transaction, from pgbench clients) as workers grow from 1 to
+64, against the floor measured in the same run with the same number of clients (pgbench -N
+transactions per second / 2). The figures behind docs/scaling.md.
+
+Run by `make bench`. Prints ratios, never asserts.
+"""
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from worker import WORKER_SCRIPT, connect, pgbench, setup  # noqa: E402
+
+DB = "tasker_bench_worker"
+SECONDS = int(os.environ.get("TASKER_BENCH_SCALING_SECONDS", "4"))
+COUNTS = [1, 2, 4, 8, 16, 32, 64]
+
+
+def processed():
+    with connect(DB) as conn:
+        return conn.execute("SELECT count(*) FROM tasker_workflow_steps WHERE processed").fetchone()[0]
+
+
+def main():
+    setup(int(os.environ.get("TASKER_BENCH_SCALING_TASKS", "30000")))
+    import subprocess
+    subprocess.run(["pgbench", "-i", "-q", "-s", "8", DB], capture_output=True, check=True)
+    scripts = {}
+    for notify in ("on", "off"):
+        with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+            f.write(f"SET tasker_core.notify = {notify};\n" + WORKER_SCRIPT)
+            scripts[notify] = f.name
+        os.chmod(f.name, 0o644)
+    print(f"\n**scaling: steps per second as workers grow** ({os.cpu_count()} cores, {SECONDS} s each)\n")
+    print("| workers | floor steps/s (pgbench -N ÷ 2) | steps/s, notify off | vs 1 worker | of floor "
+          "| steps/s, notify on | of floor |")
+    print("|---|---|---|---|---|---|---|")
+    base = None
+    for n in COUNTS:
+        jobs = str(min(n, 2))
+        rates = {}
+        for notify, script in scripts.items():
+            before = processed()
+            start = time.time()
+            pgbench(["-n", "-c", str(n), "-j", jobs, "-T", str(SECONDS), "-f", script], DB)
+            rates[notify] = (processed() - before) / (time.time() - start)
+        floor, _ = pgbench(["-n", "-N", "-c", str(n), "-j", jobs, "-T", str(SECONDS)], DB)
+        floor /= 2
+        base = base or rates["off"]
+        print(f"| {n} | {floor:,.0f} | {rates['off']:,.0f} | {rates['off'] / base:.2f}× | "
+              f"**{rates['off'] / floor:.2f}** | {rates['on']:,.0f} | {rates['on'] / floor:.2f} |", flush=True)
+    for script in scripts.values():
+        os.unlink(script)
+
+
+if __name__ == "__main__":
+    main()
