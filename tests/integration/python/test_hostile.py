@@ -36,7 +36,7 @@ BAD_CALLS = [
     ("SELECT * FROM tasker_core.claim_steps(NULL)", "22004"),
     ("SELECT tasker_core.complete_step(NULL, 'w')", "22004"),
     ("SELECT tasker_core.complete_step(1, NULL)", "22004"),
-    ("SELECT tasker_core.fail_step(1, 'w', NULL)", "22004"),
+    ("SELECT tasker_core.fail_step(1, NULL, '{}')", "22004"),
     ("SELECT tasker_core.heartbeat(NULL, 'w')", "22004"),
     ("SELECT tasker_core.create_task(NULL, 'h', NULL, '{}')", "22004"),
     ("SELECT tasker_core.create_task('hostile', 'h', NULL, NULL)", "22004"),
