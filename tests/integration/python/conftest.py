@@ -18,6 +18,15 @@ def connect(dbname="postgres", autocommit=True, **kw):
     return psycopg.connect(dbname=dbname, autocommit=autocommit, **kw)
 
 
+def sqlstate_of(conn, sql, params=None):
+    """The SQLSTATE the statement raises (None when it succeeds)."""
+    try:
+        conn.execute(sql, params)
+    except psycopg.Error as e:
+        return e.sqlstate
+    return None
+
+
 class Database:
     """A scratch database on the cluster."""
 

@@ -7,7 +7,7 @@ import uuid
 import psycopg
 import pytest
 
-from conftest import connect
+from conftest import connect, drop_database, sqlstate_of
 
 TEMPLATE = """{"name": "roles_flow", "namespace_name": "roles", "version": "1.0.0",
   "step_templates": [
@@ -42,20 +42,10 @@ def logins(tasker_db):
         return psycopg.connect(dbname=db.name, user=users[kind], autocommit=True)
 
     yield db, login
-    from conftest import drop_database
     drop_database(db)
     with connect() as admin:
         for user in users.values():
             admin.execute(f'DROP ROLE IF EXISTS "{user}"')
-
-
-def denied(conn, sql, params=None):
-    """The SQLSTATE `sql` fails with (None when it succeeds)."""
-    try:
-        conn.execute(sql, params)
-    except psycopg.Error as e:
-        return e.sqlstate
-    return None
 
 
 def test_create_roles_is_idempotent_and_owner_only(logins):
@@ -63,7 +53,7 @@ def test_create_roles_is_idempotent_and_owner_only(logins):
     again = db.execute("SELECT * FROM tasker_core.create_roles()")
     assert not any("created role" in r[0] for r in again), again
     with login("admin") as c:
-        assert denied(c, "SELECT tasker_core.create_roles()") == "42501"
+        assert sqlstate_of(c, "SELECT tasker_core.create_roles()") == "42501"
 
 
 def test_a_worker_runs_steps_and_nothing_else(logins):
@@ -101,7 +91,7 @@ def test_a_worker_runs_steps_and_nothing_else(logins):
             "SELECT * FROM tasker_core.get_step_readiness_status(1)",
             "SELECT tasker_core.metrics()",
         ]:
-            assert denied(w, sql) == "42501", sql
+            assert sqlstate_of(w, sql) == "42501", sql
 
 
 def test_settings_that_change_the_definer_functions_are_superuser_only(logins):
@@ -111,7 +101,7 @@ def test_settings_that_change_the_definer_functions_are_superuser_only(logins):
         for setting, value in [("tasker_core.fake_now", "2099-01-01"), ("tasker_core.data_schema", "mine"),
                                ("tasker_core.event_log", "off"), ("tasker_core.notify", "off"),
                                ("tasker_core.max_template_steps", "1000000")]:
-            assert denied(w, f"SET {setting} = '{value}'") == "42501", setting
+            assert sqlstate_of(w, f"SET {setting} = '{value}'") == "42501", setting
     # set before the library is loaded, a superuser-only value is dropped when it loads
     with login("worker") as w:
         w.execute("SET tasker_core.fake_now = '2099-01-01'")
@@ -138,7 +128,7 @@ def test_a_reader_reads_and_writes_nothing(logins):
             "INSERT INTO tasker_core.events (name) VALUES ('x')",
             "UPDATE tasker_core.step_state SET blocked_parents = 0",
         ]:
-            assert denied(r, sql) == "42501", sql
+            assert sqlstate_of(r, sql) == "42501", sql
     assert db.scalar("SELECT count(*) FROM tasker_workflow_steps WHERE processed") == 0
 
 
@@ -149,9 +139,9 @@ def test_an_admin_manages_templates_and_tasks_but_claims_nothing(logins):
         task = a.execute("SELECT tasker_core.create_task('roles', 'roles_flow', NULL, '{}')").fetchone()[0]
         assert a.execute("SELECT tasker_core.cancel_task(%s)", (task,)).fetchone()[0] == 2
         assert a.execute("SELECT count(*) FROM tasker_core.get_step_readiness_status(1)").fetchone()[0] == 2
-        assert denied(a, "SELECT * FROM tasker_core.claim_steps('a')") == "42501"
-        assert denied(a, "DELETE FROM tasker_tasks") == "42501"
-        assert denied(a, "SELECT tasker_core.enable_tracking()") == "42501"
+        assert sqlstate_of(a, "SELECT * FROM tasker_core.claim_steps('a')") == "42501"
+        assert sqlstate_of(a, "DELETE FROM tasker_tasks") == "42501"
+        assert sqlstate_of(a, "SELECT tasker_core.enable_tracking()") == "42501"
 
 
 def test_a_role_without_a_tasker_role_gets_nothing(logins):
@@ -160,7 +150,7 @@ def test_a_role_without_a_tasker_role_gets_nothing(logins):
         for sql in ["SELECT * FROM tasker_core.claim_steps('n')", "SELECT tasker_core.metrics()",
                     "SELECT * FROM tasker_core.get_step_readiness_status(1)",
                     "SELECT * FROM tasker_core.events_after(NULL)"]:
-            assert denied(n, sql) == "42501", sql
+            assert sqlstate_of(n, sql) == "42501", sql
 
 
 def test_an_application_role_writing_the_tables_keeps_the_maintained_state(logins):
@@ -168,7 +158,7 @@ def test_an_application_role_writing_the_tables_keeps_the_maintained_state(login
     no privilege on tasker_core's tables, still keeps tasker_core.step_state right."""
     db, login = logins
     with login("writer") as app:
-        assert denied(app, "SELECT * FROM tasker_core.step_state") == "42501"
+        assert sqlstate_of(app, "SELECT * FROM tasker_core.step_state") == "42501"
         app.execute("UPDATE tasker_workflow_steps SET retry_limit = 7")
         step = app.execute("SELECT workflow_step_id FROM tasker_workflow_steps ORDER BY 1 LIMIT 1").fetchone()[0]
         app.execute("UPDATE tasker_workflow_step_transitions SET most_recent = false WHERE workflow_step_id = %s", (step,))
@@ -192,7 +182,7 @@ def test_names_can_not_inject_sql(logins, evil):
         template = {"name": evil, "namespace_name": evil, "version": "1.0.0",
                     "step_templates": [{"name": evil, "handler_class": evil},
                                        {"name": "next", "handler_class": "N", "depends_on_step": evil}]}
-        state = denied(a, "SELECT tasker_core.register_task_template(%s::jsonb)", (json.dumps(template),))
+        state = sqlstate_of(a, "SELECT tasker_core.register_task_template(%s::jsonb)", (json.dumps(template),))
         if state is None:   # accepted: stored literally
             task = a.execute("SELECT tasker_core.create_task(%s, %s, NULL, '{}')", (evil, evil)).fetchone()[0]
             dot = a.execute("SELECT tasker_core.task_graph_dot(%s)", (task,)).fetchone()[0]
@@ -202,11 +192,11 @@ def test_names_can_not_inject_sql(logins, evil):
             assert state.startswith("TK02") or state in ("22023", "42602"), state
     with login("worker") as w:
         assert w.execute("SELECT count(*) FROM tasker_core.claim_steps('w', ARRAY[%s])", (evil,)).fetchone()[0] in (0, 1)
-        assert denied(w, "SELECT tasker_core.subscribe(%s)", (evil,)) == "42602"
-        assert denied(w, "SELECT * FROM tasker_core.poll(%s)", (evil,)) == "42602"
-        assert denied(w, "SELECT tasker_core.subscribe('ok', ARRAY[%s])", (evil,)) == "22023"
+        assert sqlstate_of(w, "SELECT tasker_core.subscribe(%s)", (evil,)) == "42602"
+        assert sqlstate_of(w, "SELECT * FROM tasker_core.poll(%s)", (evil,)) == "42602"
+        assert sqlstate_of(w, "SELECT tasker_core.subscribe('ok', ARRAY[%s])", (evil,)) == "22023"
     with db.connect() as su:
         su.execute("SELECT set_config('tasker_core.data_schema', %s, false)", (evil,))
-        assert denied(su, "SELECT * FROM tasker_core.claim_steps('w')") in ("22023", "3F000", "42602", "TK010")
+        assert sqlstate_of(su, "SELECT * FROM tasker_core.claim_steps('w')") in ("22023", "3F000", "42602", "TK010")
     assert db.scalar("SELECT to_regclass('public.tasker_tasks') IS NOT NULL")
     assert db.scalar("SELECT count(*) FROM tasker_tasks") >= 1

@@ -12,7 +12,7 @@ import re
 import psycopg
 import pytest
 
-from conftest import ROOT, create_database, drop_database
+from conftest import ROOT, create_database, drop_database, sqlstate_of
 
 SAMPLE = (ROOT / "demo" / "sample_workflow.sql").read_text()
 STATES = ("pending", "in_progress", "complete", "error", "cancelled", "resolved_manually")
@@ -123,15 +123,6 @@ def max_event_id(conn):
 def call(conn, k, owner, to_state, metadata="{}", expected_from=None):
     return conn.execute(f"SELECT {k.fn}(%s, %s, %s::jsonb, %s)",
                         (owner, to_state, metadata, expected_from)).fetchone()[0]
-
-
-def sqlstate_of(conn, sql, params=None):
-    """The SQLSTATE the statement raises (None when it succeeds)."""
-    try:
-        conn.execute(sql, params)
-    except psycopg.Error as e:
-        return e.sqlstate
-    return None
 
 
 def listed_ids(err):
