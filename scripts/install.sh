@@ -24,4 +24,9 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 step "building and installing tasker_core ($profile) into $("$PG_CONFIG" --version)"
 cargo pgrx install --pg-config "$PG_CONFIG" "${args[@]}" || die "cargo pgrx install failed"
+# Earlier versions' install scripts, so `CREATE EXTENSION tasker_core VERSION '0.1.0'` and then
+# `ALTER EXTENSION tasker_core UPDATE` work (cargo pgrx install copies the upgrade scripts).
+for f in sql/releases/tasker_core--*.sql; do
+    as_root install -m 644 "$f" "$("$PG_CONFIG" --sharedir)/extension/"
+done
 echo "$sources $profile $(sha256sum "$lib" | cut -c1-64)" > "$stamp"

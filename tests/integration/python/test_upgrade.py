@@ -1,0 +1,100 @@
+"""Upgrades: install the previous version (0.1.0), load data and run part of a workload, then
+ALTER EXTENSION tasker_core UPDATE; the catalog must equal a fresh install of the new version,
+and the workload must finish on the upgraded database."""
+import json
+
+import pytest
+
+from conftest import create_database, drop_database
+
+TEMPLATE = {"name": "up", "namespace_name": "upgrade", "version": "1.0.0",
+            "step_templates": [{"name": "a", "handler_class": "A"},
+                               {"name": "b", "handler_class": "B", "depends_on_step": "a"}]}
+
+# Everything the extension defines, without oids: functions (with their security, settings,
+# privileges and bodies), relations and columns, indexes, constraints, membership.
+CATALOG = {
+    "functions": """
+        SELECT p.proname, pg_get_function_identity_arguments(p.oid), pg_get_function_result(p.oid),
+               l.lanname, p.prosecdef, p.proconfig::text, p.provolatile, p.proisstrict, p.proparallel,
+               p.proacl::text, CASE WHEN l.lanname = 'c' THEN p.prosrc ELSE md5(p.prosrc) END
+        FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+        WHERE p.pronamespace = 'tasker_core'::regnamespace ORDER BY 1, 2""",
+    "columns": """
+        SELECT c.relname, c.relkind, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+               pg_get_expr(d.adbin, d.adrelid), c.relacl::text
+        FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+        LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+        WHERE c.relnamespace = 'tasker_core'::regnamespace ORDER BY 1, 3""",
+    "indexes": """
+        SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index
+        WHERE indrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'tasker_core'::regnamespace)
+        ORDER BY 1""",
+    "constraints": """
+        SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint
+        WHERE connamespace = 'tasker_core'::regnamespace ORDER BY 1, 2""",
+    "members": """
+        SELECT classid::regclass::text, count(*) FROM pg_depend
+        WHERE refobjid = (SELECT oid FROM pg_extension WHERE extname = 'tasker_core') AND deptype = 'e'
+        GROUP BY 1 ORDER BY 1""",
+    "schema": "SELECT nspacl::text FROM pg_namespace WHERE nspname = 'tasker_core'",
+}
+
+
+def catalog(db):
+    with db.connect() as conn:
+        return {k: conn.execute(q).fetchall() for k, q in CATALOG.items()}
+
+
+def versions(db):
+    return [r[0] for r in db.execute(
+        "SELECT version FROM pg_available_extension_versions WHERE name = 'tasker_core' ORDER BY 1")]
+
+
+@pytest.fixture
+def old_and_new():
+    old = create_database("up_old", extension=False)
+    new = create_database("up_new")
+    yield old, new
+    drop_database(old)
+    drop_database(new)
+
+
+def test_update_from_the_previous_version_equals_a_fresh_install(old_and_new):
+    old, new = old_and_new
+    assert {"0.1.0", "0.2.0"} <= set(versions(new)), versions(new)
+    old.execute("CREATE EXTENSION tasker_core VERSION '0.1.0'")
+    old.execute("SELECT tasker_core.install_schema()")
+    old.execute("SELECT tasker_core.enable_tracking()")
+    old.execute("SELECT tasker_core.register_task_template(%s::jsonb)", (json.dumps(TEMPLATE),))
+    old.execute("SELECT tasker_core.create_task('upgrade', 'up', NULL, jsonb_build_object('i', i)) "
+                "FROM generate_series(1, 20) i")
+    # half the workload runs on the old version; a claim is in flight across the upgrade
+    for (step,) in old.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w', NULL, 10, 60)"):
+        old.execute("SELECT tasker_core.complete_step(%s, 'w', '{}')", (step,))
+    held = old.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w', NULL, 1, 60)")[0][0]
+    events_before = old.scalar("SELECT count(*) FROM tasker_core.events")
+
+    old.execute("ALTER EXTENSION tasker_core UPDATE TO '0.2.0'")
+    assert old.scalar("SELECT extversion FROM pg_extension WHERE extname = 'tasker_core'") == "0.2.0"
+
+    new.execute("SELECT tasker_core.install_schema()")
+    new.execute("SELECT tasker_core.enable_tracking()")
+    upgraded, fresh = catalog(old), catalog(new)
+    for part in CATALOG:
+        assert upgraded[part] == fresh[part], part
+
+    # the data survived and the workload finishes on the new version
+    assert old.scalar("SELECT count(*) FROM tasker_core.events") >= events_before
+    old.execute("SELECT tasker_core.complete_step(%s, 'w', '{}')", (held,))
+    while True:
+        rows = old.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w', NULL, 10, 60)")
+        if not rows:
+            break
+        for (step,) in rows:
+            old.execute("SELECT tasker_core.complete_step(%s, 'w', '{}')", (step,))
+    assert old.scalar("SELECT count(*) FROM tasker_tasks WHERE complete") == 20
+    assert old.execute("SELECT * FROM tasker_core.verify()") == []
+    assert old.execute("SELECT * FROM tasker_core.check_tracking()") == []
+    # and what 0.2.0 fixed works on the upgraded database
+    assert old.scalar("SELECT tasker_core.cancel_task(1)") == 0
