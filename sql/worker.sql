@@ -76,6 +76,10 @@ BEGIN
     IF cancel_task.task_id IS NULL THEN
         RAISE EXCEPTION 'task_id must not be null' USING ERRCODE = '22004';
     END IF;
+    -- Lock order: the task's steps, then the task — the order claims and completions take
+    -- them in (step, then task on finalizing), so an operator call never deadlocks a worker.
+    EXECUTE format('SELECT 1 FROM %I.tasker_workflow_steps WHERE task_id = $1 ORDER BY workflow_step_id
+                    FOR NO KEY UPDATE', ds) USING cancel_task.task_id;
     -- (EXECUTE does not set FOUND: the row count tells whether the task exists.)
     EXECUTE format('SELECT 1 FROM %I.tasker_tasks WHERE task_id = $1 FOR NO KEY UPDATE', ds) USING cancel_task.task_id;
     GET DIAGNOSTICS locked = ROW_COUNT;
@@ -121,6 +125,10 @@ BEGIN
     IF retry_task.task_id IS NULL THEN
         RAISE EXCEPTION 'task_id must not be null' USING ERRCODE = '22004';
     END IF;
+    -- Lock order: the task's steps, then the task — the order claims and completions take
+    -- them in (step, then task on finalizing), so an operator call never deadlocks a worker.
+    EXECUTE format('SELECT 1 FROM %I.tasker_workflow_steps WHERE task_id = $1 ORDER BY workflow_step_id
+                    FOR NO KEY UPDATE', ds) USING retry_task.task_id;
     -- (EXECUTE does not set FOUND: the row count tells whether the task exists.)
     EXECUTE format('SELECT 1 FROM %I.tasker_tasks WHERE task_id = $1 FOR NO KEY UPDATE', ds) USING retry_task.task_id;
     GET DIAGNOSTICS locked = ROW_COUNT;
