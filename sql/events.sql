@@ -41,7 +41,22 @@ CREATE TABLE tasker_core.subscriptions (
     acked_at timestamptz
 );
 
+-- The W3C trace context a task was created in (create_task's `traceparent` option): its
+-- events, transitions and claims carry it, so spans made by workers in any language join the
+-- caller's trace.
+CREATE TABLE tasker_core.task_traces (
+    task_id bigint PRIMARY KEY,
+    traceparent text NOT NULL CHECK (traceparent ~ '^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$')
+);
+
+-- The traceparent a task was created with, or NULL: for a worker's span of a claimed step.
+CREATE FUNCTION tasker_core.task_traceparent(task_id bigint) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT t.traceparent FROM tasker_core.task_traces t WHERE t.task_id = task_traceparent.task_id
+$$;
+
 SELECT pg_catalog.pg_extension_config_dump('tasker_core.events', '');
+SELECT pg_catalog.pg_extension_config_dump('tasker_core.task_traces', '');
 SELECT pg_catalog.pg_extension_config_dump('tasker_core.subscriptions', '');
 
 

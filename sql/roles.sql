@@ -24,6 +24,7 @@ BEGIN
               -- worker
               'claim_steps', 'complete_step', 'fail_step', 'heartbeat', 'release_step',
               'events_after', 'event_horizon', 'event_catalog', 'subscribe', 'poll', 'ack', 'unsubscribe',
+              'task_traceparent',
               -- reader
               'get_task_template', 'list_task_templates', 'task_graph_dot', 'metrics', 'health',
               'verify', 'check_tracking',
@@ -42,7 +43,8 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA tasker_core FROM PUBLIC;
 
 -- Creates the roles tasker_worker, tasker_reader and tasker_admin (NOLOGIN; existing ones are
 -- kept) and grants each exactly its functions:
---   tasker_worker  claim, complete, fail, heartbeat, release; read events; subscriptions
+--   tasker_worker  claim, complete, fail, heartbeat, release; read events; subscriptions;
+--                  a task's traceparent
 --   tasker_reader  the Rails compatibility functions (and SELECT on the Tasker tables of the
 --                  data schema and the maintained state they read), templates, the DAG
 --                  picture, metrics, health, verify, events
@@ -58,7 +60,7 @@ DECLARE
     t record;
     worker_fns text[] := ARRAY['claim_steps', 'complete_step', 'fail_step', 'heartbeat', 'release_step',
                                'events_after', 'event_horizon', 'event_catalog', 'subscribe', 'poll',
-                               'ack', 'unsubscribe', 'backoff_seconds'];
+                               'ack', 'unsubscribe', 'backoff_seconds', 'task_traceparent'];
     reader_fns text[] := ARRAY['get_step_readiness_status', 'get_step_readiness_status_batch',
                                'get_task_execution_context', 'get_task_execution_contexts_batch',
                                'calculate_dependency_levels', 'get_system_health_counts_v01',
@@ -67,7 +69,7 @@ DECLARE
                                '_data_schema', '_step_source',
                                'get_task_template', 'list_task_templates', 'task_graph_dot', 'metrics',
                                'health', 'verify', 'check_tracking', 'events_after', 'event_horizon',
-                               'event_catalog', 'backoff_seconds'];
+                               'event_catalog', 'backoff_seconds', 'task_traceparent'];
     admin_fns text[] := ARRAY['register_task_template', 'create_task', 'cancel_task', 'retry_task',
                               'resolve_step_manually', 'tick', 'prune_events', 'transition_step',
                               'transition_task'];

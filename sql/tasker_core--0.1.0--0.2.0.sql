@@ -4,7 +4,8 @@
 -- executable by PUBLIC, tasker_core.create_roles()); cancel_task and retry_task find their task;
 -- cancel_task and retry_task lock steps before the task (no deadlock with workers);
 -- verify() orders parents and children by transition id and accepts tasks not yet started;
--- metrics() counts never-attempted non-retryable steps as ready. Everything else changed in
+-- metrics() counts never-attempted non-retryable steps as ready; tasks carry a W3C traceparent
+-- (tasker_core.task_traces) into their events and transitions. Everything else changed in
 -- the library, which both versions load.
 \echo Use "ALTER EXTENSION tasker_core UPDATE TO '0.2.0'" to load this file. \quit
 
@@ -268,6 +269,22 @@ BEGIN
 END;
 $$;
 
+-- Trace context (W3C traceparent) for tasks.
+-- The W3C trace context a task was created in (create_task's `traceparent` option): its
+-- events, transitions and claims carry it, so spans made by workers in any language join the
+-- caller's trace.
+CREATE TABLE tasker_core.task_traces (
+    task_id bigint PRIMARY KEY,
+    traceparent text NOT NULL CHECK (traceparent ~ '^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$')
+);
+SELECT pg_catalog.pg_extension_config_dump('tasker_core.task_traces', '');
+
+-- The traceparent a task was created with, or NULL: for a worker's span of a claimed step.
+CREATE FUNCTION tasker_core.task_traceparent(task_id bigint) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT t.traceparent FROM tasker_core.task_traces t WHERE t.task_id = task_traceparent.task_id
+$$;
+
 -- Least privilege.
 --
 -- Three kinds of function, three rules:
@@ -294,6 +311,7 @@ BEGIN
               -- worker
               'claim_steps', 'complete_step', 'fail_step', 'heartbeat', 'release_step',
               'events_after', 'event_horizon', 'event_catalog', 'subscribe', 'poll', 'ack', 'unsubscribe',
+              'task_traceparent',
               -- reader
               'get_task_template', 'list_task_templates', 'task_graph_dot', 'metrics', 'health',
               'verify', 'check_tracking',
@@ -312,7 +330,8 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA tasker_core FROM PUBLIC;
 
 -- Creates the roles tasker_worker, tasker_reader and tasker_admin (NOLOGIN; existing ones are
 -- kept) and grants each exactly its functions:
---   tasker_worker  claim, complete, fail, heartbeat, release; read events; subscriptions
+--   tasker_worker  claim, complete, fail, heartbeat, release; read events; subscriptions;
+--                  a task's traceparent
 --   tasker_reader  the Rails compatibility functions (and SELECT on the Tasker tables of the
 --                  data schema and the maintained state they read), templates, the DAG
 --                  picture, metrics, health, verify, events
@@ -328,7 +347,7 @@ DECLARE
     t record;
     worker_fns text[] := ARRAY['claim_steps', 'complete_step', 'fail_step', 'heartbeat', 'release_step',
                                'events_after', 'event_horizon', 'event_catalog', 'subscribe', 'poll',
-                               'ack', 'unsubscribe', 'backoff_seconds'];
+                               'ack', 'unsubscribe', 'backoff_seconds', 'task_traceparent'];
     reader_fns text[] := ARRAY['get_step_readiness_status', 'get_step_readiness_status_batch',
                                'get_task_execution_context', 'get_task_execution_contexts_batch',
                                'calculate_dependency_levels', 'get_system_health_counts_v01',
@@ -337,7 +356,7 @@ DECLARE
                                '_data_schema', '_step_source',
                                'get_task_template', 'list_task_templates', 'task_graph_dot', 'metrics',
                                'health', 'verify', 'check_tracking', 'events_after', 'event_horizon',
-                               'event_catalog', 'backoff_seconds'];
+                               'event_catalog', 'backoff_seconds', 'task_traceparent'];
     admin_fns text[] := ARRAY['register_task_template', 'create_task', 'cancel_task', 'retry_task',
                               'resolve_step_manually', 'tick', 'prune_events', 'transition_step',
                               'transition_task'];

@@ -92,6 +92,7 @@ function toStep(row) {
     parentResults: row.parent_results ?? {},
     attempt: row.attempt,
     leaseExpiresAt: row.lease_expires_at,
+    traceparent: row.traceparent ?? null, // W3C trace context of the task, for the handler's span
   };
 }
 
@@ -300,7 +301,7 @@ class Worker extends EventEmitter {
       if (free > 0) {
         try {
           const { rows } = await this.pool.query(
-            'SELECT * FROM tasker_core.claim_steps($1, $2::text[], $3, $4)',
+            'SELECT c.*, tasker_core.task_traceparent(c.task_id) AS traceparent FROM tasker_core.claim_steps($1, $2::text[], $3, $4) c',
             [this.workerId, this.namespaces, free, this.leaseSeconds],
           );
           claimed = rows.map(toStep);

@@ -116,13 +116,14 @@ fn parse_options(raw: Option<JsonB>) -> Result<templates::TaskOptions, TaskerErr
             reason: "expected a JSON object".into(),
         });
     };
-    const KNOWN: [&str; 6] = [
+    const KNOWN: [&str; 7] = [
         "initiator",
         "source_system",
         "reason",
         "tags",
         "bypass_steps",
         "idempotency_key",
+        "traceparent",
     ];
     if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(TaskerError::InvalidArgument {
@@ -147,6 +148,17 @@ fn parse_options(raw: Option<JsonB>) -> Result<templates::TaskOptions, TaskerErr
         tags: array("tags")?,
         bypass_steps: array("bypass_steps")?,
         idempotency_key: string_option(&o, "idempotency_key", 255)?,
+        traceparent: match string_option(&o, "traceparent", 55)? {
+            Some(t) if !crate::core::ident::is_traceparent(&t) => {
+                return Err(TaskerError::InvalidArgument {
+                    argument: "options",
+                    reason: "traceparent must be a W3C trace context value like \
+                             00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                        .into(),
+                })
+            }
+            t => t,
+        },
     })
 }
 
@@ -200,7 +212,8 @@ type ClaimRow = (
 /// Claims up to `max_steps` ready steps (of `namespaces`, all when NULL) for `worker_id`,
 /// leasing each for `lease_seconds`. Concurrent claimers never get the same step. Each row has
 /// what the worker needs: ids, names, handler class and config, inputs, the results of the
-/// step's parents by name, the attempt number and the lease deadline.
+/// step's parents by name, the attempt number and the lease deadline (the task's W3C
+/// `traceparent`, if any, comes from `task_traceparent(task_id)`).
 #[allow(clippy::type_complexity)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn claim_steps(

@@ -45,6 +45,22 @@ impl SchemaName {
     }
 }
 
+/// Whether `s` is a W3C trace context `traceparent` header value: version `00`, a 32-hex trace
+/// id and a 16-hex parent id (neither all zeros), and 2-hex flags, lower case.
+pub fn is_traceparent(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    let hex = |p: &str, n: usize| {
+        p.len() == n && p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1].bytes().any(|b| b != b'0')
+        && parts[2].bytes().any(|b| b != b'0')
+}
+
 /// Quotes an identifier the way `quote_ident` does when quoting is needed (always, here).
 pub fn quote_ident(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);

@@ -48,15 +48,31 @@ pub fn emit(client: &SpiClient<'_>, event: &NewEvent<'_>) -> SpiResult<Option<Re
     if !super::settings::EVENT_LOG.get() {
         return Ok(None);
     }
+    let traced = traces_installed();
     let recorded = with_write_plan(
         client,
-        "emit_event",
+        if traced {
+            "emit_event_traced"
+        } else {
+            "emit_event"
+        },
         "",
         &[TEXT, INT8, INT8, TEXT, TEXT, JSONB],
         || {
-            "INSERT INTO tasker_core.events (name, task_id, step_id, from_state, to_state, payload) \
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, xid::text"
-                .to_owned()
+            if traced {
+                // an event of a traced task carries its traceparent
+                "INSERT INTO tasker_core.events (name, task_id, step_id, from_state, to_state, payload) \
+                 SELECT $1, $2, $3, $4, $5, \
+                        CASE WHEN tt.traceparent IS NULL THEN $6 \
+                             ELSE $6 || jsonb_build_object('traceparent', tt.traceparent) END \
+                 FROM (SELECT) AS one LEFT JOIN tasker_core.task_traces tt ON tt.task_id = $2 \
+                 RETURNING id, xid::text"
+                    .to_owned()
+            } else {
+                "INSERT INTO tasker_core.events (name, task_id, step_id, from_state, to_state, payload) \
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, xid::text"
+                    .to_owned()
+            }
         },
         |stmt| {
             let row = client
@@ -83,6 +99,18 @@ pub fn emit(client: &SpiClient<'_>, event: &NewEvent<'_>) -> SpiResult<Option<Re
     )?;
     notify_once(client, event, &recorded)?;
     Ok(Some(recorded))
+}
+
+/// Whether `tasker_core.task_traces` exists. The library of a new version runs against the SQL
+/// objects of the previous one until `ALTER EXTENSION tasker_core UPDATE`: until then it
+/// neither reads nor records trace context (two catalog cache lookups per call).
+pub fn traces_installed() -> bool {
+    // SAFETY: catalog cache lookups by name; missing_ok, so no error is raised.
+    unsafe {
+        let ns = pg_sys::get_namespace_oid(c"tasker_core".as_ptr(), true);
+        ns != pg_sys::InvalidOid
+            && pg_sys::get_relname_relid(c"task_traces".as_ptr(), ns) != pg_sys::InvalidOid
+    }
 }
 
 /// Sends the wake-up for the first event of the current transaction only: listeners read the

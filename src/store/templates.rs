@@ -330,6 +330,8 @@ pub struct TaskOptions {
     pub tags: Value,
     pub bypass_steps: Value,
     pub idempotency_key: Option<String>,
+    /// W3C `traceparent` of the caller's trace: carried by the task's events, transitions and claims.
+    pub traceparent: Option<String>,
 }
 
 /// Creates a task from a template: the task, its steps and edges, in one statement per table.
@@ -429,6 +431,31 @@ pub fn create_task(
             })?;
             return Ok((existing, false));
         };
+        if let Some(traceparent) = &options.traceparent {
+            if !super::events::traces_installed() {
+                return Err(TaskerError::InvalidArgument {
+                    argument: "options",
+                    reason: "traceparent needs the SQL of this version: run ALTER EXTENSION tasker_core UPDATE"
+                        .into(),
+                });
+            }
+            // first, so that every event and transition of the task carries it
+            with_write_plan(
+                client,
+                "create_task_trace",
+                "",
+                &[INT8, TEXT],
+                || {
+                    "INSERT INTO tasker_core.task_traces (task_id, traceparent) VALUES ($1, $2)"
+                        .to_owned()
+                },
+                |stmt| {
+                    client.select(stmt, None, &[task_id.into(), traceparent.as_str().into()])?;
+                    Ok(())
+                },
+            )
+            .map_err(spi)?;
+        }
         let names: Vec<String> = t.steps.iter().map(|s| s.name.clone()).collect();
         let systems: Vec<String> = t.steps.iter().map(|s| s.dependent_system.clone()).collect();
         let retryable: Vec<bool> = t.steps.iter().map(|s| s.default_retryable).collect();

@@ -226,9 +226,12 @@ fn insert(
 ) -> SpiResult<Option<i64>> {
     let t = tables(entity);
     let q = schema.quoted();
-    let key = match entity {
-        Entity::Task => "insert_task_transition",
-        Entity::Step => "insert_step_transition",
+    let traced = super::events::traces_installed();
+    let key = match (entity, traced) {
+        (Entity::Task, true) => "insert_task_transition_traced",
+        (Entity::Step, true) => "insert_step_transition_traced",
+        (Entity::Task, false) => "insert_task_transition",
+        (Entity::Step, false) => "insert_step_transition",
     };
     with_write_plan(
         client,
@@ -236,9 +239,25 @@ fn insert(
         schema.as_str(),
         &[INT8, TEXT, TEXT, JSONB, INT4],
         || {
+            // the transition of a traced task carries its traceparent in its metadata
+            let task = match entity {
+                Entity::Task => "$1".to_owned(),
+                Entity::Step => {
+                    format!("(SELECT ws.task_id FROM {q}.tasker_workflow_steps ws WHERE ws.workflow_step_id = $1)")
+                }
+            };
+            let metadata = if traced {
+                format!(
+                    "$4 || COALESCE((SELECT jsonb_build_object('traceparent', tt.traceparent) \
+                                     FROM tasker_core.task_traces tt WHERE tt.task_id = {task}), '{{}}')"
+                )
+            } else {
+                "$4".to_owned()
+            };
             format!(
                 "INSERT INTO {q}.{tr} (to_state, from_state, metadata, sort_key, most_recent, {k}, created_at, updated_at) \
-                 VALUES ($2, $3, $4, $5, true, $1, (tasker_core.now() AT TIME ZONE 'UTC'), (tasker_core.now() AT TIME ZONE 'UTC')) \
+                 VALUES ($2, $3, {metadata}, \
+                         $5, true, $1, (tasker_core.now() AT TIME ZONE 'UTC'), (tasker_core.now() AT TIME ZONE 'UTC')) \
                  ON CONFLICT DO NOTHING RETURNING id",
                 tr = t.transitions,
                 k = t.owner_key

@@ -36,7 +36,7 @@ TRACEBACK_CHARS = 2000
 
 CLAIM_SQL = """
 SELECT task_id, workflow_step_id, step_name, namespace, task_name, handler_class,
-       handler_config, inputs, parent_results, attempt
+       handler_config, inputs, parent_results, attempt, tasker_core.task_traceparent(task_id)
 FROM tasker_core.claim_steps(%s, %s::text[], %s, %s)"""
 
 
@@ -66,6 +66,7 @@ class Step:
     inputs: Dict[str, Any]
     parent_results: Dict[str, Any]
     attempt: int
+    traceparent: Optional[str] = None  # W3C trace context of the task, for the handler's span
 
 
 @dataclass
@@ -201,7 +202,7 @@ class Worker:
         for r in rows:
             step = Step(task_id=r[0], step_id=r[1], name=r[2], namespace=r[3], task_name=r[4],
                         handler_class=r[5], config=r[6] or {}, inputs=r[7] or {},
-                        parent_results=r[8] or {}, attempt=r[9])
+                        parent_results=r[8] or {}, attempt=r[9], traceparent=r[10])
             ex = _Execution(step)
             with self._cv:
                 self._inflight[step.step_id] = ex

@@ -7,7 +7,7 @@ const worker = new Worker({ workerId: NAME, namespaces: ['e2e'], batchSize: 4, l
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const work = async (step) => {
   await sleep(10 + Math.random() * 30);
-  return { by: NAME, step: step.name, n: step.inputs.n };
+  return { by: NAME, step: step.name, n: step.inputs.n, tp: step.traceparent };
 };
 
 worker.register('E2E::Work', work);

@@ -18,7 +18,7 @@ worker = Worker(worker_id=NAME, namespaces=["e2e"], batch_size=4, lease_seconds=
 
 def work(step):
     time.sleep(0.3 if SLOW else random.uniform(0.01, 0.04))
-    return {"by": NAME, "step": step.name, "n": step.inputs["n"]}
+    return {"by": NAME, "step": step.name, "n": step.inputs["n"], "tp": step.traceparent}
 
 
 @worker.handler("E2E::Work")

@@ -12,7 +12,7 @@ module E2E
   class Work < TaskerCore::StepHandler
     def call(step)
       sleep(0.01 + rand * 0.03)
-      { "by" => NAME, "step" => step.name, "n" => step.inputs["n"] }
+      { "by" => NAME, "step" => step.name, "n" => step.inputs["n"], "tp" => step.traceparent }
     end
   end
 

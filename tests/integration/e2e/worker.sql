@@ -25,7 +25,8 @@ BEGIN
         FOR s IN SELECT * FROM jsonb_array_elements(claimed) LOOP
             step := (s ->> 'workflow_step_id')::bigint;
             PERFORM pg_sleep(0.01 + random() * 0.03);
-            done := jsonb_build_object('by', me, 'step', s ->> 'step_name', 'n', s -> 'inputs' -> 'n');
+            done := jsonb_build_object('by', me, 'step', s ->> 'step_name', 'n', s -> 'inputs' -> 'n',
+                                       'tp', tasker_core.task_traceparent((s ->> 'task_id')::bigint));
             BEGIN
             IF s ->> 'handler_class' = 'E2E::Flaky' AND (s ->> 'attempt')::int = 1 THEN
                 PERFORM tasker_core.fail_step(step, me, '{"message": "flaky on its first attempt"}', true, 1);

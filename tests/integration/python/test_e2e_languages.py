@@ -42,6 +42,10 @@ def doomed(n):
     return n % 10 == 0
 
 
+def trace(n):
+    return f"00-{n:032x}-{n:016x}-01"
+
+
 class Listener(threading.Thread):
     """Reads the subscription 'e2e' from the durable log, woken by NOTIFY, acking each batch."""
 
@@ -113,8 +117,11 @@ def test_four_languages_run_200_tasks_together_and_survive_a_sigkill(e2e_db):
     procs = start_workers(db.name)
     try:
         with db.connect() as conn:
+            # every task in a trace of its own (W3C traceparent): workers must pass it on
             conn.execute("""SELECT tasker_core.create_task('e2e', 'mixed', NULL,
-                                   jsonb_build_object('n', n, 'doomed', n %% 10 = 0))
+                                   jsonb_build_object('n', n, 'doomed', n %% 10 = 0),
+                                   jsonb_build_object('traceparent', format('00-%%s-%%s-01',
+                                       lpad(to_hex(n), 32, '0'), lpad(to_hex(n), 16, '0'))))
                             FROM generate_series(1, %s) n""", (TASKS,))
             # Kill the (slow) Python worker once the run is well under way and it holds steps.
             wait_until(lambda: conn.execute("SELECT count(*) FROM tasker_tasks WHERE complete").fetchone()[0] >= 40
@@ -165,6 +172,7 @@ def test_four_languages_run_200_tasks_together_and_survive_a_sigkill(e2e_db):
             else:
                 assert state == "complete", (n, name, state)
                 assert results["step"] == name and results["n"] == n and results["by"] in WORKERS, results
+                assert results["tp"] == trace(n), results   # each language handed the trace on
             if name == "join" and not doomed(n):
                 assert results["parents"] == ["a", "b", "c"], results
 
@@ -227,6 +235,9 @@ def test_four_languages_run_200_tasks_together_and_survive_a_sigkill(e2e_db):
         seen = listener.events
         cursors = [tuple(int(x) for x in e[0].split("/")) for e in seen]
         assert cursors == sorted(cursors) and len(set(cursors)) == len(cursors)
+        task_n = {tid: n for n, (tid, _) in tasks.items()}
+        untraced = [e for e in seen if e[3] is not None and e[7].get("traceparent") != trace(task_n[e[3]])]
+        assert not untraced, untraced[:3]
         logged = {r[0] for r in q("SELECT id FROM tasker_core.events")}
         assert {e[1] for e in seen} == logged and len(seen) == len(logged)
         # each step's transition events are in the order of its transitions

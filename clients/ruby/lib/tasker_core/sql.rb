@@ -49,7 +49,8 @@ module TaskerCore
     end
 
     def claim_steps(worker_id, namespaces: nil, max_steps: 1, lease_seconds: 60)
-      rows("SELECT * FROM tasker_core.claim_steps($1, $2::text[], $3, $4)",
+      rows("SELECT c.*, tasker_core.task_traceparent(c.task_id) AS traceparent " \
+           "FROM tasker_core.claim_steps($1, $2::text[], $3, $4) c",
            [worker_id, array(namespaces), max_steps, lease_seconds]).map { |r| Step.from_row(r) }
     end
 
