@@ -45,6 +45,7 @@ fn transition(
             })
         }
     };
+    store::settings::check_payload("bytes of metadata", &metadata.0)?;
     let schema = store::settings::data_schema()?;
     store::transitions::transition(&schema, entity, id, to, &metadata, expected)
 }

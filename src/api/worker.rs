@@ -178,6 +178,7 @@ fn create_task(
         let ns = required(namespace, "namespace")?;
         let name = required(name, "name")?;
         let context = required(context, "context")?.0;
+        store::settings::check_payload("bytes of context", &context)?;
         if !context.is_object() {
             return Err(TaskerError::InvalidArgument {
                 argument: "context",
@@ -285,6 +286,7 @@ fn complete_step(
         let results = results
             .map(|j| j.0)
             .unwrap_or(Value::Object(Default::default()));
+        store::settings::check_payload("bytes of results", &results)?;
         worker::complete(&store::settings::data_schema()?, step, &w, &results).map(|_| true)
     })()
     .or_raise()
@@ -306,6 +308,7 @@ fn fail_step(
         let step = required(step_id, "step_id")?;
         let w = self::worker_id(worker_id)?;
         let error = error.map(|j| j.0).unwrap_or(Value::Null);
+        store::settings::check_payload("bytes of error", &error)?;
         let retryable = retryable.unwrap_or(true);
         if let Some(r) = retry_after_seconds {
             bounded("retry_after_seconds", r, 0, i32::MAX)?;
@@ -373,6 +376,7 @@ fn resolve_step_manually(step_id: Option<i64>, results: default!(Option<JsonB>, 
         let results = results
             .map(|j| j.0)
             .unwrap_or(Value::Object(Default::default()));
+        store::settings::check_payload("bytes of results", &results)?;
         worker::resolve_manually(&store::settings::data_schema()?, step, &results)
     })()
     .or_raise()

@@ -24,6 +24,10 @@ pub static BACKOFF_JITTER: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// the attempt, so tests and replays are deterministic (default 0: varies).
 pub static JITTER_SEED: GucSetting<i32> = GucSetting::<i32>::new(0);
 
+/// `tasker_core.max_payload_bytes`: largest JSON a caller may hand in as results, an error,
+/// a task context or transition metadata (serialized size).
+pub static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024 * 1024);
+
 /// `tasker_core.max_template_steps`: most steps a template may declare.
 pub static MAX_TEMPLATE_STEPS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
@@ -100,6 +104,16 @@ pub fn register_gucs() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"tasker_core.max_payload_bytes",
+        c"Largest JSON payload (results, errors, contexts, metadata) a call accepts, in bytes.",
+        c"Larger payloads are refused with SQLSTATE 54000.",
+        &MAX_PAYLOAD_BYTES,
+        1024,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"tasker_core.notify",
         c"Send NOTIFY wake-ups on channel tasker_events when events are recorded.",
@@ -138,6 +152,20 @@ pub fn register_gucs() {
 /// transaction time (tests and replays). Superuser-only, like every setting that changes what
 /// the SECURITY DEFINER functions do: a worker may not move the clock past its backoff.
 pub static FAKE_NOW: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// Refuses a JSON payload larger than `tasker_core.max_payload_bytes` (54000).
+pub fn check_payload(what: &'static str, v: &serde_json::Value) -> Result<(), TaskerError> {
+    let limit = MAX_PAYLOAD_BYTES.get();
+    let size = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX);
+    if size > limit as usize {
+        return Err(TaskerError::LimitExceeded {
+            what,
+            limit: limit as i64,
+            actual: size.min(i64::MAX as usize) as i64,
+        });
+    }
+    Ok(())
+}
 
 /// The configured data schema, validated.
 pub fn data_schema() -> Result<SchemaName, TaskerError> {

@@ -170,3 +170,26 @@ def test_drop_extension_while_workers_run(hdb):
     assert set(errors) <= {"42883", "3F000", "42P01", "TK011", "TK010", "40P01", "0A000"}, set(errors)
     assert canary.execute("SELECT 1").fetchone()[0] == 1
     canary.close()
+
+
+def test_oversized_payloads_are_refused_with_54000(hdb):
+    with hdb.connect() as conn:
+        step = conn.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w')").fetchone()[0]
+        conn.execute("SET tasker_core.max_payload_bytes = 2048")
+        before = snapshot(conn)
+        big = json.dumps({"blob": "x" * 4096})
+        for sql, args in [
+            ("SELECT tasker_core.complete_step(%s, 'w', %s::jsonb)", (step, big)),
+            ("SELECT tasker_core.fail_step(%s, 'w', %s::jsonb)", (step, big)),
+            ("SELECT tasker_core.resolve_step_manually(%s, %s::jsonb)", (step, big)),
+            ("SELECT tasker_core.create_task('hostile', 'h', NULL, %s::jsonb)", (big,)),
+            ("SELECT tasker_core.transition_task(1, 'pending', %s::jsonb)", (big,)),
+        ]:
+            with pytest.raises(psycopg.Error) as err:
+                conn.execute(sql, args)
+            assert err.value.sqlstate == "54000" and "2048" in str(err.value), (sql, str(err.value))
+        assert snapshot(conn) == before
+        # under the limit it goes through
+        assert conn.execute("SELECT tasker_core.complete_step(%s, 'w', %s::jsonb)",
+                            (step, json.dumps({"blob": "x" * 100}))).fetchone()[0]
+

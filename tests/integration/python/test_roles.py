@@ -100,7 +100,8 @@ def test_settings_that_change_the_definer_functions_are_superuser_only(logins):
         w.execute("SELECT tasker_core.backoff_seconds(1)")   # the library is loaded
         for setting, value in [("tasker_core.fake_now", "2099-01-01"), ("tasker_core.data_schema", "mine"),
                                ("tasker_core.event_log", "off"), ("tasker_core.notify", "off"),
-                               ("tasker_core.max_template_steps", "1000000")]:
+                               ("tasker_core.max_template_steps", "1000000"),
+                               ("tasker_core.max_payload_bytes", "100000000")]:
             assert sqlstate_of(w, f"SET {setting} = '{value}'") == "42501", setting
     # set before the library is loaded, a superuser-only value is dropped when it loads
     with login("worker") as w:
