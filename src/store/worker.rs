@@ -230,9 +230,12 @@ pub fn claim(
                          ORDER BY s.workflow_step_id
                          -- more than asked for: concurrent claimers hold some of the first ones
                          LIMIT $1 + 32)
-                     SELECT ws.workflow_step_id, c.task_id, c.state
-                     FROM c JOIN {q}.tasker_workflow_steps ws ON ws.workflow_step_id = c.workflow_step_id
-                     ORDER BY c.workflow_step_id
+                     -- the candidates by id (an index probe each): a join here let the generic
+                     -- plan merge-join the whole step table to reach them
+                     SELECT ws.workflow_step_id, ws.task_id, NULL::text
+                     FROM {q}.tasker_workflow_steps ws
+                     WHERE ws.workflow_step_id = ANY (ARRAY(SELECT c.workflow_step_id FROM c))
+                     ORDER BY ws.workflow_step_id
                      LIMIT $1
                      FOR NO KEY UPDATE OF ws SKIP LOCKED"
                 )
