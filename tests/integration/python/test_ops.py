@@ -11,7 +11,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_all
 
 TEMPLATE = """{"name": "ops_flow", "namespace_name": "ops", "version": "1.0.0",
   "step_templates": [
@@ -27,15 +27,6 @@ def setup_db(db, tasks=3):
     db.scalar("SELECT tasker_core.register_task_template(%s::jsonb)", (TEMPLATE,))
     db.execute("SELECT tasker_core.create_task('ops', 'ops_flow', NULL, jsonb_build_object('i', i)) "
                "FROM generate_series(1, %s) i", (tasks,))
-
-
-def run_all(db, worker="w"):
-    while True:
-        rows = db.execute("SELECT workflow_step_id FROM tasker_core.claim_steps(%s, NULL, 10, 30)", (worker,))
-        if not rows:
-            return
-        for (step,) in rows:
-            db.scalar("SELECT tasker_core.complete_step(%s, %s, '{}')", (step, worker))
 
 
 def test_verify_is_empty_on_a_healthy_run_and_names_each_violation(db):

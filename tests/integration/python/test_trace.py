@@ -5,6 +5,8 @@ import json
 import psycopg
 import pytest
 
+from conftest import run_all
+
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TEMPLATE = {"name": "traced", "namespace_name": "trace", "version": "1.0.0",
             "step_templates": [{"name": "a", "handler_class": "A"},
@@ -18,15 +20,6 @@ def tdb(tasker_db):
     return tasker_db
 
 
-def run(db, worker="w"):
-    while True:
-        rows = db.execute("SELECT workflow_step_id FROM tasker_core.claim_steps(%s, NULL, 10, 30)", (worker,))
-        if not rows:
-            return
-        for (step,) in rows:
-            db.scalar("SELECT tasker_core.complete_step(%s, %s, '{}')", (step, worker))
-
-
 def test_the_traceparent_travels_with_events_and_transitions(tdb):
     traced = tdb.scalar("SELECT tasker_core.create_task('trace', 'traced', NULL, '{}', %s::jsonb)",
                         (json.dumps({"traceparent": TP}),))
@@ -36,7 +29,7 @@ def test_the_traceparent_travels_with_events_and_transitions(tdb):
     assert sorted((t, tp) for t, tp, _ in claimed) == sorted([(traced, TP), (plain, None)])
     for _, _, step in claimed:
         tdb.scalar("SELECT tasker_core.complete_step(%s, 'w', '{}')", (step,))
-    run(tdb)
+    run_all(tdb)
     assert tdb.scalar("SELECT count(*) FROM tasker_tasks WHERE complete") == 2
     events = tdb.execute("SELECT task_id, payload ->> 'traceparent' FROM tasker_core.events")
     assert {tp for t, tp in events if t == traced} == {TP}
