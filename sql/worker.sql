@@ -61,6 +61,28 @@ BEGIN
 END;
 $$;
 
+-- Locks a task for an operator call: its steps, then the task — the order claims and
+-- completions take them in (step, then task on finalizing), so an operator call never
+-- deadlocks a worker. TK004 when the task does not exist, 22004 for NULL.
+CREATE FUNCTION tasker_core._lock_task(ds name, task_id bigint) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    locked bigint;
+BEGIN
+    IF _lock_task.task_id IS NULL THEN
+        RAISE EXCEPTION 'task_id must not be null' USING ERRCODE = '22004';
+    END IF;
+    EXECUTE format('SELECT 1 FROM %I.tasker_workflow_steps WHERE task_id = $1 ORDER BY workflow_step_id
+                    FOR NO KEY UPDATE', ds) USING _lock_task.task_id;
+    -- (EXECUTE does not set FOUND: the row count tells whether the task exists.)
+    EXECUTE format('SELECT 1 FROM %I.tasker_tasks WHERE task_id = $1 FOR NO KEY UPDATE', ds) USING _lock_task.task_id;
+    GET DIAGNOSTICS locked = ROW_COUNT;
+    IF locked = 0 THEN
+        RAISE EXCEPTION 'task % not found', _lock_task.task_id USING ERRCODE = 'TK004';
+    END IF;
+END;
+$$;
+
 -- Cancels a task and, atomically, every step of it that is not finished. Returns the number
 -- of steps cancelled.
 CREATE FUNCTION tasker_core.cancel_task(task_id bigint, reason text DEFAULT NULL) RETURNS integer
@@ -70,22 +92,9 @@ DECLARE
     meta jsonb := jsonb_build_object('reason', COALESCE(reason, 'cancelled by operator'));
     st text;
     n integer := 0;
-    locked bigint;
     s record;
 BEGIN
-    IF cancel_task.task_id IS NULL THEN
-        RAISE EXCEPTION 'task_id must not be null' USING ERRCODE = '22004';
-    END IF;
-    -- Lock order: the task's steps, then the task — the order claims and completions take
-    -- them in (step, then task on finalizing), so an operator call never deadlocks a worker.
-    EXECUTE format('SELECT 1 FROM %I.tasker_workflow_steps WHERE task_id = $1 ORDER BY workflow_step_id
-                    FOR NO KEY UPDATE', ds) USING cancel_task.task_id;
-    -- (EXECUTE does not set FOUND: the row count tells whether the task exists.)
-    EXECUTE format('SELECT 1 FROM %I.tasker_tasks WHERE task_id = $1 FOR NO KEY UPDATE', ds) USING cancel_task.task_id;
-    GET DIAGNOSTICS locked = ROW_COUNT;
-    IF locked = 0 THEN
-        RAISE EXCEPTION 'task % not found', cancel_task.task_id USING ERRCODE = 'TK004';
-    END IF;
+    PERFORM tasker_core._lock_task(ds, cancel_task.task_id);
     FOR s IN SELECT x.workflow_step_id, x.state FROM tasker_core.step_state x
              WHERE x.task_id = cancel_task.task_id
                AND (x.state IS NULL OR x.state IN ('pending', 'in_progress', 'error'))
@@ -119,22 +128,9 @@ DECLARE
     meta jsonb := jsonb_build_object('reason', 'retried by operator');
     st text;
     n integer := 0;
-    locked bigint;
     s record;
 BEGIN
-    IF retry_task.task_id IS NULL THEN
-        RAISE EXCEPTION 'task_id must not be null' USING ERRCODE = '22004';
-    END IF;
-    -- Lock order: the task's steps, then the task — the order claims and completions take
-    -- them in (step, then task on finalizing), so an operator call never deadlocks a worker.
-    EXECUTE format('SELECT 1 FROM %I.tasker_workflow_steps WHERE task_id = $1 ORDER BY workflow_step_id
-                    FOR NO KEY UPDATE', ds) USING retry_task.task_id;
-    -- (EXECUTE does not set FOUND: the row count tells whether the task exists.)
-    EXECUTE format('SELECT 1 FROM %I.tasker_tasks WHERE task_id = $1 FOR NO KEY UPDATE', ds) USING retry_task.task_id;
-    GET DIAGNOSTICS locked = ROW_COUNT;
-    IF locked = 0 THEN
-        RAISE EXCEPTION 'task % not found', retry_task.task_id USING ERRCODE = 'TK004';
-    END IF;
+    PERFORM tasker_core._lock_task(ds, retry_task.task_id);
     EXECUTE format('SELECT to_state::text FROM %I.tasker_task_transitions WHERE task_id = $1 AND most_recent', ds)
         INTO st USING retry_task.task_id;
     IF st IN ('complete', 'cancelled', 'resolved_manually') THEN

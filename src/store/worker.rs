@@ -547,30 +547,10 @@ pub fn complete(
     worker_id: &str,
     results: &Value,
 ) -> Result<(), TaskerError> {
-    let q = schema.quoted();
     Spi::connect_mut(|client| {
         require_tracked(client, schema)?;
         let (task_id, _) = check_lease(client, step_id, worker_id)?;
-        with_write_plan(
-            client,
-            "complete_step",
-            schema.as_str(),
-            &[INT8, JSONB],
-            || {
-                format!(
-                    "WITH gone AS (DELETE FROM tasker_core.step_claims WHERE workflow_step_id = $1)
-                     UPDATE {q}.tasker_workflow_steps
-                        SET results = $2, processed = true, processed_at = {NOW}, in_process = false,
-                            updated_at = {NOW}
-                      WHERE workflow_step_id = $1"
-                )
-            },
-            |stmt| {
-                client.select(stmt, None, &[step_id.into(), JsonB(results.clone()).into()])?;
-                Ok(())
-            },
-        )
-        .map_err(spi)?;
+        record_results(client, schema, step_id, results)?;
         let meta = JsonB(json!({ "worker_id": worker_id }));
         transitions::transition(
             schema,
@@ -681,6 +661,37 @@ pub fn fail(
         finalize(client, schema, task_id)?;
         Ok(will_retry.then_some(backoff_secs))
     })
+}
+
+/// Records a step's results as its outcome (processed, no longer in process) and drops its
+/// claim: the write shared by a worker's completion and an operator's manual resolution.
+fn record_results(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    step_id: i64,
+    results: &Value,
+) -> Result<(), TaskerError> {
+    let q = schema.quoted();
+    with_write_plan(
+        client,
+        "record_results",
+        schema.as_str(),
+        &[INT8, JSONB],
+        || {
+            format!(
+                "WITH gone AS (DELETE FROM tasker_core.step_claims WHERE workflow_step_id = $1)
+                 UPDATE {q}.tasker_workflow_steps
+                    SET results = $2, processed = true, processed_at = {NOW}, in_process = false,
+                        updated_at = {NOW}
+                  WHERE workflow_step_id = $1"
+            )
+        },
+        |stmt| {
+            client.select(stmt, None, &[step_id.into(), JsonB(results.clone()).into()])?;
+            Ok(())
+        },
+    )
+    .map_err(spi)
 }
 
 /// Gives a claimed step back (a worker shutting down): `in_progress -> error` with reason
@@ -1015,26 +1026,7 @@ pub fn resolve_manually(
             &meta,
             None,
         )?;
-        with_write_plan(
-            client,
-            "resolve_record",
-            schema.as_str(),
-            &[INT8, JSONB],
-            || {
-                format!(
-                    "WITH gone AS (DELETE FROM tasker_core.step_claims WHERE workflow_step_id = $1)
-                     UPDATE {q}.tasker_workflow_steps
-                        SET results = $2, processed = true, processed_at = {NOW}, in_process = false,
-                            updated_at = {NOW}
-                      WHERE workflow_step_id = $1"
-                )
-            },
-            |stmt| {
-                client.select(stmt, None, &[step_id.into(), JsonB(results.clone()).into()])?;
-                Ok(())
-            },
-        )
-        .map_err(spi)?;
+        record_results(client, schema, step_id, results)?;
         finalize(client, schema, task_id)?;
         Ok(changed)
     })
