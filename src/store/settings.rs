@@ -155,8 +155,20 @@ pub static FAKE_NOW: GucSetting<Option<CString>> = GucSetting::<Option<CString>>
 
 /// Refuses a JSON payload larger than `tasker_core.max_payload_bytes` (54000).
 pub fn check_payload(what: &'static str, v: &serde_json::Value) -> Result<(), TaskerError> {
+    /// Counts the bytes written to it: the serialized size without a copy of the payload.
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
     let limit = MAX_PAYLOAD_BYTES.get();
-    let size = serde_json::to_vec(v).map(|b| b.len()).unwrap_or(usize::MAX);
+    let mut counter = Counter(0);
+    let size = serde_json::to_writer(&mut counter, v).map_or(usize::MAX, |_| counter.0);
     if size > limit as usize {
         return Err(TaskerError::LimitExceeded {
             what,
