@@ -1,7 +1,7 @@
 # tasker_core — the two set-up commands are `make demo` and `make test`.
 # Both install whatever is missing first (Debian packages, cargo-pgrx, pgrx init, test clients).
 
-.PHONY: demo test bench prereqs install test-core test-pg test-integration cluster-start cluster-stop fmt lint clean-cluster
+.PHONY: demo test bench prereqs install test-core test-fuzz test-pg test-integration cluster-start cluster-stop fmt lint clean-cluster
 
 demo:
 	@scripts/demo.sh
@@ -20,6 +20,9 @@ install: prereqs
 
 test-core: prereqs
 	@scripts/test.sh core
+
+test-fuzz: prereqs
+	@scripts/test.sh fuzz
 
 test-pg: prereqs
 	@scripts/test.sh pg

@@ -3,6 +3,7 @@
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PGRX_VERSION=0.18.0
+CARGO_FUZZ_VERSION=0.13.2
 PG_MAJOR=15
 
 step() { printf '\n\033[1;34m==> %s\033[0m\n' "$*"; }

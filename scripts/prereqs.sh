@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything tasker_core needs to build, demo and test, skipping what is present:
-# Debian packages, cargo-pgrx (pinned), the pgrx registration of the system PostgreSQL,
+# Debian packages, cargo-pgrx and cargo-fuzz (pinned), the pgrx registration of the system PostgreSQL,
 # and the Python/Node client libraries used by the integration tests (under target/).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -28,6 +28,13 @@ if cargo pgrx --version 2>/dev/null | grep -qx "cargo-pgrx $PGRX_VERSION"; then
 else
     step "installing cargo-pgrx $PGRX_VERSION (a few minutes, once)"
     cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
+fi
+
+if cargo fuzz --version 2>/dev/null | grep -q "^cargo-fuzz $CARGO_FUZZ_VERSION"; then
+    note "cargo-fuzz $CARGO_FUZZ_VERSION present"
+else
+    step "installing cargo-fuzz $CARGO_FUZZ_VERSION (the fuzz suite of make test)"
+    cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
 fi
 
 PG_CONFIG="$(command -v pg_config)"

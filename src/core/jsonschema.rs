@@ -178,7 +178,7 @@ fn validate_at(schema: &Value, v: &Value, at: &str, errors: &mut Vec<String>, li
         }
     }
     if let Some(Value::Array(options)) = obj.get("enum") {
-        if !options.contains(v) {
+        if !options.iter().any(|o| same(o, v)) {
             push(
                 errors,
                 limit,
@@ -188,7 +188,7 @@ fn validate_at(schema: &Value, v: &Value, at: &str, errors: &mut Vec<String>, li
         }
     }
     if let Some(c) = obj.get("const") {
-        if c != v {
+        if !same(c, v) {
             push(errors, limit, at, format!("must be {c}"));
         }
     }
@@ -253,7 +253,7 @@ fn validate_at(schema: &Value, v: &Value, at: &str, errors: &mut Vec<String>, li
         }
         if obj.get("uniqueItems") == Some(&Value::Bool(true)) {
             for (i, a) in items.iter().enumerate() {
-                if items[..i].contains(a) {
+                if items[..i].iter().any(|b| same(a, b)) {
                     push(errors, limit, at, "items must be unique".to_owned());
                     break;
                 }
@@ -319,22 +319,55 @@ fn validate_at(schema: &Value, v: &Value, at: &str, errors: &mut Vec<String>, li
     }
     if let Some(Value::Array(any)) = obj.get("anyOf") {
         if !any.iter().any(|s| validate(s, v, 1).is_empty()) {
-            errors.push(format!("{}: does not match any schema of anyOf", path(at)));
+            push(
+                errors,
+                limit,
+                at,
+                "does not match any schema of anyOf".to_owned(),
+            );
         }
     }
     if let Some(Value::Array(one)) = obj.get("oneOf") {
         let matching = one.iter().filter(|s| validate(s, v, 1).is_empty()).count();
         if matching != 1 {
-            errors.push(format!(
-                "{}: matches {matching} schemas of oneOf, expected exactly 1",
-                path(at)
-            ));
+            push(
+                errors,
+                limit,
+                at,
+                format!("matches {matching} schemas of oneOf, expected exactly 1"),
+            );
         }
     }
     if let Some(not) = obj.get("not") {
         if validate(not, v, 1).is_empty() {
-            errors.push(format!("{}: must not match the schema of not", path(at)));
+            push(
+                errors,
+                limit,
+                at,
+                "must not match the schema of not".to_owned(),
+            );
         }
+    }
+}
+
+/// JSON Schema equality (`enum`, `const`, `uniqueItems`): numbers are equal when their values
+/// are, so `2.0` (as jsonb keeps it) equals `2`; arrays and objects compare member by member.
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            match (x.as_i64(), y.as_i64(), x.as_u64(), y.as_u64()) {
+                (Some(x), Some(y), _, _) => x == y,
+                (_, _, Some(x), Some(y)) => x == y,
+                _ => x.as_f64() == y.as_f64(),
+            }
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same(x, y))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+        }
+        _ => a == b,
     }
 }
 
@@ -413,5 +446,30 @@ mod tests {
         let s = json!({"oneOf": [{"minimum": 0}, {"maximum": 10}]});
         assert_eq!(validate(&s, &json!(5), 5).len(), 1);
         assert!(validate(&json!({"not": {"type": "null"}}), &json!(null), 5).len() == 1);
+    }
+
+    #[test]
+    fn combinators_respect_the_error_limit() {
+        // found by the context_validate fuzz target: oneOf added an error over the limit
+        let s = json!({"oneOf": [{"enum": [1, 2, 3]}, {"not": {"type": "integer"}}], "minimum": 5});
+        assert_eq!(validate(&s, &json!(2.5), 1).len(), 1);
+        let s = json!({"anyOf": [{"type": "string"}], "not": {}, "maximum": 0});
+        assert_eq!(validate(&s, &json!(3), 2).len(), 2);
+    }
+
+    #[test]
+    fn numbers_compare_by_value() {
+        // jsonb keeps 2.0 as written; JSON Schema says it equals 2
+        assert!(validate(&json!({"enum": [1, 2]}), &json!(2.0), 5).is_empty());
+        assert!(validate(&json!({"const": {"a": [0]}}), &json!({"a": [0.0]}), 5).is_empty());
+        assert_eq!(
+            validate(&json!({"uniqueItems": true}), &json!([1, 1.0]), 5).len(),
+            1
+        );
+        assert_eq!(validate(&json!({"enum": [1]}), &json!(1.5), 5).len(), 1);
+        assert_eq!(
+            validate(&json!({"const": -1}), &json!(18446744073709551615u64), 5).len(),
+            1
+        );
     }
 }
