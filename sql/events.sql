@@ -38,18 +38,20 @@ CREATE TABLE tasker_core.subscriptions (
     cursor_xid xid8 NOT NULL,
     cursor_id bigint NOT NULL,
     created_at timestamptz NOT NULL DEFAULT tasker_core.now(),
-    acked_at timestamptz
+    acked_at timestamptz,
+    -- the login that subscribed (NULL: made before 0.3.0, shared)
+    owner name
 );
 
--- The W3C trace context a task was created in (create_task's `traceparent` option): its
--- events, transitions and claims carry it, so spans made by workers in any language join the
--- caller's trace.
+-- The W3C trace context of a task: create_task's `traceparent` option, or the trace of the
+-- first worker that claimed one of its steps with a `traceparent`. Its events, transitions and
+-- claims carry it, so spans made by workers in any language join one trace.
 CREATE TABLE tasker_core.task_traces (
     task_id bigint PRIMARY KEY,
     traceparent text NOT NULL CHECK (traceparent ~ '^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$')
 );
 
--- The traceparent a task was created with, or NULL: for a worker's span of a claimed step.
+-- The traceparent of a task's trace, or NULL: for a worker's span of a claimed step.
 CREATE FUNCTION tasker_core.task_traceparent(task_id bigint) RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT t.traceparent FROM tasker_core.task_traces t WHERE t.task_id = task_traceparent.task_id
@@ -162,6 +164,26 @@ BEGIN
 END;
 $$;
 
+-- A subscription belongs to the login that made it (session_user, which SET ROLE does not
+-- change): another login may use or change it only as a superuser or a member of
+-- tasker_admin (42501). Subscriptions made before 0.3.0 have no owner and stay shared.
+CREATE FUNCTION tasker_core._check_subscription_owner(sub_name text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    owned_by name;
+BEGIN
+    SELECT s.owner INTO owned_by FROM tasker_core.subscriptions s WHERE s.name = sub_name;
+    IF owned_by IS NULL OR owned_by = session_user
+       OR (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = session_user)
+       OR (EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = 'tasker_admin')
+           AND pg_has_role(session_user, 'tasker_admin', 'MEMBER')) THEN
+        RETURN;
+    END IF;
+    RAISE EXCEPTION 'subscription "%" belongs to another login', sub_name
+        USING ERRCODE = '42501', HINT = 'each login has its own subscriptions; pick another name';
+END;
+$$;
+
 -- Registers (or updates the patterns of) a subscription. A new one starts at the current
 -- horizon: it receives every event not yet settled when it subscribed, and all later ones.
 -- Returns its position.
@@ -183,8 +205,9 @@ BEGIN
                 USING ERRCODE = '22023';
         END IF;
     END LOOP;
-    INSERT INTO tasker_core.subscriptions AS s (name, patterns, cursor_xid, cursor_id)
-    VALUES (sub_name, patterns, tasker_core._horizon_xid(), 0)
+    PERFORM tasker_core._check_subscription_owner(sub_name);
+    INSERT INTO tasker_core.subscriptions AS s (name, patterns, cursor_xid, cursor_id, owner)
+    VALUES (sub_name, patterns, tasker_core._horizon_xid(), 0, session_user)
     ON CONFLICT (name) DO UPDATE SET patterns = excluded.patterns
     RETURNING s.cursor_xid::text || '/' || s.cursor_id INTO result;
     RETURN result;
@@ -209,6 +232,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'subscription "%" not found', sub_name USING ERRCODE = 'TK004';
     END IF;
+    PERFORM tasker_core._check_subscription_owner(sub_name);
     horizon := tasker_core._horizon_xid();
     RETURN QUERY
     SELECT e.xid::text || '/' || e.id, e.id, e.name, e.task_id, e.step_id, e.from_state,
@@ -234,6 +258,7 @@ BEGIN
     IF acked_cursor IS NULL THEN
         RAISE EXCEPTION 'acked_cursor must not be null' USING ERRCODE = '22004';
     END IF;
+    PERFORM tasker_core._check_subscription_owner(sub_name);
     c := tasker_core._parse_cursor(acked_cursor);
     IF c.xid > pg_snapshot_xmax(pg_current_snapshot()) THEN
         RAISE EXCEPTION 'invalid event cursor "%": it is ahead of every event written so far', acked_cursor
@@ -254,6 +279,7 @@ CREATE FUNCTION tasker_core.unsubscribe(sub_name text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM tasker_core._check_subscription_name(sub_name);
+    PERFORM tasker_core._check_subscription_owner(sub_name);
     DELETE FROM tasker_core.subscriptions s WHERE s.name = sub_name;
     RETURN FOUND;
 END;

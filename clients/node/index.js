@@ -79,7 +79,7 @@ function classify(error) {
   return { retryable: true, retryAfter: Number.isFinite(after) ? Math.max(0, Math.ceil(after)) : null };
 }
 
-function toStep(row) {
+function toStep(row, workerTrace = null) {
   return {
     taskId: Number(row.task_id),
     stepId: Number(row.workflow_step_id),
@@ -92,7 +92,9 @@ function toStep(row) {
     parentResults: row.parent_results ?? {},
     attempt: row.attempt,
     leaseExpiresAt: row.lease_expires_at,
-    traceparent: row.traceparent ?? null, // W3C trace context of the task, for the handler's span
+    // W3C trace context of the task, for the handler's span; a task that joined the worker's
+    // trace with this claim is not visible to the claim's own statement yet: its trace is ours
+    traceparent: row.traceparent ?? workerTrace,
   };
 }
 
@@ -113,7 +115,8 @@ class Worker extends EventEmitter {
   /**
    * @param {object} options pg settings (connectionString, host, database, ...) plus
    *   workerId, namespaces, batchSize, leaseSeconds, pollIntervalMs, stepTimeoutMs,
-   *   shutdownGraceMs (default leaseSeconds/2), handleSignals (default true), logger.
+   *   shutdownGraceMs (default leaseSeconds/2), handleSignals (default true), logger,
+   *   traceparent (a function returning the worker's W3C trace context, asked at each claim).
    */
   constructor(options = {}) {
     super();
@@ -127,11 +130,13 @@ class Worker extends EventEmitter {
       shutdownGraceMs = (leaseSeconds * 1000) / 2,
       handleSignals = true,
       logger = console,
+      traceparent = null,
       ...pgConfig
     } = options;
     if (!Number.isInteger(batchSize) || batchSize < 1 || batchSize > 1000) throw new RangeError('batchSize must be an integer in 1..1000');
     if (!Number.isInteger(leaseSeconds) || leaseSeconds < 1 || leaseSeconds > 86400) throw new RangeError('leaseSeconds must be an integer in 1..86400');
-    Object.assign(this, { workerId, batchSize, leaseSeconds, pollIntervalMs, stepTimeoutMs, shutdownGraceMs, handleSignals });
+    if (traceparent != null && typeof traceparent !== 'function') throw new TypeError('traceparent must be a function returning a W3C traceparent or null');
+    Object.assign(this, { workerId, batchSize, leaseSeconds, pollIntervalMs, stepTimeoutMs, shutdownGraceMs, handleSignals, traceparent });
     this.namespaces = namespaces == null ? null : [].concat(namespaces);
     const log = logger || quiet;
     const prefix = `[tasker-worker ${workerId}]`;
@@ -300,11 +305,17 @@ class Worker extends EventEmitter {
       this.#woken = false;
       if (free > 0) {
         try {
+          const trace = this.traceparent ? (this.traceparent() ?? null) : null;
+          // with the worker's own trace (tasker_core 0.3.0), untraced tasks join it
           const { rows } = await this.pool.query(
-            'SELECT c.*, tasker_core.task_traceparent(c.task_id) AS traceparent FROM tasker_core.claim_steps($1, $2::text[], $3, $4) c',
-            [this.workerId, this.namespaces, free, this.leaseSeconds],
+            trace === null
+              ? 'SELECT c.*, tasker_core.task_traceparent(c.task_id) AS traceparent FROM tasker_core.claim_steps($1, $2::text[], $3, $4) c'
+              : 'SELECT c.*, tasker_core.task_traceparent(c.task_id) AS traceparent FROM tasker_core.claim_steps($1, $2::text[], $3, $4, $5) c',
+            trace === null
+              ? [this.workerId, this.namespaces, free, this.leaseSeconds]
+              : [this.workerId, this.namespaces, free, this.leaseSeconds, trace],
           );
-          claimed = rows.map(toStep);
+          claimed = rows.map((row) => toStep(row, trace));
         } catch (err) {
           this.log.error(`claim failed: ${err.message}`);
           this.#woken = false; // wait a poll interval before trying again

@@ -148,18 +148,29 @@ fn parse_options(raw: Option<JsonB>) -> Result<templates::TaskOptions, TaskerErr
         tags: array("tags")?,
         bypass_steps: array("bypass_steps")?,
         idempotency_key: string_option(&o, "idempotency_key", 255)?,
-        traceparent: match string_option(&o, "traceparent", 55)? {
-            Some(t) if !crate::core::ident::is_traceparent(&t) => {
-                return Err(TaskerError::InvalidArgument {
-                    argument: "options",
-                    reason: "traceparent must be a W3C trace context value like \
-                             00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-                        .into(),
-                })
-            }
-            t => t,
-        },
+        traceparent: o
+            .get("traceparent")
+            .filter(|v| !v.is_null())
+            .map(|v| match v {
+                Value::String(t) => valid_traceparent("options", t.clone()),
+                _ => valid_traceparent("options", String::new()),
+            })
+            .transpose()?,
     })
+}
+
+/// `t` if it is a W3C trace context value (`version-traceid-parentid-flags`), else 22023.
+fn valid_traceparent(argument: &'static str, t: String) -> Result<String, TaskerError> {
+    if crate::core::ident::is_traceparent(&t) {
+        Ok(t)
+    } else {
+        Err(TaskerError::InvalidArgument {
+            argument,
+            reason: "traceparent must be a W3C trace context value like \
+                     00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .into(),
+        })
+    }
 }
 
 /// Creates a task of a registered template — the task, its steps and edges — and wakes
@@ -210,18 +221,39 @@ type ClaimRow = (
     Option<TimestampWithTimeZone>,
 );
 
+// The rows of claim_steps (the pg_extern signatures spell it out: pgrx reads their tokens).
+type ClaimRows = TableIterator<
+    'static,
+    (
+        name!(task_id, i64),
+        name!(workflow_step_id, i64),
+        name!(step_name, String),
+        name!(namespace, String),
+        name!(task_name, String),
+        name!(handler_class, Option<String>),
+        name!(handler_config, Option<JsonB>),
+        name!(inputs, Option<JsonB>),
+        name!(parent_results, JsonB),
+        name!(attempt, i32),
+        name!(lease_expires_at, Option<TimestampWithTimeZone>),
+    ),
+>;
+
 /// Claims up to `max_steps` ready steps (of `namespaces`, all when NULL) for `worker_id`,
 /// leasing each for `lease_seconds`. Concurrent claimers never get the same step. Each row has
 /// what the worker needs: ids, names, handler class and config, inputs, the results of the
 /// step's parents by name, the attempt number and the lease deadline (the task's W3C
-/// `traceparent`, if any, comes from `task_traceparent(task_id)`).
+/// `traceparent`, if any, comes from `task_traceparent(task_id)`). A worker's own
+/// `traceparent` joins each claimed task that has none to the worker's trace: from this
+/// claim on, the task's transitions and events carry it.
 #[allow(clippy::type_complexity)]
-#[pg_extern(volatile, parallel_unsafe)]
-fn claim_steps(
+#[pg_extern(volatile, parallel_unsafe, name = "claim_steps")]
+fn claim_steps_traced(
     worker_id: Option<String>,
     namespaces: default!(Option<Vec<Option<String>>>, "NULL"),
     max_steps: default!(Option<i32>, "1"),
     lease_seconds: default!(Option<i32>, "60"),
+    traceparent: default!(Option<String>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -238,6 +270,44 @@ fn claim_steps(
         name!(lease_expires_at, Option<TimestampWithTimeZone>),
     ),
 > {
+    claim_rows(worker_id, namespaces, max_steps, lease_seconds, traceparent)
+}
+
+/// `claim_steps` as the SQL of 0.1.0 and 0.2.0 declares it (no traceparent): the library
+/// serves a database whose SQL objects are not updated yet.
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_unsafe, sql = false)]
+fn claim_steps(
+    worker_id: Option<String>,
+    namespaces: Option<Vec<Option<String>>>,
+    max_steps: Option<i32>,
+    lease_seconds: Option<i32>,
+) -> TableIterator<
+    'static,
+    (
+        name!(task_id, i64),
+        name!(workflow_step_id, i64),
+        name!(step_name, String),
+        name!(namespace, String),
+        name!(task_name, String),
+        name!(handler_class, Option<String>),
+        name!(handler_config, Option<JsonB>),
+        name!(inputs, Option<JsonB>),
+        name!(parent_results, JsonB),
+        name!(attempt, i32),
+        name!(lease_expires_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    claim_rows(worker_id, namespaces, max_steps, lease_seconds, None)
+}
+
+fn claim_rows(
+    worker_id: Option<String>,
+    namespaces: Option<Vec<Option<String>>>,
+    max_steps: Option<i32>,
+    lease_seconds: Option<i32>,
+    traceparent: Option<String>,
+) -> ClaimRows {
     let claimed = (|| {
         let w = self::worker_id(worker_id)?;
         let max = bounded("max_steps", required(max_steps, "max_steps")?, 1, 1000)?;
@@ -247,8 +317,18 @@ fn claim_steps(
             1,
             86_400,
         )?;
+        let traceparent = traceparent
+            .map(|t| valid_traceparent("traceparent", t))
+            .transpose()?;
         let namespaces = namespaces.map(|v| v.into_iter().flatten().collect::<Vec<String>>());
-        worker::claim(&store::settings::data_schema()?, &w, namespaces, max, lease)
+        worker::claim(
+            &store::settings::data_schema()?,
+            &w,
+            namespaces,
+            max,
+            lease,
+            traceparent.as_deref(),
+        )
     })()
     .or_raise();
     let rows: Vec<ClaimRow> = claimed

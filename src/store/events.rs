@@ -101,6 +101,26 @@ pub fn emit(client: &SpiClient<'_>, event: &NewEvent<'_>) -> SpiResult<Option<Re
     Ok(Some(recorded))
 }
 
+/// Puts task `task_id` in the trace of `traceparent` unless it already has one (needs
+/// `traces_installed()`).
+pub fn record_trace(client: &SpiClient<'_>, task_id: i64, traceparent: &str) -> SpiResult<()> {
+    with_write_plan(
+        client,
+        "record_trace",
+        "",
+        &[INT8, TEXT],
+        || {
+            "INSERT INTO tasker_core.task_traces (task_id, traceparent) VALUES ($1, $2) \
+             ON CONFLICT (task_id) DO NOTHING"
+                .to_owned()
+        },
+        |stmt| {
+            client.select(stmt, None, &[task_id.into(), traceparent.into()])?;
+            Ok(())
+        },
+    )
+}
+
 /// Whether `tasker_core.task_traces` exists. The library of a new version runs against the SQL
 /// objects of the previous one until `ALTER EXTENSION tasker_core UPDATE`: until then it
 /// neither reads nor records trace context (two catalog cache lookups per call).

@@ -440,21 +440,7 @@ pub fn create_task(
                 });
             }
             // first, so that every event and transition of the task carries it
-            with_write_plan(
-                client,
-                "create_task_trace",
-                "",
-                &[INT8, TEXT],
-                || {
-                    "INSERT INTO tasker_core.task_traces (task_id, traceparent) VALUES ($1, $2)"
-                        .to_owned()
-                },
-                |stmt| {
-                    client.select(stmt, None, &[task_id.into(), traceparent.as_str().into()])?;
-                    Ok(())
-                },
-            )
-            .map_err(spi)?;
+            super::events::record_trace(client, task_id, traceparent).map_err(spi)?;
         }
         let names: Vec<String> = t.steps.iter().map(|s| s.name.clone()).collect();
         let systems: Vec<String> = t.steps.iter().map(|s| s.dependent_system.clone()).collect();

@@ -199,13 +199,15 @@ fn release(
 }
 
 /// Claims up to `max_steps` ready steps of the given namespaces (all when `None`) for
-/// `worker_id`, under a lease of `lease_seconds`.
+/// `worker_id`, under a lease of `lease_seconds`. With a `traceparent`, each claimed task that
+/// has no trace of its own joins the worker's.
 pub fn claim(
     schema: &SchemaName,
     worker_id: &str,
     namespaces: Option<Vec<String>>,
     max_steps: i32,
     lease_seconds: i32,
+    traceparent: Option<&str>,
 ) -> Result<Vec<Claimed>, TaskerError> {
     let q = schema.quoted();
     Spi::connect_mut(|client| {
@@ -256,9 +258,17 @@ pub fn claim(
         // The scan's snapshot may be older than a locked row: another worker may have claimed
         // and failed the step in between. Holding the lock now, read the rows again.
         let candidates = recheck_claimable(client, candidates)?;
+        // the worker's trace, if it has one, before the transitions that should carry it
+        let traceparent = traceparent.filter(|_| events::traces_installed());
+        let mut traced = std::collections::BTreeSet::new();
         let mut claimed_ids = Vec::new();
         let mut tasks_started = std::collections::BTreeSet::new();
         for (step_id, task_id, state) in candidates {
+            if let Some(tp) = traceparent {
+                if traced.insert(task_id) {
+                    events::record_trace(client, task_id, tp).map_err(spi)?;
+                }
+            }
             // The locked row may have moved on since the scan read it: the transitions
             // re-validate against the current state and skip the step if it is not claimable.
             if state.as_deref() == Some("error") {

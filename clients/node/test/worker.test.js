@@ -396,6 +396,26 @@ test('a worker waiting in LISTEN picks up a new task well before its poll interv
   });
 });
 
+test('a worker trace is joined by untraced tasks: every step gets it, and the task keeps it', async () => {
+  await withDatabase(async (t) => {
+    await t.template({
+      name: 'traced', namespace_name: 'trace', version: '1.0.0',
+      step_templates: [{ name: 'a', handler_class: 'Traced' }, { name: 'b', handler_class: 'Traced', depends_on_step: 'a' }],
+    });
+    const workerTrace = '00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01';
+    const seen = [];
+    const w = t.worker({ pollIntervalMs: 100, traceparent: () => workerTrace });
+    w.register('Traced', async (step) => { seen.push([step.name, step.traceparent]); return {}; });
+    const id = await t.task('trace', 'traced');
+    await w.start();
+    assert.equal(await t.waitForTask(id), 'complete');
+    assert.deepEqual(seen.sort(), [['a', workerTrace], ['b', workerTrace]]);
+    const [{ tp }] = await t.query('SELECT tasker_core.task_traceparent($1) AS tp', [id]);
+    assert.equal(tp, workerTrace);
+    assert.throws(() => t.worker({ traceparent: 'not a function' }), TypeError);
+  });
+});
+
 test('example.js runs as written', async () => {
   await withDatabase(async (t) => {
     const child = spawn(process.execPath, [path.join(__dirname, '..', 'example.js')], {

@@ -38,6 +38,8 @@ CLAIM_SQL = """
 SELECT task_id, workflow_step_id, step_name, namespace, task_name, handler_class,
        handler_config, inputs, parent_results, attempt, tasker_core.task_traceparent(task_id)
 FROM tasker_core.claim_steps(%s, %s::text[], %s, %s)"""
+# with the worker's own trace (tasker_core 0.3.0): untraced tasks join it
+CLAIM_TRACED_SQL = CLAIM_SQL.replace("%s, %s)", "%s, %s, %s)")
 
 
 class RetryableError(Exception):
@@ -111,7 +113,8 @@ class Worker:
     def __init__(self, conninfo: str = "", worker_id: Optional[str] = None,
                  namespaces: Optional[Iterable[str]] = None, batch_size: int = 4,
                  lease_seconds: float = 30, poll_interval: float = 1.0,
-                 step_timeout: Optional[float] = None, grace_period: Optional[float] = None):
+                 step_timeout: Optional[float] = None, grace_period: Optional[float] = None,
+                 traceparent: Optional[Callable[[], Optional[str]]] = None):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.conninfo = conninfo
@@ -123,6 +126,8 @@ class Worker:
         self.poll_interval = poll_interval
         self.step_timeout = step_timeout
         self.grace_period = self.lease_seconds / 2 if grace_period is None else grace_period
+        # the worker's current W3C trace context, asked at each claim (None: no trace)
+        self.traceparent = traceparent
         self._handlers: Dict[str, _Handler] = {}
         self._inflight: Dict[int, _Execution] = {}
         self._cv = threading.Condition()  # guards _inflight and _retry_at
@@ -194,15 +199,21 @@ class Worker:
             free = self.batch_size - len(self._inflight)
         if free <= 0 or self._stopping.is_set():
             return
+        tp = self.traceparent() if self.traceparent else None
         try:
-            rows = self._sql(CLAIM_SQL, (self.worker_id, self.namespaces, free, self.lease_seconds))
+            if tp is None:
+                rows = self._sql(CLAIM_SQL, (self.worker_id, self.namespaces, free, self.lease_seconds))
+            else:
+                rows = self._sql(CLAIM_TRACED_SQL, (self.worker_id, self.namespaces, free, self.lease_seconds, tp))
         except psycopg.OperationalError as e:  # connection trouble: try again after the poll interval
             log.warning("claim failed: %s", e)
             return
         for r in rows:
             step = Step(task_id=r[0], step_id=r[1], name=r[2], namespace=r[3], task_name=r[4],
                         handler_class=r[5], config=r[6] or {}, inputs=r[7] or {},
-                        parent_results=r[8] or {}, attempt=r[9], traceparent=r[10])
+                        # a task that joined our trace with this claim is not visible to the
+                        # claim's own statement yet: its trace is ours
+                        parent_results=r[8] or {}, attempt=r[9], traceparent=r[10] or tp)
             ex = _Execution(step)
             with self._cv:
                 self._inflight[step.step_id] = ex

@@ -305,3 +305,24 @@ def test_a_worker_blocked_in_listen_wakes_up_for_a_new_task(db):
 
     print(f"woke and ran a 2-step task in {took:.3f} s")
     assert took < 2.0, took  # two wake-ups (create_task, then complete_step), no poll
+
+
+def test_a_worker_trace_is_joined_by_untraced_tasks(db):
+    chain = template("traced", [("first", "Trace::Step", []), ("second", "Trace::Step", ["first"])])
+    db.register(chain)
+    tasks = [db.create_task(chain, {}) for _ in range(3)]
+    worker_tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    seen = []
+    w = Worker(db.conninfo, worker_id="tracer", poll_interval=0.2, traceparent=lambda: worker_tp)
+
+    @w.handler("Trace::Step")
+    def step(s):
+        seen.append((s.task_id, s.name, s.traceparent))
+        return {}
+
+    w.run(until=lambda: all(db.task_state(t) == "complete" for t in tasks))
+    # every step's handler saw the worker's trace, the first one (whose claim joined the task
+    # to it) included; and the database recorded it for the task
+    assert sorted(seen) == sorted((t, n, worker_tp) for t in tasks for n in ("first", "second"))
+    for t in tasks:
+        assert db.scalar("SELECT tasker_core.task_traceparent(%s)", (t,)) == worker_tp

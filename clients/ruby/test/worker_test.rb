@@ -33,6 +33,24 @@ class WorkerTest < Minitest::Test
     end
   end
 
+  def test_untraced_tasks_join_the_workers_trace
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    name = template("traced", [["first", "TraceRecorder"], ["second", "TraceRecorder", ["first"]]])
+    tasks = 2.times.map { TaskerCore.create_task(namespace, name, {}) }
+    TraceRecorder::SEEN.clear
+    run_until(worker(traceparent: -> { trace })) { tasks.all? { |t| finished?(t) } }
+
+    seen = []
+    seen << TraceRecorder::SEEN.pop until TraceRecorder::SEEN.empty?
+    assert_equal tasks.product(%w[first second]).map { |t, n| [t, n, trace] }.sort, seen.sort
+    tasks.each do |t|
+      assert_equal trace, TaskerCore.record_class.connection.select_value(
+        "SELECT tasker_core.task_traceparent(#{Integer(t)})"
+      )
+    end
+    assert_raises(ArgumentError) { worker(traceparent: "not callable") }
+  end
+
   def test_retryable_error_with_retry_after_is_retried_after_the_delay
     name = template("flaky", [["charge", "FlakyGateway", [], { "handler_config" => { "retry_after" => 1 } }]])
     task_id = TaskerCore.create_task(namespace, name, {})

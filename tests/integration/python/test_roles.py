@@ -25,12 +25,12 @@ def logins(tasker_db):
     db.scalar("SELECT tasker_core.create_task('roles', 'roles_flow', NULL, '{}')")
     db.execute("SELECT tasker_core.create_roles()")
     suffix = uuid.uuid4().hex[:8]
-    users = {kind: f"tk_{kind}_{suffix}" for kind in ("worker", "reader", "admin", "nobody", "writer")}
+    users = {kind: f"tk_{kind}_{suffix}" for kind in ("worker", "worker2", "reader", "admin", "nobody", "writer")}
     with connect() as admin:
         for kind, user in users.items():
             admin.execute(f'CREATE ROLE "{user}" LOGIN')
-            if kind in ("worker", "reader", "admin"):
-                admin.execute(f'GRANT tasker_{kind} TO "{user}"')
+            if kind in ("worker", "worker2", "reader", "admin"):
+                admin.execute(f'GRANT tasker_{kind.rstrip("2")} TO "{user}"')
         admin.execute(f'GRANT CONNECT ON DATABASE "{db.name}" TO PUBLIC')
     with db.connect() as owner:
         # an application role that writes the Tasker tables (as a Rails app does) but has no
@@ -92,6 +92,34 @@ def test_a_worker_runs_steps_and_nothing_else(logins):
             "SELECT tasker_core.metrics()",
         ]:
             assert sqlstate_of(w, sql) == "42501", sql
+
+
+def test_a_subscription_belongs_to_the_login_that_made_it(logins):
+    db, login = logins
+    with login("worker") as w1, login("worker2") as w2, login("admin") as a:
+        w1.execute("SELECT tasker_core.subscribe('mine', ARRAY['step.*'])")
+        cursor = w1.execute("SELECT tasker_core.event_horizon()").fetchone()[0]
+        # another worker login can neither read, move, change nor remove it
+        for sql, args in [("SELECT * FROM tasker_core.poll('mine')", None),
+                          ("SELECT tasker_core.ack('mine', %s)", (cursor,)),
+                          ("SELECT tasker_core.subscribe('mine', ARRAY['*'])", None),
+                          ("SELECT tasker_core.unsubscribe('mine')", None)]:
+            assert sqlstate_of(w2, sql, args) == "42501", sql
+        assert db.scalar("SELECT patterns FROM tasker_core.subscriptions WHERE name = 'mine'") == ["step.*"]
+        # SET ROLE does not change whose it is: the login is the owner
+        w2.execute("SET ROLE tasker_worker")
+        assert sqlstate_of(w2, "SELECT * FROM tasker_core.poll('mine')") == "42501"
+        # the owner uses it; an operator (tasker_admin, here with tasker_worker too) may look
+        # after anyone's
+        w1.execute("SELECT * FROM tasker_core.poll('mine')")
+        w1.execute("SELECT tasker_core.ack('mine', %s)", (cursor,))
+        db.execute(f"GRANT tasker_worker TO {a.info.user}")
+        a.execute("SELECT * FROM tasker_core.poll('mine')")
+        assert a.execute("SELECT tasker_core.unsubscribe('mine')").fetchone()[0] is True
+        # a name freed is free for anyone
+        w2.execute("RESET ROLE")
+        w2.execute("SELECT tasker_core.subscribe('mine')")
+        assert sqlstate_of(w1, "SELECT * FROM tasker_core.poll('mine')") == "42501"
 
 
 def test_settings_that_change_the_definer_functions_are_superuser_only(logins):

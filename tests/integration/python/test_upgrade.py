@@ -1,6 +1,6 @@
-"""Upgrades: install the previous version (0.1.0), load data and run part of a workload, then
-ALTER EXTENSION tasker_core UPDATE; the catalog must equal a fresh install of the new version,
-and the workload must finish on the upgraded database."""
+"""Upgrades: install an earlier version (0.1.0, 0.2.0), load data and run part of a workload,
+then ALTER EXTENSION tasker_core UPDATE; the catalog must equal a fresh install of the new
+version, and the workload must finish on the upgraded database."""
 import json
 
 import pytest
@@ -60,12 +60,22 @@ def old_and_new():
     drop_database(new)
 
 
-def test_update_from_the_previous_version_equals_a_fresh_install(old_and_new):
+CURRENT = "0.3.0"
+TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.mark.parametrize("start", ["0.1.0", "0.2.0"])
+def test_update_from_an_earlier_version_equals_a_fresh_install(old_and_new, start):
     old, new = old_and_new
-    assert {"0.1.0", "0.2.0"} <= set(versions(new)), versions(new)
-    old.execute("CREATE EXTENSION tasker_core VERSION '0.1.0'")
+    assert {"0.1.0", "0.2.0", CURRENT} <= set(versions(new)), versions(new)
+    old.execute(f"CREATE EXTENSION tasker_core VERSION '{start}'")
     old.execute("SELECT tasker_core.install_schema()")
     old.execute("SELECT tasker_core.enable_tracking()")
+    if start != "0.1.0":
+        # roles and their grants (claim_steps is replaced by the update: its grant must follow)
+        old.execute("SELECT tasker_core.create_roles()")
+        new.execute("SELECT tasker_core.create_roles()")
+        old.execute("SELECT tasker_core.subscribe('before-update', ARRAY['task.*'])")
     old.execute("SELECT tasker_core.register_task_template(%s::jsonb)", (json.dumps(TEMPLATE),))
     old.execute("SELECT tasker_core.create_task('upgrade', 'up', NULL, jsonb_build_object('i', i)) "
                 "FROM generate_series(1, 20) i")
@@ -75,8 +85,8 @@ def test_update_from_the_previous_version_equals_a_fresh_install(old_and_new):
     held = old.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w', NULL, 1, 60)")[0][0]
     events_before = old.scalar("SELECT count(*) FROM tasker_core.events")
 
-    old.execute("ALTER EXTENSION tasker_core UPDATE TO '0.2.0'")
-    assert old.scalar("SELECT extversion FROM pg_extension WHERE extname = 'tasker_core'") == "0.2.0"
+    old.execute("ALTER EXTENSION tasker_core UPDATE")
+    assert old.scalar("SELECT extversion FROM pg_extension WHERE extname = 'tasker_core'") == CURRENT
 
     new.execute("SELECT tasker_core.install_schema()")
     new.execute("SELECT tasker_core.enable_tracking()")
@@ -98,3 +108,13 @@ def test_update_from_the_previous_version_equals_a_fresh_install(old_and_new):
     assert old.execute("SELECT * FROM tasker_core.check_tracking()") == []
     # and what 0.2.0 fixed works on the upgraded database
     assert old.scalar("SELECT tasker_core.cancel_task(1)") == 0
+    # and what 0.3.0 added: a worker's traceparent at claim, owned subscriptions (an older one
+    # stays shared)
+    task = old.scalar("SELECT tasker_core.create_task('upgrade', 'up', NULL, '{}')")
+    claimed = old.execute("SELECT task_id FROM tasker_core.claim_steps('w', NULL, 1, 60, %s)", (TP,))
+    assert claimed == [(task,)]
+    assert old.scalar("SELECT tasker_core.task_traceparent(%s)", (task,)) == TP
+    if start != "0.1.0":
+        assert old.scalar("SELECT owner FROM tasker_core.subscriptions WHERE name = 'before-update'") is None
+    old.execute("SELECT tasker_core.subscribe('after-update')")
+    assert old.scalar("SELECT owner = session_user FROM tasker_core.subscriptions WHERE name = 'after-update'")

@@ -48,10 +48,17 @@ module TaskerCore
       raise LeaseLost, pg.result.error_field(PG::Result::PG_DIAG_MESSAGE_PRIMARY)
     end
 
-    def claim_steps(worker_id, namespaces: nil, max_steps: 1, lease_seconds: 60)
+    # `traceparent`: the worker's W3C trace context; claimed tasks without a trace of their own
+    # join it (tasker_core 0.3.0; without one the call also works on 0.2.0).
+    def claim_steps(worker_id, namespaces: nil, max_steps: 1, lease_seconds: 60, traceparent: nil)
+      args = [worker_id, array(namespaces), max_steps, lease_seconds]
+      params = "$1, $2::text[], $3, $4"
+      if traceparent
+        args << traceparent
+        params += ", $5"
+      end
       rows("SELECT c.*, tasker_core.task_traceparent(c.task_id) AS traceparent " \
-           "FROM tasker_core.claim_steps($1, $2::text[], $3, $4) c",
-           [worker_id, array(namespaces), max_steps, lease_seconds]).map { |r| Step.from_row(r) }
+           "FROM tasker_core.claim_steps(#{params}) c", args).map { |r| Step.from_row(r, traceparent) }
     end
 
     def complete_step(step_id, worker_id, results)

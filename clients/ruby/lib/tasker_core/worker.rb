@@ -23,7 +23,7 @@ module TaskerCore
     attr_reader :worker_id, :concurrency
 
     def initialize(namespaces: nil, concurrency: nil, lease_seconds: 60, step_timeout: 300,
-                   poll_interval: 5, shutdown_timeout: 25, worker_id: nil, logger: nil,
+                   poll_interval: 5, shutdown_timeout: 25, worker_id: nil, logger: nil, traceparent: nil,
                    executor: (Rails.application&.executor if defined?(Rails) && Rails.respond_to?(:application)))
       pool_size = TaskerCore.record_class.connection_pool.size
       @namespaces = namespaces && Array(namespaces).map(&:to_s)
@@ -32,6 +32,9 @@ module TaskerCore
       @step_timeout = step_timeout
       @poll_interval = poll_interval
       @shutdown_timeout = shutdown_timeout
+      raise ArgumentError, "traceparent must respond to call" unless traceparent.nil? || traceparent.respond_to?(:call)
+
+      @traceparent = traceparent # -> the worker's current W3C traceparent (or nil), at each claim
       @worker_id = worker_id || "#{Socket.gethostname}:#{Process.pid}:#{SecureRandom.hex(3)}"
       @logger = logger || ActiveRecord::Base.logger || Logger.new($stderr, level: :info)
       @executor = executor # Rails: autoloading, reloading and the query cache are safe in step threads
@@ -84,7 +87,8 @@ module TaskerCore
       free = @concurrency - @mutex.synchronize { @running.size }
       return false if free <= 0
 
-      steps = SQL.claim_steps(@worker_id, namespaces: @namespaces, max_steps: free, lease_seconds: @lease_seconds)
+      steps = SQL.claim_steps(@worker_id, namespaces: @namespaces, max_steps: free, lease_seconds: @lease_seconds,
+                                          traceparent: @traceparent&.call)
       steps.each { |step| start(step) }
       steps.size == free
     rescue ActiveRecord::ActiveRecordError, PG::Error => e

@@ -69,3 +69,13 @@ class ResolvedUnderneath < TaskerCore::StepHandler
     { "late" => true }
   end
 end
+
+# Records the traceparent each step's handler was given.
+class TraceRecorder < TaskerCore::StepHandler
+  SEEN = Queue.new
+
+  def call(step)
+    SEEN << [step.task_id, step.name, step.traceparent]
+    {}
+  end
+end

@@ -1,0 +1,182 @@
+-- tasker_core 0.2.0 -> 0.3.0
+--
+-- * claim_steps takes the worker's W3C traceparent (a fifth argument, default NULL): a claimed
+--   task without a trace of its own joins the worker's. A new argument makes a new function,
+--   so the old one is dropped; whoever could execute it can execute the new one.
+-- * Subscriptions belong to the login that made them (subscriptions.owner); those made
+--   before this version have no owner and stay shared.
+-- Everything else changed in the library. The 0.2.0 SQL keeps working with the new library
+-- (it still exports the four-argument claim_steps) until this script runs.
+\echo Use "ALTER EXTENSION tasker_core UPDATE TO '0.3.0'" to load this file. \quit
+
+DO $claim$
+DECLARE
+    old regprocedure := 'tasker_core.claim_steps(text, text[], integer, integer)';
+    new regprocedure;
+    grantees name[];
+    g name;
+BEGIN
+    SELECT coalesce(array_agg(DISTINCT pg_catalog.pg_get_userbyid(a.grantee)), '{}') INTO grantees
+    FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+    WHERE p.oid = old AND a.privilege_type = 'EXECUTE' AND a.grantee <> 0 AND a.grantee <> p.proowner;
+    EXECUTE pg_catalog.format('DROP FUNCTION %s', old);
+    CREATE FUNCTION tasker_core.claim_steps(
+        "worker_id" TEXT,
+        "namespaces" TEXT[] DEFAULT NULL,
+        "max_steps" INT DEFAULT 1,
+        "lease_seconds" INT DEFAULT 60,
+        "traceparent" TEXT DEFAULT NULL
+    ) RETURNS TABLE (
+        "task_id" bigint,
+        "workflow_step_id" bigint,
+        "step_name" TEXT,
+        "namespace" TEXT,
+        "task_name" TEXT,
+        "handler_class" TEXT,
+        "handler_config" jsonb,
+        "inputs" jsonb,
+        "parent_results" jsonb,
+        "attempt" INT,
+        "lease_expires_at" timestamp with time zone
+    )
+    VOLATILE PARALLEL UNSAFE
+    LANGUAGE c
+    AS 'MODULE_PATHNAME', 'claim_steps_traced_wrapper';
+    new := 'tasker_core.claim_steps(text, text[], integer, integer, text)';
+    EXECUTE pg_catalog.format('ALTER FUNCTION %s SECURITY DEFINER SET search_path = pg_catalog, pg_temp', new);
+    EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', new);
+    FOREACH g IN ARRAY grantees LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I', new, g);
+    END LOOP;
+END;
+$claim$;
+
+ALTER TABLE tasker_core.subscriptions ADD COLUMN owner name;
+
+-- A subscription belongs to the login that made it (session_user, which SET ROLE does not
+-- change): another login may use or change it only as a superuser or a member of
+-- tasker_admin (42501). Subscriptions made before 0.3.0 have no owner and stay shared.
+CREATE FUNCTION tasker_core._check_subscription_owner(sub_name text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    owned_by name;
+BEGIN
+    SELECT s.owner INTO owned_by FROM tasker_core.subscriptions s WHERE s.name = sub_name;
+    IF owned_by IS NULL OR owned_by = session_user
+       OR (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = session_user)
+       OR (EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = 'tasker_admin')
+           AND pg_has_role(session_user, 'tasker_admin', 'MEMBER')) THEN
+        RETURN;
+    END IF;
+    RAISE EXCEPTION 'subscription "%" belongs to another login', sub_name
+        USING ERRCODE = '42501', HINT = 'each login has its own subscriptions; pick another name';
+END;
+$$;
+
+-- Registers (or updates the patterns of) a subscription. A new one starts at the current
+-- horizon: it receives every event not yet settled when it subscribed, and all later ones.
+-- Returns its position.
+CREATE OR REPLACE FUNCTION tasker_core.subscribe(sub_name text, patterns text[] DEFAULT ARRAY['*'])
+RETURNS text
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    p text;
+    result text;
+BEGIN
+    PERFORM tasker_core._check_subscription_name(sub_name);
+    IF patterns IS NULL OR cardinality(patterns) = 0 OR cardinality(patterns) > 100 THEN
+        RAISE EXCEPTION 'invalid patterns for subscription "%": expected 1 to 100 patterns', sub_name
+            USING ERRCODE = '22023';
+    END IF;
+    FOREACH p IN ARRAY patterns LOOP
+        IF p IS NULL OR p !~ '^[a-z0-9_.*]{1,200}$' THEN
+            RAISE EXCEPTION 'invalid event pattern "%": use event names with * wildcards, like task.* or step.completed', left(p, 60)
+                USING ERRCODE = '22023';
+        END IF;
+    END LOOP;
+    PERFORM tasker_core._check_subscription_owner(sub_name);
+    INSERT INTO tasker_core.subscriptions AS s (name, patterns, cursor_xid, cursor_id, owner)
+    VALUES (sub_name, patterns, tasker_core._horizon_xid(), 0, session_user)
+    ON CONFLICT (name) DO UPDATE SET patterns = excluded.patterns
+    RETURNING s.cursor_xid::text || '/' || s.cursor_id INTO result;
+    RETURN result;
+END;
+$$;
+
+-- The next events of a subscription after its acknowledged position (at-least-once: the same
+-- events come back until they are acked).
+CREATE OR REPLACE FUNCTION tasker_core.poll(sub_name text, max_events integer DEFAULT 100)
+RETURNS TABLE(cursor text, id bigint, name text, task_id bigint, step_id bigint,
+              from_state text, to_state text, payload jsonb, created_at timestamptz)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    s record;
+    horizon xid8;
+BEGIN
+    PERFORM tasker_core._check_subscription_name(sub_name);
+    IF max_events IS NULL OR max_events < 1 OR max_events > 10000 THEN
+        RAISE EXCEPTION 'invalid max_events %: expected 1 to 10000', max_events USING ERRCODE = '22023';
+    END IF;
+    SELECT * INTO s FROM tasker_core.subscriptions x WHERE x.name = sub_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'subscription "%" not found', sub_name USING ERRCODE = 'TK004';
+    END IF;
+    PERFORM tasker_core._check_subscription_owner(sub_name);
+    horizon := tasker_core._horizon_xid();
+    RETURN QUERY
+    SELECT e.xid::text || '/' || e.id, e.id, e.name, e.task_id, e.step_id, e.from_state,
+           e.to_state, e.payload, e.created_at
+    FROM tasker_core.events e
+    WHERE (e.xid, e.id) > (s.cursor_xid, s.cursor_id)
+      AND e.xid < horizon
+      AND e.name LIKE ANY (tasker_core._like_patterns(s.patterns))
+    ORDER BY e.xid, e.id
+    LIMIT max_events;
+END;
+$$;
+
+-- Acknowledges everything up to and including `acked_cursor`; a subscription never moves backwards.
+-- Returns whether the position advanced.
+CREATE OR REPLACE FUNCTION tasker_core.ack(sub_name text, acked_cursor text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c record;
+    moved boolean;
+BEGIN
+    PERFORM tasker_core._check_subscription_name(sub_name);
+    IF acked_cursor IS NULL THEN
+        RAISE EXCEPTION 'acked_cursor must not be null' USING ERRCODE = '22004';
+    END IF;
+    PERFORM tasker_core._check_subscription_owner(sub_name);
+    c := tasker_core._parse_cursor(acked_cursor);
+    IF c.xid > pg_snapshot_xmax(pg_current_snapshot()) THEN
+        RAISE EXCEPTION 'invalid event cursor "%": it is ahead of every event written so far', acked_cursor
+            USING ERRCODE = '22023';
+    END IF;
+    UPDATE tasker_core.subscriptions s
+       SET cursor_xid = c.xid, cursor_id = c.id, acked_at = tasker_core.now()
+     WHERE s.name = sub_name AND (s.cursor_xid, s.cursor_id) < (c.xid, c.id);
+    moved := FOUND;
+    IF NOT moved AND NOT EXISTS (SELECT 1 FROM tasker_core.subscriptions s WHERE s.name = sub_name) THEN
+        RAISE EXCEPTION 'subscription "%" not found', sub_name USING ERRCODE = 'TK004';
+    END IF;
+    RETURN moved;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION tasker_core.unsubscribe(sub_name text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM tasker_core._check_subscription_name(sub_name);
+    PERFORM tasker_core._check_subscription_owner(sub_name);
+    DELETE FROM tasker_core.subscriptions s WHERE s.name = sub_name;
+    RETURN FOUND;
+END;
+$$;
+
+-- CREATE OR REPLACE resets what roles.sql set: the definer rights and the pinned path.
+ALTER FUNCTION tasker_core.subscribe(text, text[]) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION tasker_core.poll(text, integer) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION tasker_core.ack(text, text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION tasker_core.unsubscribe(text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+REVOKE ALL ON FUNCTION tasker_core._check_subscription_owner(text) FROM PUBLIC;
