@@ -52,8 +52,11 @@ CREATE TABLE tasker_core.task_traces (
 );
 
 -- The traceparent of a task's trace, or NULL: for a worker's span of a claimed step.
+-- VOLATILE, so that each call reads a fresh snapshot: called in the statement of a claim, it
+-- sees a trace that claim recorded, and a task committed after the statement began (which the
+-- claim, reading fresh snapshots too, may have claimed).
 CREATE FUNCTION tasker_core.task_traceparent(task_id bigint) RETURNS text
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
     SELECT t.traceparent FROM tasker_core.task_traces t WHERE t.task_id = task_traceparent.task_id
 $$;
 

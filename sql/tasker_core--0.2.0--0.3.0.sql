@@ -3,6 +3,7 @@
 -- * claim_steps takes the worker's W3C traceparent (a fifth argument, default NULL): a claimed
 --   task without a trace of its own joins the worker's. A new argument makes a new function,
 --   so the old one is dropped; whoever could execute it can execute the new one.
+-- * task_traceparent is VOLATILE: it sees what the claim in its own statement saw.
 -- * Subscriptions belong to the login that made them (subscriptions.owner); those made
 --   before this version have no owner and stay shared.
 -- Everything else changed in the library. The 0.2.0 SQL keeps working with the new library
@@ -50,6 +51,10 @@ BEGIN
     END LOOP;
 END;
 $claim$;
+
+-- task_traceparent reads a fresh snapshot (see events.sql): in the statement of a claim it
+-- missed a task committed after the statement began
+ALTER FUNCTION tasker_core.task_traceparent(bigint) VOLATILE;
 
 ALTER TABLE tasker_core.subscriptions ADD COLUMN owner name;
 

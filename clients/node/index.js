@@ -79,7 +79,7 @@ function classify(error) {
   return { retryable: true, retryAfter: Number.isFinite(after) ? Math.max(0, Math.ceil(after)) : null };
 }
 
-function toStep(row, workerTrace = null) {
+function toStep(row) {
   return {
     taskId: Number(row.task_id),
     stepId: Number(row.workflow_step_id),
@@ -92,9 +92,7 @@ function toStep(row, workerTrace = null) {
     parentResults: row.parent_results ?? {},
     attempt: row.attempt,
     leaseExpiresAt: row.lease_expires_at,
-    // W3C trace context of the task, for the handler's span; a task that joined the worker's
-    // trace with this claim is not visible to the claim's own statement yet: its trace is ours
-    traceparent: row.traceparent ?? workerTrace,
+    traceparent: row.traceparent ?? null, // W3C trace context of the task, for the handler's span
   };
 }
 
@@ -315,7 +313,7 @@ class Worker extends EventEmitter {
               ? [this.workerId, this.namespaces, free, this.leaseSeconds]
               : [this.workerId, this.namespaces, free, this.leaseSeconds, trace],
           );
-          claimed = rows.map((row) => toStep(row, trace));
+          claimed = rows.map(toStep);
         } catch (err) {
           this.log.error(`claim failed: ${err.message}`);
           this.#woken = false; // wait a poll interval before trying again

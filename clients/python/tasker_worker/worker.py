@@ -211,9 +211,7 @@ class Worker:
         for r in rows:
             step = Step(task_id=r[0], step_id=r[1], name=r[2], namespace=r[3], task_name=r[4],
                         handler_class=r[5], config=r[6] or {}, inputs=r[7] or {},
-                        # a task that joined our trace with this claim is not visible to the
-                        # claim's own statement yet: its trace is ours
-                        parent_results=r[8] or {}, attempt=r[9], traceparent=r[10] or tp)
+                        parent_results=r[8] or {}, attempt=r[9], traceparent=r[10])
             ex = _Execution(step)
             with self._cv:
                 self._inflight[step.step_id] = ex

@@ -2,6 +2,8 @@
 a step of an untraced task) travels with every event and transition of the task, and workers
 read it for their spans; bad values are refused."""
 import json
+import threading
+import time
 
 import psycopg
 import pytest
@@ -112,3 +114,27 @@ def test_a_bad_worker_traceparent_is_refused_and_claims_nothing(tdb, bad):
     # a NULL traceparent is no traceparent
     assert len(tdb.execute("SELECT * FROM tasker_core.claim_steps('w', NULL, 10, 60, NULL)")) == 1
     assert tdb.scalar("SELECT count(*) FROM tasker_core.task_traces") == 0
+
+
+def test_a_claim_statement_reads_the_trace_of_a_task_committed_after_it_began(tdb):
+    # The clients read the trace in the claim's statement. The claim reads fresh snapshots, so
+    # it can claim a task committed after the statement's own snapshot was taken: the trace must
+    # come from a fresh snapshot too (seen once as a flaky end-to-end run).
+    with tdb.connect() as creator, tdb.connect() as claimer:
+        creator.execute("SELECT pg_advisory_lock(4242)")
+        result = {}
+
+        def claim():
+            result["rows"] = claimer.execute(
+                """WITH gate AS MATERIALIZED (SELECT 'w'::text AS w, pg_advisory_lock(4242))
+                   SELECT c.task_id, tasker_core.task_traceparent(c.task_id)
+                   FROM gate, LATERAL tasker_core.claim_steps(gate.w, NULL, 10, 60) c""").fetchall()
+
+        t = threading.Thread(target=claim)
+        t.start()   # its statement has begun (snapshot taken) and waits at the gate
+        time.sleep(0.5)
+        task = creator.execute("SELECT tasker_core.create_task('trace', 'traced', NULL, '{}', %s::jsonb)",
+                               (json.dumps({"traceparent": TP}),)).fetchone()[0]
+        creator.execute("SELECT pg_advisory_unlock(4242)")
+        t.join(10)
+        assert result["rows"] == [(task, TP)]

@@ -58,7 +58,7 @@ module TaskerCore
         params += ", $5"
       end
       rows("SELECT c.*, tasker_core.task_traceparent(c.task_id) AS traceparent " \
-           "FROM tasker_core.claim_steps(#{params}) c", args).map { |r| Step.from_row(r, traceparent) }
+           "FROM tasker_core.claim_steps(#{params}) c", args).map { |r| Step.from_row(r) }
     end
 
     def complete_step(step_id, worker_id, results)

@@ -4,14 +4,12 @@ module TaskerCore
   # task's W3C trace context (nil when it has none), for the handler's span.
   Step = Struct.new(:task_id, :step_id, :name, :namespace, :task_name, :handler_class, :config,
                     :inputs, :parent_results, :attempt, :lease_expires_at, :traceparent, keyword_init: true) do
-    # `worker_trace`: the traceparent the claim was made with. A task that joined the worker's
-    # trace with this claim is not visible to the claim's own statement yet: its trace is ours.
-    def self.from_row(row, worker_trace = nil)
+    def self.from_row(row)
       new(task_id: row["task_id"], step_id: row["workflow_step_id"], name: row["step_name"],
           namespace: row["namespace"], task_name: row["task_name"],
           handler_class: row["handler_class"], config: row["handler_config"] || {},
           inputs: row["inputs"] || {}, parent_results: row["parent_results"] || {},
-          attempt: row["attempt"], lease_expires_at: row["lease_expires_at"], traceparent: row["traceparent"] || worker_trace)
+          attempt: row["attempt"], lease_expires_at: row["lease_expires_at"], traceparent: row["traceparent"])
     end
 
     alias_method :context, :inputs
