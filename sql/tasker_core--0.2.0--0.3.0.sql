@@ -3,6 +3,9 @@
 -- * claim_steps takes the worker's W3C traceparent (a fifth argument, default NULL): a claimed
 --   task without a trace of its own joins the worker's. A new argument makes a new function,
 --   so the old one is dropped; whoever could execute it can execute the new one.
+-- * Per-namespace ready queues: tasker_core.step_state.namespace_id (kept by track_steps,
+--   backfilled here) and step_state_claimable_ns_idx replace the one ready index, so a claim
+--   filtered by namespace no longer walks other namespaces' ready steps.
 -- * task_traceparent is VOLATILE: it sees what the claim in its own statement saw.
 -- * Subscriptions belong to the login that made them (subscriptions.owner); those made
 --   before this version have no owner and stay shared.
@@ -185,3 +188,127 @@ ALTER FUNCTION tasker_core.poll(text, integer) SECURITY DEFINER SET search_path 
 ALTER FUNCTION tasker_core.ack(text, text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION tasker_core.unsubscribe(text) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION tasker_core._check_subscription_owner(text) FROM PUBLIC;
+
+-- Per-namespace ready queues.
+ALTER TABLE tasker_core.step_state ADD COLUMN namespace_id bigint;
+DO $backfill$
+DECLARE
+    tracked name;
+BEGIN
+    SELECT t.data_schema INTO tracked FROM tasker_core.tracking t;
+    IF tracked IS NOT NULL THEN
+        EXECUTE pg_catalog.format(
+            'UPDATE tasker_core.step_state s SET namespace_id = nt.task_namespace_id
+             FROM %1$I.tasker_tasks t JOIN %1$I.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
+             WHERE t.task_id = s.task_id', tracked);
+    END IF;
+END;
+$backfill$;
+DROP INDEX tasker_core.step_state_claimable_idx;
+-- The steps a worker could claim (unblocked, unprocessed, pending or in error), per
+-- namespace: a claim walks the ready queue of each namespace it works on, oldest first, and
+-- never the ready steps of other namespaces.
+CREATE INDEX step_state_claimable_ns_idx ON tasker_core.step_state (namespace_id, workflow_step_id)
+    WHERE blocked_parents = 0 AND processed IS NOT TRUE AND in_process IS NOT TRUE
+      AND (state IS NULL OR state IN ('pending', 'error'));
+
+-- tasker_workflow_steps: a row per step.
+CREATE OR REPLACE FUNCTION tasker_core.track_steps() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    step_name text;
+    ns bigint;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        DELETE FROM tasker_core.step_state WHERE workflow_step_id = OLD.workflow_step_id;
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'UPDATE' AND OLD.workflow_step_id = NEW.workflow_step_id
+       AND OLD.named_step_id = NEW.named_step_id THEN
+        IF OLD.task_id IS DISTINCT FROM NEW.task_id THEN
+            EXECUTE format('SELECT nt.task_namespace_id FROM %1$I.tasker_tasks t
+                            JOIN %1$I.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
+                            WHERE t.task_id = $1', TG_TABLE_SCHEMA)
+                INTO ns USING NEW.task_id;
+        END IF;
+        UPDATE tasker_core.step_state SET
+            task_id = NEW.task_id,
+            retryable = NEW.retryable, retry_limit = NEW.retry_limit,
+            in_process = NEW.in_process, processed = NEW.processed,
+            attempts = NEW.attempts, last_attempted_at = NEW.last_attempted_at,
+            backoff_request_seconds = NEW.backoff_request_seconds, created_at = NEW.created_at,
+            namespace_id = CASE WHEN OLD.task_id IS DISTINCT FROM NEW.task_id THEN ns ELSE namespace_id END
+        WHERE workflow_step_id = NEW.workflow_step_id;
+        RETURN NULL;
+    END IF;
+    -- the step's name and its task's namespace, in one statement
+    EXECUTE format('SELECT (SELECT name::text FROM %1$I.tasker_named_steps WHERE named_step_id = $1),
+                           (SELECT nt.task_namespace_id FROM %1$I.tasker_tasks t
+                            JOIN %1$I.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
+                            WHERE t.task_id = $2)', TG_TABLE_SCHEMA)
+        INTO step_name, ns USING NEW.named_step_id, NEW.task_id;
+    IF TG_OP = 'UPDATE' THEN
+        UPDATE tasker_core.step_state SET
+            workflow_step_id = NEW.workflow_step_id, task_id = NEW.task_id,
+            named_step_id = NEW.named_step_id, name = step_name,
+            retryable = NEW.retryable, retry_limit = NEW.retry_limit,
+            in_process = NEW.in_process, processed = NEW.processed,
+            attempts = NEW.attempts, last_attempted_at = NEW.last_attempted_at,
+            backoff_request_seconds = NEW.backoff_request_seconds, created_at = NEW.created_at,
+            namespace_id = ns
+        WHERE workflow_step_id = OLD.workflow_step_id;
+        RETURN NULL;
+    END IF;
+    -- INSERT: a new step has no edges or transitions yet unless they were written first,
+    -- which the foreign keys forbid.
+    INSERT INTO tasker_core.step_state (
+        workflow_step_id, task_id, named_step_id, name, retryable, retry_limit, in_process,
+        processed, attempts, last_attempted_at, backoff_request_seconds, created_at, namespace_id)
+    VALUES (
+        NEW.workflow_step_id, NEW.task_id, NEW.named_step_id, step_name, NEW.retryable,
+        NEW.retry_limit, NEW.in_process, NEW.processed, NEW.attempts, NEW.last_attempted_at,
+        NEW.backoff_request_seconds, NEW.created_at, ns);
+    RETURN NULL;
+END;
+$$;
+
+-- The recomputation: what step_state should hold for every step of the data schema.
+CREATE OR REPLACE FUNCTION tasker_core._recomputed_step_state(data_schema name)
+RETURNS SETOF tasker_core.step_state
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY EXECUTE format($q$
+        SELECT ws.workflow_step_id, ws.task_id, ws.named_step_id, ns.name::text,
+               cur.to_state::text, cur.created_at, cur.id,
+               COALESCE(tc.n, 0)::integer,
+               COALESCE(pe.ids, '{}'::bigint[]),
+               COALESCE(ce.ids, '{}'::bigint[]),
+               COALESCE(pe.blocked, 0)::integer,
+               ws.retryable, ws.retry_limit, ws.in_process, ws.processed, ws.attempts,
+               ws.last_attempted_at, ws.backoff_request_seconds, ws.created_at,
+               nt.task_namespace_id
+        FROM %1$I.tasker_workflow_steps ws
+        LEFT JOIN %1$I.tasker_named_steps ns ON ns.named_step_id = ws.named_step_id
+        LEFT JOIN %1$I.tasker_tasks t ON t.task_id = ws.task_id
+        LEFT JOIN %1$I.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
+        LEFT JOIN %1$I.tasker_workflow_step_transitions cur
+               ON cur.workflow_step_id = ws.workflow_step_id AND cur.most_recent
+        LEFT JOIN (SELECT workflow_step_id, count(*) AS n
+                   FROM %1$I.tasker_workflow_step_transitions GROUP BY workflow_step_id) tc
+               ON tc.workflow_step_id = ws.workflow_step_id
+        LEFT JOIN (SELECT e.to_step_id, array_agg(e.from_step_id ORDER BY e.from_step_id) AS ids,
+                          count(*) FILTER (WHERE p.to_state IS NULL
+                                           OR p.to_state NOT IN ('complete', 'resolved_manually')) AS blocked
+                   FROM %1$I.tasker_workflow_step_edges e
+                   LEFT JOIN %1$I.tasker_workflow_step_transitions p
+                          ON p.workflow_step_id = e.from_step_id AND p.most_recent
+                   GROUP BY e.to_step_id) pe
+               ON pe.to_step_id = ws.workflow_step_id
+        LEFT JOIN (SELECT from_step_id, array_agg(to_step_id ORDER BY to_step_id) AS ids
+                   FROM %1$I.tasker_workflow_step_edges GROUP BY from_step_id) ce
+               ON ce.from_step_id = ws.workflow_step_id
+    $q$, data_schema);
+END;
+$$;
+
+ALTER FUNCTION tasker_core.track_steps() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;

@@ -43,12 +43,17 @@ CREATE TABLE tasker_core.step_state (
     attempts integer,
     last_attempted_at timestamp without time zone,
     backoff_request_seconds integer,
-    created_at timestamp without time zone
+    created_at timestamp without time zone,
+    -- task_namespace_id of the step's task (through its named task), for claims filtered by
+    -- namespace; set when the step is tracked or moves to another task
+    namespace_id bigint
 ) WITH (fillfactor = 80);
 CREATE INDEX step_state_task_idx ON tasker_core.step_state (task_id, workflow_step_id);
 CREATE INDEX step_state_named_step_idx ON tasker_core.step_state (named_step_id);
--- The steps a worker could claim: unblocked, unprocessed, pending or in error.
-CREATE INDEX step_state_claimable_idx ON tasker_core.step_state (workflow_step_id)
+-- The steps a worker could claim (unblocked, unprocessed, pending or in error), per
+-- namespace: a claim walks the ready queue of each namespace it works on, oldest first, and
+-- never the ready steps of other namespaces.
+CREATE INDEX step_state_claimable_ns_idx ON tasker_core.step_state (namespace_id, workflow_step_id)
     WHERE blocked_parents = 0 AND processed IS NOT TRUE AND in_process IS NOT TRUE
       AND (state IS NULL OR state IN ('pending', 'error'));
 
@@ -60,6 +65,7 @@ CREATE FUNCTION tasker_core.track_steps() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     step_name text;
+    ns bigint;
 BEGIN
     IF TG_OP = 'DELETE' THEN
         DELETE FROM tasker_core.step_state WHERE workflow_step_id = OLD.workflow_step_id;
@@ -67,17 +73,28 @@ BEGIN
     END IF;
     IF TG_OP = 'UPDATE' AND OLD.workflow_step_id = NEW.workflow_step_id
        AND OLD.named_step_id = NEW.named_step_id THEN
+        IF OLD.task_id IS DISTINCT FROM NEW.task_id THEN
+            EXECUTE format('SELECT nt.task_namespace_id FROM %1$I.tasker_tasks t
+                            JOIN %1$I.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
+                            WHERE t.task_id = $1', TG_TABLE_SCHEMA)
+                INTO ns USING NEW.task_id;
+        END IF;
         UPDATE tasker_core.step_state SET
             task_id = NEW.task_id,
             retryable = NEW.retryable, retry_limit = NEW.retry_limit,
             in_process = NEW.in_process, processed = NEW.processed,
             attempts = NEW.attempts, last_attempted_at = NEW.last_attempted_at,
-            backoff_request_seconds = NEW.backoff_request_seconds, created_at = NEW.created_at
+            backoff_request_seconds = NEW.backoff_request_seconds, created_at = NEW.created_at,
+            namespace_id = CASE WHEN OLD.task_id IS DISTINCT FROM NEW.task_id THEN ns ELSE namespace_id END
         WHERE workflow_step_id = NEW.workflow_step_id;
         RETURN NULL;
     END IF;
-    EXECUTE format('SELECT name::text FROM %I.tasker_named_steps WHERE named_step_id = $1', TG_TABLE_SCHEMA)
-        INTO step_name USING NEW.named_step_id;
+    -- the step's name and its task's namespace, in one statement
+    EXECUTE format('SELECT (SELECT name::text FROM %1$I.tasker_named_steps WHERE named_step_id = $1),
+                           (SELECT nt.task_namespace_id FROM %1$I.tasker_tasks t
+                            JOIN %1$I.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
+                            WHERE t.task_id = $2)', TG_TABLE_SCHEMA)
+        INTO step_name, ns USING NEW.named_step_id, NEW.task_id;
     IF TG_OP = 'UPDATE' THEN
         UPDATE tasker_core.step_state SET
             workflow_step_id = NEW.workflow_step_id, task_id = NEW.task_id,
@@ -85,7 +102,8 @@ BEGIN
             retryable = NEW.retryable, retry_limit = NEW.retry_limit,
             in_process = NEW.in_process, processed = NEW.processed,
             attempts = NEW.attempts, last_attempted_at = NEW.last_attempted_at,
-            backoff_request_seconds = NEW.backoff_request_seconds, created_at = NEW.created_at
+            backoff_request_seconds = NEW.backoff_request_seconds, created_at = NEW.created_at,
+            namespace_id = ns
         WHERE workflow_step_id = OLD.workflow_step_id;
         RETURN NULL;
     END IF;
@@ -93,11 +111,11 @@ BEGIN
     -- which the foreign keys forbid.
     INSERT INTO tasker_core.step_state (
         workflow_step_id, task_id, named_step_id, name, retryable, retry_limit, in_process,
-        processed, attempts, last_attempted_at, backoff_request_seconds, created_at)
+        processed, attempts, last_attempted_at, backoff_request_seconds, created_at, namespace_id)
     VALUES (
         NEW.workflow_step_id, NEW.task_id, NEW.named_step_id, step_name, NEW.retryable,
         NEW.retry_limit, NEW.in_process, NEW.processed, NEW.attempts, NEW.last_attempted_at,
-        NEW.backoff_request_seconds, NEW.created_at);
+        NEW.backoff_request_seconds, NEW.created_at, ns);
     RETURN NULL;
 END;
 $$;
@@ -271,9 +289,12 @@ BEGIN
                COALESCE(ce.ids, '{}'::bigint[]),
                COALESCE(pe.blocked, 0)::integer,
                ws.retryable, ws.retry_limit, ws.in_process, ws.processed, ws.attempts,
-               ws.last_attempted_at, ws.backoff_request_seconds, ws.created_at
+               ws.last_attempted_at, ws.backoff_request_seconds, ws.created_at,
+               nt.task_namespace_id
         FROM %1$I.tasker_workflow_steps ws
         LEFT JOIN %1$I.tasker_named_steps ns ON ns.named_step_id = ws.named_step_id
+        LEFT JOIN %1$I.tasker_tasks t ON t.task_id = ws.task_id
+        LEFT JOIN %1$I.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
         LEFT JOIN %1$I.tasker_workflow_step_transitions cur
                ON cur.workflow_step_id = ws.workflow_step_id AND cur.most_recent
         LEFT JOIN (SELECT workflow_step_id, count(*) AS n

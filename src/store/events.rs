@@ -133,6 +133,22 @@ pub fn traces_installed() -> bool {
     }
 }
 
+/// Whether `tasker_core.step_state` has its `namespace_id` column (the SQL of 0.3.0 on): until
+/// then namespace-filtered claims join the namespace from the tables. Three catalog cache
+/// lookups.
+pub fn step_namespaces_installed() -> bool {
+    // SAFETY: catalog cache lookups by name; missing_ok, so no error is raised.
+    unsafe {
+        let ns = pg_sys::get_namespace_oid(c"tasker_core".as_ptr(), true);
+        if ns == pg_sys::InvalidOid {
+            return false;
+        }
+        let rel = pg_sys::get_relname_relid(c"step_state".as_ptr(), ns);
+        rel != pg_sys::InvalidOid
+            && pg_sys::get_attnum(rel, c"namespace_id".as_ptr()) != pg_sys::InvalidAttrNumber as i16
+    }
+}
+
 /// Sends the wake-up for the first event of the current transaction only: listeners read the
 /// log from their position, which gives them every event of the transaction.
 fn notify_once(client: &SpiClient<'_>, event: &NewEvent<'_>, at: &Recorded) -> SpiResult<()> {

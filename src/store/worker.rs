@@ -213,15 +213,47 @@ pub fn claim(
     Spi::connect_mut(|client| {
         require_tracked(client, schema)?;
         expire_leases(client, schema, max_steps)?;
+        // Candidates: more than asked for (concurrent claimers hold some of the first ones),
+        // then locked by id (an index probe each: a join there let the generic plan merge-join
+        // the whole step table to reach them).
+        let per_namespace = events::step_namespaces_installed();
         let candidates: Vec<(i64, i64, Option<String>)> = with_write_plan(
             client,
-            "claim_candidates",
+            if per_namespace {
+                "claim_candidates_ns"
+            } else {
+                "claim_candidates"
+            },
             schema.as_str(),
             &[INT4, TEXTARRAY],
             || {
-                format!(
-                    "WITH c AS MATERIALIZED (
-                         SELECT s.workflow_step_id, s.task_id, s.state
+                let ready = if per_namespace {
+                    // the first ready steps of each namespace (step_state_claimable_ns_idx),
+                    // then the first of those: workers of one namespace never walk another's
+                    // backlog. The join re-checks the namespace in case a task changed named
+                    // task (which tracking does not follow; check_tracking reports it).
+                    format!(
+                        "SELECT x.workflow_step_id
+                         FROM {q}.tasker_task_namespaces tn
+                         CROSS JOIN LATERAL (
+                             SELECT s.workflow_step_id
+                             FROM tasker_core.step_state s
+                             JOIN {q}.tasker_tasks t ON t.task_id = s.task_id
+                             JOIN {q}.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
+                             WHERE s.namespace_id = tn.task_namespace_id
+                               AND nt.task_namespace_id = tn.task_namespace_id
+                               AND {CLAIMABLE}
+                               AND t.complete IS NOT TRUE
+                             ORDER BY s.namespace_id, s.workflow_step_id
+                             LIMIT $1 + 32) x
+                         WHERE ($2::text[] IS NULL OR tn.name = ANY ($2))
+                         ORDER BY x.workflow_step_id
+                         LIMIT $1 + 32"
+                    )
+                } else {
+                    // the SQL of 0.2.0 and before: one ready queue for all namespaces
+                    format!(
+                        "SELECT s.workflow_step_id
                          FROM tasker_core.step_state s
                          JOIN {q}.tasker_tasks t ON t.task_id = s.task_id
                          JOIN {q}.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
@@ -230,10 +262,11 @@ pub fn claim(
                            AND t.complete IS NOT TRUE
                            AND ($2::text[] IS NULL OR tn.name = ANY ($2))
                          ORDER BY s.workflow_step_id
-                         -- more than asked for: concurrent claimers hold some of the first ones
-                         LIMIT $1 + 32)
-                     -- the candidates by id (an index probe each): a join here let the generic
-                     -- plan merge-join the whole step table to reach them
+                         LIMIT $1 + 32"
+                    )
+                };
+                format!(
+                    "WITH c AS MATERIALIZED ({ready})
                      SELECT ws.workflow_step_id, ws.task_id, NULL::text
                      FROM {q}.tasker_workflow_steps ws
                      WHERE ws.workflow_step_id = ANY (ARRAY(SELECT c.workflow_step_id FROM c))

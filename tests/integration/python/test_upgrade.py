@@ -97,8 +97,8 @@ def test_update_from_an_earlier_version_equals_a_fresh_install(old_and_new, star
     # the data survived and the workload finishes on the new version
     assert old.scalar("SELECT count(*) FROM tasker_core.events") >= events_before
     old.execute("SELECT tasker_core.complete_step(%s, 'w', '{}')", (held,))
-    while True:
-        rows = old.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w', NULL, 10, 60)")
+    while True:   # by namespace: the per-namespace ready queue of 0.3.0, backfilled by the update
+        rows = old.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w', ARRAY['upgrade'], 10, 60)")
         if not rows:
             break
         for (step,) in rows:

@@ -240,6 +240,67 @@ def run_order_to(conn, w, task_id, names):
 
 # ----------------------------------------------------------------------------------- templates
 
+def test_claims_walk_per_namespace_ready_queues_in_global_age_order(wdb):
+    with wdb.connect() as c:
+        register(c, template("busy", [("x", [])], ns="busy"))
+        register(c, template("quiet", [("y", [])], ns="quiet"))
+        busy = [create(c, "busy", {}, ns="busy") for _ in range(60)]
+        quiet = [create(c, "quiet", {}, ns="quiet") for _ in range(3)]
+        busy += [create(c, "busy", {}, ns="busy") for _ in range(5)]
+        assert c.execute("SELECT count(*) FROM tasker_core.step_state WHERE namespace_id IS NULL").fetchone()[0] == 0
+        assert c.execute("SELECT * FROM tasker_core.check_tracking()").fetchall() == []
+    w = Worker(wdb, "w1")
+    try:
+        # a quiet namespace's worker gets its steps behind the other namespace's backlog
+        assert sorted(r["task_id"] for r in w.claim(namespaces=["quiet"], max_steps=10)) == quiet
+        # without a filter, and with several namespaces: oldest first across namespaces
+        assert [r["task_id"] for r in w.claim(max_steps=4)] == busy[:4]
+        got = [r["task_id"] for r in w.claim(namespaces=["quiet", "busy", "nobody"], max_steps=100)]
+        assert got == busy[4:]
+        assert w.claim(namespaces=["quiet", "busy"]) == [] and w.claim() == []
+    finally:
+        w.close()
+
+
+def test_a_task_moved_to_another_namespace_is_not_claimed_by_the_old_one(wdb):
+    """Tracking keeps a step's namespace from its task when the step is written; a task moved
+    to a named task of another namespace (Rails never does this) is checked at claim time and
+    reported by check_tracking until rebuild_tracking."""
+    with wdb.connect() as c:
+        register(c, template("from", [("x", [])], ns="ns_a"))
+        register(c, template("to", [("x", [])], ns="ns_b"))
+        moved = create(c, "from", {}, ns="ns_a")
+        c.execute("""UPDATE tasker_tasks SET named_task_id = (SELECT named_task_id FROM tasker_named_tasks
+                     WHERE name = 'to') WHERE task_id = %s""", (moved,))
+        assert [r[1] for r in c.execute("SELECT * FROM tasker_core.check_tracking()").fetchall()] == ["differs"]
+    w = Worker(wdb, "w1")
+    try:
+        assert w.claim(namespaces=["ns_a"]) == []
+        with wdb.connect() as c:
+            c.execute("SELECT tasker_core.rebuild_tracking()")
+            assert c.execute("SELECT * FROM tasker_core.check_tracking()").fetchall() == []
+        (r,) = w.claim(namespaces=["ns_b"])
+        assert (r["task_id"], r["namespace"]) == (moved, "ns_b")
+    finally:
+        w.close()
+
+
+def test_a_step_moved_to_a_task_of_another_namespace_follows_it(wdb):
+    with wdb.connect() as c:
+        register(c, template("from", [("x", [])], ns="ns_a"))
+        register(c, template("to", [("x", [])], ns="ns_b"))
+        a = create(c, "from", {}, ns="ns_a")
+        b = create(c, "to", {}, ns="ns_b")
+        c.execute("UPDATE tasker_workflow_steps SET task_id = %s WHERE task_id = %s", (b, a))
+        assert c.execute("SELECT * FROM tasker_core.check_tracking()").fetchall() == []
+    w = Worker(wdb, "w1")
+    try:
+        assert w.claim(namespaces=["ns_a"]) == []
+        assert [r["task_id"] for r in w.claim(namespaces=["ns_b"], max_steps=5)] == [b, b]
+    finally:
+        w.close()
+
+
 def test_register_stores_the_template_in_the_rails_tables(wdb):
     with wdb.connect() as c:
         named_task_id = register(c, ORDER)
