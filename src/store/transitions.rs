@@ -80,8 +80,15 @@ fn lock_current(
         &[INT8],
         || {
             format!(
+                // The owner's highest sort_key, read from the (owner, sort_key) index at and
+                // above the most_recent row's (one entry when the history is in order). A bare
+                // max(sort_key) may be planned as a backward walk of the table-wide sort_key
+                // index until a row of this owner turns up — past every transition of every
+                // other owner with a higher sort_key, the whole index for a new task (seen:
+                // 50 ms a call); `+ 0` keeps the planner off that path.
                 "SELECT {task_col}, cur.id, cur.to_state::text, \
-                        (SELECT max(x.sort_key) FROM {q}.{tr} x WHERE x.{k} = o.{k}) \
+                        (SELECT max(x.sort_key + 0) FROM {q}.{tr} x \
+                          WHERE x.{k} = o.{k} AND x.sort_key >= COALESCE(cur.sort_key, -2147483648)) \
                  FROM {q}.{owner} o \
                  LEFT JOIN {q}.{tr} cur ON cur.{k} = o.{k} AND cur.most_recent \
                  WHERE o.{k} = $1 FOR NO KEY UPDATE OF o",
