@@ -159,12 +159,10 @@ BEGIN
                          COALESCE((SELECT last_value FROM tasker_core.events_id_seq WHERE is_called), 0));
     out := out || E'# HELP tasker_steps_completed_total Steps completed, by namespace.\n# TYPE tasker_steps_completed_total counter\n';
     FOR r IN EXECUTE format($q$
-        SELECT tn.name AS ns, count(*) AS n
-        FROM tasker_core.step_state s
-        JOIN %1$I.tasker_tasks t ON t.task_id = s.task_id
-        JOIN %1$I.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
-        JOIN %1$I.tasker_task_namespaces tn ON tn.task_namespace_id = nt.task_namespace_id
-        WHERE s.state = 'complete'
+        SELECT tn.name AS ns, sum(c.n) AS n
+        FROM (SELECT s.namespace_id, count(*) AS n FROM tasker_core.step_state s
+              WHERE s.state = 'complete' GROUP BY s.namespace_id) c
+        JOIN %1$I.tasker_task_namespaces tn ON tn.task_namespace_id = c.namespace_id
         GROUP BY tn.name ORDER BY tn.name$q$, ds) LOOP
         out := out || format(E'tasker_steps_completed_total{namespace="%s"} %s\n',
                              replace(replace(r.ns, '\', '\\'), '"', '\"'), r.n);

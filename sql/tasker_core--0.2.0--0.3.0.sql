@@ -6,6 +6,7 @@
 -- * Per-namespace ready queues: tasker_core.step_state.namespace_id (kept by track_steps,
 --   backfilled here) and step_state_claimable_ns_idx replace the one ready index, so a claim
 --   filtered by namespace no longer walks other namespaces' ready steps.
+-- * metrics() counts completed steps per namespace from the maintained state.
 -- * task_traceparent is VOLATILE: it sees what the claim in its own statement saw.
 -- * Subscriptions belong to the login that made them (subscriptions.owner); those made
 --   before this version have no owner and stay shared.
@@ -312,3 +313,77 @@ END;
 $$;
 
 ALTER FUNCTION tasker_core.track_steps() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+-- metrics(): completed steps per namespace from step_state.namespace_id
+-- Prometheus text exposition of the workflow engine's state. Cheap enough to scrape every
+-- 15 s: it reads the maintained step state (one narrow row per step) and the task states.
+CREATE OR REPLACE FUNCTION tasker_core.metrics() RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ds name := tasker_core._data_schema();
+    out text := '';
+    r record;
+    now_utc timestamp := tasker_core.now() AT TIME ZONE 'UTC';
+BEGIN
+    out := out || E'# HELP tasker_tasks Tasks by current state.\n# TYPE tasker_tasks gauge\n';
+    FOR r IN EXECUTE format($q$
+        SELECT s.state, count(t.task_id) AS n
+        FROM unnest(ARRAY['pending','in_progress','complete','error','cancelled','resolved_manually']) AS s(state)
+        LEFT JOIN (SELECT t.task_id, COALESCE(tt.to_state, 'pending') AS state
+                   FROM %1$I.tasker_tasks t
+                   LEFT JOIN %1$I.tasker_task_transitions tt ON tt.task_id = t.task_id AND tt.most_recent) t
+               ON t.state = s.state
+        GROUP BY s.state ORDER BY s.state$q$, ds) LOOP
+        out := out || format(E'tasker_tasks{state="%s"} %s\n', r.state, r.n);
+    END LOOP;
+    out := out || E'# HELP tasker_steps Workflow steps by current state.\n# TYPE tasker_steps gauge\n';
+    FOR r IN
+        SELECT s.state, count(x.workflow_step_id) AS n
+        FROM unnest(ARRAY['pending','in_progress','complete','error','cancelled','resolved_manually']) AS s(state)
+        LEFT JOIN tasker_core.step_state x ON COALESCE(x.state, 'pending') = s.state
+        GROUP BY s.state ORDER BY s.state LOOP
+        out := out || format(E'tasker_steps{state="%s"} %s\n', r.state, r.n);
+    END LOOP;
+    SELECT count(*) FILTER (WHERE ready) AS ready,
+           count(*) FILTER (WHERE waiting) AS backoff,
+           EXTRACT(EPOCH FROM now_utc - min(since) FILTER (WHERE ready)) AS oldest
+      INTO r
+      FROM (SELECT (s.last_attempted_at IS NULL OR s.backoff_request_seconds IS NULL
+                    OR s.last_attempted_at + s.backoff_request_seconds * interval '1 second' <= now_utc) AS ready,
+                   (s.last_attempted_at IS NOT NULL AND s.backoff_request_seconds IS NOT NULL
+                    AND s.last_attempted_at + s.backoff_request_seconds * interval '1 second' > now_utc) AS waiting,
+                   COALESCE(s.last_attempted_at + s.backoff_request_seconds * interval '1 second',
+                            s.state_at, s.created_at) AS since
+            FROM tasker_core.step_state s
+            WHERE s.blocked_parents = 0 AND s.processed IS NOT TRUE AND s.in_process IS NOT TRUE
+              AND (s.state IS NULL OR s.state IN ('pending', 'error'))
+              AND COALESCE(s.attempts, 0) < COALESCE(s.retry_limit, 3)
+              AND (COALESCE(s.retryable, true) OR COALESCE(s.attempts, 0) = 0)) c;
+    out := out || E'# HELP tasker_steps_ready Steps a worker could claim now.\n# TYPE tasker_steps_ready gauge\n'
+               || format(E'tasker_steps_ready %s\n', r.ready)
+               || E'# HELP tasker_steps_in_backoff Failed steps waiting out their retry backoff.\n# TYPE tasker_steps_in_backoff gauge\n'
+               || format(E'tasker_steps_in_backoff %s\n', r.backoff)
+               || E'# HELP tasker_oldest_ready_step_age_seconds How long the oldest claimable step has waited.\n# TYPE tasker_oldest_ready_step_age_seconds gauge\n'
+               || format(E'tasker_oldest_ready_step_age_seconds %s\n', COALESCE(round(r.oldest, 3), 0));
+    out := out || E'# HELP tasker_leases Step leases held by workers, and those past their deadline.\n# TYPE tasker_leases gauge\n'
+               || (SELECT format(E'tasker_leases{status="active"} %s\ntasker_leases{status="expired"} %s\n',
+                                 count(*) FILTER (WHERE c.lease_expires_at > tasker_core.now()),
+                                 count(*) FILTER (WHERE c.lease_expires_at <= tasker_core.now()))
+                   FROM tasker_core.step_claims c);
+    out := out || E'# HELP tasker_events_written_total Lifecycle events recorded in the log.\n# TYPE tasker_events_written_total counter\n'
+               || format(E'tasker_events_written_total %s\n',
+                         COALESCE((SELECT last_value FROM tasker_core.events_id_seq WHERE is_called), 0));
+    out := out || E'# HELP tasker_steps_completed_total Steps completed, by namespace.\n# TYPE tasker_steps_completed_total counter\n';
+    FOR r IN EXECUTE format($q$
+        SELECT tn.name AS ns, sum(c.n) AS n
+        FROM (SELECT s.namespace_id, count(*) AS n FROM tasker_core.step_state s
+              WHERE s.state = 'complete' GROUP BY s.namespace_id) c
+        JOIN %1$I.tasker_task_namespaces tn ON tn.task_namespace_id = c.namespace_id
+        GROUP BY tn.name ORDER BY tn.name$q$, ds) LOOP
+        out := out || format(E'tasker_steps_completed_total{namespace="%s"} %s\n',
+                             replace(replace(r.ns, '\', '\\'), '"', '\"'), r.n);
+    END LOOP;
+    RETURN out;
+END;
+$$;
+ALTER FUNCTION tasker_core.metrics() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
