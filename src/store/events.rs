@@ -1,7 +1,7 @@
 //! Writing lifecycle events: one row in `tasker_core.events` per event, and a NOTIFY wake-up.
 
-use super::plans::with_write_plan;
-use pgrx::pg_sys::{self, PgBuiltInOids, PgOid};
+use super::plans::{with_write_plan, INT8, JSONB, TEXT};
+use pgrx::pg_sys;
 use pgrx::spi::{SpiClient, SpiResult};
 use pgrx::JsonB;
 use std::cell::Cell;
@@ -9,10 +9,6 @@ use std::cell::Cell;
 /// The channel every event wakes. Payloads are small JSON objects naming the event, its ids
 /// and its log position; the log is the data.
 pub const EVENTS_CHANNEL: &str = "tasker_events";
-
-const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
-const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
-const JSONB: PgOid = PgOid::BuiltIn(PgBuiltInOids::JSONBOID);
 
 /// An event to record.
 #[derive(Debug, Clone)]

@@ -1,18 +1,13 @@
 //! Loading the facts readiness is computed from: from the maintained `tasker_core.step_state`
 //! when the data schema is tracked, otherwise recomputed from the Tasker tables.
 
-use super::plans::with_plan;
+use super::plans::{with_plan, INT8, INT8ARRAY, TEXT};
 use super::rows::{for_each_row, Col, Interner};
 use crate::core::ident::SchemaName;
 use crate::core::readiness::StepFacts;
-use pgrx::pg_sys::{PgBuiltInOids, PgOid};
 use pgrx::spi::{SpiClient, SpiResult, SpiTupleTable};
 use rustc_hash::FxHashMap as HashMap;
 use std::rc::Rc;
-
-const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
-const INT8ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID);
-const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
 
 /// The columns every facts query returns, in order.
 const FACT_COLUMNS_TRACKED: &str =

@@ -1,9 +1,23 @@
 //! Prepared statements kept for the life of the backend, one per (query, data schema).
 
-use pgrx::pg_sys::PgOid;
+use pgrx::pg_sys::{PgBuiltInOids, PgOid};
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
 use std::cell::RefCell;
 use std::collections::HashMap;
+
+/// Argument types of the kept plans.
+pub const BOOL: PgOid = PgOid::BuiltIn(PgBuiltInOids::BOOLOID);
+pub const BOOLARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::BOOLARRAYOID);
+pub const INT4: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT4OID);
+pub const INT4ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT4ARRAYOID);
+pub const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
+pub const INT8ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID);
+pub const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+pub const TEXTARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
+pub const JSONB: PgOid = PgOid::BuiltIn(PgBuiltInOids::JSONBOID);
+
+/// The statements' clock: `tasker_core.now()` as the UTC timestamp the Rails columns hold.
+pub const NOW: &str = "(tasker_core.now() AT TIME ZONE 'UTC')";
 
 /// Makes kept plans run as generic plans while it lives. Left to itself the plan cache may
 /// decide a custom plan is cheaper and then re-plan every execution, which costs more than

@@ -3,30 +3,21 @@
 //! creation from them.
 
 use super::events::{self, NewEvent};
-use super::plans::{with_plan, with_write_plan};
+use super::plans::{
+    with_plan, with_write_plan, BOOLARRAY, INT4, INT4ARRAY, INT8, JSONB, NOW, TEXT, TEXTARRAY,
+};
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
 use crate::core::template::{self, TaskTemplate};
-use pgrx::pg_sys::{PgBuiltInOids, PgOid};
 use pgrx::spi::{Spi, SpiClient};
 use pgrx::JsonB;
 use serde_json::{json, Value};
-
-const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
-const TEXTARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
-const INT4: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT4OID);
-const INT4ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT4ARRAYOID);
-const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
-const BOOLARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::BOOLARRAYOID);
-const JSONB: PgOid = PgOid::BuiltIn(PgBuiltInOids::JSONBOID);
 
 fn spi(e: pgrx::spi::Error) -> TaskerError {
     TaskerError::Internal {
         context: format!("SPI failure in templates: {e}"),
     }
 }
-
-const NOW: &str = "(tasker_core.now() AT TIME ZONE 'UTC')";
 
 /// The template as stored: the caller's JSON with the normalized fields written over it.
 pub fn normalized_json(t: &TaskTemplate, raw: &Value) -> Value {

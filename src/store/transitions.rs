@@ -8,18 +8,12 @@
 //! again, so a unique violation never reaches the caller.
 
 use super::events::{self, NewEvent};
-use super::plans::with_write_plan;
+use super::plans::{with_write_plan, INT4, INT8, JSONB, TEXT};
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
 use crate::core::state::{Entity, State};
-use pgrx::pg_sys::{PgBuiltInOids, PgOid};
 use pgrx::spi::{SpiClient, SpiResult};
 use pgrx::JsonB;
-
-const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
-const INT4: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT4OID);
-const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
-const JSONB: PgOid = PgOid::BuiltIn(PgBuiltInOids::JSONBOID);
 
 /// How often a transition re-reads after losing a race before giving up.
 const MAX_ATTEMPTS: u32 = 8;

@@ -10,26 +10,17 @@
 //! claimed again.
 
 use super::events::{self, NewEvent, READY_CHANNEL};
-use super::plans::{with_plan, with_write_plan};
+use super::plans::{
+    with_plan, with_write_plan, BOOL, INT4, INT8, INT8ARRAY, JSONB, NOW, TEXT, TEXTARRAY,
+};
 use super::transitions;
 use crate::core::backoff;
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
 use crate::core::state::{Entity, State};
-use pgrx::pg_sys::{PgBuiltInOids, PgOid};
 use pgrx::spi::{Spi, SpiClient, SpiResult};
 use pgrx::JsonB;
 use serde_json::{json, Value};
-
-const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
-const TEXTARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
-const INT4: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT4OID);
-const INT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8OID);
-const INT8ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID);
-const JSONB: PgOid = PgOid::BuiltIn(PgBuiltInOids::JSONBOID);
-const BOOL: PgOid = PgOid::BuiltIn(PgBuiltInOids::BOOLOID);
-
-const NOW: &str = "(tasker_core.now() AT TIME ZONE 'UTC')";
 
 /// Native readiness of a `tasker_core.step_state` row `s` (see the module comment).
 const CLAIMABLE: &str =
