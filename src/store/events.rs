@@ -117,32 +117,35 @@ pub fn record_trace(client: &SpiClient<'_>, task_id: i64, traceparent: &str) -> 
     )
 }
 
-/// Whether `tasker_core.task_traces` exists. The library of a new version runs against the SQL
-/// objects of the previous one until `ALTER EXTENSION tasker_core UPDATE`: until then it
-/// neither reads nor records trace context (two catalog cache lookups per call).
-pub fn traces_installed() -> bool {
-    // SAFETY: catalog cache lookups by name; missing_ok, so no error is raised.
-    unsafe {
-        let ns = pg_sys::get_namespace_oid(c"tasker_core".as_ptr(), true);
-        ns != pg_sys::InvalidOid
-            && pg_sys::get_relname_relid(c"task_traces".as_ptr(), ns) != pg_sys::InvalidOid
-    }
-}
-
-/// Whether `tasker_core.step_state` has its `namespace_id` column (the SQL of 0.3.0 on): until
-/// then namespace-filtered claims join the namespace from the tables. Three catalog cache
-/// lookups.
-pub fn step_namespaces_installed() -> bool {
+/// The oid of relation `tasker_core.<name>`, if it exists (catalog cache lookups by name).
+fn own_relation(name: &std::ffi::CStr) -> Option<pg_sys::Oid> {
     // SAFETY: catalog cache lookups by name; missing_ok, so no error is raised.
     unsafe {
         let ns = pg_sys::get_namespace_oid(c"tasker_core".as_ptr(), true);
         if ns == pg_sys::InvalidOid {
-            return false;
+            return None;
         }
-        let rel = pg_sys::get_relname_relid(c"step_state".as_ptr(), ns);
-        rel != pg_sys::InvalidOid
-            && pg_sys::get_attnum(rel, c"namespace_id".as_ptr()) != pg_sys::InvalidAttrNumber as i16
+        let rel = pg_sys::get_relname_relid(name.as_ptr(), ns);
+        (rel != pg_sys::InvalidOid).then_some(rel)
     }
+}
+
+/// Whether `tasker_core.task_traces` exists. The library of a new version runs against the SQL
+/// objects of the previous one until `ALTER EXTENSION tasker_core UPDATE`: until then it
+/// neither reads nor records trace context (two catalog cache lookups per call).
+pub fn traces_installed() -> bool {
+    own_relation(c"task_traces").is_some()
+}
+
+/// Whether `tasker_core.step_state` has its `namespace_id` column (the SQL of 0.3.0 on): until
+/// then claims read the single ready queue of earlier versions. Three catalog cache lookups.
+pub fn step_namespaces_installed() -> bool {
+    own_relation(c"step_state").is_some_and(|rel| {
+        // SAFETY: a catalog cache lookup by name; a missing column gives InvalidAttrNumber.
+        unsafe {
+            pg_sys::get_attnum(rel, c"namespace_id".as_ptr()) != pg_sys::InvalidAttrNumber as i16
+        }
+    })
 }
 
 /// Sends the wake-up for the first event of the current transaction only: listeners read the
