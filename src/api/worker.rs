@@ -148,13 +148,8 @@ fn parse_options(raw: Option<JsonB>) -> Result<templates::TaskOptions, TaskerErr
         tags: array("tags")?,
         bypass_steps: array("bypass_steps")?,
         idempotency_key: string_option(&o, "idempotency_key", 255)?,
-        traceparent: o
-            .get("traceparent")
-            .filter(|v| !v.is_null())
-            .map(|v| match v {
-                Value::String(t) => valid_traceparent("options", t.clone()),
-                _ => valid_traceparent("options", String::new()),
-            })
+        traceparent: string_option(&o, "traceparent", 55)?
+            .map(|t| valid_traceparent("options", t))
             .transpose()?,
     })
 }
