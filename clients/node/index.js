@@ -303,15 +303,14 @@ class Worker extends EventEmitter {
       this.#woken = false;
       if (free > 0) {
         try {
-          const trace = this.traceparent ? (this.traceparent() ?? null) : null;
+          const args = [this.workerId, this.namespaces, free, this.leaseSeconds];
           // with the worker's own trace (tasker_core 0.3.0), untraced tasks join it
+          const trace = this.traceparent ? (this.traceparent() ?? null) : null;
+          if (trace !== null) args.push(trace);
           const { rows } = await this.pool.query(
-            trace === null
-              ? 'SELECT c.*, tasker_core.task_traceparent(c.task_id) AS traceparent FROM tasker_core.claim_steps($1, $2::text[], $3, $4) c'
-              : 'SELECT c.*, tasker_core.task_traceparent(c.task_id) AS traceparent FROM tasker_core.claim_steps($1, $2::text[], $3, $4, $5) c',
-            trace === null
-              ? [this.workerId, this.namespaces, free, this.leaseSeconds]
-              : [this.workerId, this.namespaces, free, this.leaseSeconds, trace],
+            'SELECT c.*, tasker_core.task_traceparent(c.task_id) AS traceparent ' +
+              `FROM tasker_core.claim_steps($1, $2::text[], $3, $4${trace === null ? '' : ', $5'}) c`,
+            args,
           );
           claimed = rows.map(toStep);
         } catch (err) {
