@@ -51,16 +51,24 @@ pub mod store;
 // Least privilege: who runs as whom, and tasker_core.create_roles(). Last, over every function.
 ::pgrx::extension_sql_file!("../sql/roles.sql", name = "roles", finalize);
 
-/// Called by PostgreSQL when the library is loaded: registers the settings, and — when loaded
-/// through `shared_preload_libraries` — the timer background worker.
+/// Called by PostgreSQL when the library is loaded: sets the interrupt hook of `core`, registers
+/// the settings, and — when loaded through `shared_preload_libraries` — the timer background
+/// worker.
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    crate::core::interrupt::set_hook(interrupt_hook);
     store::settings::register_gucs();
     store::events::register_callbacks();
     // SAFETY: a plain global flag PostgreSQL sets while preloading libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         api::timer::register_background_worker();
     }
+}
+
+/// The hook of [`crate::core::interrupt`]: lets the loops of `core` over caller data stop at a
+/// cancel request, a statement timeout or a terminate (raised as PostgreSQL's usual error).
+fn interrupt_hook() {
+    pgrx::check_for_interrupts!();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -1,6 +1,7 @@
 //! Task execution context: step counts and the first-match decision tables of the Rails
 //! `get_task_execution_context`.
 
+use super::interrupt;
 use super::readiness::Readiness;
 
 /// Step counts of one task, from its readiness rows.
@@ -42,6 +43,7 @@ impl StepCounts {
     pub fn of<'a>(rows: impl IntoIterator<Item = &'a Readiness>) -> StepCounts {
         let mut c = StepCounts::default();
         for r in rows {
+            interrupt::check();
             c.add(r);
         }
         c

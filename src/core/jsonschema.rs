@@ -8,7 +8,11 @@
 //! `maxProperties`, `allOf`, `anyOf`, `oneOf`, `not`; annotations (`title`, `description`,
 //! `default`, `examples`, `format`, `$schema`, `$id`, `$comment`, ...) are accepted and ignored.
 
-use serde_json::Value;
+use super::interrupt;
+use rustc_hash::FxHashMap;
+use serde_json::{Number, Value};
+use std::collections::hash_map::{Entry, RandomState};
+use std::hash::BuildHasher;
 
 const SUPPORTED: &[&str] = &[
     "type",
@@ -58,6 +62,7 @@ pub fn check_schema(schema: &Value) -> Result<(), String> {
 }
 
 fn check_at(schema: &Value, at: &str) -> Result<(), String> {
+    interrupt::check();
     let obj = match schema {
         Value::Bool(_) => return Ok(()),
         Value::Object(o) => o,
@@ -146,6 +151,8 @@ pub fn validate(schema: &Value, instance: &Value, limit: usize) -> Vec<String> {
 }
 
 fn validate_at(schema: &Value, v: &Value, at: &str, errors: &mut Vec<String>, limit: usize) {
+    // every item and property of the instance passes here
+    interrupt::check();
     if errors.len() >= limit {
         return;
     }
@@ -251,13 +258,8 @@ fn validate_at(schema: &Value, v: &Value, at: &str, errors: &mut Vec<String>, li
                 push(errors, limit, at, format!("must have at most {m} items"));
             }
         }
-        if obj.get("uniqueItems") == Some(&Value::Bool(true)) {
-            for (i, a) in items.iter().enumerate() {
-                if items[..i].iter().any(|b| same(a, b)) {
-                    push(errors, limit, at, "items must be unique".to_owned());
-                    break;
-                }
-            }
+        if obj.get("uniqueItems") == Some(&Value::Bool(true)) && has_duplicate(items) {
+            push(errors, limit, at, "items must be unique".to_owned());
         }
         if let Some(item_schema) = obj.get("items") {
             for (i, item) in items.iter().enumerate() {
@@ -351,16 +353,11 @@ fn validate_at(schema: &Value, v: &Value, at: &str, errors: &mut Vec<String>, li
 }
 
 /// JSON Schema equality (`enum`, `const`, `uniqueItems`): numbers are equal when their values
-/// are, so `2.0` (as jsonb keeps it) equals `2`; arrays and objects compare member by member.
+/// are, so `2.0` (as jsonb keeps it) equals `2`; arrays and objects compare member by member
+/// (objects whatever the order of their keys).
 fn same(a: &Value, b: &Value) -> bool {
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => {
-            match (x.as_i64(), y.as_i64(), x.as_u64(), y.as_u64()) {
-                (Some(x), Some(y), _, _) => x == y,
-                (_, _, Some(x), Some(y)) => x == y,
-                _ => x.as_f64() == y.as_f64(),
-            }
-        }
+        (Value::Number(x), Value::Number(y)) => number_value(x) == number_value(y),
         (Value::Array(x), Value::Array(y)) => {
             x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same(x, y))
         }
@@ -369,6 +366,114 @@ fn same(a: &Value, b: &Value) -> bool {
         }
         _ => a == b,
     }
+}
+
+/// The value of a JSON number, one form per value: integers as `i128` however they are
+/// written (`2`, `2.0`, `2e0`), other numbers as their `f64`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum NumberValue {
+    Integer(i128),
+    Fraction(f64),
+}
+
+fn number_value(n: &Number) -> NumberValue {
+    if let Some(i) = n.as_i64() {
+        return NumberValue::Integer(i.into());
+    }
+    if let Some(u) = n.as_u64() {
+        return NumberValue::Integer(u.into());
+    }
+    let f = n.as_f64().unwrap_or(f64::NAN);
+    // an integral f64 below 2^127 converts to i128 exactly (-0.0 becomes 0)
+    if f.fract() == 0.0 && f.abs() < i128::MAX as f64 {
+        NumberValue::Integer(f as i128)
+    } else {
+        NumberValue::Fraction(f)
+    }
+}
+
+/// Appends the canonical encoding of `v` to `out`: two values have the same encoding exactly
+/// when [`same`] holds (numbers by value, objects whatever their key order). Every part is
+/// tagged and every string and container carries its length, so the encoding is unambiguous.
+fn canonical(v: &Value, out: &mut Vec<u8>) {
+    fn counted(len: usize, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(len as u64).to_le_bytes());
+    }
+    fn text(s: &str, out: &mut Vec<u8>) {
+        counted(s.len(), out);
+        out.extend_from_slice(s.as_bytes());
+    }
+    match v {
+        Value::Null => out.push(b'n'),
+        Value::Bool(b) => out.push(if *b { b't' } else { b'f' }),
+        Value::Number(n) => match number_value(n) {
+            NumberValue::Integer(i) => {
+                out.push(b'i');
+                out.extend_from_slice(&i.to_le_bytes());
+            }
+            NumberValue::Fraction(f) => {
+                out.push(b'd');
+                out.extend_from_slice(&f.to_bits().to_le_bytes());
+            }
+        },
+        Value::String(s) => {
+            out.push(b's');
+            text(s, out);
+        }
+        Value::Array(items) => {
+            out.push(b'a');
+            counted(items.len(), out);
+            for item in items {
+                canonical(item, out);
+            }
+        }
+        Value::Object(members) => {
+            out.push(b'o');
+            counted(members.len(), out);
+            let mut sorted: Vec<(&String, &Value)> = members.iter().collect();
+            sorted.sort_unstable_by_key(|&(k, _)| k);
+            for (k, member) in sorted {
+                text(k, out);
+                canonical(member, out);
+            }
+        }
+    }
+}
+
+/// Whether two of `items` are equal ([`same`]), in linear time: the canonical encoding of
+/// each item is hashed with a random key (so no input can be made to degrade the table), and
+/// only items with the same hash are compared.
+fn has_duplicate(items: &[Value]) -> bool {
+    let keyed = RandomState::new();
+    let mut first: FxHashMap<u64, usize> = FxHashMap::default();
+    first.reserve(items.len());
+    // distinct items whose hash an earlier item already had (a 64-bit collision)
+    let mut collided: Vec<(u64, usize)> = Vec::new();
+    let mut encoding = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        interrupt::check();
+        encoding.clear();
+        canonical(item, &mut encoding);
+        let hash = keyed.hash_one(encoding.as_slice());
+        match first.entry(hash) {
+            Entry::Vacant(slot) => {
+                slot.insert(i);
+            }
+            Entry::Occupied(slot) => {
+                let mut earlier = std::iter::once(*slot.get()).chain(
+                    collided
+                        .iter()
+                        .filter(|&&(h, _)| h == hash)
+                        .map(|&(_, j)| j),
+                );
+                if earlier.any(|j| same(item, &items[j])) {
+                    return true;
+                }
+                collided.push((hash, i));
+            }
+        }
+    }
+    false
 }
 
 fn push(errors: &mut Vec<String>, limit: usize, at: &str, msg: String) {
@@ -471,5 +576,60 @@ mod tests {
             validate(&json!({"const": -1}), &json!(18446744073709551615u64), 5).len(),
             1
         );
+    }
+
+    fn unique(items: Value) -> Vec<String> {
+        validate(&json!({"uniqueItems": true}), &items, 5)
+    }
+
+    #[test]
+    fn unique_items_is_linear() {
+        let mut items: Vec<Value> = (0..100_000).map(|i| json!(i)).collect();
+        let started = std::time::Instant::now();
+        assert!(unique(Value::Array(items.clone())).is_empty());
+        // pairwise comparison took minutes here; hashing takes a fraction of a second
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        items.push(json!(1.0));
+        assert_eq!(
+            unique(Value::Array(items)),
+            vec!["(root): items must be unique"]
+        );
+        let s = json!({"properties": {"ids": {"uniqueItems": true}}});
+        assert_eq!(
+            validate(&s, &json!({"ids": [1, 1.0]}), 5),
+            vec!["/ids: items must be unique"]
+        );
+    }
+
+    #[test]
+    fn unique_items_compares_by_value() {
+        for dup in [
+            json!([1, 1.0]),
+            json!([0, -0.0]),
+            json!([0.5, 0.5]),
+            json!([1e300, 1e300]),
+            json!(["a", "b", "a"]),
+            json!([null, null]),
+            json!([[1, 2.0], [1.0, 2]]),
+            json!([{"a": 1, "b": 2}, {"b": 2, "a": 1}]),
+            json!([{"a": {"x": [1]}}, {"a": {"x": [1.0]}}]),
+        ] {
+            assert_eq!(unique(dup.clone()).len(), 1, "{dup}");
+        }
+        for distinct in [
+            json!([1, "1", true, null, [1], {"1": 1}, [], {}]),
+            json!([0.5, 0.25, 1, 2]),
+            json!([[1, 2], [2, 1]]),
+            json!([{"a": 1, "b": 2}, {"a": 1, "b": 3}, {"a": 1}]),
+            json!([{"ab": "c"}, {"a": "bc"}]),
+            json!([["ab", "c"], ["a", "bc"]]),
+            json!([false, true]),
+        ] {
+            assert!(unique(distinct.clone()).is_empty(), "{distinct}");
+        }
+        // exact values: 2^53 + 1 is not the float next to it, nor 2^64 - 1 the float 2^64
+        assert!(unique(json!([9007199254740993u64, 9007199254740992.0])).is_empty());
+        assert!(unique(json!([u64::MAX, 2f64.powi(64)])).is_empty());
+        assert_eq!(unique(json!([-5, -5.0])).len(), 1);
     }
 }

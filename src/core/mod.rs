@@ -7,6 +7,8 @@ pub mod dag;
 pub mod error;
 pub mod events;
 pub mod ident;
+pub mod interrupt;
+pub mod json;
 pub mod jsonschema;
 #[cfg(test)]
 mod proptests;

@@ -5,6 +5,7 @@
 //! (`power`, `interval * float8`, `timestamp + interval`), including its range errors, so the
 //! results — and the failures — are the ones the Rails SQL gives.
 
+use super::interrupt;
 use super::state::State;
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::rc::Rc;
@@ -273,7 +274,10 @@ pub fn evaluate_all(
     };
     steps
         .iter()
-        .map(|s| evaluate(s, completed_parents(s, lookup), clock))
+        .map(|s| {
+            interrupt::check();
+            evaluate(s, completed_parents(s, lookup), clock)
+        })
         .collect()
 }
 
