@@ -3,6 +3,7 @@
 //! Edges run from parent (provider) to child (dependent), as `tasker_workflow_step_edges`
 //! stores them. Parallel (duplicate) edges are kept: Rails counts them.
 
+use super::interrupt;
 use std::collections::{HashMap, VecDeque};
 
 /// A directed graph over step ids. Every analysis is O(steps + edges).
@@ -22,6 +23,7 @@ impl Dag {
     ) -> Dag {
         let mut dag = Dag::default();
         for id in steps {
+            interrupt::check();
             if let std::collections::hash_map::Entry::Vacant(e) = dag.index.entry(id) {
                 e.insert(dag.ids.len());
                 dag.ids.push(id);
@@ -30,6 +32,7 @@ impl Dag {
             }
         }
         for (from, to) in edges {
+            interrupt::check();
             if let (Some(&f), Some(&t)) = (dag.index.get(&from), dag.index.get(&to)) {
                 dag.children[f].push(t);
                 dag.parents[t].push(f);
@@ -76,6 +79,7 @@ impl Dag {
         let mut queue: VecDeque<usize> = (0..n).filter(|&i| indegree[i] == 0).collect();
         let mut order = Vec::with_capacity(n);
         while let Some(i) = queue.pop_front() {
+            interrupt::check();
             order.push(i);
             for &c in &self.children[i] {
                 indegree[c] -= 1;
@@ -102,6 +106,7 @@ impl Dag {
         let mut path = Vec::new();
         let mut cur = start;
         while seen_at[cur] == usize::MAX {
+            interrupt::check();
             seen_at[cur] = path.len();
             path.push(cur);
             cur = *self.parents[cur]
@@ -125,6 +130,7 @@ impl Dag {
         let order = self.topological_order()?;
         let mut level = vec![0u32; self.len()];
         for i in order {
+            interrupt::check();
             for &c in &self.children[i] {
                 level[c] = level[c].max(level[i] + 1);
             }
@@ -146,6 +152,7 @@ impl Dag {
             }
         }
         while let Some(i) = queue.pop_front() {
+            interrupt::check();
             for &c in &self.children[i] {
                 if !reachable[c] {
                     reachable[c] = true;
@@ -156,6 +163,7 @@ impl Dag {
         // Kahn's algorithm on the reachable subgraph.
         let mut indegree = vec![0usize; n];
         for i in (0..n).filter(|&i| reachable[i]) {
+            interrupt::check();
             for &c in &self.children[i] {
                 indegree[c] += 1;
             }
@@ -169,6 +177,7 @@ impl Dag {
         }
         let mut done = 0;
         while let Some(i) = ready.pop_front() {
+            interrupt::check();
             done += 1;
             let next = level[i].unwrap_or(0) + 1;
             for &c in &self.children[i] {
@@ -209,6 +218,7 @@ impl Dag {
             }
         }
         while let Some(i) = queue.pop_front() {
+            interrupt::check();
             let d = depth[i].unwrap_or(0) + 1;
             for &c in &self.children[i] {
                 if depth[c].is_none() {

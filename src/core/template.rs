@@ -2,8 +2,9 @@
 
 use super::dag::Dag;
 use super::error::TaskerError;
+use super::interrupt;
 use serde_json::{Map, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// Most steps a template may declare unless the setting `tasker_core.max_template_steps`
 /// says otherwise.
@@ -38,6 +39,16 @@ pub struct TaskTemplate {
     pub steps: Vec<StepTemplate>,
 }
 
+/// Which rules a parse applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rules {
+    /// A template being registered: every rule.
+    Registration,
+    /// A template already stored, perhaps registered under the looser rules of an earlier
+    /// version: versions with leading zeros and names with control characters pass.
+    Stored,
+}
+
 fn invalid(reason: impl Into<String>) -> TaskerError {
     TaskerError::InvalidTemplate {
         reason: reason.into(),
@@ -64,6 +75,30 @@ fn string_field(
             kind(other)
         ))),
     }
+}
+
+/// A namespace, task or step name: a string field that must not hold control characters
+/// (under [`Rules::Registration`]).
+fn name_field(
+    obj: &Map<String, Value>,
+    key: &str,
+    what: &str,
+    max_len: usize,
+    rules: Rules,
+) -> Result<Option<String>, TaskerError> {
+    let name = string_field(obj, key, what, max_len)?;
+    match &name {
+        Some(n) if rules == Rules::Registration && !is_printable_name(n) => Err(invalid(format!(
+            "{what} {key} {n:?} must not contain control characters"
+        ))),
+        _ => Ok(name),
+    }
+}
+
+/// Whether `name` may name a namespace, a task or a step: it holds no control characters
+/// (which make names that print alike differ, and once made idempotency identities ambiguous).
+pub fn is_printable_name(name: &str) -> bool {
+    !name.chars().any(char::is_control)
 }
 
 fn bool_field(
@@ -94,8 +129,14 @@ pub fn kind(v: &Value) -> &'static str {
     }
 }
 
-/// Whether `v` is a version of the form `MAJOR.MINOR.PATCH` (digits only).
+/// Whether `v` is a version of the form `MAJOR.MINOR.PATCH`: numbers of digits without
+/// leading zeros (`0.10.2`, not `01.0.0`: beside `1.0.0` it would make "latest" ambiguous).
 pub fn is_version(v: &str) -> bool {
+    is_version_form(v) && v.split('.').all(|p| p == "0" || !p.starts_with('0'))
+}
+
+/// `MAJOR.MINOR.PATCH` of digits, leading zeros allowed (as earlier versions registered them).
+fn is_version_form(v: &str) -> bool {
     // tasker_named_tasks.version is varchar(16)
     if v.len() > 16 {
         return false;
@@ -118,20 +159,37 @@ pub fn version_key(v: &str) -> (u64, u64, u64) {
 }
 
 impl TaskTemplate {
-    /// Parses and validates a template: required fields and their types, unique step names,
-    /// known dependencies, no cycle, a `MAJOR.MINOR.PATCH` version, a handler class for every
-    /// step, at most `max_steps` steps.
+    /// Parses and validates a template being registered: required fields and their types,
+    /// unique step names, known dependencies, no cycle, a `MAJOR.MINOR.PATCH` version without
+    /// leading zeros, namespace, task and step names without control characters, a handler
+    /// class for every step, at most `max_steps` steps.
     pub fn parse(v: &Value, max_steps: usize) -> Result<TaskTemplate, TaskerError> {
+        Self::parse_with(v, max_steps, Rules::Registration)
+    }
+
+    /// Parses a template as it was stored when it was registered — perhaps by an earlier
+    /// version of tasker_core, which let versions with leading zeros and names with control
+    /// characters through: those pass here, so that such templates keep working. Every other
+    /// rule of [`TaskTemplate::parse`] applies; there is no step limit.
+    pub fn parse_stored(v: &Value) -> Result<TaskTemplate, TaskerError> {
+        Self::parse_with(v, usize::MAX, Rules::Stored)
+    }
+
+    fn parse_with(v: &Value, max_steps: usize, rules: Rules) -> Result<TaskTemplate, TaskerError> {
         let obj = v
             .as_object()
             .ok_or_else(|| invalid(format!("a template must be a JSON object, not {}", kind(v))))?;
-        let name = string_field(obj, "name", "template", 64)?
+        let name = name_field(obj, "name", "template", 64, rules)?
             .ok_or_else(|| invalid("template name is required"))?;
-        let namespace = string_field(obj, "namespace_name", "template", 64)?
+        let namespace = name_field(obj, "namespace_name", "template", 64, rules)?
             .unwrap_or_else(|| "default".to_owned());
+        let version_ok = |s: &str| match rules {
+            Rules::Registration => is_version(s),
+            Rules::Stored => is_version_form(s),
+        };
         let version = match obj.get("version") {
             None | Some(Value::Null) => "0.1.0".to_owned(),
-            Some(Value::String(s)) if is_version(s) => s.clone(),
+            Some(Value::String(s)) if version_ok(s) => s.clone(),
             Some(Value::String(s)) => {
                 return Err(TaskerError::MalformedVersion {
                     version: s.chars().take(40).collect(),
@@ -159,13 +217,16 @@ impl TaskTemplate {
         };
         let default_system = string_field(obj, "default_dependent_system", "template", 64)?
             .unwrap_or_else(|| "unknown".to_owned());
-        let whitelist: Option<Vec<String>> = match obj.get("named_steps") {
+        let whitelist: Option<HashSet<String>> = match obj.get("named_steps") {
             None | Some(Value::Null) => None,
             Some(Value::Array(items)) => Some(
                 items
                     .iter()
                     .map(|i| match i {
-                        Value::String(s) => Ok(s.clone()),
+                        Value::String(s) => {
+                            interrupt::check();
+                            Ok(s.clone())
+                        }
                         other => Err(invalid(format!(
                             "named_steps must hold strings, not {}",
                             kind(other)
@@ -201,6 +262,7 @@ impl TaskTemplate {
         let mut steps = Vec::with_capacity(raw_steps.len());
         let mut index: HashMap<String, usize> = HashMap::new();
         for (i, raw) in raw_steps.iter().enumerate() {
+            interrupt::check();
             let s = raw.as_object().ok_or_else(|| {
                 invalid(format!(
                     "step_templates[{i}] must be an object, not {}",
@@ -208,7 +270,7 @@ impl TaskTemplate {
                 ))
             })?;
             let where_ = format!("step_templates[{i}]");
-            let step_name = string_field(s, "name", &where_, 128)?
+            let step_name = name_field(s, "name", &where_, 128, rules)?
                 .ok_or_else(|| invalid(format!("{where_} needs a name")))?;
             if index.insert(step_name.clone(), i).is_some() {
                 return Err(TaskerError::DuplicateStepName { name: step_name });
@@ -252,18 +314,22 @@ impl TaskTemplate {
                 }
             };
             let mut depends_on: Vec<String> = Vec::new();
+            // the names in depends_on, to drop repeats in linear time
+            let mut listed: HashSet<String> = HashSet::new();
             if let Some(one) =
                 string_field(s, "depends_on_step", &format!("step {step_name:?}"), 128)?
             {
+                listed.insert(one.clone());
                 depends_on.push(one);
             }
             match s.get("depends_on_steps") {
                 None | Some(Value::Null) => {}
                 Some(Value::Array(items)) => {
                     for d in items {
+                        interrupt::check();
                         match d {
                             Value::String(d) => {
-                                if !depends_on.contains(d) {
+                                if listed.insert(d.clone()) {
                                     depends_on.push(d.clone())
                                 }
                             }
@@ -307,6 +373,7 @@ impl TaskTemplate {
             });
         }
         for step in &steps {
+            interrupt::check();
             for d in &step.depends_on {
                 if !index.contains_key(d) {
                     return Err(TaskerError::UnknownDependency {
@@ -476,9 +543,99 @@ mod tests {
     #[test]
     fn versions() {
         assert!(is_version("0.1.0") && is_version("10.20.30"));
+        assert!(is_version("0.0.0") && is_version("1.0.10") && is_version("100.200.300"));
         for bad in ["1.0", "1.0.0.0", "v1.0.0", "1.a.0", "", "1..0"] {
             assert!(!is_version(bad), "{bad}");
         }
+        // leading zeros: 01.0.0 beside 1.0.0 would make "latest" ambiguous
+        for bad in ["01.0.0", "1.00.0", "1.0.00", "00.1.0", "0.01.0", "1.0.007"] {
+            assert!(!is_version(bad), "{bad}");
+        }
         assert!(version_key("1.10.0") > version_key("1.9.9"));
+    }
+
+    #[test]
+    fn versions_with_leading_zeros_are_refused_at_registration_only() {
+        for bad in ["01.0.0", "1.00.0"] {
+            let e = err(order_template(), |v| v["version"] = json!(bad));
+            assert_eq!(e.sqlstate(), "TK023", "{bad}");
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+        let t = TaskTemplate::parse(
+            &json!({"name": "x", "version": "0.1.0", "step_templates": [{"name": "a", "handler_class": "A"}]}),
+            10,
+        )
+        .unwrap();
+        assert_eq!(t.version, "0.1.0");
+        // a template an earlier version stored keeps working
+        let mut stored = order_template();
+        stored["version"] = json!("01.0.0");
+        assert_eq!(
+            TaskTemplate::parse_stored(&stored).unwrap().version,
+            "01.0.0"
+        );
+        stored["version"] = json!("1.0");
+        assert_eq!(
+            TaskTemplate::parse_stored(&stored).unwrap_err().sqlstate(),
+            "TK023"
+        );
+    }
+
+    #[test]
+    fn names_must_not_hold_control_characters() {
+        assert!(is_printable_name("fulfilment") && is_printable_name("ünïcode name/with.dots"));
+        for bad in [
+            "a\u{1f}b",
+            "tab\there",
+            "new\nline",
+            "nul\0",
+            "del\u{7f}",
+            "c1\u{85}",
+        ] {
+            assert!(!is_printable_name(bad), "{bad:?}");
+        }
+        type Edit = fn(&mut Value);
+        let cases: [(&str, Edit); 4] = [
+            ("namespace_name", |v| {
+                v["namespace_name"] = json!("a\u{1f}b")
+            }),
+            ("name", |v| v["name"] = json!("process\norder")),
+            ("step_templates[1] name", |v| {
+                v["step_templates"][1]["name"] = json!("re\tserve");
+                v["step_templates"][3]["depends_on_steps"] = json!(["re\tserve", "charge"]);
+            }),
+            ("step_templates[0] name", |v| {
+                v["step_templates"][0]["name"] = json!("\u{7f}");
+            }),
+        ];
+        for (what, f) in cases {
+            let e = err(order_template(), f);
+            assert_eq!(e.sqlstate(), "TK020", "{what}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains(what) && msg.contains("must not contain control characters"),
+                "{msg}"
+            );
+        }
+        // descriptions may hold line breaks
+        let mut v = order_template();
+        v["description"] = json!("line one\nline two");
+        v["step_templates"][0]["description"] = json!("a\tb");
+        assert!(TaskTemplate::parse(&v, 100).is_ok());
+        // a template an earlier version stored keeps working
+        v["namespace_name"] = json!("a\u{1f}b");
+        assert_eq!(
+            TaskTemplate::parse_stored(&v).unwrap().namespace,
+            "a\u{1f}b"
+        );
+    }
+
+    #[test]
+    fn repeated_dependencies_are_dropped_in_order() {
+        let mut v = order_template();
+        v["step_templates"][3]["depends_on_step"] = json!("charge");
+        v["step_templates"][3]["depends_on_steps"] = json!(["reserve", "charge", "reserve"]);
+        let t = TaskTemplate::parse(&v, 100).unwrap();
+        assert_eq!(t.steps[3].depends_on, vec!["charge", "reserve"]);
     }
 }
