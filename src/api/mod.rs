@@ -3,6 +3,7 @@
 
 pub mod compat;
 pub mod error;
+pub mod json;
 pub mod schema;
 pub mod srf;
 pub mod timer;

@@ -1,6 +1,7 @@
 //! Task and step state transitions as single SQL calls.
 
 use super::error::OrRaise;
+use super::json::JsonbText;
 use crate::core::error::TaskerError;
 use crate::core::state::{Entity, State};
 use crate::store;
@@ -19,7 +20,7 @@ fn transition(
     entity: Entity,
     id: Option<i64>,
     to_state: Option<String>,
-    metadata: Option<JsonB>,
+    metadata: Option<JsonbText>,
     expected_from: Option<String>,
 ) -> Result<bool, TaskerError> {
     let id = id.ok_or(TaskerError::NullArgument {
@@ -35,10 +36,10 @@ fn transition(
     let expected = expected_from
         .map(|raw| parse_state(entity, id, &raw))
         .transpose()?;
-    let metadata = match metadata {
+    let metadata = match metadata.map(|m| m.parse("metadata")).transpose()? {
         None => JsonB(serde_json::json!({})),
-        Some(JsonB(v)) if v.is_object() => JsonB(v),
-        Some(JsonB(v)) => {
+        Some(v) if v.is_object() => JsonB(v),
+        Some(v) => {
             return Err(TaskerError::InvalidArgument {
                 argument: "metadata",
                 reason: format!("expected a JSON object, got {}", json_kind(&v)),
@@ -68,7 +69,7 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 fn transition_step(
     step_id: Option<i64>,
     to_state: Option<String>,
-    metadata: default!(Option<JsonB>, "'{}'"),
+    metadata: default!(Option<JsonbText>, "'{}'"),
     expected_from: default!(Option<String>, "NULL"),
 ) -> bool {
     transition(Entity::Step, step_id, to_state, metadata, expected_from).or_raise()
@@ -79,7 +80,7 @@ fn transition_step(
 fn transition_task(
     task_id: Option<i64>,
     to_state: Option<String>,
-    metadata: default!(Option<JsonB>, "'{}'"),
+    metadata: default!(Option<JsonbText>, "'{}'"),
     expected_from: default!(Option<String>, "NULL"),
 ) -> bool {
     transition(Entity::Task, task_id, to_state, metadata, expected_from).or_raise()

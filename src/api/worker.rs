@@ -2,6 +2,7 @@
 //! a workflow, start tasks and run their steps.
 
 use super::error::OrRaise;
+use super::json::JsonbText;
 use crate::core::error::TaskerError;
 use crate::core::template::TaskTemplate;
 use crate::store::{self, templates, worker};
@@ -43,9 +44,9 @@ fn worker_id(raw: Option<String>) -> Result<String, TaskerError> {
 /// Registers a task template (the Rails YAML template as JSON) in the Rails tables, replacing
 /// an earlier registration of the same namespace, name and version. Returns the named task id.
 #[pg_extern(volatile, parallel_unsafe)]
-fn register_task_template(template: Option<JsonB>) -> i32 {
+fn register_task_template(template: Option<JsonbText>) -> i32 {
     (|| {
-        let raw = required(template, "template")?.0;
+        let raw = required(template, "template")?.parse("template")?;
         let max = store::settings::MAX_TEMPLATE_STEPS.get().max(1) as usize;
         let t = TaskTemplate::parse(&raw, max)?;
         templates::register(&store::settings::data_schema()?, &t, &raw)
@@ -106,9 +107,10 @@ fn string_option(
     }
 }
 
-fn parse_options(raw: Option<JsonB>) -> Result<templates::TaskOptions, TaskerError> {
+fn parse_options(raw: Option<JsonbText>) -> Result<templates::TaskOptions, TaskerError> {
     let v = raw
-        .map(|j| j.0)
+        .map(|j| j.parse("options"))
+        .transpose()?
         .unwrap_or(Value::Object(Default::default()));
     let Value::Object(o) = v else {
         return Err(TaskerError::InvalidArgument {
@@ -177,13 +179,13 @@ fn create_task(
     namespace: Option<String>,
     name: Option<String>,
     version: Option<String>,
-    context: Option<JsonB>,
-    options: default!(Option<JsonB>, "'{}'"),
+    context: Option<JsonbText>,
+    options: default!(Option<JsonbText>, "'{}'"),
 ) -> i64 {
     (|| {
         let ns = required(namespace, "namespace")?;
         let name = required(name, "name")?;
-        let context = required(context, "context")?.0;
+        let context = required(context, "context")?.parse("context")?;
         store::settings::check_payload("bytes of context", &context)?;
         if !context.is_object() {
             return Err(TaskerError::InvalidArgument {
@@ -209,9 +211,9 @@ type ClaimRow = (
     String,
     String,
     Option<String>,
-    Option<JsonB>,
-    Option<JsonB>,
-    JsonB,
+    Option<JsonbText>,
+    Option<JsonbText>,
+    JsonbText,
     i32,
     Option<TimestampWithTimeZone>,
 );
@@ -226,9 +228,9 @@ type ClaimRows = TableIterator<
         name!(namespace, String),
         name!(task_name, String),
         name!(handler_class, Option<String>),
-        name!(handler_config, Option<JsonB>),
-        name!(inputs, Option<JsonB>),
-        name!(parent_results, JsonB),
+        name!(handler_config, Option<JsonbText>),
+        name!(inputs, Option<JsonbText>),
+        name!(parent_results, JsonbText),
         name!(attempt, i32),
         name!(lease_expires_at, Option<TimestampWithTimeZone>),
     ),
@@ -258,9 +260,9 @@ fn claim_steps_traced(
         name!(namespace, String),
         name!(task_name, String),
         name!(handler_class, Option<String>),
-        name!(handler_config, Option<JsonB>),
-        name!(inputs, Option<JsonB>),
-        name!(parent_results, JsonB),
+        name!(handler_config, Option<JsonbText>),
+        name!(inputs, Option<JsonbText>),
+        name!(parent_results, JsonbText),
         name!(attempt, i32),
         name!(lease_expires_at, Option<TimestampWithTimeZone>),
     ),
@@ -286,9 +288,9 @@ fn claim_steps(
         name!(namespace, String),
         name!(task_name, String),
         name!(handler_class, Option<String>),
-        name!(handler_config, Option<JsonB>),
-        name!(inputs, Option<JsonB>),
-        name!(parent_results, JsonB),
+        name!(handler_config, Option<JsonbText>),
+        name!(inputs, Option<JsonbText>),
+        name!(parent_results, JsonbText),
         name!(attempt, i32),
         name!(lease_expires_at, Option<TimestampWithTimeZone>),
     ),
@@ -336,9 +338,9 @@ fn claim_rows(
                 c.namespace,
                 c.task_name,
                 c.handler_class,
-                c.handler_config.map(JsonB),
-                c.inputs.map(JsonB),
-                JsonB(c.parent_results),
+                c.handler_config.map(JsonbText),
+                c.inputs.map(JsonbText),
+                JsonbText(c.parent_results),
                 c.attempt,
                 TimestampWithTimeZone::try_from(c.lease_expires_at).ok(),
             )
@@ -353,13 +355,14 @@ fn claim_rows(
 fn complete_step(
     step_id: Option<i64>,
     worker_id: Option<String>,
-    results: default!(Option<JsonB>, "'{}'"),
+    results: default!(Option<JsonbText>, "'{}'"),
 ) -> bool {
     (|| {
         let step = required(step_id, "step_id")?;
         let w = self::worker_id(worker_id)?;
         let results = results
-            .map(|j| j.0)
+            .map(|j| j.parse("results"))
+            .transpose()?
             .unwrap_or(Value::Object(Default::default()));
         store::settings::check_payload("bytes of results", &results)?;
         worker::complete(&store::settings::data_schema()?, step, &w, &results).map(|_| true)
@@ -375,14 +378,18 @@ fn complete_step(
 fn fail_step(
     step_id: Option<i64>,
     worker_id: Option<String>,
-    error: Option<JsonB>,
+    error: Option<JsonbText>,
     retryable: default!(Option<bool>, "true"),
     retry_after_seconds: default!(Option<i32>, "NULL"),
 ) -> Option<i32> {
     (|| {
         let step = required(step_id, "step_id")?;
         let w = self::worker_id(worker_id)?;
-        let error = error.map(|j| j.0).unwrap_or(Value::Null);
+        // any JSON value; stored under "error" in the step's results
+        let error = required(error, "error")?.parse("error")?;
+        if error.is_null() {
+            return Err(TaskerError::NullArgument { argument: "error" });
+        }
         store::settings::check_payload("bytes of error", &error)?;
         let retryable = retryable.unwrap_or(true);
         if let Some(r) = retry_after_seconds {
@@ -434,22 +441,33 @@ fn backoff_seconds(
     retry_after_seconds: default!(Option<i32>, "NULL"),
     jitter_seed: default!(Option<i64>, "NULL"),
 ) -> i32 {
-    let attempt = required(attempt, "attempt").or_raise();
-    crate::core::backoff::backoff_seconds(
-        attempt,
-        retry_after_seconds.map(i64::from),
-        jitter_seed.map(|s| s as u64),
-    ) as i32
+    (|| {
+        let attempt = required(attempt, "attempt")?;
+        // the same rule as fail_step's retry_after_seconds
+        if let Some(r) = retry_after_seconds {
+            bounded("retry_after_seconds", r, 0, i32::MAX)?;
+        }
+        Ok::<_, TaskerError>(crate::core::backoff::backoff_seconds(
+            attempt,
+            retry_after_seconds.map(i64::from),
+            jitter_seed.map(|s| s as u64),
+        ) as i32)
+    })()
+    .or_raise()
 }
 
 /// Marks a step resolved by an operator with the given results (failing it first if it is in
 /// progress), releases its lease, and finalizes its task.
 #[pg_extern(volatile, parallel_unsafe)]
-fn resolve_step_manually(step_id: Option<i64>, results: default!(Option<JsonB>, "'{}'")) -> bool {
+fn resolve_step_manually(
+    step_id: Option<i64>,
+    results: default!(Option<JsonbText>, "'{}'"),
+) -> bool {
     (|| {
         let step = required(step_id, "step_id")?;
         let results = results
-            .map(|j| j.0)
+            .map(|j| j.parse("results"))
+            .transpose()?
             .unwrap_or(Value::Object(Default::default()));
         store::settings::check_payload("bytes of results", &results)?;
         worker::resolve_manually(&store::settings::data_schema()?, step, &results)
@@ -466,4 +484,11 @@ fn expire_leases(max_steps: i32) -> i32 {
     })()
     .map(|ids| ids.len() as i32)
     .or_raise()
+}
+
+/// `tasker_core.max_subscriptions_per_login`, for `subscribe()`: read through the library so
+/// that the setting is defined (superuser-only) even in a session that loaded nothing else.
+#[pg_extern(stable, parallel_safe, name = "_max_subscriptions_per_login")]
+fn max_subscriptions_per_login() -> i32 {
+    store::settings::MAX_SUBSCRIPTIONS_PER_LOGIN.get()
 }

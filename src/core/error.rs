@@ -113,12 +113,28 @@ pub enum TaskerError {
         limit: i64,
         actual: i64,
     },
-    /// A worker acted on a step it does not (or no longer) hold the lease of.
+    /// A worker acted on a step it does not (or no longer) hold the lease of. The message
+    /// names the caller's worker id, never the holder's: another login must not learn it.
     #[error("step {step_id} is not leased to worker {worker:?}{}", .detail)]
     LeaseLost {
         step_id: i64,
         worker: String,
         detail: String,
+    },
+    /// An operator call on a step of a task that is finished (complete, cancelled or
+    /// resolved): a finished task is final.
+    #[error("step {step_id} cannot be resolved manually: task {task_id} is {state}, and a finished task is final")]
+    TaskFinished {
+        step_id: i64,
+        task_id: i64,
+        state: String,
+    },
+    /// A JSON argument nested deeper than tasker_core accepts.
+    #[error("{argument} is nested {depth} levels deep (the limit is {limit})")]
+    JsonTooDeep {
+        argument: &'static str,
+        depth: usize,
+        limit: usize,
     },
     /// The maintained state the native surface reads is not enabled for the data schema.
     #[error(
@@ -168,6 +184,8 @@ impl TaskerError {
             TaskerError::LimitExceeded { .. } => "54000", // program_limit_exceeded
             TaskerError::LeaseLost { .. } => "TK030",
             TaskerError::TrackingDisabled { .. } => "TK011",
+            TaskerError::JsonTooDeep { .. } => "TK026",
+            TaskerError::TaskFinished { .. } => "TK002",
         }
     }
 }
@@ -191,6 +209,7 @@ pub const CUSTOM_SQLSTATES: &[(&str, &str)] = &[
     ("TK023", "malformed_version"),
     ("TK024", "missing_handler_class"),
     ("TK025", "context_invalid"),
+    ("TK026", "json_too_deep"),
     ("TK030", "lease_lost"),
 ];
 

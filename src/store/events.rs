@@ -137,15 +137,24 @@ pub fn traces_installed() -> bool {
     own_relation(c"task_traces").is_some()
 }
 
-/// Whether `tasker_core.step_state` has its `namespace_id` column (the SQL of 0.3.0 on): until
-/// then claims read the single ready queue of earlier versions. Three catalog cache lookups.
-pub fn step_namespaces_installed() -> bool {
-    own_relation(c"step_state").is_some_and(|rel| {
+/// Whether relation `tasker_core.<rel>` has column `column` (three catalog cache lookups).
+fn own_column(rel: &std::ffi::CStr, column: &std::ffi::CStr) -> bool {
+    own_relation(rel).is_some_and(|rel| {
         // SAFETY: a catalog cache lookup by name; a missing column gives InvalidAttrNumber.
-        unsafe {
-            pg_sys::get_attnum(rel, c"namespace_id".as_ptr()) != pg_sys::InvalidAttrNumber as i16
-        }
+        unsafe { pg_sys::get_attnum(rel, column.as_ptr()) != pg_sys::InvalidAttrNumber as i16 }
     })
+}
+
+/// Whether `tasker_core.step_state` has its `namespace_id` column (the SQL of 0.3.0 on): until
+/// then claims read the single ready queue of earlier versions.
+pub fn step_namespaces_installed() -> bool {
+    own_column(c"step_state", c"namespace_id")
+}
+
+/// Whether `tasker_core.step_claims` records the login of a claim (the SQL of 0.4.0 on): until
+/// then claims are checked by worker id alone, as before.
+pub fn claim_logins_installed() -> bool {
+    own_column(c"step_claims", c"login")
 }
 
 /// Sends the wake-up for the first event of the current transaction only: listeners read the

@@ -28,6 +28,9 @@ pub static JITTER_SEED: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// a task context or transition metadata (serialized size).
 pub static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024 * 1024);
 
+/// `tasker_core.max_subscriptions_per_login`: most event subscriptions one login may own.
+pub static MAX_SUBSCRIPTIONS_PER_LOGIN: GucSetting<i32> = GucSetting::<i32>::new(1000);
+
 /// `tasker_core.max_template_steps`: most steps a template may declare.
 pub static MAX_TEMPLATE_STEPS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
@@ -101,6 +104,16 @@ pub fn register_gucs() {
         &MAX_TEMPLATE_STEPS,
         1,
         1_000_000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"tasker_core.max_subscriptions_per_login",
+        c"Most event subscriptions one login may own.",
+        c"subscribe() refuses a new subscription beyond it with SQLSTATE 54000.",
+        &MAX_SUBSCRIPTIONS_PER_LOGIN,
+        0,
+        i32::MAX,
         GucContext::Suset,
         GucFlags::default(),
     );

@@ -204,14 +204,14 @@ pub fn find(
     version: Option<&str>,
 ) -> Result<Stored, TaskerError> {
     let q = schema.quoted();
-    let rows: Vec<(i32, String, Option<Value>)> = with_plan(
+    let rows: Vec<(i32, String, Option<String>)> = with_plan(
         client,
         "find_templates",
         schema.as_str(),
         &[TEXT, TEXT],
         || {
             format!(
-                "SELECT nt.named_task_id, nt.version::text, nt.configuration
+                "SELECT nt.named_task_id, nt.version::text, nt.configuration::text
                  FROM {q}.tasker_named_tasks nt
                  JOIN {q}.tasker_task_namespaces tn ON tn.task_namespace_id = nt.task_namespace_id
                  WHERE tn.name = $1 AND nt.name = $2"
@@ -223,7 +223,7 @@ pub fn find(
                 out.push((
                     row.get::<i32>(1)?.unwrap_or_default(),
                     row.get::<String>(2)?.unwrap_or_default(),
-                    row.get::<JsonB>(3)?.map(|j| j.0),
+                    row.get::<String>(3)?,
                 ));
             }
             Ok(out)
@@ -235,12 +235,15 @@ pub fn find(
         name: name.to_owned(),
         version: version.map(str::to_owned),
     };
-    // Only named tasks registered with step templates are templates.
+    // Only named tasks registered with step templates are templates (a configuration written
+    // by others and nested past the JSON limit is not one: registration refuses those).
     let mut candidates: Vec<(i32, String, Value)> = rows
         .into_iter()
-        .filter_map(|(id, v, c)| match c {
-            Some(c) if c.get("step_templates").is_some_and(Value::is_array) => Some((id, v, c)),
-            _ => None,
+        .filter_map(|(id, v, c)| {
+            let c = crate::core::json::parse("configuration", c.as_deref()?).ok()?;
+            c.get("step_templates")
+                .is_some_and(Value::is_array)
+                .then_some((id, v, c))
         })
         .collect();
     let chosen = match version {
@@ -335,17 +338,27 @@ pub fn create_task(
     context: &Value,
     options: &TaskOptions,
 ) -> Result<(i64, bool), TaskerError> {
+    for (argument, value) in [("namespace", namespace), ("name", name)] {
+        if !template::is_printable_name(value) {
+            return Err(TaskerError::InvalidArgument {
+                argument,
+                reason: format!(
+                    "{:?} must not contain control characters",
+                    value.chars().take(64).collect::<String>()
+                ),
+            });
+        }
+    }
     let q = schema.quoted();
     Spi::connect_mut(|client| {
         super::schema::require_installed_cached(client, schema)?;
         let stored = find(client, schema, namespace, name, version)?;
-        let t =
-            TaskTemplate::parse(&stored.config, usize::MAX).map_err(|e| TaskerError::Internal {
-                context: format!(
-                    "stored template {namespace}.{name}@{} is invalid: {e}",
-                    stored.version
-                ),
-            })?;
+        let t = TaskTemplate::parse_stored(&stored.config).map_err(|e| TaskerError::Internal {
+            context: format!(
+                "stored template {namespace}.{name}@{} is invalid: {e}",
+                stored.version
+            ),
+        })?;
         if let Some(s) = &t.schema {
             let violations = crate::core::jsonschema::validate(s, context, 10);
             if !violations.is_empty() {
@@ -355,13 +368,16 @@ pub fn create_task(
                 });
             }
         }
-        let identity = match &options.idempotency_key {
-            Some(k) => format!(
-                "idempotency:{}",
-                hex_digest(&format!("{namespace}\u{1f}{name}\u{1f}{k}"))
-            ),
-            None => String::new(),
-        };
+        let key = options.idempotency_key.as_deref();
+        // the idempotency identity's input: namespace and name length-prefixed, then the key
+        let keyed = key.map(|k| identity_input(namespace, name, k));
+        if let Some(k) = key {
+            if let Some(existing) =
+                legacy_keyed_task(client, schema, stored.named_task_id, namespace, name, k)?
+            {
+                return Ok((existing, false));
+            }
+        }
         let created: Option<i64> = with_write_plan(
             client,
             "create_task",
@@ -372,9 +388,10 @@ pub fn create_task(
                     "INSERT INTO {q}.tasker_tasks (named_task_id, complete, requested_at, initiator, source_system,
                          reason, bypass_steps, tags, context, identity_hash, created_at, updated_at)
                      VALUES ($1, false, {NOW}, $2, $3, $4, $5::json, $6, $7,
-                             COALESCE(NULLIF($8, ''), gen_random_uuid()::text), {NOW}, {NOW})
+                             COALESCE({}, gen_random_uuid()::text), {NOW}, {NOW})
                      ON CONFLICT (identity_hash) DO NOTHING
-                     RETURNING task_id"
+                     RETURNING task_id",
+                    identity_sql("$8")
                 )
             },
             |stmt| {
@@ -389,7 +406,7 @@ pub fn create_task(
                         JsonB(options.bypass_steps.clone()).into(),
                         JsonB(options.tags.clone()).into(),
                         JsonB(context.clone()).into(),
-                        identity.as_str().into(),
+                        keyed.as_deref().into(),
                     ],
                 )?;
                 if table.is_empty() {
@@ -408,10 +425,15 @@ pub fn create_task(
                 "task_by_identity",
                 schema.as_str(),
                 &[TEXT],
-                || format!("SELECT task_id FROM {q}.tasker_tasks WHERE identity_hash = $1"),
+                || {
+                    format!(
+                        "SELECT task_id FROM {q}.tasker_tasks WHERE identity_hash = {}",
+                        identity_sql("$1")
+                    )
+                },
                 |stmt| {
                     client
-                        .select(stmt, Some(1), &[identity.as_str().into()])?
+                        .select(stmt, Some(1), &[keyed.as_deref().into()])?
                         .first()
                         .get_one::<i64>()
                 },
@@ -533,12 +555,67 @@ pub fn create_task(
     })
 }
 
-/// A short, stable digest for identity hashes (FNV-1a 128-bit, hex).
-fn hex_digest(s: &str) -> String {
+/// What a task's idempotency identity hashes: the namespace and the task name, each
+/// prefixed by its length in bytes, then the key. Length prefixes make the encoding
+/// unambiguous whatever the names hold; keys span the versions of a template, as before.
+fn identity_input(namespace: &str, name: &str, key: &str) -> String {
+    format!("{}:{namespace}{}:{name}{key}", namespace.len(), name.len())
+}
+
+/// The SQL expression of a task's idempotency identity (`tasker_tasks.identity_hash`):
+/// `idempotency:` and the hex SHA-256 of [`identity_input`] in UTF-8; NULL for a NULL input.
+fn identity_sql(input: &str) -> String {
+    format!(
+        "('idempotency:' || pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to({input}::text, 'UTF8')), 'hex'))"
+    )
+}
+
+/// The task that `key` was given to before 0.4.0, if any. Identities then hashed
+/// `namespace \x1f name \x1f key` (FNV-1a, 128 bits), which names containing `\x1f` made
+/// ambiguous, and the key is not stored, so an upgrade cannot recompute them: create_task
+/// looks them up as they are, among the tasks of the same namespace and name only, so a key
+/// used before the upgrade still returns its task and no other template's task can answer.
+fn legacy_keyed_task(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    named_task_id: i32,
+    namespace: &str,
+    name: &str,
+    key: &str,
+) -> Result<Option<i64>, TaskerError> {
     let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
-    for b in s.bytes() {
+    for b in format!("{namespace}\u{1f}{name}\u{1f}{key}").bytes() {
         h ^= b as u128;
         h = h.wrapping_mul(0x0000000001000000000000000000013B);
     }
-    format!("{h:032x}")
+    let legacy = format!("idempotency:{h:032x}");
+    let q = schema.quoted();
+    with_plan(
+        client,
+        "task_by_legacy_identity",
+        schema.as_str(),
+        &[TEXT, INT4],
+        || {
+            format!(
+                "SELECT t.task_id FROM {q}.tasker_tasks t
+                 JOIN {q}.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
+                 JOIN {q}.tasker_named_tasks mine ON mine.task_namespace_id = nt.task_namespace_id
+                                                 AND mine.name = nt.name
+                 WHERE t.identity_hash = $1 AND mine.named_task_id = $2"
+            )
+        },
+        |stmt| {
+            let table = client.select(
+                stmt,
+                Some(1),
+                &[legacy.as_str().into(), named_task_id.into()],
+            )?;
+            if table.is_empty() {
+                Ok(None)
+            } else {
+                table.first().get_one::<i64>()
+            }
+        },
+    )
+    .map_err(spi)
 }

@@ -89,9 +89,10 @@ pub struct Claimed {
     pub namespace: String,
     pub task_name: String,
     pub handler_class: Option<String>,
-    pub handler_config: Option<Value>,
-    pub inputs: Option<Value>,
-    pub parent_results: Value,
+    /// The stored documents as jsonb text: handed on, never parsed (any depth).
+    pub handler_config: Option<String>,
+    pub inputs: Option<String>,
+    pub parent_results: String,
     pub attempt: i32,
     pub lease_expires_at: i64,
 }
@@ -133,7 +134,11 @@ pub fn expire_leases(
     .map_err(spi)?;
     let mut ids = Vec::with_capacity(expired.len());
     for (step_id, worker) in expired {
-        let task_id = release(client, schema, step_id, "lease_expired", &worker)?;
+        // A heartbeat that committed since the scan extended the lease: the step stays held.
+        let Some(task_id) = release(client, schema, step_id, "lease_expired", &worker, true)?
+        else {
+            continue;
+        };
         // The lost attempt may have been the last one: the task may now have failed.
         finalize(client, schema, task_id)?;
         ids.push(step_id);
@@ -143,38 +148,48 @@ pub fn expire_leases(
 
 /// Drops a step's claim and fails it (`in_progress -> error`) with `reason`, counting the
 /// attempt, so it can be retried at once (a previous backoff no longer applies). Returns the
-/// step's task.
+/// step's task, or `None` when there was nothing to release: with `only_expired`, a claim is
+/// dropped only if its lease is still expired when its row is locked (a heartbeat that
+/// committed in between wins). The caller holds the step's row lock.
 fn release(
     client: &SpiClient<'_>,
     schema: &SchemaName,
     step_id: i64,
     reason: &str,
     worker: &str,
-) -> Result<i64, TaskerError> {
+    only_expired: bool,
+) -> Result<Option<i64>, TaskerError> {
     let q = schema.quoted();
     let task_id = with_write_plan(
         client,
         "release_step",
         schema.as_str(),
-        &[INT8],
+        &[INT8, BOOL],
         || {
             format!(
-                "WITH gone AS (DELETE FROM tasker_core.step_claims WHERE workflow_step_id = $1)
+                "WITH gone AS (
+                     DELETE FROM tasker_core.step_claims
+                     WHERE workflow_step_id = $1 AND (NOT $2 OR lease_expires_at <= tasker_core.now())
+                     RETURNING workflow_step_id)
                  UPDATE {q}.tasker_workflow_steps SET in_process = false, last_attempted_at = {NOW},
                         backoff_request_seconds = NULL, updated_at = {NOW}
-                 WHERE workflow_step_id = $1
+                 WHERE workflow_step_id = (SELECT gone.workflow_step_id FROM gone)
                  RETURNING task_id"
             )
         },
         |stmt| {
-            client
-                .select(stmt, Some(1), &[step_id.into()])?
-                .first()
-                .get_one::<i64>()
+            let t = client.select(stmt, Some(1), &[step_id.into(), only_expired.into()])?;
+            if t.is_empty() {
+                Ok(None)
+            } else {
+                t.first().get_one::<i64>()
+            }
         },
     )
-    .map_err(spi)?
-    .unwrap_or_default();
+    .map_err(spi)?;
+    let Some(task_id) = task_id else {
+        return Ok(None);
+    };
     let metadata = JsonB(json!({ "reason": reason, "worker_id": worker }));
     match transitions::transition(
         schema,
@@ -184,7 +199,7 @@ fn release(
         &metadata,
         Some(State::InProgress),
     ) {
-        Ok(_) | Err(TaskerError::ExpectedFromMismatch { .. }) => Ok(task_id),
+        Ok(_) | Err(TaskerError::ExpectedFromMismatch { .. }) => Ok(Some(task_id)),
         Err(e) => Err(e),
     }
 }
@@ -337,12 +352,19 @@ pub fn claim(
         if claimed_ids.is_empty() {
             return Ok(Vec::new());
         }
+        let logins = events::claim_logins_installed();
         with_write_plan(
             client,
-            "claim_record",
+            if logins { "claim_record" } else { "claim_record_0_3" },
             schema.as_str(),
             &[INT8ARRAY, TEXT, INT4],
             || {
+                // (the SQL of 0.3.0 and before has no login column: the claim is not tied to one)
+                let (login_col, login_val, login_set) = if logins {
+                    (", login", ", session_user", ", login = excluded.login")
+                } else {
+                    ("", "", "")
+                };
                 format!(
                     "WITH upd AS (
                          UPDATE {q}.tasker_workflow_steps
@@ -350,9 +372,18 @@ pub fn claim(
                                 last_attempted_at = {NOW}, updated_at = {NOW}
                           WHERE workflow_step_id = ANY ($1)
                           RETURNING workflow_step_id, task_id)
-                     INSERT INTO tasker_core.step_claims (workflow_step_id, task_id, worker_id, lease_seconds, lease_expires_at)
-                     SELECT upd.workflow_step_id, upd.task_id, $2, $3, tasker_core.now() + $3 * interval '1 second'
-                     FROM upd"
+                     INSERT INTO tasker_core.step_claims AS c
+                            (workflow_step_id, task_id, worker_id, lease_seconds, lease_expires_at{login_col})
+                     SELECT upd.workflow_step_id, upd.task_id, $2, $3,
+                            tasker_core.now() + $3 * interval '1 second'{login_val}
+                     FROM upd
+                     -- a stale claim (the application moved the step out of progress the
+                     -- Rails way, clearing in_process) is replaced, never a unique violation
+                     ON CONFLICT (workflow_step_id) DO UPDATE
+                        SET task_id = excluded.task_id, worker_id = excluded.worker_id,
+                            lease_seconds = excluded.lease_seconds,
+                            lease_expires_at = excluded.lease_expires_at{login_set},
+                            claimed_at = tasker_core.now(), heartbeat_at = NULL"
                 )
             },
             |stmt| {
@@ -477,12 +508,12 @@ fn claimed_rows(
         || {
             format!(
                 "SELECT ws.task_id, ws.workflow_step_id, ns.name::text, tn.name::text, nt.name::text,
-                        st ->> 'handler_class', st -> 'handler_config', ws.inputs,
+                        st ->> 'handler_class', (st -> 'handler_config')::text, ws.inputs::text,
                         COALESCE((SELECT jsonb_object_agg(pns.name, COALESCE(pws.results, 'null'::jsonb))
                                   FROM {q}.tasker_workflow_step_edges e
                                   JOIN {q}.tasker_workflow_steps pws ON pws.workflow_step_id = e.from_step_id
                                   JOIN {q}.tasker_named_steps pns ON pns.named_step_id = pws.named_step_id
-                                  WHERE e.to_step_id = ws.workflow_step_id), '{{}}'::jsonb),
+                                  WHERE e.to_step_id = ws.workflow_step_id), '{{}}'::jsonb)::text,
                         ws.attempts,
                         c.lease_expires_at
                  FROM {q}.tasker_workflow_steps ws
@@ -510,9 +541,9 @@ fn claimed_rows(
                     namespace: row.get::<String>(4)?.unwrap_or_default(),
                     task_name: row.get::<String>(5)?.unwrap_or_default(),
                     handler_class: row.get::<String>(6)?,
-                    handler_config: row.get::<JsonB>(7)?.map(|j| j.0),
-                    inputs: row.get::<JsonB>(8)?.map(|j| j.0),
-                    parent_results: row.get::<JsonB>(9)?.map(|j| j.0).unwrap_or(Value::Null),
+                    handler_config: row.get::<String>(7)?,
+                    inputs: row.get::<String>(8)?,
+                    parent_results: row.get::<String>(9)?.unwrap_or_else(|| "{}".into()),
                     attempt: row.get::<i32>(10)?.unwrap_or_default(),
                     lease_expires_at: row
                         .get::<pgrx::datum::TimestampWithTimeZone>(11)?
@@ -526,21 +557,56 @@ fn claimed_rows(
     .map_err(spi)
 }
 
-/// The claim of a step, checked for `worker_id`: `(task_id, lease_seconds)`.
+/// Whether the session's login may act on a claim made by another login: a superuser or a
+/// member of tasker_admin (SQL over `session_user`, which SET ROLE does not change).
+const PRIVILEGED: &str =
+    "(SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = session_user)
+     OR (EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = 'tasker_admin')
+         AND pg_catalog.pg_has_role(session_user, 'tasker_admin', 'MEMBER'))";
+
+/// Locks a step's row: the first lock of every call that changes a claimed step, so that
+/// workers, operators and lease expiry all lock step, then claim, then task.
+fn lock_step(client: &SpiClient<'_>, schema: &SchemaName, step_id: i64) -> Result<(), TaskerError> {
+    let q = schema.quoted();
+    with_write_plan(
+        client,
+        "worker_lock_step",
+        schema.as_str(),
+        &[INT8],
+        || format!("SELECT 1 FROM {q}.tasker_workflow_steps WHERE workflow_step_id = $1 FOR NO KEY UPDATE"),
+        |stmt| {
+            client.select(stmt, None, &[step_id.into()])?;
+            Ok(())
+        },
+    )
+    .map_err(spi)
+}
+
+/// The claim of a step, checked for `worker_id` and the session's login (the claim's login,
+/// a superuser or a member of tasker_admin), locked: `(task_id, lease_seconds)`. TK030
+/// otherwise, without naming the holder.
 fn check_lease(
     client: &SpiClient<'_>,
     step_id: i64,
     worker_id: &str,
 ) -> Result<(i64, i32), TaskerError> {
-    let row: Option<(String, i64, i32, bool, String)> = with_write_plan(
+    let logins = events::claim_logins_installed();
+    let row: Option<(String, bool, i64, i32, bool, String)> = with_write_plan(
         client,
-        "check_lease",
+        if logins { "check_lease" } else { "check_lease_0_3" },
         "",
         &[INT8],
         || {
-            "SELECT worker_id, task_id, lease_seconds, lease_expires_at > tasker_core.now(), lease_expires_at::text
-             FROM tasker_core.step_claims WHERE workflow_step_id = $1 FOR UPDATE"
-                .to_owned()
+            let same_login = if logins {
+                format!("login IS NULL OR login = session_user OR COALESCE({PRIVILEGED}, false)")
+            } else {
+                "true".to_owned()
+            };
+            format!(
+                "SELECT worker_id, {same_login},
+                        task_id, lease_seconds, lease_expires_at > tasker_core.now(), lease_expires_at::text
+                 FROM tasker_core.step_claims WHERE workflow_step_id = $1 FOR UPDATE"
+            )
         },
         |stmt| {
             let t = client.select(stmt, Some(1), &[step_id.into()])?;
@@ -550,10 +616,11 @@ fn check_lease(
             let r = t.first();
             Ok(Some((
                 r.get::<String>(1)?.unwrap_or_default(),
-                r.get::<i64>(2)?.unwrap_or_default(),
-                r.get::<i32>(3)?.unwrap_or_default(),
-                r.get::<bool>(4)?.unwrap_or(false),
-                r.get::<String>(5)?.unwrap_or_default(),
+                r.get::<bool>(2)?.unwrap_or(false),
+                r.get::<i64>(3)?.unwrap_or_default(),
+                r.get::<i32>(4)?.unwrap_or_default(),
+                r.get::<bool>(5)?.unwrap_or(false),
+                r.get::<String>(6)?.unwrap_or_default(),
             )))
         },
     )
@@ -565,11 +632,11 @@ fn check_lease(
     };
     match row {
         None => Err(lost(": the step is not claimed".into())),
-        Some((holder, _, _, _, _)) if holder != worker_id => {
-            Err(lost(format!(": it is leased to worker {holder:?}")))
+        Some((holder, same_login, ..)) if holder != worker_id || !same_login => {
+            Err(lost(": another worker holds it".into()))
         }
-        Some((_, _, _, false, at)) => Err(lost(format!(": the lease expired at {at}"))),
-        Some((_, task_id, secs, true, _)) => Ok((task_id, secs)),
+        Some((_, _, _, _, false, at)) => Err(lost(format!(": the lease expired at {at}"))),
+        Some((_, _, task_id, secs, true, _)) => Ok((task_id, secs)),
     }
 }
 
@@ -583,6 +650,7 @@ pub fn complete(
 ) -> Result<(), TaskerError> {
     Spi::connect_mut(|client| {
         require_tracked(client, schema)?;
+        lock_step(client, schema, step_id)?;
         let (task_id, _) = check_lease(client, step_id, worker_id)?;
         record_results(client, schema, step_id, results)?;
         let meta = JsonB(json!({ "worker_id": worker_id }));
@@ -613,6 +681,7 @@ pub fn fail(
     let q = schema.quoted();
     Spi::connect_mut(|client| {
         require_tracked(client, schema)?;
+        lock_step(client, schema, step_id)?;
         let (task_id, _) = check_lease(client, step_id, worker_id)?;
         let (attempts, retry_limit, step_retryable): (i32, i32, bool) = with_write_plan(
             client,
@@ -738,8 +807,11 @@ pub fn release_claim(
     let q = schema.quoted();
     Spi::connect_mut(|client| {
         require_tracked(client, schema)?;
+        lock_step(client, schema, step_id)?;
         check_lease(client, step_id, worker_id)?;
-        let task_id = release(client, schema, step_id, "released", worker_id)?;
+        let Some(task_id) = release(client, schema, step_id, "released", worker_id, false)? else {
+            return Ok(());
+        };
         with_write_plan(
             client,
             "release_uncount",
@@ -1041,6 +1113,40 @@ pub fn resolve_manually(
             entity: "step",
             id: step_id,
         })?;
+        // A finished task is final (cancel_task leaves one alone too). Read after the step's
+        // lock: a cancel_task that locked the task's steps first has committed by now.
+        let finished: Option<String> = with_write_plan(
+            client,
+            "resolve_task_state",
+            schema.as_str(),
+            &[INT8],
+            || {
+                format!(
+                    "SELECT CASE WHEN tt.to_state IN ('complete', 'cancelled', 'resolved_manually')
+                                 THEN tt.to_state::text
+                                 WHEN t.complete THEN 'complete' END
+                     FROM {q}.tasker_tasks t
+                     LEFT JOIN {q}.tasker_task_transitions tt ON tt.task_id = t.task_id AND tt.most_recent
+                     WHERE t.task_id = $1"
+                )
+            },
+            |stmt| {
+                let t = client.select(stmt, Some(1), &[task_id.into()])?;
+                if t.is_empty() {
+                    Ok(None)
+                } else {
+                    t.first().get_one::<String>()
+                }
+            },
+        )
+        .map_err(spi)?;
+        if let Some(state) = finished {
+            return Err(TaskerError::TaskFinished {
+                step_id,
+                task_id,
+                state,
+            });
+        }
         let meta = JsonB(json!({ "reason": "resolved by operator" }));
         if state.as_deref() == Some("in_progress") {
             transitions::transition(
