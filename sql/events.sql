@@ -190,12 +190,21 @@ $$;
 -- Registers (or updates the patterns of) a subscription. A new one starts at the current
 -- horizon: it receives every event not yet settled when it subscribed, and all later ones.
 -- Returns its position.
+-- The owner check and the write happen under one lock on the name (a transaction-level
+-- advisory lock), so two logins creating the same new name at once cannot both pass the
+-- check: the second waits, then sees the first one's subscription (42501). A login holds at
+-- most tasker_core.max_subscriptions_per_login subscriptions (default 1000; 54000 beyond):
+-- each one holds back prune_events. The count is taken under a lock on the login, so
+-- concurrent sessions of one login cannot overshoot it.
 CREATE FUNCTION tasker_core.subscribe(sub_name text, patterns text[] DEFAULT ARRAY['*'])
 RETURNS text
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     p text;
     result text;
+    -- (read through the library, which defines the setting as superuser-only)
+    max_subs bigint := tasker_core._max_subscriptions_per_login();
+    owned bigint;
 BEGIN
     PERFORM tasker_core._check_subscription_name(sub_name);
     IF patterns IS NULL OR cardinality(patterns) = 0 OR cardinality(patterns) > 100 THEN
@@ -208,7 +217,20 @@ BEGIN
                 USING ERRCODE = '22023';
         END IF;
     END LOOP;
+    -- The login first, then the name, in every call: sessions of one login take turns, and
+    -- any two calls for one name take turns. Each statement below reads a fresh snapshot
+    -- (READ COMMITTED), so it sees what the previous holder of the lock committed.
+    PERFORM pg_advisory_xact_lock(hashtextextended('tasker_core.subscriptions.login:' || session_user, 0));
+    PERFORM pg_advisory_xact_lock(hashtextextended('tasker_core.subscriptions.name:' || sub_name, 0));
     PERFORM tasker_core._check_subscription_owner(sub_name);
+    IF NOT EXISTS (SELECT 1 FROM tasker_core.subscriptions s WHERE s.name = sub_name) THEN
+        SELECT count(*) INTO owned FROM tasker_core.subscriptions s WHERE s.owner = session_user;
+        IF owned >= max_subs THEN
+            RAISE EXCEPTION 'too many subscriptions for login %: % (the limit is %)', session_user, owned + 1, max_subs
+                USING ERRCODE = '54000',
+                      HINT = 'unsubscribe those no longer used, or raise tasker_core.max_subscriptions_per_login';
+        END IF;
+    END IF;
     INSERT INTO tasker_core.subscriptions AS s (name, patterns, cursor_xid, cursor_id, owner)
     VALUES (sub_name, patterns, tasker_core._horizon_xid(), 0, session_user)
     ON CONFLICT (name) DO UPDATE SET patterns = excluded.patterns

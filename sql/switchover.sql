@@ -6,10 +6,12 @@
 --   SELECT tasker_core.switch_back();   -- restore the saved definitions, remove the
 --                                       -- triggers and the maintained state
 --
--- Both act on the data schema (tasker_core.data_schema, default public), are idempotent and
--- transactional. The wrappers are plain LANGUAGE sql functions that PostgreSQL inlines into
--- the caller's query, so `SELECT * FROM get_step_readiness_status($1, $2)` runs the Rust
--- function directly; they need no superuser to create.
+-- Both act on the data schema (tasker_core.data_schema, default public) and are
+-- transactional. switch_over() is idempotent; switch_back() without a switch-over to undo
+-- raises 55000 (object_not_in_prerequisite_state) and changes nothing. The wrappers are
+-- plain LANGUAGE sql functions that PostgreSQL inlines into the caller's query, so
+-- `SELECT * FROM get_step_readiness_status($1, $2)` runs the Rust function directly; they
+-- need no superuser to create.
 
 CREATE TABLE tasker_core.switchover (
     data_schema name NOT NULL,
@@ -113,6 +115,14 @@ DECLARE
     saved record;
     existing oid;
 BEGIN
+    -- switch_over() saved what it replaced in tasker_core.switchover; without those rows there
+    -- is nothing to restore, and removing the triggers would still change the database
+    IF NOT EXISTS (SELECT 1 FROM tasker_core.switchover s WHERE s.data_schema = ds) THEN
+        RAISE EXCEPTION 'tasker_core is not switched over'
+            USING ERRCODE = '55000',
+                  DETAIL = format('tasker_core.switch_over() has not been run for schema %s (or switch_back() already ran).', ds),
+                  HINT = 'to remove the maintained readiness state alone, run tasker_core.disable_tracking()';
+    END IF;
     FOR f IN SELECT * FROM tasker_core._compat_functions() LOOP
         SELECT * INTO saved FROM tasker_core.switchover s
          WHERE s.data_schema = ds AND s.object_kind = 'function' AND s.object_name = f.fname;

@@ -1,7 +1,10 @@
 -- The worker protocol's own state (leases) and the functions written in SQL: timers
 -- (tick), operator functions (cancel, retry, resolve) and the DAG picture.
 
--- One row per claimed step: who holds it and until when.
+-- One row per claimed step: who holds it and until when. `login` is the session_user that
+-- claimed it: only that login (or a superuser, or a member of tasker_admin) may complete,
+-- fail, release or heartbeat it. Claims made before 0.4.0 have none and are checked by
+-- worker id alone.
 CREATE TABLE tasker_core.step_claims (
     workflow_step_id bigint PRIMARY KEY,
     task_id bigint NOT NULL,
@@ -9,7 +12,8 @@ CREATE TABLE tasker_core.step_claims (
     lease_seconds integer NOT NULL CHECK (lease_seconds > 0),
     lease_expires_at timestamptz NOT NULL,
     claimed_at timestamptz NOT NULL DEFAULT tasker_core.now(),
-    heartbeat_at timestamptz
+    heartbeat_at timestamptz,
+    login name
 );
 CREATE INDEX step_claims_expiry_idx ON tasker_core.step_claims (lease_expires_at);
 SELECT pg_catalog.pg_extension_config_dump('tasker_core.step_claims', '');
@@ -84,17 +88,28 @@ END;
 $$;
 
 -- Cancels a task and, atomically, every step of it that is not finished. Returns the number
--- of steps cancelled.
+-- of steps cancelled. A finished task (complete, cancelled or resolved_manually, or flagged
+-- complete) is final: cancelling it changes nothing and returns 0.
 CREATE FUNCTION tasker_core.cancel_task(task_id bigint, reason text DEFAULT NULL) RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     ds name := tasker_core._data_schema();
     meta jsonb := jsonb_build_object('reason', COALESCE(reason, 'cancelled by operator'));
     st text;
+    done boolean;
     n integer := 0;
     s record;
 BEGIN
     PERFORM tasker_core._lock_task(ds, cancel_task.task_id);
+    -- read under the locks: a finalizer or another operator call that finished the task first
+    -- has committed by now
+    EXECUTE format('SELECT tt.to_state::text, t.complete FROM %1$I.tasker_tasks t
+                    LEFT JOIN %1$I.tasker_task_transitions tt ON tt.task_id = t.task_id AND tt.most_recent
+                    WHERE t.task_id = $1', ds)
+        INTO st, done USING cancel_task.task_id;
+    IF done OR st IN ('complete', 'cancelled', 'resolved_manually') THEN
+        RETURN 0;
+    END IF;
     FOR s IN SELECT x.workflow_step_id, x.state FROM tasker_core.step_state x
              WHERE x.task_id = cancel_task.task_id
                AND (x.state IS NULL OR x.state IN ('pending', 'in_progress', 'error'))
@@ -108,8 +123,6 @@ BEGIN
     DELETE FROM tasker_core.step_claims c WHERE c.task_id = cancel_task.task_id;
     EXECUTE format('UPDATE %I.tasker_workflow_steps SET in_process = false WHERE task_id = $1 AND in_process', ds)
         USING cancel_task.task_id;
-    EXECUTE format('SELECT to_state::text FROM %I.tasker_task_transitions WHERE task_id = $1 AND most_recent', ds)
-        INTO st USING cancel_task.task_id;
     IF st = 'error' THEN
         PERFORM tasker_core.transition_task(cancel_task.task_id, 'pending', meta);
     END IF;
@@ -119,7 +132,9 @@ END;
 $$;
 
 -- Retries a task: every step in error goes back to pending with its attempts reset (and is
--- made retryable again), the task goes from error back to pending, and workers are woken.
+-- made retryable again), and so does every pending step whose retries are used up (attempts
+-- at its retry_limit, or not retryable after an attempt), which could otherwise never be
+-- claimed; the task goes from error back to pending, and workers are woken.
 -- Returns the number of steps reset.
 CREATE FUNCTION tasker_core.retry_task(task_id bigint) RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -136,13 +151,19 @@ BEGIN
     IF st IN ('complete', 'cancelled', 'resolved_manually') THEN
         RAISE EXCEPTION 'task % cannot be retried: it is %', retry_task.task_id, st USING ERRCODE = 'TK002';
     END IF;
-    FOR s IN SELECT x.workflow_step_id FROM tasker_core.step_state x
-             WHERE x.task_id = retry_task.task_id AND x.state = 'error'
+    FOR s IN SELECT x.workflow_step_id, x.state FROM tasker_core.step_state x
+             WHERE x.task_id = retry_task.task_id
+               AND (x.state = 'error'
+                    OR ((x.state IS NULL OR x.state = 'pending')
+                        AND (COALESCE(x.attempts, 0) >= COALESCE(x.retry_limit, 3)
+                             OR (NOT COALESCE(x.retryable, true) AND COALESCE(x.attempts, 0) > 0))))
              ORDER BY x.workflow_step_id LOOP
         EXECUTE format('UPDATE %I.tasker_workflow_steps SET attempts = 0, retryable = true,
                                backoff_request_seconds = NULL, updated_at = (tasker_core.now() AT TIME ZONE ''UTC'')
                         WHERE workflow_step_id = $1', ds) USING s.workflow_step_id;
-        PERFORM tasker_core.transition_step(s.workflow_step_id, 'pending', meta);
+        IF s.state = 'error' THEN
+            PERFORM tasker_core.transition_step(s.workflow_step_id, 'pending', meta);
+        END IF;
         n := n + 1;
     END LOOP;
     IF st = 'error' THEN
