@@ -10,6 +10,7 @@ import os
 import random
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
@@ -407,3 +408,317 @@ def test_no_deadlock_with_statesman_update_then_insert(tasker_db, kind):
     assert result["ours"] in (True, False), result
     with tasker_db.connect() as conn:
         assert conn.execute(f"SELECT count(*) FROM {table} WHERE {key} = 1 AND most_recent").fetchone()[0] == 1
+
+
+# ------------------------------------------------------------------------------------------
+# issue 11 items 4 and 7: operator calls, lease expiry (claims and tick) and heartbeats racing
+# workers on real connections. One lock order everywhere: no deadlock, unique violation or
+# internal error ever reaches a caller, and every outcome is one the caller can act on.
+# ------------------------------------------------------------------------------------------
+
+T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
+NEVER = {"40P01", "23505", "XX000"}
+WIDE = {"name": "wide", "namespace_name": "wide", "version": "1.0.0",
+        "step_templates": [{"name": f"s{i}", "handler_class": "S"} for i in range(60)]}
+PAIR = {"name": "pair", "namespace_name": "lease", "version": "1.0.0",
+        "step_templates": [{"name": "a", "handler_class": "A"},
+                           {"name": "b", "handler_class": "B", "depends_on_step": "a"}]}
+ONE = {"name": "one", "namespace_name": "one", "version": "1.0.0",
+       "step_templates": [{"name": "only", "handler_class": "O"}]}
+
+
+@pytest.fixture
+def rdb(tasker_db):
+    tasker_db.scalar("SELECT tasker_core.enable_tracking()")
+    for t in (WIDE, PAIR, ONE):
+        tasker_db.scalar("SELECT tasker_core.register_task_template(%s)", (Jsonb(t),))
+    return tasker_db
+
+
+def session(db):
+    conn = db.connect()
+    conn.execute(FAST_DEADLOCK_DETECTION)
+    conn.execute("SET tasker_core.backoff_jitter = off")
+    return conn
+
+
+def at(conn, ts):
+    conn.execute("SELECT set_config('tasker_core.fake_now', %s, false)", (ts.isoformat(),))
+
+
+def call(conn, sql, params=None):
+    """('ok', rows) or (sqlstate, first line of the message)."""
+    try:
+        return ("ok", conn.execute(sql, params).fetchall())
+    except psycopg.Error as e:
+        return (e.sqlstate, str(e).splitlines()[0])
+
+
+def together(*fns):
+    """Runs the callables in threads released at the same moment; returns their results."""
+    barrier = threading.Barrier(len(fns))
+    results = [None] * len(fns)
+
+    def run(i, fn):
+        barrier.wait()
+        try:
+            results[i] = fn()
+        except Exception as e:  # noqa: BLE001 - reported below
+            results[i] = ("exception", repr(e))
+
+    threads = [threading.Thread(target=run, args=(i, fn), daemon=True) for i, fn in enumerate(fns)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert not any(th.is_alive() for th in threads), "a racing call hung"
+    return results
+
+
+def last_step_transition(conn, step):
+    return conn.execute("SELECT to_state, metadata FROM tasker_workflow_step_transitions "
+                        "WHERE workflow_step_id = %s AND most_recent", (step,)).fetchone()
+
+
+def lease_expired_count(conn, step):
+    return conn.execute("SELECT count(*) FROM tasker_workflow_step_transitions WHERE workflow_step_id = %s "
+                        "AND metadata ->> 'reason' = 'lease_expired'", (step,)).fetchone()[0]
+
+
+def drain(conn, worker, namespace):
+    """Completes the steps the worker holds, then claims and completes whatever is left of a
+    namespace (the worker's clock as it is)."""
+    for (s,) in conn.execute("SELECT workflow_step_id FROM tasker_core.step_claims WHERE worker_id = %s",
+                             (worker,)).fetchall():
+        conn.execute("SELECT tasker_core.complete_step(%s, %s, '{}')", (s, worker))
+    for _ in range(20):
+        rows = conn.execute("SELECT workflow_step_id FROM tasker_core.claim_steps(%s, ARRAY[%s], 100, 600)",
+                            (worker, namespace)).fetchall()
+        if not rows:
+            return
+        for (s,) in rows:
+            conn.execute("SELECT tasker_core.complete_step(%s, %s, '{}')", (s, worker))
+    raise AssertionError("the namespace did not drain")
+
+
+def test_workers_race_cancel_task_of_a_wide_task(rdb):
+    """complete_step / fail_step / release_step / heartbeat of a task's steps while an
+    operator cancels it: the worker loses the steps the cancellation took (TK030), nothing
+    else; the operator's call always succeeds."""
+    worker, op = session(rdb), session(rdb)
+    bad = collections.Counter()
+    try:
+        for it in range(20):
+            task = op.execute("SELECT tasker_core.create_task('wide', 'wide', NULL, %s)", (Jsonb({"i": it}),)).fetchone()[0]
+            steps = [r[0] for r in worker.execute(
+                "SELECT workflow_step_id FROM tasker_core.claim_steps('w', ARRAY['wide'], 100, 600)")]
+            assert len(steps) == 60
+            sqls = ["SELECT tasker_core.complete_step(%s, 'w', '{}')",
+                    "SELECT tasker_core.fail_step(%s, 'w', '{\"message\": \"x\"}')",
+                    "SELECT tasker_core.release_step(%s, 'w')",
+                    "SELECT tasker_core.heartbeat(%s, 'w')"]
+
+            def work():
+                return {s: (k % 4, call(worker, sqls[k % 4], (s,))) for k, s in enumerate(steps)}
+
+            done, cancelled = together(work, lambda: call(op, "SELECT tasker_core.cancel_task(%s, 'race')", (task,)))
+            for kind, (state, _) in done.values():
+                if state not in ("ok", "TK030"):
+                    bad[state] += 1
+            if cancelled[0] != "ok":
+                bad[cancelled[0]] += 1
+                continue
+            completed = {s for s, (kind, (state, _)) in done.items() if kind == 0 and state == "ok"}
+            with rdb.connect() as c:
+                states = dict(c.execute("SELECT workflow_step_id, to_state FROM tasker_workflow_step_transitions "
+                                        "WHERE most_recent AND workflow_step_id = ANY(%s)", (steps,)).fetchall())
+                assert {s for s, st in states.items() if st == "complete"} == completed, it
+                assert all(st == "cancelled" for s, st in states.items() if s not in completed), states
+                assert c.execute("SELECT to_state FROM tasker_task_transitions WHERE task_id = %s AND most_recent",
+                                 (task,)).fetchone()[0] == "cancelled"
+                assert c.execute("SELECT count(*) FROM tasker_core.step_claims WHERE task_id = %s", (task,)).fetchone()[0] == 0
+                assert c.execute("SELECT count(*) FROM tasker_workflow_steps WHERE task_id = %s AND in_process",
+                                 (task,)).fetchone()[0] == 0
+        assert not bad, f"errors reached the worker or the operator: {dict(bad)}"
+        with rdb.connect() as c:
+            assert c.execute("SELECT * FROM tasker_core.verify()").fetchall() == []
+            assert c.execute("SELECT * FROM tasker_core.check_tracking()").fetchall() == []
+    finally:
+        worker.close()
+        op.close()
+
+
+@pytest.mark.parametrize("expirer", ["claim", "tick"])
+def test_completion_races_lease_expiry_at_the_deadline(rdb, expirer):
+    """A worker completes its step just before its lease deadline while another worker's claim
+    (or tick()) expires leases just after it: either the completion wins (the step is complete,
+    never expired) or the expiry wins (the completion gets TK030, the step is retried) —
+    never a deadlock, and the claim never fails."""
+    w1, w2 = session(rdb), session(rdb)
+    outcomes = collections.Counter()
+    try:
+        for it in range(30):
+            t = T0 + timedelta(hours=it)
+            at(w1, t)
+            at(w2, t + timedelta(seconds=10))
+            w1.execute("SELECT tasker_core.create_task('lease', 'pair', NULL, %s)", (Jsonb({"i": it}),))
+            (a,) = w1.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w1', ARRAY['lease'], 1, 10)").fetchone()
+            at(w1, t + timedelta(seconds=10) - timedelta(milliseconds=1))
+            expire = ("SELECT workflow_step_id FROM tasker_core.claim_steps('w2', ARRAY['lease'], 5, 600)"
+                      if expirer == "claim" else "SELECT tasker_core.tick()")
+            done, expired = together(lambda: call(w1, "SELECT tasker_core.complete_step(%s, 'w1', '{\"by\": 1}')", (a,)),
+                                     lambda: call(w2, expire))
+            outcomes[(done[0], expired[0])] += 1
+            assert done[0] in ("ok", "TK030"), (it, done)
+            assert expired[0] == "ok", (it, expired)
+            with rdb.connect() as c:
+                if done[0] == "ok":
+                    assert lease_expired_count(c, a) == 0, (it, "completed and expired")
+                    assert last_step_transition(c, a)[0] == "complete"
+                    if expirer == "claim":
+                        assert a not in [r[0] for r in expired[1]]
+                else:
+                    assert lease_expired_count(c, a) == 1, it
+                    if expirer == "claim":
+                        assert a in [r[0] for r in expired[1]], (it, expired)
+            drain(w2, "w2", "lease")
+            with rdb.connect() as c:
+                assert c.execute("SELECT count(*) FROM tasker_workflow_step_transitions WHERE workflow_step_id = %s "
+                                 "AND to_state = 'complete'", (a,)).fetchone()[0] == 1
+        print(dict(outcomes))
+        with rdb.connect() as c:
+            assert c.execute("SELECT count(*) FROM tasker_tasks WHERE NOT complete").fetchone()[0] == 0
+            assert c.execute("SELECT * FROM tasker_core.check_tracking()").fetchall() == []
+    finally:
+        w1.close()
+        w2.close()
+
+
+@pytest.mark.parametrize("expirer", ["claim", "tick"])
+def test_heartbeat_races_lease_expiry_at_the_deadline(rdb, expirer):
+    """A heartbeat just before the deadline against an expiry just after it: a heartbeat that
+    returned a new deadline means the worker still holds the step until that deadline; a
+    heartbeat that lost gets TK030."""
+    w1, w2 = session(rdb), session(rdb)
+    outcomes = collections.Counter()
+    try:
+        for it in range(30):
+            t = T0 + timedelta(hours=it)
+            at(w1, t)
+            at(w2, t + timedelta(seconds=10))
+            w1.execute("SELECT tasker_core.create_task('one', 'one', NULL, %s)", (Jsonb({"i": it}),))
+            (s,) = w1.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w1', ARRAY['one'], 1, 10)").fetchone()
+            at(w1, t + timedelta(seconds=10) - timedelta(milliseconds=1))
+            expire = ("SELECT workflow_step_id FROM tasker_core.claim_steps('w2', ARRAY['one'], 5, 600)"
+                      if expirer == "claim" else "SELECT tasker_core.tick()")
+            beat, expired = together(lambda: call(w1, "SELECT tasker_core.heartbeat(%s, 'w1')", (s,)),
+                                     lambda: call(w2, expire))
+            outcomes[(beat[0], expired[0])] += 1
+            assert beat[0] in ("ok", "TK030"), (it, beat)
+            assert expired[0] == "ok", (it, expired)
+            with rdb.connect() as c:
+                claim = c.execute("SELECT worker_id, lease_expires_at FROM tasker_core.step_claims "
+                                  "WHERE workflow_step_id = %s", (s,)).fetchone()
+                if beat[0] == "ok":
+                    deadline = beat[1][0][0]
+                    assert deadline == t + timedelta(seconds=20) - timedelta(milliseconds=1)
+                    assert claim == ("w1", deadline), (it, "the heartbeat was discarded", claim)
+                    assert last_step_transition(c, s)[0] == "in_progress"
+                    assert lease_expired_count(c, s) == 0, it
+                    if expirer == "claim":
+                        assert s not in [r[0] for r in expired[1]], it
+                    assert w1.execute("SELECT tasker_core.complete_step(%s, 'w1', '{}')", (s,)).fetchone()[0]
+                else:
+                    assert claim is None or claim[0] == "w2", (it, claim)
+                    assert lease_expired_count(c, s) == 1, it
+            drain(w2, "w2", "one")
+        print(dict(outcomes))
+        with rdb.connect() as c:
+            assert c.execute("SELECT count(*) FROM tasker_tasks WHERE NOT complete").fetchone()[0] == 0
+    finally:
+        w1.close()
+        w2.close()
+
+
+def test_a_heartbeat_committed_while_a_claim_expires_the_lease_keeps_the_step(rdb):
+    """The window widened by hand: the heartbeat's transaction is still open when a claim at
+    the deadline looks for expired leases. Once the heartbeat commits, its deadline holds:
+    the claim must not take the step (nor fail)."""
+    w1, w2 = session(rdb), session(rdb)
+    try:
+        at(w1, T0)
+        w1.execute("SELECT tasker_core.create_task('one', 'one', NULL, '{}')")
+        (s,) = w1.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w1', ARRAY['one'], 1, 10)").fetchone()
+        at(w2, T0 + timedelta(seconds=10))
+        with rdb.connect(autocommit=False) as beat:
+            beat.execute("SELECT set_config('tasker_core.fake_now', %s, true)",
+                         ((T0 + timedelta(seconds=9)).isoformat(),))
+            deadline = beat.execute("SELECT tasker_core.heartbeat(%s, 'w1')", (s,)).fetchone()[0]
+            assert deadline == T0 + timedelta(seconds=19)
+            box = {}
+            th = threading.Thread(target=lambda: box.setdefault(
+                "claim", call(w2, "SELECT workflow_step_id FROM tasker_core.claim_steps('w2', ARRAY['one'], 5, 600)")))
+            th.start()
+            with rdb.connect() as probe:
+                for _ in range(100):       # until the claim waits for the heartbeat, or is done
+                    if not th.is_alive() or probe.execute(
+                            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND wait_event_type = 'Lock' AND query LIKE '%claim_steps%'").fetchone()[0]:
+                        break
+                    time.sleep(0.02)
+            beat.commit()
+            th.join(30)
+        assert box["claim"][0] == "ok", box
+        assert s not in [r[0] for r in box["claim"][1]], "the claim took a step whose heartbeat succeeded"
+        with rdb.connect() as c:
+            assert c.execute("SELECT worker_id, lease_expires_at FROM tasker_core.step_claims WHERE workflow_step_id = %s",
+                             (s,)).fetchone() == ("w1", deadline)
+            assert lease_expired_count(c, s) == 0
+        at(w1, T0 + timedelta(seconds=18))
+        assert w1.execute("SELECT tasker_core.complete_step(%s, 'w1', '{}')", (s,)).fetchone()[0] is True
+    finally:
+        w1.close()
+        w2.close()
+
+
+def test_resolve_step_manually_races_the_worker(rdb):
+    """An operator resolves a step while its worker completes (or fails) it: one of them
+    wins, the other gets its documented error (TK030 for the worker, TK002 for resolving a
+    completed step), never a deadlock."""
+    worker, op = session(rdb), session(rdb)
+    outcomes = collections.Counter()
+    try:
+        for it in range(30):
+            task = op.execute("SELECT tasker_core.create_task('one', 'one', NULL, %s)", (Jsonb({"i": it}),)).fetchone()[0]
+            (s,) = worker.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w', ARRAY['one'], 1, 600)").fetchone()
+            if it % 2 == 0:
+                work = "SELECT tasker_core.complete_step(%s, 'w', '{\"by\": \"worker\"}')"
+            else:
+                work = "SELECT tasker_core.fail_step(%s, 'w', '{\"message\": \"x\"}', false)"
+            done, resolved = together(lambda: call(worker, work, (s,)),
+                                      lambda: call(op, "SELECT tasker_core.resolve_step_manually(%s, '{\"by\": \"op\"}')", (s,)))
+            outcomes[(it % 2, done[0], resolved[0])] += 1
+            assert done[0] in ("ok", "TK030"), (it, done, resolved)
+            assert resolved[0] in ("ok", "TK002"), (it, done, resolved)
+            with rdb.connect() as c:
+                state = last_step_transition(c, s)[0]
+                results = c.execute("SELECT results FROM tasker_workflow_steps WHERE workflow_step_id = %s", (s,)).fetchone()[0]
+                task_state = c.execute("SELECT to_state FROM tasker_task_transitions WHERE task_id = %s AND most_recent",
+                                       (task,)).fetchone()[0]
+            if it % 2 == 0:
+                # exactly one of them finished the step
+                assert (done[0] == "ok") != (resolved[0] == "ok"), (it, done, resolved)
+                assert state == ("complete" if done[0] == "ok" else "resolved_manually")
+                assert results == {"by": "worker" if done[0] == "ok" else "op"}
+            else:
+                # a failed step can still be resolved: the operator always succeeds
+                assert resolved[0] == "ok", (it, done, resolved)
+                assert state == "resolved_manually" and results == {"by": "op"}
+            assert task_state == "complete", (it, task_state)
+        print(dict(outcomes))
+        with rdb.connect() as c:
+            assert c.execute("SELECT count(*) FROM tasker_core.step_claims").fetchone()[0] == 0
+            assert c.execute("SELECT * FROM tasker_core.verify()").fetchall() == []
+    finally:
+        worker.close()
+        op.close()

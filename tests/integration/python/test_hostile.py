@@ -200,3 +200,178 @@ def test_oversized_payloads_are_refused_with_54000(hdb):
         assert conn.execute("SELECT tasker_core.complete_step(%s, 'w', %s::jsonb)",
                             (step, json.dumps({"blob": "x" * 100}))).fetchone()[0]
 
+
+
+# --- issue 11 item 1: JSON nested past serde's 128 levels ---------------------------------
+# The limit is 100 levels (a scalar is depth 0, [] and {} depth 1, [[1]] depth 2); deeper
+# arguments are refused with TK026 and change nothing. Stored data of any depth (Rails writes
+# it directly) never makes a claim fail.
+
+def nested(depth):
+    """A JSON array text exactly `depth` levels deep."""
+    return "[" * depth + "1" + "]" * depth
+
+
+def nested_object(depth):
+    """A JSON object text exactly `depth` levels deep ({"a": [[...]]})."""
+    return '{"a": ' + nested(depth - 1) + "}"
+
+
+def deep_template(depth):
+    """The module's template with handler_config nesting it to exactly `depth` levels
+    (template object, step_templates array, step object, then the config)."""
+    t = json.dumps({**TEMPLATE, "name": f"deep{depth}"})
+    return t.replace('"handler_class": "A"', '"handler_class": "A", "handler_config": ' + nested_object(depth - 3), 1)
+
+
+# (what, SQL, builder of the argument at a given depth)
+DEEP_CALLS = [
+    ("results", "SELECT tasker_core.complete_step(%(step)s, 'w', %(arg)s::jsonb)", nested),
+    ("results_object", "SELECT tasker_core.complete_step(%(step)s, 'w', %(arg)s::jsonb)", nested_object),
+    ("resolve_results", "SELECT tasker_core.resolve_step_manually(%(step)s, %(arg)s::jsonb)", nested),
+    ("error", "SELECT tasker_core.fail_step(%(step)s, 'w', %(arg)s::jsonb)", nested),
+    ("context", "SELECT tasker_core.create_task('hostile', 'h', NULL, %(arg)s::jsonb)", nested_object),
+    ("options", "SELECT tasker_core.create_task('hostile', 'h', NULL, '{}', %(arg)s::jsonb)",
+     lambda d: '{"tags": ' + nested(d - 1) + "}"),
+    ("template", "SELECT tasker_core.register_task_template(%(arg)s::jsonb)", deep_template),
+    ("step_metadata", "SELECT tasker_core.transition_step(%(child)s, 'error', %(arg)s::jsonb)", nested_object),
+    ("task_metadata", "SELECT tasker_core.transition_task(1, 'error', %(arg)s::jsonb)", nested_object),
+]
+
+
+@pytest.mark.parametrize("depth", [101, 1000])
+@pytest.mark.parametrize("what,sql,build", DEEP_CALLS, ids=[c[0] for c in DEEP_CALLS])
+def test_json_nested_past_the_limit_is_refused_with_tk026(hdb, what, sql, build, depth):
+    with hdb.connect() as conn:
+        step = conn.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w')").fetchone()[0]
+        child = conn.execute("SELECT workflow_step_id FROM tasker_workflow_steps WHERE workflow_step_id <> %s "
+                             "ORDER BY 1 LIMIT 1", (step,)).fetchone()[0]
+        before = snapshot(conn)
+        with pytest.raises(psycopg.Error) as err:
+            conn.execute(sql, {"step": step, "child": child, "arg": build(depth)})
+        assert err.value.sqlstate == "TK026", (what, depth, err.value.sqlstate, str(err.value))
+        assert snapshot(conn) == before, what
+        # the worker still holds its step and finishes it
+        assert conn.execute("SELECT tasker_core.complete_step(%s, 'w', '{}')", (step,)).fetchone()[0] is True
+
+
+def test_json_nested_exactly_100_deep_is_accepted_everywhere(hdb):
+    with hdb.connect() as conn:
+        assert conn.execute("SELECT tasker_core.register_task_template(%s::jsonb)", (deep_template(100),)).fetchone()[0]
+        task = conn.execute("SELECT tasker_core.create_task('hostile', 'h', NULL, %s::jsonb, %s::jsonb)",
+                            (nested_object(100), '{"tags": ' + nested(99) + "}")).fetchone()[0]
+        conn.execute("SELECT tasker_core.transition_task(%s, 'in_progress', %s::jsonb)", (task, nested_object(100)))
+        steps = [r[0] for r in conn.execute("SELECT workflow_step_id FROM tasker_workflow_steps WHERE task_id = %s "
+                                            "ORDER BY 1", (task,))]
+        assert conn.execute("SELECT tasker_core.transition_step(%s, 'error', %s::jsonb)",
+                            (steps[1], nested_object(100))).fetchone()[0] is True
+        # the deep context reached the steps' inputs; the deep template config reaches the worker
+        claimed = {r[0]: r for r in conn.execute(
+            "SELECT workflow_step_id, inputs, handler_config FROM tasker_core.claim_steps('w', ARRAY['hostile'], 10)")}
+        assert claimed[steps[0]][1] == json.loads(nested_object(100))
+        # an error 100 deep is stored under "error"
+        assert conn.execute("SELECT tasker_core.fail_step(%s, 'w', %s::jsonb, false)", (steps[0], nested(100))).fetchone()[0] is None
+        assert conn.execute("SELECT results -> 'error' FROM tasker_workflow_steps WHERE workflow_step_id = %s",
+                            (steps[0],)).fetchone()[0] == json.loads(nested(100))
+        assert conn.execute("SELECT tasker_core.resolve_step_manually(%s, %s::jsonb)",
+                            (steps[0], nested(100))).fetchone()[0] is True
+        deep = json.loads(deep_template(100))["step_templates"][0]["handler_config"]
+        assert conn.execute("SELECT tasker_core.get_task_template('hostile', 'deep100')").fetchone()[0][
+            "step_templates"][0]["handler_config"] == deep
+
+
+def test_results_100_deep_are_accepted_and_the_child_claims_them_101_are_refused(hdb):
+    """Complete with results at the limit: the child's parent_results wraps them one level
+    deeper, and claims of the namespace (and unfiltered ones) keep working."""
+    hdb.scalar("SELECT tasker_core.create_task('hostile', 'h', NULL, '{\"other\": 1}')")
+    with hdb.connect() as conn:
+        (a,) = conn.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w', ARRAY['hostile'])").fetchone()
+        before = snapshot(conn)
+        with pytest.raises(psycopg.Error) as err:
+            conn.execute("SELECT tasker_core.complete_step(%s, 'w', %s::jsonb)", (a, nested(101)))
+        assert err.value.sqlstate == "TK026", str(err.value)
+        assert snapshot(conn) == before
+        assert conn.execute("SELECT tasker_core.complete_step(%s, 'w', %s::jsonb)", (a, nested(100))).fetchone()[0]
+        rows = conn.execute("SELECT workflow_step_id, step_name, parent_results "
+                            "FROM tasker_core.claim_steps('w2', ARRAY['hostile'], 10)").fetchall()
+        child = [r for r in rows if r[1] == "b"]
+        assert len(child) == 1, rows
+        assert child[0][2] == {"a": json.loads(nested(100))}
+        assert [r[1] for r in rows].count("a") == 1, "the other task's root is claimed in the same call"
+        assert conn.execute("SELECT tasker_core.complete_step(%s, 'w2', '{}')", (child[0][0],)).fetchone()[0]
+
+
+def test_data_300_deep_written_directly_never_makes_a_claim_fail(hdb):
+    """Rails writes the tables directly: results, inputs and template configuration of any
+    depth are handed to workers as they are, and no claim (filtered or not) fails."""
+    deep = nested(300)
+    with hdb.connect() as conn:
+        (a,) = conn.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w', ARRAY['hostile'])").fetchone()
+        assert conn.execute("SELECT tasker_core.complete_step(%s, 'w', '{}')", (a,)).fetchone()[0]
+        b = conn.execute("SELECT workflow_step_id FROM tasker_workflow_steps WHERE workflow_step_id <> %s "
+                         "AND task_id = 1", (a,)).fetchone()[0]
+        # as Rails could: the parent's results, the child's inputs, the template's handler_config
+        other = conn.execute("SELECT tasker_core.create_task('hostile', 'h', NULL, '{\"n\": 2}')").fetchone()[0]
+        conn.execute("UPDATE tasker_workflow_steps SET results = %s::jsonb WHERE workflow_step_id = %s", (deep, a))
+        conn.execute("UPDATE tasker_workflow_steps SET inputs = %s::jsonb WHERE workflow_step_id = %s",
+                     (nested_object(300), b))
+        conn.execute("""UPDATE tasker_named_tasks SET configuration =
+                            jsonb_set(configuration, '{step_templates,1,handler_config}', %s::jsonb)
+                        WHERE name = 'h'""", (nested_object(300),))
+        # a filtered claim of the namespace
+        rows = conn.execute("SELECT workflow_step_id, parent_results, inputs, handler_config "
+                            "FROM tasker_core.claim_steps('w2', ARRAY['hostile'], 1)").fetchall()
+        assert [r[0] for r in rows] == [b]
+        assert rows[0][1] == {"a": json.loads(deep)}
+        assert rows[0][2] == json.loads(nested_object(300))
+        assert rows[0][3] == json.loads(nested_object(300))
+        # an unfiltered claim right after gets the other task's root
+        rows = conn.execute("SELECT task_id, step_name FROM tasker_core.claim_steps('w3', NULL, 10)").fetchall()
+        assert rows == [(other, "a")]
+        assert conn.execute("SELECT tasker_core.complete_step(%s, 'w2', %s::jsonb)", (b, '{"ok": 1}')).fetchone()[0]
+        assert conn.execute("SELECT * FROM tasker_core.check_tracking()").fetchall() == []
+
+
+# --- issue 11 item 2: uniqueItems is linear (and compares numbers by value) ------------------
+
+UNIQUE = {"name": "uniq", "namespace_name": "hostile", "version": "1.0.0",
+          "schema": {"type": "object", "properties": {"ids": {"type": "array", "uniqueItems": True}}},
+          "step_templates": [{"name": "a", "handler_class": "A"}]}
+
+
+def test_large_unique_items_arrays_are_checked_within_a_statement_timeout(hdb):
+    hdb.scalar("SELECT tasker_core.register_task_template(%s::jsonb)", (json.dumps(UNIQUE),))
+    n = 100_000      # quadratic: minutes of uninterruptible CPU; linear: well under a second
+    with hdb.connect() as conn:
+        conn.execute("SET statement_timeout = '20s'")
+        started = time.monotonic()
+        task = conn.execute("SELECT tasker_core.create_task('hostile', 'uniq', NULL, %s::jsonb)",
+                            (json.dumps({"ids": list(range(n))}),)).fetchone()[0]
+        assert task and time.monotonic() - started < 20
+        before = snapshot(conn)
+        with pytest.raises(psycopg.Error) as err:
+            conn.execute("SELECT tasker_core.create_task('hostile', 'uniq', NULL, %s::jsonb)",
+                         (json.dumps({"ids": list(range(n)) + [n - 1]}),))
+        assert err.value.sqlstate == "TK025", (err.value.sqlstate, str(err.value))
+        assert "/ids" in str(err.value)
+        assert snapshot(conn) == before
+
+
+@pytest.mark.parametrize("ids,unique", [
+    ([1, 1.0], False),
+    ([1, 2, 3, 2.00], False),
+    ([0, -0.0], False),
+    ([{"a": 1, "b": [1, 2]}, {"b": [1.0, 2], "a": 1}], False),
+    ([[1, 2], [2, 1]], True),
+    ([1, "1", True, None, [1], {"1": 1}], True),
+    ([{"a": 1}, {"a": 1, "b": None}], True),
+])
+def test_unique_items_compares_values_not_text(hdb, ids, unique):
+    hdb.scalar("SELECT tasker_core.register_task_template(%s::jsonb)", (json.dumps(UNIQUE),))
+    with hdb.connect() as conn:
+        state = None
+        try:
+            conn.execute("SELECT tasker_core.create_task('hostile', 'uniq', NULL, %s::jsonb)", (json.dumps({"ids": ids}),))
+        except psycopg.Error as e:
+            state = e.sqlstate
+        assert state == (None if unique else "TK025"), ids

@@ -182,3 +182,19 @@ def test_workload_survives_sigkill_and_immediate_restart():
             assert twice == []
     finally:
         cluster("stop", cluster_dir)
+
+
+def test_metrics_and_verify_without_the_tables_raise_tk010(db):
+    """Issue 11 item 13: they raised PostgreSQL's 42P01 where every other function says TK010."""
+    for sql in ["SELECT tasker_core.metrics()", "SELECT * FROM tasker_core.verify()"]:
+        with pytest.raises(psycopg.Error) as err:
+            db.execute(sql)
+        assert err.value.sqlstate == "TK010", (sql, err.value.sqlstate, str(err.value))
+    db.execute("CREATE SCHEMA elsewhere")
+    setup_db(db, tasks=1)
+    with db.connect() as conn:
+        conn.execute("SET tasker_core.data_schema = 'elsewhere'")
+        for sql in ["SELECT tasker_core.metrics()", "SELECT * FROM tasker_core.verify()"]:
+            with pytest.raises(psycopg.Error) as err:
+                conn.execute(sql)
+            assert err.value.sqlstate == "TK010", (sql, err.value.sqlstate, str(err.value))

@@ -2,6 +2,8 @@
 through real logins; settings that change what the SECURITY DEFINER functions do are
 superuser-only; names that reach SQL or NOTIFY can not inject anything."""
 import json
+import threading
+import time
 import uuid
 
 import psycopg
@@ -229,3 +231,118 @@ def test_names_can_not_inject_sql(logins, evil):
         assert sqlstate_of(su, "SELECT * FROM tasker_core.claim_steps('w')") in ("22023", "3F000", "42602", "TK010")
     assert db.scalar("SELECT to_regclass('public.tasker_tasks') IS NOT NULL")
     assert db.scalar("SELECT count(*) FROM tasker_tasks") >= 1
+
+
+# --- issue 11 item 3: a worker id is tied to the login that claimed with it -------------------
+
+def error_text(e):
+    d = e.diag
+    return " ".join(x or "" for x in (str(e), d.message_primary, d.message_detail, d.message_hint, d.context))
+
+
+WORKER_CALLS = [("complete_step", "SELECT tasker_core.complete_step(%s, %s, '{\"forged\": true}')"),
+                ("fail_step", "SELECT tasker_core.fail_step(%s, %s, '{\"message\": \"forged\"}')"),
+                ("release_step", "SELECT tasker_core.release_step(%s, %s)"),
+                ("heartbeat", "SELECT tasker_core.heartbeat(%s, %s)")]
+
+
+def test_another_login_can_neither_learn_nor_reuse_a_worker_id(logins):
+    db, login = logins
+    secret = f"worker-a-{uuid.uuid4().hex[:10]}"
+    with login("worker") as a, login("worker2") as b:
+        (step,) = a.execute("SELECT workflow_step_id FROM tasker_core.claim_steps(%s)", (secret,)).fetchone()
+        before = db.execute("SELECT * FROM tasker_core.step_claims") + db.execute(
+            "SELECT workflow_step_id, results, processed, in_process, attempts FROM tasker_workflow_steps ORDER BY 1")
+        # B guesses: TK030, and the error does not tell it A's worker id or login
+        for fn, sql in WORKER_CALLS:
+            with pytest.raises(psycopg.Error) as err:
+                b.execute(sql, (step, "guess"))
+            assert err.value.sqlstate == "TK030", (fn, str(err.value))
+            text = error_text(err.value)
+            assert secret not in text and a.info.user not in text, (fn, text)
+        # B uses A's worker id (read from a log, a dashboard, an old error): still TK030
+        for fn, sql in WORKER_CALLS:
+            with pytest.raises(psycopg.Error) as err:
+                b.execute(sql, (step, secret))
+            assert err.value.sqlstate == "TK030", (fn, str(err.value))
+            assert a.info.user not in error_text(err.value), fn
+        after = db.execute("SELECT * FROM tasker_core.step_claims") + db.execute(
+            "SELECT workflow_step_id, results, processed, in_process, attempts FROM tasker_workflow_steps ORDER BY 1")
+        assert after == before, "another login's call changed the step"
+        # A still holds its step; the child sees A's results, not forged ones
+        assert a.execute("SELECT tasker_core.heartbeat(%s, %s) IS NOT NULL", (step, secret)).fetchone()[0]
+        assert a.execute("SELECT tasker_core.complete_step(%s, %s, '{\"by\": \"a\"}')", (step, secret)).fetchone()[0]
+        (parents,) = b.execute("SELECT parent_results FROM tasker_core.claim_steps('b1')").fetchone()
+        assert parents == {"a": {"by": "a"}}
+        assert db.scalar("SELECT worker_id FROM tasker_core.step_claims") == "b1"
+
+
+def test_an_operator_or_a_superuser_may_finish_another_login_s_step(logins):
+    db, login = logins
+    db.execute("SELECT tasker_core.create_task('roles', 'roles_flow', NULL, jsonb_build_object('n', g)) "
+               "FROM generate_series(1, 3) g")
+    with login("worker") as w, login("admin") as adm:
+        db.execute(f'GRANT tasker_worker TO "{adm.info.user}"')     # the worker functions, as an operator
+        s1, s2, s3, s4 = [r[0] for r in w.execute(
+            "SELECT workflow_step_id FROM tasker_core.claim_steps('wa', NULL, 4)").fetchall()]
+        assert adm.execute("SELECT tasker_core.heartbeat(%s, 'wa') IS NOT NULL", (s1,)).fetchone()[0]
+        assert adm.execute("SELECT tasker_core.complete_step(%s, 'wa', '{\"by\": \"admin\"}')", (s1,)).fetchone()[0]
+        assert adm.execute("SELECT tasker_core.release_step(%s, 'wa')", (s2,)).fetchone()[0]
+        assert adm.execute("SELECT tasker_core.fail_step(%s, 'wa', '{\"by\": \"admin\"}', false)", (s3,)).fetchone()[0] is None
+        with db.connect() as su:
+            assert su.execute("SELECT tasker_core.complete_step(%s, 'wa', '{\"by\": \"superuser\"}')", (s4,)).fetchone()[0]
+        states = dict(db.execute("SELECT workflow_step_id, to_state FROM tasker_workflow_step_transitions "
+                                 "WHERE most_recent AND workflow_step_id = ANY(%s)", ([s1, s2, s3, s4],)))
+        assert states == {s1: "complete", s2: "error", s3: "error", s4: "complete"}
+        assert db.scalar("SELECT results FROM tasker_workflow_steps WHERE workflow_step_id = %s", (s4,)) == {"by": "superuser"}
+
+
+# --- issue 11 item 12: subscription creation under one lock, and a cap per login -------------
+
+@pytest.mark.parametrize("first_commits", [True, False], ids=["first-commits", "first-rolls-back"])
+def test_two_logins_racing_to_create_one_subscription(logins, first_commits):
+    db, login = logins
+    with login("worker") as w1, login("worker2") as w2:
+        w1.execute("BEGIN")
+        w1.execute("SELECT tasker_core.subscribe('contested', ARRAY['task.*'])")
+        box = {}
+        th = threading.Thread(target=lambda: box.setdefault(
+            "state", sqlstate_of(w2, "SELECT tasker_core.subscribe('contested', ARRAY['*'])")))
+        th.start()
+        with db.connect() as probe:
+            for _ in range(100):           # until the second login waits for the first
+                if not th.is_alive() or probe.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND wait_event_type = 'Lock'",
+                        (w2.info.user,)).fetchone()[0]:
+                    break
+                time.sleep(0.02)
+        w1.execute("COMMIT" if first_commits else "ROLLBACK")
+        th.join(30)
+        assert not th.is_alive()
+        row = db.execute("SELECT owner::text, patterns FROM tasker_core.subscriptions WHERE name = 'contested'")
+        if first_commits:
+            assert box["state"] == "42501", box
+            assert row == [(w1.info.user, ["task.*"])], "the first login's subscription was overwritten"
+        else:
+            assert box["state"] is None, box
+            assert row == [(w2.info.user, ["*"])]
+
+
+def test_subscriptions_per_login_are_capped(logins):
+    db, login = logins
+    with login("worker") as w, login("worker2") as w2:
+        w.execute("SELECT count(tasker_core.subscribe('cap-' || g)) FROM generate_series(1, 1000) g")
+        assert db.scalar("SELECT count(*) FROM tasker_core.subscriptions") == 1000
+        with pytest.raises(psycopg.Error) as err:
+            w.execute("SELECT tasker_core.subscribe('cap-1001')")
+        assert err.value.sqlstate == "54000", str(err.value)
+        assert "1000" in str(err.value)
+        assert db.scalar("SELECT count(*) FROM tasker_core.subscriptions") == 1000
+        # changing the patterns of one it has is not one more
+        w.execute("SELECT tasker_core.subscribe('cap-1', ARRAY['task.*'])")
+        # the cap is per login
+        w2.execute("SELECT tasker_core.subscribe('other-1')")
+        # unsubscribing makes room
+        assert w.execute("SELECT tasker_core.unsubscribe('cap-2')").fetchone()[0] is True
+        w.execute("SELECT tasker_core.subscribe('cap-1001')")
+        assert sqlstate_of(w, "SELECT tasker_core.subscribe('cap-1002')") == "54000"

@@ -155,3 +155,18 @@ def test_tracking_errors_have_their_own_sqlstates(tasker_db):
         with pytest.raises(psycopg.Error) as err:
             conn.execute("SELECT tasker_core.enable_tracking()")
         assert err.value.sqlstate == "TK012"
+
+
+def test_switch_back_without_switch_over_is_refused_and_changes_nothing(tasker_db):
+    """Issue 11 item 13: switch_back() used to report success (and remove tracking) when
+    nothing had been switched over."""
+    db = tasker_db
+    db.run_file(ROOT / "demo" / "sample_workflow.sql")
+    db.scalar("SELECT tasker_core.enable_tracking()")
+    with pytest.raises(psycopg.Error) as err:
+        db.execute("SELECT tasker_core.switch_back()")
+    assert err.value.sqlstate == "55000", (err.value.sqlstate, str(err.value))
+    assert "tasker_core is not switched over" in str(err.value)
+    assert db.scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'tasker_core_track%%'") == 7
+    assert db.scalar("SELECT count(*) FROM tasker_core.step_state") == 6
+    assert db.execute("SELECT * FROM tasker_core.check_tracking()") == []

@@ -1,4 +1,4 @@
-"""Upgrades: install an earlier version (0.1.0, 0.2.0), load data and run part of a workload,
+"""Upgrades: install an earlier version (0.1.0, 0.2.0, 0.3.0), load data and run part of a workload,
 then ALTER EXTENSION tasker_core UPDATE; the catalog must equal a fresh install of the new
 version, and the workload must finish on the upgraded database."""
 import json
@@ -60,14 +60,14 @@ def old_and_new():
     drop_database(new)
 
 
-CURRENT = "0.3.0"
+CURRENT = "0.4.0"
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-@pytest.mark.parametrize("start", ["0.1.0", "0.2.0"])
+@pytest.mark.parametrize("start", ["0.1.0", "0.2.0", "0.3.0"])
 def test_update_from_an_earlier_version_equals_a_fresh_install(old_and_new, start):
     old, new = old_and_new
-    assert {"0.1.0", "0.2.0", CURRENT} <= set(versions(new)), versions(new)
+    assert {"0.1.0", "0.2.0", "0.3.0", CURRENT} <= set(versions(new)), versions(new)
     old.execute(f"CREATE EXTENSION tasker_core VERSION '{start}'")
     old.execute("SELECT tasker_core.install_schema()")
     old.execute("SELECT tasker_core.enable_tracking()")
@@ -118,3 +118,5 @@ def test_update_from_an_earlier_version_equals_a_fresh_install(old_and_new, star
         assert old.scalar("SELECT owner FROM tasker_core.subscriptions WHERE name = 'before-update'") is None
     old.execute("SELECT tasker_core.subscribe('after-update')")
     assert old.scalar("SELECT owner = session_user FROM tasker_core.subscriptions WHERE name = 'after-update'")
+    # and what 0.4.0 added: a claim belongs to the login that made it
+    assert old.scalar("SELECT login = session_user FROM tasker_core.step_claims WHERE task_id = %s", (task,))

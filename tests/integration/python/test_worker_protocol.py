@@ -723,7 +723,7 @@ def test_complete_fail_heartbeat_bad_input_change_nothing(wdb):
                     c.execute(f"SELECT tasker_core.{fn}(%s, 'w1'{extra})", (unclaimed,))
                 with raises("TK030", r"not claimed"):
                     c.execute(f"SELECT tasker_core.{fn}(%s, 'w1'{extra})", (10 ** 12,))
-                with raises("TK030", r'leased to worker "w1"'):
+                with raises("TK030", r"another worker holds it"):
                     c.execute(f"SELECT tasker_core.{fn}(%s, 'intruder'{extra})", (held,))
             with raises("22023"):
                 c.execute("SELECT tasker_core.fail_step(%s, 'w1', '{}', true, -1)", (held,))
@@ -757,7 +757,7 @@ def test_lease_expiry_then_reclaim_by_another_worker(wdb):
         # the old worker lost it: every call is refused, nothing changes
         w1.at(T0 + timedelta(seconds=32))
         with unchanged(wdb):
-            with raises("TK030", r'leased to worker "w2"'):
+            with raises("TK030", r"another worker holds it"):
                 w1.complete(sid, {"stale": True})
             with raises("TK030"):
                 w1.fail(sid)
@@ -1585,3 +1585,238 @@ def test_eight_concurrent_claimers_over_500_tasks(wdb):
             assert a0 <= a1 <= b0, (sid, periods)
         assert [ts[k][2].get("worker_id") for k in into] == [w for _, w, _ in held[sid]]
         assert results == {"task": tid, "step": name}
+
+
+# ----------------------------------------------------------------------------------- issue 11
+
+def _rails_move(c, step_id, to_state):
+    """What the application may do to a step a worker holds, the Rails way: a Statesman
+    transition and in_process cleared, without telling tasker_core."""
+    c.execute("UPDATE tasker_workflow_step_transitions SET most_recent = false WHERE workflow_step_id = %s AND most_recent",
+              (step_id,))
+    c.execute("""INSERT INTO tasker_workflow_step_transitions (to_state, metadata, sort_key, most_recent,
+                     workflow_step_id, created_at, updated_at)
+                 SELECT %s, '{}', max(sort_key) + 10, true, %s, now(), now()
+                 FROM tasker_workflow_step_transitions WHERE workflow_step_id = %s""", (to_state, step_id, step_id))
+    c.execute("UPDATE tasker_workflow_steps SET in_process = false WHERE workflow_step_id = %s", (step_id,))
+
+
+@pytest.mark.parametrize("to_state", ["error", "pending"])
+def test_a_stale_claim_row_is_replaced_by_the_next_claim(wdb, to_state):
+    """Item 5: the application moves a held step back to error/pending itself; its
+    step_claims row stays. The next claim takes the step (replacing the stale row), claims of
+    the namespace go on, and the old holder can no longer finish it."""
+    with wdb.connect() as c:
+        register(c, SINGLE)
+        tid = create(c, SINGLE, {})
+        sid = step_ids(c, tid)["only"]
+    w1, w2 = Worker(wdb, "w1", now=T0), Worker(wdb, "w2", now=T0 + timedelta(seconds=1))
+    try:
+        (r,) = w1.claim(lease=600)
+        assert r["workflow_step_id"] == sid
+        with wdb.connect() as c:
+            _rails_move(c, sid, to_state)
+            other = create(c, SINGLE, {})
+        got = w2.claim(max_steps=10, lease=60)
+        assert sorted((x["task_id"], x["attempt"]) for x in got) == [(tid, 2), (other, 1)], got
+        with wdb.connect() as c:
+            assert c.execute("SELECT worker_id, lease_expires_at FROM tasker_core.step_claims WHERE workflow_step_id = %s",
+                             (sid,)).fetchall() == [("w2", T0 + timedelta(seconds=61))]
+        with unchanged(wdb):
+            with raises("TK030"):
+                w1.complete(sid, {"by": "w1"})
+        assert w2.complete(sid, {"by": "w2"}) is True
+        with wdb.connect() as c:
+            assert step_state(c, sid) == "complete"
+            assert c.execute("SELECT * FROM tasker_core.check_tracking()").fetchall() == []
+    finally:
+        w1.close()
+        w2.close()
+
+
+def test_retry_task_also_resets_steps_whose_retries_are_used_up(wdb):
+    """Item 11: a pending step whose attempts reached its retry limit (an operator moved it back
+    from error) is reset by retry_task like the steps in error, instead of the task waiting
+    forever in pending."""
+    with wdb.connect() as c:
+        register(c, template("once", [("x", [], {"default_retry_limit": 1}), ("y", ["x"])]))
+        tid = create(c, "once", {})
+        ids = step_ids(c, tid)
+    w = Worker(wdb, "w1", now=T0)
+    try:
+        w.claim()
+        assert w.fail(ids["x"], {"message": "flaky"}) is None, "the only attempt is used up"
+        with wdb.connect() as c:
+            assert task_state(c, tid) == "error"
+            assert c.execute("SELECT tasker_core.transition_step(%s, 'pending')", (ids["x"],)).fetchone()[0] is True
+            assert c.execute("SELECT tasker_core.retry_task(%s)", (tid,)).fetchone()[0] == 1
+            assert task_state(c, tid) == "pending"
+            assert c.execute("SELECT attempts FROM tasker_workflow_steps WHERE workflow_step_id = %s",
+                             (ids["x"],)).fetchone()[0] == 0
+            assert c.execute("SELECT COALESCE(attempts, 0) FROM tasker_workflow_steps WHERE workflow_step_id = %s",
+                             (ids["y"],)).fetchone()[0] == 0
+        w.at(T0 + timedelta(minutes=10))
+        got = w.claim()
+        assert [(r["workflow_step_id"], r["attempt"]) for r in got] == [(ids["x"], 1)], "the task has no way forward"
+        w.complete(ids["x"])
+        (r,) = w.claim()
+        w.complete(r["workflow_step_id"])
+        with wdb.connect() as c:
+            assert task_state(c, tid) == "complete"
+    finally:
+        w.close()
+
+
+def test_cancel_task_on_a_finished_task_changes_nothing(wdb):
+    """Item 10: complete and resolved_manually tasks are final for cancel_task: 0, nothing
+    changed (it used to move a complete task to cancelled with complete = true)."""
+    with wdb.connect() as c:
+        register(c, SINGLE)
+        done_task, resolved_task = create(c, SINGLE, {}), create(c, SINGLE, {})
+        done_step, resolved_step = step_ids(c, done_task)["only"], step_ids(c, resolved_task)["only"]
+    w = Worker(wdb, "w1", now=T0)
+    try:
+        w.claim(max_steps=2)
+        w.complete(done_step)
+        assert w.fail(resolved_step, retryable=False) is None
+        with wdb.connect() as c:
+            assert task_state(c, done_task) == "complete" and task_state(c, resolved_task) == "error"
+            assert c.execute("SELECT tasker_core.transition_task(%s, 'resolved_manually')", (resolved_task,)).fetchone()[0]
+        for tid, state in [(done_task, "complete"), (resolved_task, "resolved_manually")]:
+            with unchanged(wdb), wdb.connect() as c:
+                assert c.execute("SELECT tasker_core.cancel_task(%s)", (tid,)).fetchone()[0] == 0
+            with wdb.connect() as c:
+                assert task_state(c, tid) == state
+        with wdb.connect() as c:
+            assert c.execute("SELECT * FROM tasker_core.verify()").fetchall() == []
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("finish", ["cancelled", "resolved_manually"])
+def test_resolve_step_manually_on_a_step_of_a_finished_task_is_refused(wdb, finish):
+    """Item 10: a step of a cancelled or manually resolved task (moved there without touching
+    its steps, as Rails does) can not be resolved: TK002 naming the task's state, nothing
+    changed."""
+    with wdb.connect() as c:
+        register(c, SPLIT)
+        tid = create(c, SPLIT, {})
+        ids = step_ids(c, tid)
+    w = Worker(wdb, "w1", now=T0)
+    try:
+        w.claim()
+        assert w.fail(ids["root"], retryable=False) is None
+        with wdb.connect() as c:
+            assert task_state(c, tid) == "error"
+            if finish == "cancelled":
+                c.execute("SELECT tasker_core.transition_task(%s, 'pending')", (tid,))
+            assert c.execute("SELECT tasker_core.transition_task(%s, %s)", (tid, finish)).fetchone()[0]
+        for step in (ids["root"], ids["left"]):               # in error, pending
+            with unchanged(wdb), wdb.connect() as c:
+                with raises("TK002", rf"{tid}[\s\S]*{finish}|{finish}[\s\S]*{tid}"):
+                    c.execute("SELECT tasker_core.resolve_step_manually(%s, '{\"by\": \"hand\"}')", (step,))
+    finally:
+        w.close()
+
+
+CONTROL_NAMES = [("namespace", {"namespace_name": "a\x1fb"}), ("name", {"name": "b\x1fc"}),
+                 ("step", "x\ny"), ("tab", {"name": "t\tab"}), ("delete", {"namespace_name": "del\x7f"})]
+
+
+@pytest.mark.parametrize("case,change", CONTROL_NAMES, ids=[c[0] for c in CONTROL_NAMES])
+def test_names_with_control_characters_are_refused(wdb, case, change):
+    """Item 9: the idempotency identity used to join namespace, name and key with \\x1f, which
+    names could contain; control characters are now refused in names."""
+    tmpl = json.loads(json.dumps(SINGLE))
+    if isinstance(change, dict):
+        tmpl.update(change)
+    else:
+        tmpl["step_templates"][0]["name"] = change
+    with unchanged(wdb), wdb.connect() as c:
+        with raises("TK020"):
+            register(c, tmpl)
+
+
+def test_idempotency_keys_are_per_template_and_names_with_control_characters_are_refused(wdb):
+    """Item 9: the identity is the SHA-256 of the namespace and the name, each prefixed by its
+    length in bytes, then the key: unambiguous whatever the names hold, and a key still spans
+    the versions of one template. create_task refuses names with control characters (22023)
+    instead of looking them up."""
+    with wdb.connect() as c:
+        register(c, dict(SINGLE, name="a:b", namespace_name="n"))
+        register(c, dict(SINGLE, name="b", namespace_name="n:a"))
+        register(c, dict(SINGLE, name="b", namespace_name="n"))
+        ta = create(c, "a:b", {}, {"idempotency_key": "k:1"}, ns="n")
+        tb = create(c, "b", {}, {"idempotency_key": "k:1"}, ns="n:a")
+        tc = create(c, "b", {}, {"idempotency_key": "k:1"}, ns="n")
+        assert len({ta, tb, tc}) == 3
+        for tid, ns, name in [(ta, "n", "a:b"), (tb, "n:a", "b"), (tc, "n", "b")]:
+            stored = c.execute("SELECT identity_hash FROM tasker_tasks WHERE task_id = %s", (tid,)).fetchone()[0]
+            encoded = f"{len(ns.encode())}:{ns}{len(name.encode())}:{name}k:1"
+            digest = c.execute("SELECT encode(sha256(convert_to(%s, 'UTF8')), 'hex')", (encoded,)).fetchone()[0]
+            assert stored == f"idempotency:{digest}", (stored, digest)
+        # a new version of the template: the key still finds its task
+        register(c, dict(SINGLE, name="b", namespace_name="n", version="2.0.0"))
+        assert create(c, "b", {}, {"idempotency_key": "k:1"}, ns="n") == tc
+    # as Rails could: names with control characters written directly into the tables
+    with wdb.connect() as c:
+        c.execute("UPDATE tasker_task_namespaces SET name = 'x' || chr(31) || 'y' WHERE name = 'n'")
+    with unchanged(wdb), wdb.connect() as c:
+        for ns, name in [("x\x1fy", "a"), ("n", "a\x1fb"), ("n\n", "a"), ("n", "a\t")]:
+            with raises("22023"):
+                c.execute("SELECT tasker_core.create_task(%s, %s, NULL, '{}', '{\"idempotency_key\": \"k:1\"}')", (ns, name))
+
+
+@pytest.mark.parametrize("version", ["01.0.0", "1.00.0", "1.0.01", "00.1.0"])
+def test_versions_with_leading_zeros_are_refused(wdb, version):
+    """Item 13: 01.0.0 beside 1.0.0 made "the latest version" ambiguous."""
+    with wdb.connect() as c:
+        register(c, SINGLE)
+    with unchanged(wdb), wdb.connect() as c:
+        with raises("TK023"):
+            register(c, dict(SINGLE, version=version))
+    with wdb.connect() as c:
+        for ok in ["0.0.0", "10.0.0", "1.10.100"]:
+            register(c, dict(SINGLE, version=ok))
+
+
+def test_backoff_seconds_refuses_a_negative_retry_after(db):
+    """Item 13: fail_step refuses retry_after_seconds -1 (22023); backoff_seconds agrees."""
+    with db.connect() as c:
+        for args in [(3, -1), (1, -300), (1, -2 ** 31)]:
+            with raises("22023"):
+                _backoff(c, *args)
+        assert _backoff(c, 3, 0) == 0
+
+
+def test_fail_step_needs_an_error_and_documents_follow_one_rule(wdb):
+    """Item 13: fail_step(step, worker, NULL) is 22004 (it stored a null error); results are any
+    JSON value, an error any non-null JSON value (stored under "error"), metadata an object."""
+    with wdb.connect() as c:
+        register(c, SPLIT)
+        tid = create(c, SPLIT, {})
+        ids = step_ids(c, tid)
+    w = Worker(wdb, "w1", now=T0)
+    try:
+        w.claim()
+        with unchanged(wdb):
+            with raises("22004"):
+                w.conn.execute("SELECT tasker_core.fail_step(%s, 'w1', NULL)", (ids["root"],))
+            with raises("22004"):
+                w.conn.execute("SELECT tasker_core.fail_step(%s, 'w1', NULL, false, 5)", (ids["root"],))
+        assert w.conn.execute("SELECT tasker_core.complete_step(%s, 'w1', '[1, 2]')", (ids["root"],)).fetchone()[0]
+        got = {r["step_name"]: r for r in w.claim(max_steps=2)}
+        assert got["left"]["parent_results"] == {"root": [1, 2]}
+        assert w.conn.execute("SELECT tasker_core.fail_step(%s, 'w1', '\"boom\"', false)", (ids["left"],)).fetchone()[0] is None
+        assert w.conn.execute("SELECT tasker_core.complete_step(%s, 'w1', '\"text\"')", (ids["right"],)).fetchone()[0]
+        with wdb.connect() as c:
+            assert c.execute("SELECT results FROM tasker_workflow_steps WHERE workflow_step_id = %s",
+                             (ids["left"],)).fetchone()[0] == {"error": "boom"}
+            assert c.execute("SELECT results FROM tasker_workflow_steps WHERE workflow_step_id = %s",
+                             (ids["right"],)).fetchone()[0] == "text"
+        with unchanged(wdb), wdb.connect() as c:
+            for meta in ['"text"', "[1]", "1", "null"]:
+                with raises("22023"):
+                    c.execute("SELECT tasker_core.transition_task(%s, 'pending', %s::jsonb)", (tid, meta))
+    finally:
+        w.close()
