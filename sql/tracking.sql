@@ -3,10 +3,12 @@
 -- Step readiness is maintained, not recomputed: one narrow row per workflow step in
 -- tasker_core.step_state holds everything the readiness functions need — the step's own
 -- columns, its current state (from the most_recent transition), the number of transitions,
--- and its parents (one array element per incoming edge). Row triggers on the Tasker tables of
+-- and its parents (one array element per incoming edge). Triggers on the Tasker tables of
 -- the tracked data schema keep it exact under any write, including the SQL Rails writes
--- itself. Each trigger touches only the row of the step it concerns, using nothing but OLD/NEW,
--- so writes stay cheap and never contend on other steps' rows.
+-- itself. Row triggers touch the row of the step they concern, using nothing but OLD/NEW;
+-- inserts and deletes of edges are tracked per statement (through the statement's transition
+-- table), so that a statement writing many edges updates each step's row once and its cost
+-- stays linear in the edges it writes, whatever the fan-in or fan-out.
 --
 -- tasker_core.enable_tracking() attaches the triggers to the data schema
 -- (tasker_core.data_schema) and backfills; disable_tracking() detaches them; rebuild_tracking()
@@ -143,6 +145,22 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
     SELECT COALESCE(array_agg(v ORDER BY v), '{}') FROM unnest(arr || x) AS v
 $$;
 
+-- Adds the elements of `xs` (a multiset) to an ascending array, keeping it ascending.
+-- O((n + k) log(n + k)) for n elements and k added, whatever the plan.
+CREATE FUNCTION tasker_core._add_all(arr bigint[], xs bigint[]) RETURNS bigint[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT COALESCE(array_agg(v ORDER BY v), '{}')
+    FROM (SELECT unnest(arr) UNION ALL SELECT unnest(xs)) AS d(v)
+$$;
+
+-- Removes the elements of `xs` (a multiset: one occurrence each) from an ascending array.
+-- EXCEPT ALL is a hashed or sorted set operation, never a nested loop.
+CREATE FUNCTION tasker_core._remove_all(arr bigint[], xs bigint[]) RETURNS bigint[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT COALESCE(array_agg(v ORDER BY v), '{}')
+    FROM (SELECT unnest(arr) EXCEPT ALL SELECT unnest(xs)) AS d(v)
+$$;
+
 -- Whether a most_recent to_state satisfies a dependency.
 CREATE FUNCTION tasker_core._satisfies(state text) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
@@ -150,12 +168,64 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 
 -- tasker_workflow_step_edges: the child's parents and blocked count, the parent's children.
--- Both rows are locked in id order first, so concurrent writers cannot deadlock on them.
+-- Inserts and deletes fire it once per statement, with the statement's edges in the transition
+-- table changed_edges: every step_state row they concern is locked in id order first, then
+-- updated once, with all of the statement's edges into and out of that step (a per-row trigger
+-- rewrote a step's arrays once per edge and walked the row's versions made earlier in the same
+-- transaction: quadratic in a step's fan-in or fan-out). Updates of an edge's ends (rare; Rails
+-- never does it) fire it per row: both rows are locked in id order first. Either way concurrent
+-- writers cannot deadlock on these rows.
 CREATE FUNCTION tasker_core.track_edges() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     parent_done boolean;
+    r record;
 BEGIN
+    IF TG_LEVEL = 'STATEMENT' THEN
+        FOR r IN SELECT ids.id FROM (SELECT e.from_step_id AS id FROM changed_edges e
+                                     UNION SELECT e.to_step_id FROM changed_edges e) ids
+                 ORDER BY ids.id LOOP
+            PERFORM 1 FROM tasker_core.step_state s WHERE s.workflow_step_id = r.id FOR UPDATE;
+        END LOOP;
+        -- Read under those locks: a parent that completes concurrently has committed by now,
+        -- or waits for this transaction and then sees its new children.
+        FOR r IN
+            WITH p AS (
+                SELECT e.to_step_id AS id, array_agg(e.from_step_id ORDER BY e.from_step_id) AS ids,
+                       (count(*) FILTER (WHERE NOT COALESCE(
+                           (SELECT tasker_core._satisfies(s.state) FROM tasker_core.step_state s
+                            WHERE s.workflow_step_id = e.from_step_id), false)))::integer AS blocked
+                FROM changed_edges e GROUP BY e.to_step_id),
+            c AS (
+                SELECT e.from_step_id AS id, array_agg(e.to_step_id ORDER BY e.to_step_id) AS ids
+                FROM changed_edges e GROUP BY e.from_step_id)
+            -- a FULL JOIN is hashed or merged, never a nested loop
+            SELECT id, p.ids AS parents, p.blocked, c.ids AS children
+            FROM p FULL JOIN c USING (id)
+        LOOP
+            IF TG_OP = 'INSERT' THEN
+                -- (the arrays come sorted: a new step's empty arrays take them as they are)
+                UPDATE tasker_core.step_state
+                   SET parent_ids = CASE WHEN r.parents IS NULL THEN parent_ids
+                                         WHEN parent_ids = '{}' THEN r.parents
+                                         ELSE tasker_core._add_all(parent_ids, r.parents) END,
+                       child_ids = CASE WHEN r.children IS NULL THEN child_ids
+                                        WHEN child_ids = '{}' THEN r.children
+                                        ELSE tasker_core._add_all(child_ids, r.children) END,
+                       blocked_parents = blocked_parents + COALESCE(r.blocked, 0)
+                 WHERE workflow_step_id = r.id;
+            ELSE
+                UPDATE tasker_core.step_state
+                   SET parent_ids = CASE WHEN r.parents IS NULL THEN parent_ids
+                                         ELSE tasker_core._remove_all(parent_ids, r.parents) END,
+                       child_ids = CASE WHEN r.children IS NULL THEN child_ids
+                                        ELSE tasker_core._remove_all(child_ids, r.children) END,
+                       blocked_parents = blocked_parents - COALESCE(r.blocked, 0)
+                 WHERE workflow_step_id = r.id;
+            END IF;
+        END LOOP;
+        RETURN NULL;
+    END IF;
     IF TG_OP IN ('DELETE', 'UPDATE') THEN
         PERFORM 1 FROM tasker_core.step_state
          WHERE workflow_step_id IN (OLD.from_step_id, OLD.to_step_id)
@@ -378,16 +448,36 @@ BEGIN
             USING ERRCODE = 'TK010';
     END IF;
     PERFORM tasker_core._drop_tracking_triggers(target);
+    PERFORM tasker_core._create_tracking_triggers(target);
+    INSERT INTO tasker_core.tracking (data_schema) VALUES (target) ON CONFLICT (data_schema) DO NOTHING;
+    RETURN tasker_core.rebuild_tracking();
+END;
+$$;
+
+-- Attaches the tracking triggers to the Tasker tables of `target` (which has none of them).
+CREATE FUNCTION tasker_core._create_tracking_triggers(target name) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
     EXECUTE format('CREATE TRIGGER tasker_core_track AFTER INSERT OR DELETE
                     OR UPDATE OF workflow_step_id, task_id, named_step_id, retryable, retry_limit, in_process,
                                  processed, attempts, last_attempted_at, backoff_request_seconds, created_at
                     ON %I.tasker_workflow_steps
                     FOR EACH ROW EXECUTE FUNCTION tasker_core.track_steps()', target);
+    -- only real renames: registration's upsert rewrites every named step with its own name
     EXECUTE format('CREATE TRIGGER tasker_core_track AFTER UPDATE OF name ON %I.tasker_named_steps
-                    FOR EACH ROW EXECUTE FUNCTION tasker_core.track_named_steps()', target);
-    EXECUTE format('CREATE TRIGGER tasker_core_track AFTER INSERT OR DELETE OR UPDATE OF from_step_id, to_step_id
+                    FOR EACH ROW WHEN (OLD.name IS DISTINCT FROM NEW.name)
+                    EXECUTE FUNCTION tasker_core.track_named_steps()', target);
+    -- edges: inserts and deletes per statement (transition tables need one event per trigger),
+    -- updates of their ends per row
+    EXECUTE format('CREATE TRIGGER tasker_core_track AFTER UPDATE OF from_step_id, to_step_id
                     ON %I.tasker_workflow_step_edges
                     FOR EACH ROW EXECUTE FUNCTION tasker_core.track_edges()', target);
+    EXECUTE format('CREATE TRIGGER tasker_core_track_insert AFTER INSERT ON %I.tasker_workflow_step_edges
+                    REFERENCING NEW TABLE AS changed_edges
+                    FOR EACH STATEMENT EXECUTE FUNCTION tasker_core.track_edges()', target);
+    EXECUTE format('CREATE TRIGGER tasker_core_track_delete AFTER DELETE ON %I.tasker_workflow_step_edges
+                    REFERENCING OLD TABLE AS changed_edges
+                    FOR EACH STATEMENT EXECUTE FUNCTION tasker_core.track_edges()', target);
     EXECUTE format('CREATE TRIGGER tasker_core_track AFTER INSERT OR DELETE
                     OR UPDATE OF workflow_step_id, to_state, most_recent, created_at
                     ON %I.tasker_workflow_step_transitions
@@ -398,8 +488,6 @@ BEGIN
                     FOR EACH STATEMENT EXECUTE FUNCTION tasker_core.track_truncate()', target);
     EXECUTE format('CREATE TRIGGER tasker_core_track_truncate AFTER TRUNCATE ON %I.tasker_workflow_step_transitions
                     FOR EACH STATEMENT EXECUTE FUNCTION tasker_core.track_truncate()', target);
-    INSERT INTO tasker_core.tracking (data_schema) VALUES (target) ON CONFLICT (data_schema) DO NOTHING;
-    RETURN tasker_core.rebuild_tracking();
 END;
 $$;
 
@@ -414,7 +502,8 @@ BEGIN
         JOIN pg_class c ON c.oid = t.tgrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = target
-          AND t.tgname IN ('tasker_core_track', 'tasker_core_track_truncate')
+          AND t.tgname IN ('tasker_core_track', 'tasker_core_track_insert', 'tasker_core_track_delete',
+                           'tasker_core_track_truncate')
           AND c.relname IN ('tasker_workflow_steps', 'tasker_named_steps',
                             'tasker_workflow_step_edges', 'tasker_workflow_step_transitions')
     LOOP

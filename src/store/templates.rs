@@ -4,7 +4,8 @@
 
 use super::events::{self, NewEvent};
 use super::plans::{
-    with_plan, with_write_plan, BOOLARRAY, INT4, INT4ARRAY, INT8, JSONB, NOW, TEXT, TEXTARRAY,
+    with_plan, with_write_plan, BOOLARRAY, INT4, INT4ARRAY, INT8, INT8ARRAY, JSONB, NOW, TEXT,
+    TEXTARRAY,
 };
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
@@ -12,6 +13,7 @@ use crate::core::template::{self, TaskTemplate};
 use pgrx::spi::{Spi, SpiClient};
 use pgrx::JsonB;
 use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
 
 fn spi(e: pgrx::spi::Error) -> TaskerError {
     TaskerError::Internal {
@@ -58,8 +60,16 @@ pub fn normalized_json(t: &TaskTemplate, raw: &Value) -> Value {
 pub fn register(schema: &SchemaName, t: &TaskTemplate, raw: &Value) -> Result<i32, TaskerError> {
     let q = schema.quoted();
     let config = normalized_json(t, raw);
+    let internal = |what: String| TaskerError::Internal { context: what };
+    // the template's dependent systems, each once (an upsert may not touch a row twice)
+    let mut systems: Vec<String> = Vec::new();
+    let mut seen: HashSet<&str> = HashSet::new();
+    for s in &t.steps {
+        if seen.insert(s.dependent_system.as_str()) {
+            systems.push(s.dependent_system.clone());
+        }
+    }
     let names: Vec<String> = t.steps.iter().map(|s| s.name.clone()).collect();
-    let systems: Vec<String> = t.steps.iter().map(|s| s.dependent_system.clone()).collect();
     let descriptions: Vec<Option<String>> = t.steps.iter().map(|s| s.description.clone()).collect();
     let retryable: Vec<bool> = t.steps.iter().map(|s| s.default_retryable).collect();
     let limits: Vec<i32> = t.steps.iter().map(|s| s.default_retry_limit).collect();
@@ -108,32 +118,105 @@ pub fn register(schema: &SchemaName, t: &TaskTemplate, raw: &Value) -> Result<i3
         .ok_or_else(|| TaskerError::Internal {
             context: "registering a template returned no named task".into(),
         })?;
-        with_write_plan(
+        // The steps' rows, one statement per table, each an upsert from arrays without a join
+        // (a join of two template-sized sets is planned as a nested loop under the generic
+        // plans' estimates: quadratic). Names and ids are matched here, in hash maps.
+        let system_ids: HashMap<String, i32> = with_write_plan(
             client,
-            "register_steps",
+            "register_systems",
             schema.as_str(),
-            &[INT4, TEXTARRAY, TEXTARRAY, TEXTARRAY, BOOLARRAY, INT4ARRAY, BOOLARRAY],
+            &[TEXTARRAY],
             || {
                 format!(
-                    "WITH s AS (
-                         SELECT * FROM unnest($2::text[], $3::text[], $4::text[], $5::boolean[], $6::integer[], $7::boolean[])
-                             AS s(name, system, description, retryable, retry_limit, skippable)),
-                     sys AS (
-                         INSERT INTO {q}.tasker_dependent_systems (name, created_at, updated_at)
-                         SELECT DISTINCT s.system, {NOW}, {NOW} FROM s
-                         ON CONFLICT (name) DO UPDATE SET name = excluded.name
-                         RETURNING dependent_system_id, name),
-                     steps AS (
-                         INSERT INTO {q}.tasker_named_steps (dependent_system_id, name, description, created_at, updated_at)
-                         SELECT sys.dependent_system_id, s.name, s.description, {NOW}, {NOW}
-                         FROM s JOIN sys ON sys.name = s.system
-                         ON CONFLICT (dependent_system_id, name) DO UPDATE SET name = excluded.name
-                         RETURNING named_step_id, dependent_system_id, name)
-                     INSERT INTO {q}.tasker_named_tasks_named_steps
+                    "INSERT INTO {q}.tasker_dependent_systems (name, created_at, updated_at)
+                     SELECT s.name, {NOW}, {NOW} FROM unnest($1::text[]) AS s(name)
+                     ON CONFLICT (name) DO UPDATE SET name = excluded.name
+                     RETURNING name::text, dependent_system_id"
+                )
+            },
+            |stmt| {
+                let mut out = HashMap::with_capacity(systems.len());
+                for row in client.select(stmt, None, &[systems.clone().into()])? {
+                    out.insert(
+                        row.get::<String>(1)?.unwrap_or_default(),
+                        row.get::<i32>(2)?.unwrap_or_default(),
+                    );
+                }
+                Ok(out)
+            },
+        )
+        .map_err(spi)?;
+        let step_systems: Vec<i32> = t
+            .steps
+            .iter()
+            .map(|s| {
+                system_ids.get(&s.dependent_system).copied().ok_or_else(|| {
+                    internal(format!(
+                        "dependent system {:?} was not stored",
+                        s.dependent_system
+                    ))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        // named step id by dependent system id, then name
+        let named_step_ids: HashMap<i32, HashMap<String, i32>> = with_write_plan(
+            client,
+            "register_named_steps",
+            schema.as_str(),
+            &[INT4ARRAY, TEXTARRAY, TEXTARRAY],
+            || {
+                format!(
+                    "INSERT INTO {q}.tasker_named_steps (dependent_system_id, name, description, created_at, updated_at)
+                     SELECT s.system_id, s.name, s.description, {NOW}, {NOW}
+                     FROM unnest($1::integer[], $2::text[], $3::text[]) AS s(system_id, name, description)
+                     ON CONFLICT (dependent_system_id, name) DO UPDATE SET name = excluded.name
+                     RETURNING dependent_system_id, name::text, named_step_id"
+                )
+            },
+            |stmt| {
+                let mut out: HashMap<i32, HashMap<String, i32>> = HashMap::new();
+                for row in client.select(
+                    stmt,
+                    None,
+                    &[
+                        step_systems.clone().into(),
+                        names.clone().into(),
+                        descriptions.clone().into(),
+                    ],
+                )? {
+                    out.entry(row.get::<i32>(1)?.unwrap_or_default()).or_default().insert(
+                        row.get::<String>(2)?.unwrap_or_default(),
+                        row.get::<i32>(3)?.unwrap_or_default(),
+                    );
+                }
+                Ok(out)
+            },
+        )
+        .map_err(spi)?;
+        let step_ids: Vec<i32> = t
+            .steps
+            .iter()
+            .zip(&step_systems)
+            .map(|(s, system)| {
+                named_step_ids
+                    .get(system)
+                    .and_then(|by_name| by_name.get(s.name.as_str()))
+                    .copied()
+                    .ok_or_else(|| internal(format!("named step {:?} was not stored", s.name)))
+            })
+            .collect::<Result<_, _>>()?;
+        with_write_plan(
+            client,
+            "register_task_steps",
+            schema.as_str(),
+            &[INT4, INT4ARRAY, BOOLARRAY, BOOLARRAY, INT4ARRAY],
+            || {
+                format!(
+                    "INSERT INTO {q}.tasker_named_tasks_named_steps
                          (named_task_id, named_step_id, skippable, default_retryable, default_retry_limit, created_at, updated_at)
-                     SELECT $1, steps.named_step_id, s.skippable, s.retryable, s.retry_limit, {NOW}, {NOW}
-                     FROM s JOIN sys ON sys.name = s.system
-                     JOIN steps ON steps.dependent_system_id = sys.dependent_system_id AND steps.name = s.name
+                     SELECT $1, s.named_step_id, s.skippable, s.retryable, s.retry_limit, {NOW}, {NOW}
+                     FROM unnest($2::integer[], $3::boolean[], $4::boolean[], $5::integer[])
+                         AS s(named_step_id, skippable, retryable, retry_limit)
                      ON CONFLICT (named_task_id, named_step_id) DO UPDATE
                          SET skippable = excluded.skippable, default_retryable = excluded.default_retryable,
                              default_retry_limit = excluded.default_retry_limit, updated_at = excluded.updated_at"
@@ -145,46 +228,60 @@ pub fn register(schema: &SchemaName, t: &TaskTemplate, raw: &Value) -> Result<i3
                     None,
                     &[
                         named_task_id.into(),
-                        names.clone().into(),
-                        systems.clone().into(),
-                        descriptions.clone().into(),
+                        step_ids.clone().into(),
+                        skippable.clone().into(),
                         retryable.clone().into(),
                         limits.clone().into(),
-                        skippable.clone().into(),
                     ],
                 )?;
                 Ok(())
             },
         )
         .map_err(spi)?;
-        // Steps the template no longer declares leave the task's step list.
-        with_write_plan(
+        // Steps the template no longer declares leave the task's step list: the named task's
+        // rows are read once and compared in a hash set (the anti-join against the template's
+        // names ran as a nested loop: quadratic), then the stale ones deleted by primary key.
+        let keep: HashSet<i32> = step_ids.iter().copied().collect();
+        let stale: Vec<i32> = with_write_plan(
             client,
-            "register_prune_steps",
+            "register_task_step_rows",
             schema.as_str(),
-            &[INT4, TEXTARRAY, TEXTARRAY],
+            &[INT4],
             || {
                 format!(
-                    "DELETE FROM {q}.tasker_named_tasks_named_steps x
-                     WHERE x.named_task_id = $1
-                       AND NOT EXISTS (
-                           SELECT 1 FROM unnest($2::text[], $3::text[]) AS s(name, system)
-                           JOIN {q}.tasker_dependent_systems ds ON ds.name = s.system
-                           JOIN {q}.tasker_named_steps ns
-                             ON ns.dependent_system_id = ds.dependent_system_id AND ns.name = s.name
-                           WHERE ns.named_step_id = x.named_step_id)"
+                    "SELECT id, named_step_id FROM {q}.tasker_named_tasks_named_steps
+                     WHERE named_task_id = $1"
                 )
             },
             |stmt| {
-                client.select(
-                    stmt,
-                    None,
-                    &[named_task_id.into(), names.into(), systems.into()],
-                )?;
-                Ok(())
+                let mut out = Vec::new();
+                for row in client.select(stmt, None, &[named_task_id.into()])? {
+                    if !keep.contains(&row.get::<i32>(2)?.unwrap_or_default()) {
+                        out.push(row.get::<i32>(1)?.unwrap_or_default());
+                    }
+                }
+                Ok(out)
             },
         )
         .map_err(spi)?;
+        if !stale.is_empty() {
+            with_write_plan(
+                client,
+                "register_prune_rows",
+                schema.as_str(),
+                &[INT4ARRAY],
+                || {
+                    format!(
+                        "DELETE FROM {q}.tasker_named_tasks_named_steps WHERE id = ANY ($1::integer[])"
+                    )
+                },
+                |stmt| {
+                    client.select(stmt, None, &[stale.clone().into()])?;
+                    Ok(())
+                },
+            )
+            .map_err(spi)?;
+        }
         Ok(named_task_id)
     })
 }
@@ -455,78 +552,144 @@ pub fn create_task(
             // first, so that every event and transition of the task carries it
             super::events::record_trace(client, task_id, traceparent).map_err(spi)?;
         }
-        let names: Vec<String> = t.steps.iter().map(|s| s.name.clone()).collect();
+        // Each template step's named step, by template position. The statement is driven by
+        // the template's arrays (an unnest, which the generic plan estimates at 10 rows, so each
+        // step is an index look-up, never a scan of the catalogue) and joins no other
+        // template-sized set (the single statement this replaces did, with nested loops:
+        // quadratic). `+ 0` keeps the dependent system out of the index condition: looked up by
+        // its system alone (the index stale statistics made the planner prefer), each step read
+        // every named step of that system; by its name it reads the few named steps of that name.
         let systems: Vec<String> = t.steps.iter().map(|s| s.dependent_system.clone()).collect();
-        let retryable: Vec<bool> = t.steps.iter().map(|s| s.default_retryable).collect();
-        let limits: Vec<i32> = t.steps.iter().map(|s| s.default_retry_limit).collect();
-        let skippable: Vec<bool> = t.steps.iter().map(|s| s.skippable).collect();
-        let mut from_idx: Vec<i32> = Vec::new();
-        let mut to_idx: Vec<i32> = Vec::new();
-        let position: std::collections::HashMap<&str, i32> = t
-            .steps
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.name.as_str(), i as i32 + 1))
-            .collect();
-        for (i, s) in t.steps.iter().enumerate() {
-            for d in &s.depends_on {
-                from_idx.push(position[d.as_str()]);
-                to_idx.push(i as i32 + 1);
-            }
-        }
+        let names: Vec<String> = t.steps.iter().map(|s| s.name.clone()).collect();
+        let mut named: Vec<Option<i32>> = vec![None; t.steps.len()];
+        // a write plan for its fresh snapshot, as the statement it replaces had
         with_write_plan(
             client,
-            "create_steps",
+            "template_named_steps",
             schema.as_str(),
-            &[INT8, TEXTARRAY, TEXTARRAY, BOOLARRAY, INT4ARRAY, BOOLARRAY, JSONB, INT4ARRAY, INT4ARRAY],
+            &[TEXTARRAY, TEXTARRAY],
             || {
                 format!(
-                    "WITH s AS (
-                         SELECT * FROM unnest($2::text[], $3::text[], $4::boolean[], $5::integer[], $6::boolean[])
-                             WITH ORDINALITY AS s(name, system, retryable, retry_limit, skippable, pos)),
-                     ins AS (
-                         INSERT INTO {q}.tasker_workflow_steps (task_id, named_step_id, retryable, retry_limit,
-                             in_process, processed, attempts, inputs, results, skippable, created_at, updated_at)
-                         SELECT $1, ns.named_step_id, s.retryable, s.retry_limit, false, false, 0, $7, '{{}}',
-                                s.skippable, {NOW}, {NOW}
-                         FROM s
-                         JOIN {q}.tasker_dependent_systems ds ON ds.name = s.system
-                         JOIN {q}.tasker_named_steps ns ON ns.dependent_system_id = ds.dependent_system_id AND ns.name = s.name
-                         ORDER BY s.pos
-                         RETURNING workflow_step_id, named_step_id),
-                     ids AS (
-                         SELECT s.pos, ins.workflow_step_id
-                         FROM s
-                         JOIN {q}.tasker_dependent_systems ds ON ds.name = s.system
-                         JOIN {q}.tasker_named_steps ns ON ns.dependent_system_id = ds.dependent_system_id AND ns.name = s.name
-                         JOIN ins ON ins.named_step_id = ns.named_step_id)
-                     INSERT INTO {q}.tasker_workflow_step_edges (from_step_id, to_step_id, name, created_at, updated_at)
-                     SELECT f.workflow_step_id, c.workflow_step_id, 'provides', {NOW}, {NOW}
-                     FROM unnest($8::integer[], $9::integer[]) AS e(from_pos, to_pos)
-                     JOIN ids f ON f.pos = e.from_pos
-                     JOIN ids c ON c.pos = e.to_pos"
+                    "SELECT s.pos::integer, ns.named_step_id
+                     FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS s(system, name, pos)
+                     JOIN {q}.tasker_dependent_systems ds ON ds.name = s.system
+                     JOIN {q}.tasker_named_steps ns
+                       ON ns.name = s.name AND ns.dependent_system_id + 0 = ds.dependent_system_id"
                 )
             },
             |stmt| {
-                client.select(
-                    stmt,
-                    None,
-                    &[
-                        task_id.into(),
-                        names.clone().into(),
-                        systems.clone().into(),
-                        retryable.clone().into(),
-                        limits.clone().into(),
-                        skippable.clone().into(),
-                        JsonB(context.clone()).into(),
-                        from_idx.clone().into(),
-                        to_idx.clone().into(),
-                    ],
-                )?;
+                for row in
+                    client.select(stmt, None, &[systems.clone().into(), names.clone().into()])?
+                {
+                    let pos = row.get::<i32>(1)?.unwrap_or_default() as usize;
+                    if let Some(slot) = pos.checked_sub(1).and_then(|p| named.get_mut(p)) {
+                        *slot = row.get::<i32>(2)?;
+                    }
+                }
                 Ok(())
             },
         )
         .map_err(spi)?;
+        // Steps without a named step are left out with their edges, as before.
+        let kept: Vec<(usize, i32)> = named
+            .iter()
+            .enumerate()
+            .filter_map(|(i, id)| id.map(|id| (i, id)))
+            .collect();
+        let named_ids: Vec<i32> = kept.iter().map(|&(_, id)| id).collect();
+        let retryable: Vec<bool> = kept
+            .iter()
+            .map(|&(i, _)| t.steps[i].default_retryable)
+            .collect();
+        let limits: Vec<i32> = kept
+            .iter()
+            .map(|&(i, _)| t.steps[i].default_retry_limit)
+            .collect();
+        let skippable: Vec<bool> = kept.iter().map(|&(i, _)| t.steps[i].skippable).collect();
+        // the steps, in template order (ids ascend with it); workflow step id by named step id
+        // (a template's steps have distinct named steps: names are unique in a template)
+        let by_named: HashMap<i32, i64> = with_write_plan(
+            client,
+            "create_task_steps",
+            schema.as_str(),
+            &[INT8, INT4ARRAY, BOOLARRAY, INT4ARRAY, BOOLARRAY, JSONB],
+            || {
+                format!(
+                    "INSERT INTO {q}.tasker_workflow_steps (task_id, named_step_id, retryable, retry_limit,
+                         in_process, processed, attempts, inputs, results, skippable, created_at, updated_at)
+                     SELECT $1, s.named_step_id, s.retryable, s.retry_limit, false, false, 0, $6, '{{}}',
+                            s.skippable, {NOW}, {NOW}
+                     FROM unnest($2::integer[], $3::boolean[], $4::integer[], $5::boolean[]) WITH ORDINALITY
+                         AS s(named_step_id, retryable, retry_limit, skippable, pos)
+                     ORDER BY s.pos
+                     RETURNING named_step_id, workflow_step_id"
+                )
+            },
+            |stmt| {
+                let mut out = HashMap::with_capacity(named_ids.len());
+                for row in client.select(
+                    stmt,
+                    None,
+                    &[
+                        task_id.into(),
+                        named_ids.clone().into(),
+                        retryable.clone().into(),
+                        limits.clone().into(),
+                        skippable.clone().into(),
+                        JsonB(context.clone()).into(),
+                    ],
+                )? {
+                    out.insert(
+                        row.get::<i32>(1)?.unwrap_or_default(),
+                        row.get::<i64>(2)?.unwrap_or_default(),
+                    );
+                }
+                Ok(out)
+            },
+        )
+        .map_err(spi)?;
+        // workflow step id by template position
+        let mut step_ids: Vec<Option<i64>> = vec![None; t.steps.len()];
+        for &(i, named_id) in &kept {
+            step_ids[i] = by_named.get(&named_id).copied();
+        }
+        let position: HashMap<&str, usize> = t
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        let mut from_ids: Vec<i64> = Vec::new();
+        let mut to_ids: Vec<i64> = Vec::new();
+        for (i, s) in t.steps.iter().enumerate() {
+            let Some(to) = step_ids[i] else { continue };
+            for d in &s.depends_on {
+                if let Some(from) = position.get(d.as_str()).and_then(|&p| step_ids[p]) {
+                    from_ids.push(from);
+                    to_ids.push(to);
+                }
+            }
+        }
+        if !from_ids.is_empty() {
+            with_write_plan(
+                client,
+                "create_task_edges",
+                schema.as_str(),
+                &[INT8ARRAY, INT8ARRAY],
+                || {
+                    format!(
+                        "INSERT INTO {q}.tasker_workflow_step_edges (from_step_id, to_step_id, name, created_at, updated_at)
+                         SELECT e.from_step_id, e.to_step_id, 'provides', {NOW}, {NOW}
+                         FROM unnest($1::bigint[], $2::bigint[]) AS e(from_step_id, to_step_id)"
+                    )
+                },
+                |stmt| {
+                    client.select(stmt, None, &[from_ids.clone().into(), to_ids.clone().into()])?;
+                    Ok(())
+                },
+            )
+            .map_err(spi)?;
+        }
         for (event, payload) in [
             (
                 "task.initialize_requested",
