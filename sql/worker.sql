@@ -87,6 +87,54 @@ BEGIN
 END;
 $$;
 
+-- Locks a step that is about to start or stop satisfying its dependents (complete, resolved),
+-- its maintained row and those of its children, whose blocked counts the transition moves:
+-- the first locks of complete_step, resolve_step_manually and transition_step. An application
+-- may write a child and then its parent, or the parent and then a child, in one transaction;
+-- holding one of these rows while waiting for another would deadlock with one of those orders.
+-- So either all are taken at once (NOWAIT, in a subtransaction), or none is held: the call
+-- waits for each holder in turn, holding nothing, and tries again. A step without children
+-- takes its one lock and waits like any other writer.
+CREATE FUNCTION tasker_core._lock_step_and_children(ds name, step bigint) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    kids bigint[];
+    lock_step text := format('SELECT 1 FROM %I.tasker_workflow_steps WHERE workflow_step_id = $1 FOR NO KEY UPDATE', ds);
+    k bigint;
+BEGIN
+    SELECT s.child_ids INTO kids FROM tasker_core.step_state s WHERE s.workflow_step_id = step;
+    IF COALESCE(cardinality(kids), 0) = 0 THEN
+        EXECUTE lock_step USING step;
+        RETURN;
+    END IF;
+    LOOP
+        BEGIN
+            EXECUTE lock_step || ' NOWAIT' USING step;
+            PERFORM 1 FROM tasker_core.step_state s WHERE s.workflow_step_id = ANY (kids || step)
+             ORDER BY s.workflow_step_id FOR UPDATE NOWAIT;
+            RETURN;
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;
+        END;
+        -- wait until each row is free (taking it and letting it go at once), then try again
+        BEGIN
+            EXECUTE lock_step USING step;
+            RAISE EXCEPTION USING ERRCODE = 'TK099';
+        EXCEPTION WHEN SQLSTATE 'TK099' THEN
+            NULL;
+        END;
+        FOREACH k IN ARRAY kids || step LOOP
+            BEGIN
+                PERFORM 1 FROM tasker_core.step_state s WHERE s.workflow_step_id = k FOR UPDATE;
+                RAISE EXCEPTION USING ERRCODE = 'TK099';
+            EXCEPTION WHEN SQLSTATE 'TK099' THEN
+                NULL;
+            END;
+        END LOOP;
+    END LOOP;
+END;
+$$;
+
 -- Cancels a task and, atomically, every step of it that is not finished. Returns the number
 -- of steps cancelled. A finished task (complete, cancelled or resolved_manually, or flagged
 -- complete) is final: cancelling it changes nothing and returns 0.

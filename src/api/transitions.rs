@@ -48,6 +48,10 @@ fn transition(
     };
     store::settings::check_payload("bytes of metadata", &metadata.0)?;
     let schema = store::settings::data_schema()?;
+    if entity == Entity::Step && to.satisfies_dependency() {
+        // the step and its children's maintained rows first, all or none (see the function)
+        store::worker::lock_before_satisfying(&schema, id)?;
+    }
     store::transitions::transition(&schema, entity, id, to, &metadata, expected)
 }
 

@@ -567,6 +567,53 @@ const PRIVILEGED: &str =
 /// Locks a step's row: the first lock of every call that changes a claimed step, so that
 /// workers, operators and lease expiry all lock step, then claim, then task.
 fn lock_step(client: &SpiClient<'_>, schema: &SchemaName, step_id: i64) -> Result<(), TaskerError> {
+    lock_step_rows(client, schema, step_id, false)
+}
+
+/// Locks a step that is about to satisfy its dependents, with its maintained row and its
+/// children's, all at once or not at all (`tasker_core._lock_step_and_children`): an
+/// application writing a child and its parent in either order never deadlocks with it.
+pub fn lock_step_and_children(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    step_id: i64,
+) -> Result<(), TaskerError> {
+    lock_step_rows(client, schema, step_id, true)
+}
+
+/// [`lock_step_and_children`] in a call of its own, for `transition_step` to a state that
+/// satisfies dependents (where tracking is on: otherwise no child row is maintained).
+pub fn lock_before_satisfying(schema: &SchemaName, step_id: i64) -> Result<(), TaskerError> {
+    Spi::connect_mut(|client| {
+        super::schema::require_installed_cached(client, schema)?;
+        if super::facts::is_tracked(client, schema).map_err(spi)? {
+            lock_step_and_children(client, schema, step_id)?;
+        }
+        Ok(())
+    })
+}
+
+fn lock_step_rows(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    step_id: i64,
+    with_children: bool,
+) -> Result<(), TaskerError> {
+    // (the SQL of 0.3.0 has no _lock_step_and_children: the step alone, as then)
+    if with_children && events::claim_logins_installed() {
+        return with_write_plan(
+            client,
+            "worker_lock_step_and_children",
+            "",
+            &[TEXT, INT8],
+            || "SELECT tasker_core._lock_step_and_children($1::name, $2)".to_owned(),
+            |stmt| {
+                client.select(stmt, None, &[schema.as_str().into(), step_id.into()])?;
+                Ok(())
+            },
+        )
+        .map_err(spi);
+    }
     let q = schema.quoted();
     with_write_plan(
         client,
@@ -650,7 +697,7 @@ pub fn complete(
 ) -> Result<(), TaskerError> {
     Spi::connect_mut(|client| {
         require_tracked(client, schema)?;
-        lock_step(client, schema, step_id)?;
+        lock_step_and_children(client, schema, step_id)?;
         let (task_id, _) = check_lease(client, step_id, worker_id)?;
         record_results(client, schema, step_id, results)?;
         let meta = JsonB(json!({ "worker_id": worker_id }));
@@ -1084,6 +1131,7 @@ pub fn resolve_manually(
     let q = schema.quoted();
     Spi::connect_mut(|client| {
         require_tracked(client, schema)?;
+        lock_step_and_children(client, schema, step_id)?;
         let row: Option<(i64, Option<String>)> = with_write_plan(
             client,
             "resolve_lock",
