@@ -114,8 +114,10 @@ def test_update_from_an_earlier_version_equals_a_fresh_install(old_and_new, star
     claimed = old.execute("SELECT task_id FROM tasker_core.claim_steps('w', NULL, 1, 60, %s)", (TP,))
     assert claimed == [(task,)]
     assert old.scalar("SELECT tasker_core.task_traceparent(%s)", (task,)) == TP
-    if start != "0.1.0":
+    if start == "0.2.0":
         assert old.scalar("SELECT owner FROM tasker_core.subscriptions WHERE name = 'before-update'") is None
+    elif start == "0.3.0":
+        assert old.scalar("SELECT owner = session_user FROM tasker_core.subscriptions WHERE name = 'before-update'")
     old.execute("SELECT tasker_core.subscribe('after-update')")
     assert old.scalar("SELECT owner = session_user FROM tasker_core.subscriptions WHERE name = 'after-update'")
     # and what 0.4.0 added: a claim belongs to the login that made it
