@@ -301,6 +301,9 @@ pub fn find(
     version: Option<&str>,
 ) -> Result<Stored, TaskerError> {
     let q = schema.quoted();
+    // Only named tasks registered with step templates are templates. The version is chosen
+    // first, and only its configuration is parsed: a configuration written by others past the
+    // JSON nesting limit is then an error (TK026), never a reason to pick another version.
     let rows: Vec<(i32, String, Option<String>)> = with_plan(
         client,
         "find_templates",
@@ -311,7 +314,8 @@ pub fn find(
                 "SELECT nt.named_task_id, nt.version::text, nt.configuration::text
                  FROM {q}.tasker_named_tasks nt
                  JOIN {q}.tasker_task_namespaces tn ON tn.task_namespace_id = nt.task_namespace_id
-                 WHERE tn.name = $1 AND nt.name = $2"
+                 WHERE tn.name = $1 AND nt.name = $2
+                   AND jsonb_typeof(nt.configuration -> 'step_templates') = 'array'"
             )
         },
         |stmt| {
@@ -332,17 +336,7 @@ pub fn find(
         name: name.to_owned(),
         version: version.map(str::to_owned),
     };
-    // Only named tasks registered with step templates are templates (a configuration written
-    // by others and nested past the JSON limit is not one: registration refuses those).
-    let mut candidates: Vec<(i32, String, Value)> = rows
-        .into_iter()
-        .filter_map(|(id, v, c)| {
-            let c = crate::core::json::parse("configuration", c.as_deref()?).ok()?;
-            c.get("step_templates")
-                .is_some_and(Value::is_array)
-                .then_some((id, v, c))
-        })
-        .collect();
+    let mut candidates = rows;
     let chosen = match version {
         Some(v) => candidates.into_iter().find(|(_, cv, _)| cv == v),
         None => {
@@ -350,13 +344,16 @@ pub fn find(
             candidates.pop()
         }
     };
-    chosen
-        .map(|(named_task_id, version, config)| Stored {
-            named_task_id,
-            version,
-            config,
-        })
-        .ok_or_else(unknown)
+    let (named_task_id, version, config) = chosen.ok_or_else(unknown)?;
+    let config = crate::core::json::parse(
+        "stored template configuration",
+        config.as_deref().unwrap_or("{}"),
+    )?;
+    Ok(Stored {
+        named_task_id,
+        version,
+        config,
+    })
 }
 
 /// One template in a listing.

@@ -21,6 +21,7 @@ use crate::core::state::{Entity, State};
 use pgrx::spi::{Spi, SpiClient, SpiResult};
 use pgrx::JsonB;
 use serde_json::{json, Value};
+use std::collections::BTreeSet;
 
 /// Native readiness of a `tasker_core.step_state` row `s` (see the module comment).
 const CLAIMABLE: &str =
@@ -98,12 +99,28 @@ pub struct Claimed {
 }
 
 /// Fails the in-progress steps whose lease expired (at most `limit`), so that they can be
-/// claimed again. Returns their ids.
+/// claimed again, and finalizes their tasks. Returns the steps' ids.
 pub fn expire_leases(
     client: &SpiClient<'_>,
     schema: &SchemaName,
     limit: i32,
 ) -> Result<Vec<i64>, TaskerError> {
+    let (ids, tasks) = release_expired(client, schema, limit)?;
+    for task_id in tasks {
+        // The lost attempt may have been the last one: the task may now have failed.
+        finalize(client, schema, task_id)?;
+    }
+    Ok(ids)
+}
+
+/// The step half of [`expire_leases`]: fails the steps whose lease expired and returns their
+/// ids and their tasks, in ascending order — the order in which the caller must finalize them
+/// (a task is locked until commit: two expirers that took them in deadline order deadlocked).
+fn release_expired(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    limit: i32,
+) -> Result<(Vec<i64>, BTreeSet<i64>), TaskerError> {
     let q = schema.quoted();
     let expired: Vec<(i64, String)> = with_write_plan(
         client,
@@ -133,17 +150,17 @@ pub fn expire_leases(
     )
     .map_err(spi)?;
     let mut ids = Vec::with_capacity(expired.len());
+    let mut tasks = BTreeSet::new();
     for (step_id, worker) in expired {
         // A heartbeat that committed since the scan extended the lease: the step stays held.
         let Some(task_id) = release(client, schema, step_id, "lease_expired", &worker, true)?
         else {
             continue;
         };
-        // The lost attempt may have been the last one: the task may now have failed.
-        finalize(client, schema, task_id)?;
+        tasks.insert(task_id);
         ids.push(step_id);
     }
-    Ok(ids)
+    Ok((ids, tasks))
 }
 
 /// Drops a step's claim and fails it (`in_progress -> error`) with `reason`, counting the
@@ -218,7 +235,8 @@ pub fn claim(
     let q = schema.quoted();
     Spi::connect_mut(|client| {
         require_tracked(client, schema)?;
-        expire_leases(client, schema, max_steps)?;
+        // the tasks of expired leases are finalized with the started ones below, in task order
+        let (_, expired_tasks) = release_expired(client, schema, max_steps)?;
         // Candidates: more than asked for (concurrent claimers hold some of the first ones),
         // then locked by id (an index probe each: a join there let the generic plan merge-join
         // the whole step table to reach them).
@@ -299,9 +317,9 @@ pub fn claim(
         let candidates = recheck_claimable(client, candidates)?;
         // the worker's trace, if it has one, before the transitions that should carry it
         let traceparent = traceparent.filter(|_| events::traces_installed());
-        let mut traced = std::collections::BTreeSet::new();
+        let mut traced = BTreeSet::new();
         let mut claimed_ids = Vec::new();
-        let mut tasks_started = std::collections::BTreeSet::new();
+        let mut tasks_started = BTreeSet::new();
         for (step_id, task_id, state) in candidates {
             if let Some(tp) = traceparent {
                 if traced.insert(task_id) {
@@ -346,8 +364,15 @@ pub fn claim(
                 Err(e) => return Err(e),
             }
         }
-        for task_id in tasks_started {
-            start_task(client, schema, task_id)?;
+        // Tasks are locked until commit, so every claim takes them in one ascending pass.
+        for &task_id in expired_tasks.union(&tasks_started) {
+            if expired_tasks.contains(&task_id) {
+                // the lost attempt may have been the last one: the task may have failed
+                finalize(client, schema, task_id)?;
+            }
+            if tasks_started.contains(&task_id) {
+                start_task(client, schema, task_id)?;
+            }
         }
         if claimed_ids.is_empty() {
             return Ok(Vec::new());

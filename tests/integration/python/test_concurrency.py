@@ -722,3 +722,71 @@ def test_resolve_step_manually_races_the_worker(rdb):
     finally:
         worker.close()
         op.close()
+
+
+TWIN = {"name": "twin", "namespace_name": "twin", "version": "1.0.0",
+        "step_templates": [{"name": "x", "handler_class": "X"}, {"name": "y", "handler_class": "Y"}]}
+
+
+def waiting_on_lock(db, pid):
+    with db.connect() as probe:
+        return probe.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                             (pid,)).fetchone()[0]
+
+
+def test_claims_expiring_leases_of_several_tasks_never_deadlock(rdb):
+    """Two claimers expire leases of the same two tasks, their deadlines interleaved (T1, T2,
+    T2, T1): each finalizes the tasks of the leases it expired, and a task stays locked until
+    commit. Taken in deadline order, claimer A held T1 and waited for T2 while B held T2 and
+    waited for T1. A lock on one claim row (what a heartbeat at the deadline holds) stops A
+    between its two releases, so the race happens every time."""
+    rdb.scalar("SELECT tasker_core.register_task_template(%s)", (Jsonb(TWIN),))
+    w, a, b = session(rdb), session(rdb), session(rdb)
+    try:
+        at(w, T0)
+        t1 = w.execute("SELECT tasker_core.create_task('twin', 'twin', NULL, '{}')").fetchone()[0]
+        t2 = w.execute("SELECT tasker_core.create_task('twin', 'twin', NULL, '{}')").fetchone()[0]
+        steps = {tid: [r[0] for r in w.execute(
+            "SELECT workflow_step_id FROM tasker_workflow_steps WHERE task_id = %s ORDER BY 1", (tid,)).fetchall()]
+            for tid in (t1, t2)}
+        # leases ending at T0+1 (t1), +2 (t2), +3 (t2), +4 (t1)
+        w.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w', ARRAY['twin'], 4, 60)")
+        for lease, step in enumerate([steps[t1][0], steps[t2][0], steps[t2][1], steps[t1][1]], start=1):
+            w.execute("UPDATE tasker_core.step_claims SET lease_expires_at = %s WHERE workflow_step_id = %s",
+                      (T0 + timedelta(seconds=lease), step))
+        held = dict(w.execute("SELECT workflow_step_id, lease_expires_at FROM tasker_core.step_claims").fetchall())
+        order = sorted(held, key=held.get)
+        assert [rdb.scalar("SELECT task_id FROM tasker_workflow_steps WHERE workflow_step_id = %s", (s,))
+                for s in order] == [t1, t2, t2, t1], "the deadlines do not interleave"
+        for c in (a, b):
+            at(c, T0 + timedelta(seconds=10))
+        with rdb.connect(autocommit=False) as blocker:
+            # holds the second lease A will expire, as a heartbeat at the deadline would
+            blocker.execute("SELECT 1 FROM tasker_core.step_claims WHERE workflow_step_id = %s FOR UPDATE",
+                            (order[1],))
+            box = {}
+            claim = "SELECT workflow_step_id FROM tasker_core.claim_steps(%s, ARRAY['twin'], 2, 600)"
+            ta = threading.Thread(target=lambda: box.setdefault("a", call(a, claim, ("a",))))
+            ta.start()
+            for _ in range(250):
+                if waiting_on_lock(rdb, a.info.backend_pid):
+                    break
+                time.sleep(0.02)
+            assert waiting_on_lock(rdb, a.info.backend_pid), "claimer A did not reach the held lease"
+            tb = threading.Thread(target=lambda: box.setdefault("b", call(b, claim, ("b",))))
+            tb.start()
+            for _ in range(100):       # B finishes, or waits for a task A holds (the old order)
+                if not tb.is_alive() or waiting_on_lock(rdb, b.info.backend_pid):
+                    break
+                time.sleep(0.02)
+            time.sleep(0.3)
+            blocker.rollback()
+            ta.join(30)
+            tb.join(30)
+        assert box["a"][0] == "ok" and box["b"][0] == "ok", box
+        with rdb.connect() as c:
+            assert c.execute("SELECT * FROM tasker_core.verify()").fetchall() == []
+            assert c.execute("SELECT * FROM tasker_core.check_tracking()").fetchall() == []
+    finally:
+        for c in (w, a, b):
+            c.close()

@@ -375,3 +375,22 @@ def test_unique_items_compares_values_not_text(hdb, ids, unique):
         except psycopg.Error as e:
             state = e.sqlstate
         assert state == (None if unique else "TK025"), ids
+
+
+def test_a_stored_template_nested_too_deep_is_an_error_not_an_older_version(hdb):
+    """A configuration written directly (as Rails could) past the nesting limit: create_task of
+    the latest version refuses with TK026 instead of quietly using an older version, and the
+    older version stays usable by name."""
+    two = dict(TEMPLATE, version="2.0.0")
+    hdb.scalar("SELECT tasker_core.register_task_template(%s::jsonb)", (json.dumps(two),))
+    with hdb.connect() as c:
+        c.execute("UPDATE tasker_named_tasks SET configuration = jsonb_set(configuration, '{deep}', %s::jsonb) "
+                  "WHERE version = '2.0.0'", (nested(150),))
+        before = snapshot(c)
+        with pytest.raises(psycopg.Error) as err:
+            c.execute("SELECT tasker_core.create_task('hostile', 'h', NULL, '{}')")
+        assert err.value.sqlstate == "TK026", str(err.value)
+        assert snapshot(c) == before
+        task = c.execute("SELECT tasker_core.create_task('hostile', 'h', '1.0.0', '{}')").fetchone()[0]
+        assert c.execute("SELECT nt.version FROM tasker_tasks t JOIN tasker_named_tasks nt USING (named_task_id) "
+                         "WHERE t.task_id = %s", (task,)).fetchone()[0] == "1.0.0"
