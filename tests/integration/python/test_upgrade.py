@@ -77,6 +77,7 @@ def test_update_from_an_earlier_version_equals_a_fresh_install(old_and_new, star
         new.execute("SELECT tasker_core.create_roles()")
         old.execute("SELECT tasker_core.subscribe('before-update', ARRAY['task.*'])")
     old.execute("SELECT tasker_core.register_task_template(%s::jsonb)", (json.dumps(TEMPLATE),))
+    keyed = old.scalar("SELECT tasker_core.create_task('upgrade', 'up', NULL, '{}', '{\"idempotency_key\": \"k-1\"}')")
     old.execute("SELECT tasker_core.create_task('upgrade', 'up', NULL, jsonb_build_object('i', i)) "
                 "FROM generate_series(1, 20) i")
     # half the workload runs on the old version; a claim is in flight across the upgrade
@@ -103,7 +104,7 @@ def test_update_from_an_earlier_version_equals_a_fresh_install(old_and_new, star
             break
         for (step,) in rows:
             old.execute("SELECT tasker_core.complete_step(%s, 'w', '{}')", (step,))
-    assert old.scalar("SELECT count(*) FROM tasker_tasks WHERE complete") == 20
+    assert old.scalar("SELECT count(*) FROM tasker_tasks WHERE complete") == 21
     assert old.execute("SELECT * FROM tasker_core.verify()") == []
     assert old.execute("SELECT * FROM tasker_core.check_tracking()") == []
     # and what 0.2.0 fixed works on the upgraded database
@@ -120,5 +121,8 @@ def test_update_from_an_earlier_version_equals_a_fresh_install(old_and_new, star
         assert old.scalar("SELECT owner = session_user FROM tasker_core.subscriptions WHERE name = 'before-update'")
     old.execute("SELECT tasker_core.subscribe('after-update')")
     assert old.scalar("SELECT owner = session_user FROM tasker_core.subscriptions WHERE name = 'after-update'")
+    # an idempotency key used before the update still finds its task (identities changed)
+    assert old.scalar("SELECT tasker_core.create_task('upgrade', 'up', NULL, '{}', "
+                      "'{\"idempotency_key\": \"k-1\"}')") == keyed
     # and what 0.4.0 added: a claim belongs to the login that made it
     assert old.scalar("SELECT login = session_user FROM tasker_core.step_claims WHERE task_id = %s", (task,))
