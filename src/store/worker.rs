@@ -640,17 +640,25 @@ fn lock_step_rows(
         .map_err(spi);
     }
     let q = schema.quoted();
-    with_write_plan(
-        client,
-        "worker_lock_step",
-        schema.as_str(),
-        &[INT8],
-        || format!("SELECT 1 FROM {q}.tasker_workflow_steps WHERE workflow_step_id = $1 FOR NO KEY UPDATE"),
-        |stmt| {
-            client.select(stmt, None, &[step_id.into()])?;
-            Ok(())
-        },
-    )
+    lock_row(client, "worker_lock_step", schema, step_id, || {
+        format!(
+            "SELECT 1 FROM {q}.tasker_workflow_steps WHERE workflow_step_id = $1 FOR NO KEY UPDATE"
+        )
+    })
+}
+
+/// Runs a kept locking statement of one `bigint` parameter (a row by its id).
+fn lock_row(
+    client: &SpiClient<'_>,
+    key: &'static str,
+    schema: &SchemaName,
+    id: i64,
+    sql: impl FnOnce() -> String,
+) -> Result<(), TaskerError> {
+    with_write_plan(client, key, schema.as_str(), &[INT8], sql, |stmt| {
+        client.select(stmt, None, &[id.into()])?;
+        Ok(())
+    })
     .map_err(spi)
 }
 
@@ -950,18 +958,9 @@ struct NativeCounts {
 
 fn lock_task(client: &SpiClient<'_>, schema: &SchemaName, task_id: i64) -> Result<(), TaskerError> {
     let q = schema.quoted();
-    with_write_plan(
-        client,
-        "finalize_lock_task",
-        schema.as_str(),
-        &[INT8],
-        || format!("SELECT 1 FROM {q}.tasker_tasks WHERE task_id = $1 FOR NO KEY UPDATE"),
-        |stmt| {
-            client.select(stmt, None, &[task_id.into()])?;
-            Ok(())
-        },
-    )
-    .map_err(spi)
+    lock_row(client, "finalize_lock_task", schema, task_id, || {
+        format!("SELECT 1 FROM {q}.tasker_tasks WHERE task_id = $1 FOR NO KEY UPDATE")
+    })
 }
 
 /// (A write plan, though it only reads: it must take a fresh snapshot, see [`finalize`].)
