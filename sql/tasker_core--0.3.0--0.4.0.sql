@@ -159,6 +159,8 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     kids bigint[];
     lock_step text := format('SELECT 1 FROM %I.tasker_workflow_steps WHERE workflow_step_id = $1 FOR NO KEY UPDATE', ds);
+    lock_current text := format('SELECT 1 FROM %I.tasker_workflow_step_transitions
+                                 WHERE workflow_step_id = $1 AND most_recent FOR UPDATE', ds);
     k bigint;
 BEGIN
     SELECT s.child_ids INTO kids FROM tasker_core.step_state s WHERE s.workflow_step_id = step;
@@ -169,6 +171,7 @@ BEGIN
     LOOP
         BEGIN
             EXECUTE lock_step || ' NOWAIT' USING step;
+            EXECUTE lock_current || ' NOWAIT' USING step;
             PERFORM 1 FROM tasker_core.step_state s WHERE s.workflow_step_id = ANY (kids || step)
              ORDER BY s.workflow_step_id FOR UPDATE NOWAIT;
             RETURN;
@@ -178,6 +181,12 @@ BEGIN
         -- wait until each row is free (taking it and letting it go at once), then try again
         BEGIN
             EXECUTE lock_step USING step;
+            RAISE EXCEPTION USING ERRCODE = 'TK099';
+        EXCEPTION WHEN SQLSTATE 'TK099' THEN
+            NULL;
+        END;
+        BEGIN
+            EXECUTE lock_current USING step;
             RAISE EXCEPTION USING ERRCODE = 'TK099';
         EXCEPTION WHEN SQLSTATE 'TK099' THEN
             NULL;

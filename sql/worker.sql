@@ -87,19 +87,22 @@ BEGIN
 END;
 $$;
 
--- Locks a step that is about to start or stop satisfying its dependents (complete, resolved),
--- its maintained row and those of its children, whose blocked counts the transition moves:
--- the first locks of complete_step, resolve_step_manually and transition_step. An application
--- may write a child and then its parent, or the parent and then a child, in one transaction;
--- holding one of these rows while waiting for another would deadlock with one of those orders.
--- So either all are taken at once (NOWAIT, in a subtransaction), or none is held: the call
--- waits for each holder in turn, holding nothing, and tries again. A step without children
--- takes its one lock and waits like any other writer.
+-- Locks what completing (or resolving) a step writes where others write too: the step's row,
+-- its current transition (flipped off most_recent), its maintained row and its children's,
+-- whose blocked counts move with it — the first locks of complete_step, resolve_step_manually
+-- and transition_step. Others take these rows in other orders: an application writes a child
+-- and then its parent (or the reverse), Statesman writes a step's transitions (its trigger then
+-- takes the maintained rows). Holding one while waiting for another would deadlock with one of
+-- those orders, so either all are taken at once (NOWAIT, in a subtransaction), or none is held:
+-- the call waits for each holder in turn, holding nothing, and tries again. A step without
+-- children takes its row lock and waits like any other writer.
 CREATE FUNCTION tasker_core._lock_step_and_children(ds name, step bigint) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     kids bigint[];
     lock_step text := format('SELECT 1 FROM %I.tasker_workflow_steps WHERE workflow_step_id = $1 FOR NO KEY UPDATE', ds);
+    lock_current text := format('SELECT 1 FROM %I.tasker_workflow_step_transitions
+                                 WHERE workflow_step_id = $1 AND most_recent FOR UPDATE', ds);
     k bigint;
 BEGIN
     SELECT s.child_ids INTO kids FROM tasker_core.step_state s WHERE s.workflow_step_id = step;
@@ -110,6 +113,7 @@ BEGIN
     LOOP
         BEGIN
             EXECUTE lock_step || ' NOWAIT' USING step;
+            EXECUTE lock_current || ' NOWAIT' USING step;
             PERFORM 1 FROM tasker_core.step_state s WHERE s.workflow_step_id = ANY (kids || step)
              ORDER BY s.workflow_step_id FOR UPDATE NOWAIT;
             RETURN;
@@ -119,6 +123,12 @@ BEGIN
         -- wait until each row is free (taking it and letting it go at once), then try again
         BEGIN
             EXECUTE lock_step USING step;
+            RAISE EXCEPTION USING ERRCODE = 'TK099';
+        EXCEPTION WHEN SQLSTATE 'TK099' THEN
+            NULL;
+        END;
+        BEGIN
+            EXECUTE lock_current USING step;
             RAISE EXCEPTION USING ERRCODE = 'TK099';
         EXCEPTION WHEN SQLSTATE 'TK099' THEN
             NULL;
