@@ -549,13 +549,10 @@ pub fn create_task(
             // first, so that every event and transition of the task carries it
             super::events::record_trace(client, task_id, traceparent).map_err(spi)?;
         }
-        // Each template step's named step, by template position. The statement is driven by
-        // the template's arrays (an unnest, which the generic plan estimates at 10 rows, so each
-        // step is an index look-up, never a scan of the catalogue) and joins no other
-        // template-sized set (the single statement this replaces did, with nested loops:
-        // quadratic). `+ 0` keeps the dependent system out of the index condition: looked up by
-        // its system alone (the index stale statistics made the planner prefer), each step read
-        // every named step of that system; by its name it reads the few named steps of that name.
+        // Each template step's named step, by template position: one index look-up per step
+        // (a LATERAL with LIMIT 1), whatever the statistics. Joined as sets, the generic plan
+        // either walked every named step of the step's system per step (quadratic) or, on
+        // never-analysed tables, hashed the whole catalogue of named steps on every call.
         let systems: Vec<String> = t.steps.iter().map(|s| s.dependent_system.clone()).collect();
         let names: Vec<String> = t.steps.iter().map(|s| s.name.clone()).collect();
         let mut named: Vec<Option<i32>> = vec![None; t.steps.len()];
@@ -567,11 +564,13 @@ pub fn create_task(
             &[TEXTARRAY, TEXTARRAY],
             || {
                 format!(
-                    "SELECT s.pos::integer, ns.named_step_id
+                    "SELECT s.pos::integer, n.named_step_id
                      FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS s(system, name, pos)
-                     JOIN {q}.tasker_dependent_systems ds ON ds.name = s.system
-                     JOIN {q}.tasker_named_steps ns
-                       ON ns.name = s.name AND ns.dependent_system_id + 0 = ds.dependent_system_id"
+                     CROSS JOIN LATERAL (
+                         SELECT ns.named_step_id FROM {q}.tasker_dependent_systems ds
+                         JOIN {q}.tasker_named_steps ns
+                           ON ns.dependent_system_id = ds.dependent_system_id AND ns.name = s.name
+                         WHERE ds.name = s.system LIMIT 1) n"
                 )
             },
             |stmt| {

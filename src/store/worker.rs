@@ -436,18 +436,24 @@ fn recheck_claimable(
         "",
         &[INT8ARRAY],
         || {
+            // The candidates by primary key, readiness evaluated on each: with the readiness
+            // predicate in the WHERE clause, the generic plan on never-analysed tables walked
+            // the whole ready index (its predicate matched) and filtered it by id — 4,000 rows
+            // read per claim with 2,000 tasks queued.
             format!(
-                "SELECT s.workflow_step_id, s.state FROM tasker_core.step_state s
-                    WHERE s.workflow_step_id = ANY ($1) AND {CLAIMABLE}"
+                "SELECT s.workflow_step_id, s.state, COALESCE({CLAIMABLE}, false)
+                 FROM tasker_core.step_state s WHERE s.workflow_step_id = ANY ($1)"
             )
         },
         |stmt| {
             let mut out = std::collections::HashMap::new();
             for row in client.select(stmt, None, &[ids.into()])? {
-                out.insert(
-                    row.get::<i64>(1)?.unwrap_or_default(),
-                    row.get::<String>(2)?,
-                );
+                if row.get::<bool>(3)?.unwrap_or(false) {
+                    out.insert(
+                        row.get::<i64>(1)?.unwrap_or_default(),
+                        row.get::<String>(2)?,
+                    );
+                }
             }
             Ok(out)
         },
