@@ -252,11 +252,11 @@ class Worker extends EventEmitter {
     };
     client.on('error', drop);
     client.on('end', () => drop());
-    client.on('notification', (msg) => {
-      let ns = null;
-      try { ns = JSON.parse(msg.payload).namespace; } catch { /* a wake-up all the same */ }
-      if (!this.namespaces || ns == null || this.namespaces.includes(ns)) this.#wake();
-    });
+    // Every wake-up triggers a claim, whatever namespace its payload names: the server sends
+    // one wake-up per transaction, naming its first task, and the same transaction may have
+    // made steps ready in other namespaces too (and tick() names none). A claim that finds
+    // nothing costs one round trip.
+    client.on('notification', () => this.#wake());
     try {
       await client.connect();
       await client.query(`LISTEN ${READY_CHANNEL}`);

@@ -396,6 +396,24 @@ test('a worker waiting in LISTEN picks up a new task well before its poll interv
   });
 });
 
+test('a wake-up naming another namespace still wakes the worker: one transaction readies steps of two', async () => {
+  await withDatabase(async (t) => {
+    for (const ns of ['first', 'second']) {
+      await t.template({ name: 'one', namespace_name: ns, version: '1.0.0', step_templates: [{ name: 'a', handler_class: 'Quick' }] });
+    }
+    const w = t.worker({ namespaces: ['second'], pollIntervalMs: 30000 });
+    w.register('Quick', async () => ({}));
+    await w.start();
+    await sleep(500); // its first claim found nothing: it now sleeps in LISTEN
+    // one transaction, one wake-up: it names the first task's namespace, not the worker's
+    await t.db.query('BEGIN');
+    await t.task('first', 'one');
+    const id = await t.task('second', 'one');
+    await t.db.query('COMMIT');
+    assert.equal(await t.waitForTask(id, ['complete', 'error'], 5000), 'complete');
+  });
+});
+
 test('a worker trace is joined by untraced tasks: every step gets it, and the task keeps it', async () => {
   await withDatabase(async (t) => {
     await t.template({
