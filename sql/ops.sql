@@ -1,5 +1,22 @@
 -- Operations: invariant checks, metrics for Prometheus, a health probe.
 
+-- TK010, as the Rust functions raise it (same message), rather than 42P01 when one of the
+-- tables a function reads is missing from the data schema.
+CREATE FUNCTION tasker_core._require_tables(ds name, tables text[]) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    tbl text;
+BEGIN
+    FOREACH tbl IN ARRAY tables LOOP
+        IF to_regclass(format('%I.%I', ds, tbl)) IS NULL THEN
+            RAISE EXCEPTION 'tasker data schema % is not installed: table % is missing (run tasker_core.install_schema(%) or set tasker_core.data_schema)',
+                            to_json(ds::text), tbl, to_json(ds::text)
+                USING ERRCODE = 'TK010';
+        END IF;
+    END LOOP;
+END;
+$$;
+
 -- Every invariant tasker_core relies on, checked against the data; one row per violation
 -- (none when all is well). Run it after a crash, a restore, or whenever in doubt.
 CREATE FUNCTION tasker_core.verify()
@@ -9,16 +26,10 @@ DECLARE
     ds name := tasker_core._data_schema();
     tracked boolean := EXISTS (SELECT 1 FROM tasker_core.tracking t WHERE t.data_schema = ds);
     oldest_event timestamptz := (SELECT min(e.created_at) FROM tasker_core.events e);
-    tbl text;
 BEGIN
-    -- TK010, as the Rust functions raise it, rather than 42P01 when the tables are missing
-    FOREACH tbl IN ARRAY ARRAY['tasker_tasks', 'tasker_workflow_steps', 'tasker_workflow_step_edges', 'tasker_workflow_step_transitions', 'tasker_task_transitions', 'tasker_named_steps', 'tasker_named_tasks'] LOOP
-        IF to_regclass(format('%I.%I', ds, tbl)) IS NULL THEN
-            RAISE EXCEPTION 'tasker data schema % is not installed: table % is missing (run tasker_core.install_schema(%) or set tasker_core.data_schema)',
-                            to_json(ds::text), tbl, to_json(ds::text)
-                USING ERRCODE = 'TK010';
-        END IF;
-    END LOOP;
+    PERFORM tasker_core._require_tables(ds, ARRAY['tasker_tasks', 'tasker_workflow_steps',
+        'tasker_workflow_step_edges', 'tasker_workflow_step_transitions', 'tasker_task_transitions',
+        'tasker_named_steps', 'tasker_named_tasks']);
     -- one most_recent transition per owner, and it is the one with the highest sort_key
     RETURN QUERY EXECUTE format($q$
         SELECT 'one_most_recent', 'step', workflow_step_id, count(*) || ' most_recent transitions'
@@ -117,16 +128,10 @@ DECLARE
     out text := '';
     r record;
     now_utc timestamp := tasker_core.now() AT TIME ZONE 'UTC';
-    tbl text;
 BEGIN
-    -- TK010, as the Rust functions raise it, rather than 42P01 when the tables are missing
-    FOREACH tbl IN ARRAY ARRAY['tasker_tasks', 'tasker_workflow_steps', 'tasker_workflow_step_edges', 'tasker_workflow_step_transitions', 'tasker_task_transitions', 'tasker_named_steps', 'tasker_named_tasks', 'tasker_task_namespaces'] LOOP
-        IF to_regclass(format('%I.%I', ds, tbl)) IS NULL THEN
-            RAISE EXCEPTION 'tasker data schema % is not installed: table % is missing (run tasker_core.install_schema(%) or set tasker_core.data_schema)',
-                            to_json(ds::text), tbl, to_json(ds::text)
-                USING ERRCODE = 'TK010';
-        END IF;
-    END LOOP;
+    PERFORM tasker_core._require_tables(ds, ARRAY['tasker_tasks', 'tasker_workflow_steps',
+        'tasker_workflow_step_edges', 'tasker_workflow_step_transitions', 'tasker_task_transitions',
+        'tasker_named_steps', 'tasker_named_tasks', 'tasker_task_namespaces']);
     out := out || E'# HELP tasker_tasks Tasks by current state.\n# TYPE tasker_tasks gauge\n';
     FOR r IN EXECUTE format($q$
         SELECT s.state, count(t.task_id) AS n

@@ -161,7 +161,8 @@ DECLARE
     lock_step text := format('SELECT 1 FROM %I.tasker_workflow_steps WHERE workflow_step_id = $1 FOR NO KEY UPDATE', ds);
     lock_current text := format('SELECT 1 FROM %I.tasker_workflow_step_transitions
                                  WHERE workflow_step_id = $1 AND most_recent FOR UPDATE', ds);
-    k bigint;
+    lock_state text := 'SELECT 1 FROM tasker_core.step_state WHERE workflow_step_id = $1 FOR UPDATE';
+    w record;
 BEGIN
     SELECT s.child_ids INTO kids FROM tasker_core.step_state s WHERE s.workflow_step_id = step;
     IF COALESCE(cardinality(kids), 0) = 0 THEN
@@ -179,21 +180,10 @@ BEGIN
             NULL;
         END;
         -- wait until each row is free (taking it and letting it go at once), then try again
-        BEGIN
-            EXECUTE lock_step USING step;
-            RAISE EXCEPTION USING ERRCODE = 'TK099';
-        EXCEPTION WHEN SQLSTATE 'TK099' THEN
-            NULL;
-        END;
-        BEGIN
-            EXECUTE lock_current USING step;
-            RAISE EXCEPTION USING ERRCODE = 'TK099';
-        EXCEPTION WHEN SQLSTATE 'TK099' THEN
-            NULL;
-        END;
-        FOREACH k IN ARRAY kids || step LOOP
+        FOR w IN SELECT * FROM (VALUES (lock_step, step), (lock_current, step)) v(query, id)
+                 UNION ALL SELECT lock_state, k FROM unnest(kids || step) k LOOP
             BEGIN
-                PERFORM 1 FROM tasker_core.step_state s WHERE s.workflow_step_id = k FOR UPDATE;
+                EXECUTE w.query USING w.id;
                 RAISE EXCEPTION USING ERRCODE = 'TK099';
             EXCEPTION WHEN SQLSTATE 'TK099' THEN
                 NULL;
@@ -204,6 +194,22 @@ END;
 $$;
 REVOKE ALL ON FUNCTION tasker_core._lock_step_and_children(name,bigint) FROM PUBLIC;
 
+CREATE OR REPLACE FUNCTION tasker_core._require_tables(ds name, tables text[]) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    tbl text;
+BEGIN
+    FOREACH tbl IN ARRAY tables LOOP
+        IF to_regclass(format('%I.%I', ds, tbl)) IS NULL THEN
+            RAISE EXCEPTION 'tasker data schema % is not installed: table % is missing (run tasker_core.install_schema(%) or set tasker_core.data_schema)',
+                            to_json(ds::text), tbl, to_json(ds::text)
+                USING ERRCODE = 'TK010';
+        END IF;
+    END LOOP;
+END;
+$$;
+REVOKE ALL ON FUNCTION tasker_core._require_tables(name,text[]) FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION tasker_core.verify()
 RETURNS TABLE(check_name text, entity text, id bigint, detail text)
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
@@ -211,16 +217,10 @@ DECLARE
     ds name := tasker_core._data_schema();
     tracked boolean := EXISTS (SELECT 1 FROM tasker_core.tracking t WHERE t.data_schema = ds);
     oldest_event timestamptz := (SELECT min(e.created_at) FROM tasker_core.events e);
-    tbl text;
 BEGIN
-    -- TK010, as the Rust functions raise it, rather than 42P01 when the tables are missing
-    FOREACH tbl IN ARRAY ARRAY['tasker_tasks', 'tasker_workflow_steps', 'tasker_workflow_step_edges', 'tasker_workflow_step_transitions', 'tasker_task_transitions', 'tasker_named_steps', 'tasker_named_tasks'] LOOP
-        IF to_regclass(format('%I.%I', ds, tbl)) IS NULL THEN
-            RAISE EXCEPTION 'tasker data schema % is not installed: table % is missing (run tasker_core.install_schema(%) or set tasker_core.data_schema)',
-                            to_json(ds::text), tbl, to_json(ds::text)
-                USING ERRCODE = 'TK010';
-        END IF;
-    END LOOP;
+    PERFORM tasker_core._require_tables(ds, ARRAY['tasker_tasks', 'tasker_workflow_steps',
+        'tasker_workflow_step_edges', 'tasker_workflow_step_transitions', 'tasker_task_transitions',
+        'tasker_named_steps', 'tasker_named_tasks']);
     -- one most_recent transition per owner, and it is the one with the highest sort_key
     RETURN QUERY EXECUTE format($q$
         SELECT 'one_most_recent', 'step', workflow_step_id, count(*) || ' most_recent transitions'
@@ -318,16 +318,10 @@ DECLARE
     out text := '';
     r record;
     now_utc timestamp := tasker_core.now() AT TIME ZONE 'UTC';
-    tbl text;
 BEGIN
-    -- TK010, as the Rust functions raise it, rather than 42P01 when the tables are missing
-    FOREACH tbl IN ARRAY ARRAY['tasker_tasks', 'tasker_workflow_steps', 'tasker_workflow_step_edges', 'tasker_workflow_step_transitions', 'tasker_task_transitions', 'tasker_named_steps', 'tasker_named_tasks', 'tasker_task_namespaces'] LOOP
-        IF to_regclass(format('%I.%I', ds, tbl)) IS NULL THEN
-            RAISE EXCEPTION 'tasker data schema % is not installed: table % is missing (run tasker_core.install_schema(%) or set tasker_core.data_schema)',
-                            to_json(ds::text), tbl, to_json(ds::text)
-                USING ERRCODE = 'TK010';
-        END IF;
-    END LOOP;
+    PERFORM tasker_core._require_tables(ds, ARRAY['tasker_tasks', 'tasker_workflow_steps',
+        'tasker_workflow_step_edges', 'tasker_workflow_step_transitions', 'tasker_task_transitions',
+        'tasker_named_steps', 'tasker_named_tasks', 'tasker_task_namespaces']);
     out := out || E'# HELP tasker_tasks Tasks by current state.\n# TYPE tasker_tasks gauge\n';
     FOR r IN EXECUTE format($q$
         SELECT s.state, count(t.task_id) AS n

@@ -103,7 +103,8 @@ DECLARE
     lock_step text := format('SELECT 1 FROM %I.tasker_workflow_steps WHERE workflow_step_id = $1 FOR NO KEY UPDATE', ds);
     lock_current text := format('SELECT 1 FROM %I.tasker_workflow_step_transitions
                                  WHERE workflow_step_id = $1 AND most_recent FOR UPDATE', ds);
-    k bigint;
+    lock_state text := 'SELECT 1 FROM tasker_core.step_state WHERE workflow_step_id = $1 FOR UPDATE';
+    w record;
 BEGIN
     SELECT s.child_ids INTO kids FROM tasker_core.step_state s WHERE s.workflow_step_id = step;
     IF COALESCE(cardinality(kids), 0) = 0 THEN
@@ -121,21 +122,10 @@ BEGIN
             NULL;
         END;
         -- wait until each row is free (taking it and letting it go at once), then try again
-        BEGIN
-            EXECUTE lock_step USING step;
-            RAISE EXCEPTION USING ERRCODE = 'TK099';
-        EXCEPTION WHEN SQLSTATE 'TK099' THEN
-            NULL;
-        END;
-        BEGIN
-            EXECUTE lock_current USING step;
-            RAISE EXCEPTION USING ERRCODE = 'TK099';
-        EXCEPTION WHEN SQLSTATE 'TK099' THEN
-            NULL;
-        END;
-        FOREACH k IN ARRAY kids || step LOOP
+        FOR w IN SELECT * FROM (VALUES (lock_step, step), (lock_current, step)) v(query, id)
+                 UNION ALL SELECT lock_state, k FROM unnest(kids || step) k LOOP
             BEGIN
-                PERFORM 1 FROM tasker_core.step_state s WHERE s.workflow_step_id = k FOR UPDATE;
+                EXECUTE w.query USING w.id;
                 RAISE EXCEPTION USING ERRCODE = 'TK099';
             EXCEPTION WHEN SQLSTATE 'TK099' THEN
                 NULL;

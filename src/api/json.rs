@@ -26,6 +26,14 @@ impl JsonbText {
     pub fn parse(&self, argument: &'static str) -> Result<Value, TaskerError> {
         crate::core::json::parse(argument, &self.0)
     }
+
+    /// An optional argument parsed as [`Self::parse`] does, `{}` when it is NULL.
+    pub fn parse_or_empty(arg: Option<Self>, argument: &'static str) -> Result<Value, TaskerError> {
+        Ok(arg
+            .map(|j| j.parse(argument))
+            .transpose()?
+            .unwrap_or(Value::Object(Default::default())))
+    }
 }
 
 impl FromDatum for JsonbText {

@@ -108,10 +108,7 @@ fn string_option(
 }
 
 fn parse_options(raw: Option<JsonbText>) -> Result<templates::TaskOptions, TaskerError> {
-    let v = raw
-        .map(|j| j.parse("options"))
-        .transpose()?
-        .unwrap_or(Value::Object(Default::default()));
+    let v = JsonbText::parse_or_empty(raw, "options")?;
     let Value::Object(o) = v else {
         return Err(TaskerError::InvalidArgument {
             argument: "options",
@@ -360,10 +357,7 @@ fn complete_step(
     (|| {
         let step = required(step_id, "step_id")?;
         let w = self::worker_id(worker_id)?;
-        let results = results
-            .map(|j| j.parse("results"))
-            .transpose()?
-            .unwrap_or(Value::Object(Default::default()));
+        let results = JsonbText::parse_or_empty(results, "results")?;
         store::settings::check_payload("bytes of results", &results)?;
         worker::complete(&store::settings::data_schema()?, step, &w, &results).map(|_| true)
     })()
@@ -465,10 +459,7 @@ fn resolve_step_manually(
 ) -> bool {
     (|| {
         let step = required(step_id, "step_id")?;
-        let results = results
-            .map(|j| j.parse("results"))
-            .transpose()?
-            .unwrap_or(Value::Object(Default::default()));
+        let results = JsonbText::parse_or_empty(results, "results")?;
         store::settings::check_payload("bytes of results", &results)?;
         worker::resolve_manually(&store::settings::data_schema()?, step, &results)
     })()
