@@ -213,7 +213,9 @@ BEGIN
         ('tracking_enabled', tracked, CASE WHEN tracked THEN 'maintained readiness state is on'
                                           ELSE 'run tasker_core.enable_tracking()' END),
         ('timers_running', stale = 0, CASE WHEN stale = 0 THEN 'no lease expired for over a minute'
-                                          ELSE stale || ' leases expired over a minute ago: is tick() scheduled?' END)
+                                          ELSE stale || ' leases expired over a minute ago: is tick() scheduled?' END),
+        -- how wake-ups are sent (a choice, not a fault: always ok)
+        ('wakeups', true, (SELECT m.mode || ': ' || m.detail FROM tasker_core._wakeup_mode() m))
     ) AS x(name, ok, detail);
 END;
 $$;

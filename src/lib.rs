@@ -59,9 +59,11 @@ pub extern "C-unwind" fn _PG_init() {
     crate::core::interrupt::set_hook(interrupt_hook);
     store::settings::register_gucs();
     store::events::register_callbacks();
+    store::wakeups::register_callbacks();
     // SAFETY: a plain global flag PostgreSQL sets while preloading libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        api::timer::register_background_worker();
+        store::settings::register_preload_gucs();
+        api::timer::register_background_workers();
     }
 }
 

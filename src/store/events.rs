@@ -166,7 +166,7 @@ fn notify_once(client: &SpiClient<'_>, event: &NewEvent<'_>, at: &Recorded) -> S
         "step_id": event.step_id,
         "position": at.position,
     });
-    notify_channel_once(client, EVENTS_CHANNEL, &payload)
+    notify_channel_once(client, EVENTS_CHANNEL, "", &payload)
 }
 
 /// Forgets which transaction already notified: a NOTIFY queued in a subtransaction that rolls
@@ -192,12 +192,23 @@ pub fn register_callbacks() {
 }
 
 /// NOTIFY `channel` with `payload` unless this transaction already did (or NOTIFY is off).
+/// Where the notifier serves this database, the wake-up waits for commit instead, and it is
+/// sent once per `key` (a namespace: every namespace the transaction readied is woken).
 pub fn notify_channel_once(
     client: &SpiClient<'_>,
     channel: &'static str,
+    key: &str,
     payload: &serde_json::Value,
 ) -> SpiResult<()> {
     if !super::settings::NOTIFY.get() {
+        return Ok(());
+    }
+    let which = if channel == READY_CHANNEL {
+        super::wakeups::Channel::Ready
+    } else {
+        super::wakeups::Channel::Events
+    };
+    if super::wakeups::defer(which, key, payload.to_string()) {
         return Ok(());
     }
     let slot = if channel == READY_CHANNEL {

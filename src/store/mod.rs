@@ -9,5 +9,6 @@ pub mod schema;
 pub mod settings;
 pub mod templates;
 pub mod transitions;
+pub mod wakeups;
 pub mod worker;
 pub mod workflow;

@@ -38,6 +38,10 @@ pub static MAX_TEMPLATE_STEPS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static TICK_DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 
+/// `tasker_core.notifier`: with tasker_core preloaded, send wake-ups from the notifier
+/// background worker after commit instead of NOTIFY in each transaction (default on).
+pub static NOTIFIER: GucSetting<bool> = GucSetting::<bool>::new(true);
+
 /// `tasker_core.tick_interval_ms`: how often the timer background worker runs `tick()`
 /// (0: no background worker).
 pub static TICK_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
@@ -81,7 +85,7 @@ pub fn register_gucs() {
     );
     GucRegistry::define_string_guc(
         c"tasker_core.tick_database",
-        c"Database in which the timer background worker runs tasker_core.tick().",
+        c"Database of the background workers: the timer runs tasker_core.tick() there, the notifier serves it.",
         c"Only used when tasker_core is in shared_preload_libraries.",
         &TICK_DATABASE,
         GucContext::Sighup,
@@ -165,6 +169,19 @@ pub fn register_gucs() {
 /// transaction time (tests and replays). Superuser-only, like every setting that changes what
 /// the SECURITY DEFINER functions do: a worker may not move the clock past its backoff.
 pub static FAKE_NOW: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// Registers the settings that only exist when the library is preloaded (PostgreSQL refuses
+/// a server-start setting defined later). Called from `_PG_init` while preloading.
+pub fn register_preload_gucs() {
+    GucRegistry::define_bool_guc(
+        c"tasker_core.notifier",
+        c"Send wake-ups from the notifier background worker after commit.",
+        c"Only used when tasker_core is in shared_preload_libraries; it serves tasker_core.tick_database.",
+        &NOTIFIER,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+}
 
 /// Refuses a JSON payload larger than `tasker_core.max_payload_bytes` (54000).
 pub fn check_payload(what: &'static str, v: &serde_json::Value) -> Result<(), TaskerError> {

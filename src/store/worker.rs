@@ -55,6 +55,7 @@ pub fn wake(client: &SpiClient<'_>, task_id: i64, namespace: &str) -> SpiResult<
     events::notify_channel_once(
         client,
         READY_CHANNEL,
+        namespace,
         &json!({ "task_id": task_id, "namespace": namespace }),
     )
 }

@@ -80,7 +80,7 @@ def test_health_reports_each_check(db):
     assert all(r[0] is False for r in rows)
     setup_db(db, tasks=1)
     rows = {r[1]: r[2] for r in db.execute("SELECT * FROM tasker_core.health()")}
-    assert rows == {"schema_installed": True, "tracking_enabled": True, "timers_running": True}
+    assert rows == {"schema_installed": True, "tracking_enabled": True, "timers_running": True, "wakeups": True}
 
 
 # --- crash safety, on a cluster of its own ------------------------------------------------
