@@ -40,6 +40,8 @@ END;
 $roles$;
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA tasker_core FROM PUBLIC;
+-- The condition of the tracking row triggers runs as whichever role writes the Tasker tables.
+GRANT EXECUTE ON FUNCTION tasker_core._self_maintained() TO PUBLIC;
 
 -- Creates the roles tasker_worker, tasker_reader and tasker_admin (NOLOGIN; existing ones are
 -- kept) and grants each exactly its functions:

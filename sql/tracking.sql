@@ -458,11 +458,14 @@ $$;
 CREATE FUNCTION tasker_core._create_tracking_triggers(target name) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    -- The row triggers skip the writes of tasker_core's own worker path, which maintains the
+    -- rows itself in the statements that make the changes (tasker_core._self_maintained()).
     EXECUTE format('CREATE TRIGGER tasker_core_track AFTER INSERT OR DELETE
                     OR UPDATE OF workflow_step_id, task_id, named_step_id, retryable, retry_limit, in_process,
                                  processed, attempts, last_attempted_at, backoff_request_seconds, created_at
                     ON %I.tasker_workflow_steps
-                    FOR EACH ROW EXECUTE FUNCTION tasker_core.track_steps()', target);
+                    FOR EACH ROW WHEN (NOT tasker_core._self_maintained())
+                    EXECUTE FUNCTION tasker_core.track_steps()', target);
     -- only real renames: registration's upsert rewrites every named step with its own name
     EXECUTE format('CREATE TRIGGER tasker_core_track AFTER UPDATE OF name ON %I.tasker_named_steps
                     FOR EACH ROW WHEN (OLD.name IS DISTINCT FROM NEW.name)
@@ -481,7 +484,8 @@ BEGIN
     EXECUTE format('CREATE TRIGGER tasker_core_track AFTER INSERT OR DELETE
                     OR UPDATE OF workflow_step_id, to_state, most_recent, created_at
                     ON %I.tasker_workflow_step_transitions
-                    FOR EACH ROW EXECUTE FUNCTION tasker_core.track_step_transitions()', target);
+                    FOR EACH ROW WHEN (NOT tasker_core._self_maintained())
+                    EXECUTE FUNCTION tasker_core.track_step_transitions()', target);
     EXECUTE format('CREATE TRIGGER tasker_core_track_truncate AFTER TRUNCATE ON %I.tasker_workflow_steps
                     FOR EACH STATEMENT EXECUTE FUNCTION tasker_core.track_truncate()', target);
     EXECUTE format('CREATE TRIGGER tasker_core_track_truncate AFTER TRUNCATE ON %I.tasker_workflow_step_edges

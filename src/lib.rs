@@ -60,6 +60,7 @@ pub extern "C-unwind" fn _PG_init() {
     store::settings::register_gucs();
     store::events::register_callbacks();
     store::wakeups::register_callbacks();
+    store::maintenance::register_callbacks();
     // SAFETY: a plain global flag PostgreSQL sets while preloading libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         store::settings::register_preload_gucs();

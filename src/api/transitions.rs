@@ -118,3 +118,12 @@ fn event_catalog() -> TableIterator<
         .collect();
     TableIterator::new(rows)
 }
+
+/// True while one of tasker_core's own statements maintains `step_state` itself: the condition
+/// of the tracking row triggers (`WHEN (NOT tasker_core._self_maintained())`), so that those
+/// writes do not run the triggers too. Executable by everyone: the condition is evaluated as
+/// whichever role writes the tables.
+#[pg_extern(stable, parallel_safe, name = "_self_maintained")]
+fn self_maintained() -> bool {
+    crate::store::maintenance::active()
+}

@@ -8,7 +8,8 @@
 //! again, so a unique violation never reaches the caller.
 
 use super::events::{self, NewEvent};
-use super::plans::{with_write_plan, INT4, INT8, JSONB, TEXT};
+use super::maintenance;
+use super::plans::{with_write_plan, INT4, INT8, INT8ARRAY, JSONB, TEXT};
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
 use crate::core::state::{Entity, State};
@@ -188,7 +189,11 @@ fn flip(
     schema: &SchemaName,
     entity: Entity,
     transition_id: i64,
+    direct: bool,
 ) -> SpiResult<bool> {
+    // (self-maintained: the insert that follows sets the step's maintained state; should it
+    // not happen, `clear_flipped` does what the trigger would have done)
+    let _direct = direct.then(maintenance::Direct::begin);
     let t = tables(entity);
     let q = schema.quoted();
     let key = match entity {
@@ -224,16 +229,21 @@ fn insert(
     from: &str,
     metadata: &JsonB,
     sort_key: i32,
-) -> SpiResult<Option<i64>> {
+    direct: bool,
+) -> SpiResult<Option<(i64, Vec<i64>)>> {
     let t = tables(entity);
     let q = schema.quoted();
     let traced = super::events::traces_installed();
-    let key = match (entity, traced) {
-        (Entity::Task, true) => "insert_task_transition_traced",
-        (Entity::Step, true) => "insert_step_transition_traced",
-        (Entity::Task, false) => "insert_task_transition",
-        (Entity::Step, false) => "insert_step_transition",
+    let key = match (entity, traced, direct) {
+        (Entity::Task, true, _) => "insert_task_transition_traced",
+        (Entity::Step, true, false) => "insert_step_transition_traced",
+        (Entity::Task, false, _) => "insert_task_transition",
+        (Entity::Step, false, false) => "insert_step_transition",
+        (Entity::Step, true, true) => "insert_step_transition_traced_direct",
+        (Entity::Step, false, true) => "insert_step_transition_direct",
     };
+    let direct = direct && entity == Entity::Step;
+    let _direct = direct.then(maintenance::Direct::begin);
     with_write_plan(
         client,
         key,
@@ -255,13 +265,28 @@ fn insert(
             } else {
                 "$4".to_owned()
             };
-            format!(
+            let insert = format!(
                 "INSERT INTO {q}.{tr} (to_state, from_state, metadata, sort_key, most_recent, {k}, created_at, updated_at) \
                  VALUES ($2, $3, {metadata}, \
                          $5, true, $1, (tasker_core.now() AT TIME ZONE 'UTC'), (tasker_core.now() AT TIME ZONE 'UTC')) \
                  ON CONFLICT DO NOTHING RETURNING id",
                 tr = t.transitions,
                 k = t.owner_key
+            );
+            if !direct {
+                return format!("{insert}, NULL::bigint[]");
+            }
+            // The new current transition and, in the same statement, the step's maintained
+            // state (what the row trigger's _set_step_state does): its children come back for
+            // the caller to move their blocked counts when the step starts or stops satisfying
+            // them.
+            format!(
+                "WITH ins AS ({insert}, created_at), \
+                 st AS (UPDATE tasker_core.step_state s \
+                        SET state = $2, state_at = ins.created_at, state_transition_id = ins.id, \
+                            transition_count = s.transition_count + 1 \
+                        FROM ins WHERE s.workflow_step_id = $1 RETURNING s.child_ids) \
+                 SELECT ins.id, (SELECT st.child_ids FROM st) FROM ins"
             )
         },
         |stmt| {
@@ -279,7 +304,67 @@ fn insert(
             if table.is_empty() {
                 return Ok(None);
             }
-            table.first().get_one::<i64>()
+            let row = table.first();
+            Ok(row.get::<i64>(1)?.map(|id| {
+                (
+                    id,
+                    row.get::<Vec<i64>>(2).ok().flatten().unwrap_or_default(),
+                )
+            }))
+        },
+    )
+}
+
+/// Whether a step in `state` satisfies its dependents (`tasker_core._satisfies`).
+fn satisfies(state: &str) -> bool {
+    matches!(state, "complete" | "resolved_manually")
+}
+
+/// Moves the blocked counts of a step's children by one per edge (children locked in id
+/// order first, as the trigger does): down when the step now satisfies them, up when it no
+/// longer does.
+fn move_children(client: &SpiClient<'_>, children: Vec<i64>, now_done: bool) -> SpiResult<()> {
+    if children.is_empty() {
+        return Ok(());
+    }
+    with_write_plan(
+        client,
+        "direct_move_children",
+        "",
+        &[INT8ARRAY, INT4],
+        || {
+            "WITH locked AS MATERIALIZED (SELECT c.workflow_step_id FROM tasker_core.step_state c \
+                                           WHERE c.workflow_step_id = ANY ($1) \
+                                           ORDER BY c.workflow_step_id FOR UPDATE), \
+                  d AS (SELECT x AS id, count(*)::integer AS n FROM unnest($1) AS x GROUP BY x) \
+             UPDATE tasker_core.step_state c SET blocked_parents = c.blocked_parents + d.n * $2 \
+             FROM d WHERE c.workflow_step_id = d.id \
+               AND c.workflow_step_id IN (SELECT l.workflow_step_id FROM locked l)"
+                .to_owned()
+        },
+        |stmt| {
+            client.select(
+                stmt,
+                None,
+                &[children.into(), (if now_done { -1 } else { 1 }).into()],
+            )?;
+            Ok(())
+        },
+    )
+}
+
+/// A self-maintained flip whose insert did not happen: what the trigger would have done
+/// (clear the step's state if the flipped transition was its current one).
+fn clear_flipped(client: &SpiClient<'_>, step_id: i64, flipped: i64) -> SpiResult<()> {
+    with_write_plan(
+        client,
+        "direct_clear_flipped",
+        "",
+        &[INT8, INT8],
+        || "SELECT tasker_core._set_step_state($1, NULL, NULL, NULL, $2, 0)".to_owned(),
+        |stmt| {
+            client.select(stmt, None, &[step_id.into(), flipped.into()])?;
+            Ok(())
         },
     )
 }
@@ -296,6 +381,11 @@ pub fn transition(
 ) -> Result<bool, TaskerError> {
     pgrx::spi::Spi::connect_mut(|client| {
         super::schema::require_installed_cached(client, schema)?;
+        // A step's maintained state written by these statements themselves (the tracked
+        // schema only: step_state rows are those of its steps).
+        let direct = entity == Entity::Step
+            && maintenance::installed()
+            && super::facts::is_tracked(client, schema).map_err(spi)?;
         for _ in 0..MAX_ATTEMPTS {
             let cur = lock_current(client, schema, entity, id)
                 .map_err(spi)?
@@ -342,18 +432,26 @@ pub fn transition(
                 });
             }
             if let Some(current) = cur.transition_id {
-                if !flip(client, schema, entity, current).map_err(spi)? {
+                if !flip(client, schema, entity, current, direct).map_err(spi)? {
                     continue;
                 }
             }
             let sort_key = cur.max_sort_key.map_or(10, |k| k.saturating_add(10));
-            let Some(transition_id) = insert(
-                client, schema, entity, id, to, &from_str, metadata, sort_key,
+            let Some((transition_id, children)) = insert(
+                client, schema, entity, id, to, &from_str, metadata, sort_key, direct,
             )
             .map_err(spi)?
             else {
+                if let (true, Some(flipped)) = (direct, cur.transition_id) {
+                    clear_flipped(client, id, flipped).map_err(spi)?;
+                }
                 continue;
             };
+            // (the state before this call: a flipped-but-not-replaced transition cleared it,
+            // and the trigger then moved the children as from no state)
+            if direct && satisfies(&from_str) != satisfies(to.as_str()) {
+                move_children(client, children, satisfies(to.as_str())).map_err(spi)?;
+            }
             let (task_id, step_id) = match entity {
                 Entity::Task => (Some(id), None),
                 Entity::Step => (Some(cur.task_id), Some(id)),

@@ -10,6 +10,7 @@
 //! claimed again.
 
 use super::events::{self, NewEvent, READY_CHANNEL};
+use super::maintenance;
 use super::plans::{
     with_plan, with_write_plan, BOOL, INT4, INT8, INT8ARRAY, JSONB, NOW, TEXT, TEXTARRAY,
 };
@@ -32,6 +33,57 @@ const CLAIMABLE: &str =
     AND (s.backoff_request_seconds IS NULL OR s.last_attempted_at IS NULL
          OR s.last_attempted_at + s.backoff_request_seconds * interval '1 second'
             <= (tasker_core.now() AT TIME ZONE 'UTC'))";
+
+/// The columns of a step that `step_state` mirrors and the worker protocol changes: the
+/// RETURNING list of a self-maintained update of `tasker_workflow_steps` (see
+/// `store::maintenance`).
+const MIRRORED: &str =
+    "workflow_step_id, retryable, retry_limit, in_process, processed, attempts, \
+                        last_attempted_at, backoff_request_seconds";
+
+/// A CTE named `mirror` that copies the [`MIRRORED`] columns returned by CTE `from` into the
+/// steps' maintained rows: what the row trigger does, in the statement that made the change.
+fn mirror(from: &str) -> String {
+    format!(
+        "mirror AS (UPDATE tasker_core.step_state s
+                    SET retryable = m.retryable, retry_limit = m.retry_limit, in_process = m.in_process,
+                        processed = m.processed, attempts = m.attempts,
+                        last_attempted_at = m.last_attempted_at,
+                        backoff_request_seconds = m.backoff_request_seconds
+                    FROM {from} m WHERE s.workflow_step_id = m.workflow_step_id)"
+    )
+}
+
+/// Whether this call's updates of steps maintain `step_state` themselves (the tracked schema,
+/// with the SQL of 0.5.0 on): the caller then runs them inside a [`maintenance::Direct`].
+fn self_maintained() -> bool {
+    maintenance::installed()
+}
+
+/// Runs a kept update of steps, self-maintained (`direct`, under its own plan key `key_direct`)
+/// or left to the triggers (`key`). `sql(direct)` writes the statement.
+#[allow(clippy::too_many_arguments)]
+fn step_update<R>(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    direct: bool,
+    key: &'static str,
+    key_direct: &'static str,
+    args: &[pgrx::pg_sys::PgOid],
+    sql: impl FnOnce(bool) -> String,
+    f: impl FnOnce(&pgrx::spi::OwnedPreparedStatement) -> SpiResult<R>,
+) -> Result<R, TaskerError> {
+    let _direct = direct.then(maintenance::Direct::begin);
+    with_write_plan(
+        client,
+        if direct { key_direct } else { key },
+        schema.as_str(),
+        args,
+        || sql(direct),
+        f,
+    )
+    .map_err(spi)
+}
 
 fn spi(e: pgrx::spi::Error) -> TaskerError {
     TaskerError::Internal {
@@ -178,22 +230,32 @@ fn release(
     only_expired: bool,
 ) -> Result<Option<i64>, TaskerError> {
     let q = schema.quoted();
-    let task_id = with_write_plan(
+    let task_id = step_update(
         client,
+        schema,
+        self_maintained(),
         "release_step",
-        schema.as_str(),
+        "release_step_direct",
         &[INT8, BOOL],
-        || {
-            format!(
-                "WITH gone AS (
+        |direct| {
+            let update = format!(
+                "UPDATE {q}.tasker_workflow_steps SET in_process = false, last_attempted_at = {NOW},
+                        backoff_request_seconds = NULL, updated_at = {NOW}
+                 WHERE workflow_step_id = (SELECT gone.workflow_step_id FROM gone)"
+            );
+            let gone = "WITH gone AS (
                      DELETE FROM tasker_core.step_claims
                      WHERE workflow_step_id = $1 AND (NOT $2 OR lease_expires_at <= tasker_core.now())
-                     RETURNING workflow_step_id)
-                 UPDATE {q}.tasker_workflow_steps SET in_process = false, last_attempted_at = {NOW},
-                        backoff_request_seconds = NULL, updated_at = {NOW}
-                 WHERE workflow_step_id = (SELECT gone.workflow_step_id FROM gone)
-                 RETURNING task_id"
-            )
+                     RETURNING workflow_step_id)";
+            if direct {
+                format!(
+                    "{gone}, upd AS ({update} RETURNING task_id, {MIRRORED}), {}
+                     SELECT upd.task_id FROM upd",
+                    mirror("upd")
+                )
+            } else {
+                format!("{gone} {update} RETURNING task_id")
+            }
         },
         |stmt| {
             let t = client.select(stmt, Some(1), &[step_id.into(), only_expired.into()])?;
@@ -203,8 +265,7 @@ fn release(
                 t.first().get_one::<i64>()
             }
         },
-    )
-    .map_err(spi)?;
+    )?;
     let Some(task_id) = task_id else {
         return Ok(None);
     };
@@ -379,17 +440,33 @@ pub fn claim(
             return Ok(Vec::new());
         }
         let logins = events::claim_logins_installed();
-        with_write_plan(
+        // (self-maintained needs the SQL of 0.5.0, which has the login column too)
+        let direct = logins && self_maintained();
+        step_update(
             client,
-            if logins { "claim_record" } else { "claim_record_0_3" },
-            schema.as_str(),
+            schema,
+            direct,
+            if logins {
+                "claim_record"
+            } else {
+                "claim_record_0_3"
+            },
+            "claim_record_direct",
             &[INT8ARRAY, TEXT, INT4],
-            || {
+            |direct| {
                 // (the SQL of 0.3.0 and before has no login column: the claim is not tied to one)
                 let (login_col, login_val, login_set) = if logins {
                     (", login", ", session_user", ", login = excluded.login")
                 } else {
                     ("", "", "")
+                };
+                let (returning, mirrored) = if direct {
+                    (
+                        format!("task_id, {MIRRORED}"),
+                        format!(", {}", mirror("upd")),
+                    )
+                } else {
+                    ("workflow_step_id, task_id".to_owned(), String::new())
                 };
                 format!(
                     "WITH upd AS (
@@ -397,7 +474,7 @@ pub fn claim(
                             SET in_process = true, attempts = COALESCE(attempts, 0) + 1,
                                 last_attempted_at = {NOW}, updated_at = {NOW}
                           WHERE workflow_step_id = ANY ($1)
-                          RETURNING workflow_step_id, task_id)
+                          RETURNING {returning}){mirrored}
                      INSERT INTO tasker_core.step_claims AS c
                             (workflow_step_id, task_id, worker_id, lease_seconds, lease_expires_at{login_col})
                      SELECT upd.workflow_step_id, upd.task_id, $2, $3,
@@ -413,11 +490,18 @@ pub fn claim(
                 )
             },
             |stmt| {
-                client.select(stmt, None, &[claimed_ids.clone().into(), worker_id.into(), lease_seconds.into()])?;
+                client.select(
+                    stmt,
+                    None,
+                    &[
+                        claimed_ids.clone().into(),
+                        worker_id.into(),
+                        lease_seconds.into(),
+                    ],
+                )?;
                 Ok(())
             },
-        )
-        .map_err(spi)?;
+        )?;
         claimed_rows(client, schema, &claimed_ids)
     })
 }
@@ -792,32 +876,38 @@ pub fn fail(
         let backoff_secs = backoff::backoff_seconds(attempts, retry_after, seed);
         // not retried when the worker says so, or the step was declared not retryable
         let will_retry = retryable && step_retryable && attempts < retry_limit;
-        with_write_plan(
+        step_update(
             client,
+            schema,
+            self_maintained(),
             "fail_step",
-            schema.as_str(),
+            "fail_step_direct",
             &[INT8, JSONB, BOOL, INT4],
-            || {
-                format!(
-                    "WITH gone AS (DELETE FROM tasker_core.step_claims WHERE workflow_step_id = $1)
-                     UPDATE {q}.tasker_workflow_steps
+            |direct| {
+                let update = format!(
+                    "UPDATE {q}.tasker_workflow_steps
                         SET results = COALESCE(results, '{{}}'::jsonb) || jsonb_build_object('error', $2::jsonb),
                             processed = false, in_process = false, last_attempted_at = {NOW},
                             backoff_request_seconds = $4,
                             retryable = retryable AND $3, updated_at = {NOW}
                       WHERE workflow_step_id = $1"
-                )
+                );
+                with_mirror(direct, update)
             },
             |stmt| {
                 client.select(
                     stmt,
                     None,
-                    &[step_id.into(), JsonB(error.clone()).into(), retryable.into(), (backoff_secs as i32).into()],
+                    &[
+                        step_id.into(),
+                        JsonB(error.clone()).into(),
+                        retryable.into(),
+                        (backoff_secs as i32).into(),
+                    ],
                 )?;
                 Ok(())
             },
-        )
-        .map_err(spi)?;
+        )?;
         let meta = JsonB(json!({
             "worker_id": worker_id, "error": error, "retryable": retryable,
             "backoff_seconds": if will_retry { Some(backoff_secs) } else { None },
@@ -862,26 +952,40 @@ fn record_results(
     results: &Value,
 ) -> Result<(), TaskerError> {
     let q = schema.quoted();
-    with_write_plan(
+    step_update(
         client,
+        schema,
+        self_maintained(),
         "record_results",
-        schema.as_str(),
+        "record_results_direct",
         &[INT8, JSONB],
-        || {
-            format!(
-                "WITH gone AS (DELETE FROM tasker_core.step_claims WHERE workflow_step_id = $1)
-                 UPDATE {q}.tasker_workflow_steps
+        |direct| {
+            let update = format!(
+                "UPDATE {q}.tasker_workflow_steps
                     SET results = $2, processed = true, processed_at = {NOW}, in_process = false,
                         updated_at = {NOW}
                   WHERE workflow_step_id = $1"
-            )
+            );
+            with_mirror(direct, update)
         },
         |stmt| {
             client.select(stmt, None, &[step_id.into(), JsonB(results.clone()).into()])?;
             Ok(())
         },
     )
-    .map_err(spi)
+}
+
+/// Step `$1`'s claim dropped and `update` (of that step) run, self-maintained when `direct`.
+fn with_mirror(direct: bool, update: String) -> String {
+    let gone = "WITH gone AS (DELETE FROM tasker_core.step_claims WHERE workflow_step_id = $1)";
+    if direct {
+        format!(
+            "{gone}, upd AS ({update} RETURNING {MIRRORED}), {} SELECT count(*) FROM upd",
+            mirror("upd")
+        )
+    } else {
+        format!("{gone} {update}")
+    }
 }
 
 /// Gives a claimed step back (a worker shutting down): `in_progress -> error` with reason
@@ -899,24 +1003,33 @@ pub fn release_claim(
         let Some(task_id) = release(client, schema, step_id, "released", worker_id, false)? else {
             return Ok(());
         };
-        with_write_plan(
+        step_update(
             client,
+            schema,
+            self_maintained(),
             "release_uncount",
-            schema.as_str(),
+            "release_uncount_direct",
             &[INT8],
-            || {
-                format!(
+            |direct| {
+                let update = format!(
                     "UPDATE {q}.tasker_workflow_steps
                         SET attempts = GREATEST(COALESCE(attempts, 1) - 1, 0), backoff_request_seconds = NULL
                       WHERE workflow_step_id = $1"
-                )
+                );
+                if direct {
+                    format!(
+                        "WITH upd AS ({update} RETURNING {MIRRORED}), {} SELECT count(*) FROM upd",
+                        mirror("upd")
+                    )
+                } else {
+                    update
+                }
             },
             |stmt| {
                 client.select(stmt, None, &[step_id.into()])?;
                 Ok(())
             },
-        )
-        .map_err(spi)?;
+        )?;
         finalize(client, schema, task_id)?;
         Ok(())
     })
