@@ -3,6 +3,7 @@
 
 pub mod events;
 pub mod facts;
+pub mod locks;
 pub mod maintenance;
 pub mod plans;
 pub mod rows;

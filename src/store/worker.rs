@@ -687,7 +687,7 @@ fn lock_step(client: &SpiClient<'_>, schema: &SchemaName, step_id: i64) -> Resul
 }
 
 /// Locks a step that is about to satisfy its dependents, with its maintained row and its
-/// children's, all at once or not at all (`tasker_core._lock_step_and_children`): an
+/// children's, all at once or not at all (`store::locks`): an
 /// application writing a child and its parent in either order never deadlocks with it.
 pub fn lock_step_and_children(
     client: &SpiClient<'_>,
@@ -715,20 +715,28 @@ fn lock_step_rows(
     step_id: i64,
     with_children: bool,
 ) -> Result<(), TaskerError> {
-    // (the SQL of 0.3.0 has no _lock_step_and_children: the step alone, as then)
-    if with_children && events::claim_logins_installed() {
-        return with_write_plan(
+    if with_children {
+        let children: Vec<i64> = with_plan(
             client,
-            "worker_lock_step_and_children",
+            "worker_step_children",
             "",
-            &[TEXT, INT8],
-            || "SELECT tasker_core._lock_step_and_children($1::name, $2)".to_owned(),
+            &[INT8],
+            || {
+                "SELECT s.child_ids FROM tasker_core.step_state s WHERE s.workflow_step_id = $1"
+                    .to_owned()
+            },
             |stmt| {
-                client.select(stmt, None, &[schema.as_str().into(), step_id.into()])?;
-                Ok(())
+                let t = client.select(stmt, Some(1), &[step_id.into()])?;
+                if t.is_empty() {
+                    return Ok(Vec::new());
+                }
+                Ok(t.first().get_one::<Vec<i64>>()?.unwrap_or_default())
             },
         )
-        .map_err(spi);
+        .map_err(spi)?;
+        if !children.is_empty() {
+            return super::locks::lock_step_and_children(client, schema, step_id, &children);
+        }
     }
     let q = schema.quoted();
     lock_row(client, "worker_lock_step", schema, step_id, || {
@@ -1148,11 +1156,9 @@ pub fn finalize(
     match status {
         "all_complete" => {
             let q = schema.quoted();
-            if matches!(
-                task_state(client, schema, task_id)?.as_deref(),
-                None | Some("pending") | Some("error")
-            ) {
-                if task_state(client, schema, task_id)?.as_deref() == Some("error") {
+            let state = task_state(client, schema, task_id)?;
+            if matches!(state.as_deref(), None | Some("pending") | Some("error")) {
+                if state.as_deref() == Some("error") {
                     transitions::transition(
                         schema,
                         Entity::Task,
@@ -1184,7 +1190,15 @@ pub fn finalize(
             )
             .map_err(spi)?;
             let meta = JsonB(json!({ "execution_status": status, "total_steps": c.total }));
-            transitions::transition(schema, Entity::Task, task_id, State::Complete, &meta, None)?;
+            // (the guard re-read every step's current transition: the counts, taken under the
+            // task's lock, have just shown them all complete or resolved)
+            transitions::transition_without_guard(
+                schema,
+                Entity::Task,
+                task_id,
+                State::Complete,
+                &meta,
+            )?;
             emit(
                 client,
                 "workflow.task_finalization_completed",

@@ -790,3 +790,34 @@ def test_claims_expiring_leases_of_several_tasks_never_deadlock(rdb):
     finally:
         for c in (w, a, b):
             c.close()
+
+
+def test_completion_waits_for_a_held_child_row_while_holding_nothing(rdb):
+    """complete_step takes the step's rows and its children's all at once or not at all: while
+    another transaction holds a child's maintained row, the completion waits without holding
+    the step's own row (a third session takes that one with NOWAIT), then finishes once the
+    child's row is free, with the tracking exact."""
+    task = rdb.scalar("SELECT tasker_core.create_task('lease', 'pair', NULL, '{}')")
+    a, b = [r[0] for r in rdb.execute("SELECT workflow_step_id FROM tasker_workflow_steps "
+                                      "WHERE task_id = %s ORDER BY workflow_step_id", (task,))]
+    with session(rdb) as worker, session(rdb) as holder, session(rdb) as prober:
+        assert worker.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w', ARRAY['lease'], 1, 600)"
+                              ).fetchone()[0] == a
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1 FROM tasker_core.step_state WHERE workflow_step_id = %s FOR UPDATE", (b,))
+        done = {}
+        th = threading.Thread(target=lambda: done.update(
+            r=call(worker, "SELECT tasker_core.complete_step(%s, 'w', '{}')", (a,))), daemon=True)
+        th.start()
+        time.sleep(0.5)
+        assert th.is_alive(), f"the completion did not wait: {done}"
+        # the waiting completion holds nothing: its own step's row is free
+        prober.execute("BEGIN")
+        assert call(prober, "SELECT 1 FROM tasker_workflow_steps WHERE workflow_step_id = %s "
+                            "FOR NO KEY UPDATE NOWAIT", (a,))[0] == "ok"
+        prober.execute("ROLLBACK")
+        holder.execute("COMMIT")
+        th.join(10)
+        assert not th.is_alive() and done["r"][0] == "ok", done
+    assert rdb.scalar("SELECT count(*) FROM tasker_core.check_tracking()") == 0
+    assert rdb.scalar("SELECT workflow_step_id FROM tasker_core.claim_steps('w2', ARRAY['lease'], 1, 600)") == b
