@@ -10,6 +10,7 @@ pub mod ident;
 pub mod interrupt;
 pub mod json;
 pub mod jsonschema;
+pub mod outcomes;
 #[cfg(test)]
 mod proptests;
 pub mod readiness;

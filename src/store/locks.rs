@@ -9,7 +9,7 @@
 //! at once (NOWAIT, in a subtransaction), or none is held: the caller waits for each holder in
 //! turn, holding nothing, and tries again.
 
-use super::plans::{with_write_plan, INT8, INT8ARRAY};
+use super::plans::{with_write_plan, INT8ARRAY};
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
 use pgrx::pg_sys;
@@ -23,11 +23,12 @@ fn spi(e: pgrx::spi::Error) -> TaskerError {
     }
 }
 
-/// The three kinds of row, each a kept statement of one step (or array of steps) parameter.
+/// The three kinds of row, each locked by a kept statement over an array of step ids, in id
+/// order.
 #[derive(Clone, Copy)]
 enum Rows {
-    Step,
-    CurrentTransition,
+    Steps,
+    CurrentTransitions,
     States,
 }
 
@@ -35,19 +36,21 @@ fn lock(
     client: &SpiClient<'_>,
     schema: &SchemaName,
     rows: Rows,
-    step: i64,
-    states: &[i64],
+    ids: &[i64],
     nowait: bool,
 ) -> SpiResult<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
     let q = schema.quoted();
     let wait = if nowait { " NOWAIT" } else { "" };
-    let (key, arg_type) = match (rows, nowait) {
-        (Rows::Step, true) => ("lock_rows_step_nowait", INT8),
-        (Rows::Step, false) => ("lock_rows_step", INT8),
-        (Rows::CurrentTransition, true) => ("lock_rows_current_nowait", INT8),
-        (Rows::CurrentTransition, false) => ("lock_rows_current", INT8),
-        (Rows::States, true) => ("lock_rows_states_nowait", INT8ARRAY),
-        (Rows::States, false) => ("lock_rows_states", INT8ARRAY),
+    let key = match (rows, nowait) {
+        (Rows::Steps, true) => "lock_rows_steps_nowait",
+        (Rows::Steps, false) => "lock_rows_steps",
+        (Rows::CurrentTransitions, true) => "lock_rows_current_nowait",
+        (Rows::CurrentTransitions, false) => "lock_rows_current",
+        (Rows::States, true) => "lock_rows_states_nowait",
+        (Rows::States, false) => "lock_rows_states",
     };
     // (step_state is the extension's own table: one plan for every data schema)
     let schema_key = if matches!(rows, Rows::States) {
@@ -59,28 +62,24 @@ fn lock(
         client,
         key,
         schema_key,
-        &[arg_type],
-        || {
-            match rows {
-            Rows::Step => format!(
-                "SELECT 1 FROM {q}.tasker_workflow_steps WHERE workflow_step_id = $1 FOR NO KEY UPDATE{wait}"
+        &[INT8ARRAY],
+        || match rows {
+            Rows::Steps => format!(
+                "SELECT 1 FROM {q}.tasker_workflow_steps WHERE workflow_step_id = ANY ($1)
+                 ORDER BY workflow_step_id FOR NO KEY UPDATE{wait}"
             ),
-            Rows::CurrentTransition => format!(
+            Rows::CurrentTransitions => format!(
                 "SELECT 1 FROM {q}.tasker_workflow_step_transitions
-                 WHERE workflow_step_id = $1 AND most_recent FOR UPDATE{wait}"
+                 WHERE workflow_step_id = ANY ($1) AND most_recent
+                 ORDER BY workflow_step_id FOR UPDATE{wait}"
             ),
             Rows::States => format!(
                 "SELECT 1 FROM tasker_core.step_state s WHERE s.workflow_step_id = ANY ($1)
                  ORDER BY s.workflow_step_id FOR UPDATE{wait}"
             ),
-        }
         },
         |stmt| {
-            let arg = match rows {
-                Rows::States => states.to_vec().into(),
-                _ => step.into(),
-            };
-            client.select(stmt, None, &[arg])?;
+            client.select(stmt, None, &[ids.to_vec().into()])?;
             Ok(())
         },
     )
@@ -124,8 +123,57 @@ fn in_subtransaction(f: impl FnOnce() -> SpiResult<bool>) -> Result<bool, Tasker
     }
 }
 
+/// What a call is about to write: the rows of `steps`, the current transitions of
+/// `transitions_of` and the maintained rows `states` (of steps and their children).
+#[derive(Debug, Default)]
+pub struct LockSet {
+    pub steps: Vec<i64>,
+    pub transitions_of: Vec<i64>,
+    pub states: Vec<i64>,
+}
+
+/// Locks every row of `set` at once, waiting for holders without holding anything.
+pub fn lock_all(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    set: LockSet,
+) -> Result<(), TaskerError> {
+    let mut set = set;
+    for ids in [&mut set.steps, &mut set.transitions_of, &mut set.states] {
+        ids.sort_unstable();
+        ids.dedup();
+    }
+    loop {
+        let taken = in_subtransaction(|| {
+            lock(client, schema, Rows::Steps, &set.steps, true)?;
+            lock(
+                client,
+                schema,
+                Rows::CurrentTransitions,
+                &set.transitions_of,
+                true,
+            )?;
+            lock(client, schema, Rows::States, &set.states, true)?;
+            Ok(true)
+        })?;
+        if taken {
+            return Ok(());
+        }
+        // wait until each row is free (taking it and letting it go at once), then try again
+        for (rows, ids) in [
+            (Rows::Steps, &set.steps),
+            (Rows::CurrentTransitions, &set.transitions_of),
+            (Rows::States, &set.states),
+        ] {
+            for &id in ids {
+                in_subtransaction(|| lock(client, schema, rows, &[id], false).map(|_| false))?;
+            }
+        }
+    }
+}
+
 /// Locks step `step` (its row, its current transition, its maintained row) and the maintained
-/// rows of `children` (non-empty) all at once, waiting for holders without holding anything.
+/// rows of its `children` all at once.
 pub fn lock_step_and_children(
     client: &SpiClient<'_>,
     schema: &SchemaName,
@@ -134,24 +182,13 @@ pub fn lock_step_and_children(
 ) -> Result<(), TaskerError> {
     let mut states = children.to_vec();
     states.push(step);
-    loop {
-        let taken = in_subtransaction(|| {
-            lock(client, schema, Rows::Step, step, &[], true)?;
-            lock(client, schema, Rows::CurrentTransition, step, &[], true)?;
-            lock(client, schema, Rows::States, step, &states, true)?;
-            Ok(true)
-        })?;
-        if taken {
-            return Ok(());
-        }
-        // wait until each row is free (taking it and letting it go at once), then try again
-        for rows in [Rows::Step, Rows::CurrentTransition] {
-            in_subtransaction(|| lock(client, schema, rows, step, &[], false).map(|_| false))?;
-        }
-        for &id in &states {
-            in_subtransaction(|| {
-                lock(client, schema, Rows::States, id, &[id], false).map(|_| false)
-            })?;
-        }
-    }
+    lock_all(
+        client,
+        schema,
+        LockSet {
+            steps: vec![step],
+            transitions_of: vec![step],
+            states,
+        },
+    )
 }

@@ -18,6 +18,7 @@ use super::transitions;
 use crate::core::backoff;
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
+use crate::core::outcomes::Outcome;
 use crate::core::state::{Entity, State};
 use pgrx::spi::{Spi, SpiClient, SpiResult};
 use pgrx::JsonB;
@@ -830,20 +831,140 @@ pub fn complete(
     Spi::connect_mut(|client| {
         require_tracked(client, schema)?;
         lock_step_and_children(client, schema, step_id)?;
-        let (task_id, _) = check_lease(client, step_id, worker_id)?;
-        record_results(client, schema, step_id, results)?;
-        let meta = JsonB(json!({ "worker_id": worker_id }));
-        transitions::transition(
-            schema,
-            Entity::Step,
-            step_id,
-            State::Complete,
-            &meta,
-            Some(State::InProgress),
-        )?;
+        let task_id = complete_held(client, schema, step_id, worker_id, results)?;
         finalize(client, schema, task_id)?;
         Ok(())
     })
+}
+
+/// The step half of [`complete`], its rows locked: checks the lease, records the results and
+/// moves the step to complete. Returns its task, for the caller to finalize.
+fn complete_held(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    step_id: i64,
+    worker_id: &str,
+    results: &Value,
+) -> Result<i64, TaskerError> {
+    let (task_id, _) = check_lease(client, step_id, worker_id)?;
+    record_results(client, schema, step_id, results)?;
+    let meta = JsonB(json!({ "worker_id": worker_id }));
+    transitions::transition(
+        schema,
+        Entity::Step,
+        step_id,
+        State::Complete,
+        &meta,
+        Some(State::InProgress),
+    )?;
+    Ok(task_id)
+}
+
+/// What became of one step of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reported {
+    Completed,
+    /// Failed; retried after the backoff (seconds), or never (`None`).
+    Failed(Option<i64>),
+    /// The worker no longer holds the step: nothing was changed for it.
+    LeaseLost,
+}
+
+/// Records many outcomes of steps held by `worker_id` in one transaction, each with the
+/// guarantees of [`complete`] and [`fail`]. The rows of every step (and of the children of
+/// completed ones) are locked at once, as a single call locks one step's; steps are then
+/// processed in id order and their tasks finalized in id order (so concurrent batches never
+/// deadlock). A step the worker no longer holds is reported `LeaseLost` and left as it is; the
+/// others are recorded. `outcomes` must name each step once.
+pub fn report(
+    schema: &SchemaName,
+    worker_id: &str,
+    outcomes: &[(i64, Outcome)],
+) -> Result<Vec<(i64, Reported)>, TaskerError> {
+    let mut order: Vec<&(i64, Outcome)> = outcomes.iter().collect();
+    order.sort_by_key(|(id, _)| *id);
+    Spi::connect_mut(|client| {
+        require_tracked(client, schema)?;
+        let completing: Vec<i64> = order
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Complete { .. }))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut states = children_of(client, &completing)?;
+        states.extend(&completing);
+        super::locks::lock_all(
+            client,
+            schema,
+            super::locks::LockSet {
+                steps: order.iter().map(|(id, _)| *id).collect(),
+                transitions_of: completing,
+                states,
+            },
+        )?;
+        let mut out = Vec::with_capacity(order.len());
+        let mut tasks = BTreeSet::new();
+        for (step_id, outcome) in order {
+            let done = match outcome {
+                Outcome::Complete { results } => {
+                    complete_held(client, schema, *step_id, worker_id, results)
+                        .map(|task| (task, Reported::Completed))
+                }
+                Outcome::Fail {
+                    error,
+                    retryable,
+                    retry_after,
+                } => fail_held(
+                    client,
+                    schema,
+                    *step_id,
+                    worker_id,
+                    error,
+                    *retryable,
+                    *retry_after,
+                )
+                .map(|(task, backoff)| (task, Reported::Failed(backoff))),
+            };
+            match done {
+                Ok((task, reported)) => {
+                    tasks.insert(task);
+                    out.push((*step_id, reported));
+                }
+                // (check_lease refuses before anything is written for the step)
+                Err(TaskerError::LeaseLost { .. }) => out.push((*step_id, Reported::LeaseLost)),
+                Err(e) => return Err(e),
+            }
+        }
+        for task_id in tasks {
+            finalize(client, schema, task_id)?;
+        }
+        Ok(out)
+    })
+}
+
+/// The children of `steps` (each child once per edge), from their maintained rows.
+fn children_of(client: &SpiClient<'_>, steps: &[i64]) -> Result<Vec<i64>, TaskerError> {
+    if steps.is_empty() {
+        return Ok(Vec::new());
+    }
+    with_plan(
+        client,
+        "worker_children_of",
+        "",
+        &[INT8ARRAY],
+        || {
+            "SELECT c FROM tasker_core.step_state s, unnest(s.child_ids) c
+             WHERE s.workflow_step_id = ANY ($1)"
+                .to_owned()
+        },
+        |stmt| {
+            let mut out = Vec::new();
+            for row in client.select(stmt, None, &[steps.to_vec().into()])? {
+                out.push(row.get::<i64>(1)?.unwrap_or_default());
+            }
+            Ok(out)
+        },
+    )
+    .map_err(spi)
 }
 
 /// Records a step's failure: error in results, backoff, `in_progress -> error`; a permanent
@@ -857,10 +978,37 @@ pub fn fail(
     retryable: bool,
     retry_after: Option<i64>,
 ) -> Result<Option<i64>, TaskerError> {
-    let q = schema.quoted();
     Spi::connect_mut(|client| {
         require_tracked(client, schema)?;
         lock_step(client, schema, step_id)?;
+        let (task_id, backoff) = fail_held(
+            client,
+            schema,
+            step_id,
+            worker_id,
+            error,
+            retryable,
+            retry_after,
+        )?;
+        finalize(client, schema, task_id)?;
+        Ok(backoff)
+    })
+}
+
+/// The step half of [`fail`], its row locked: checks the lease, records the failure and its
+/// backoff, moves the step to error. Returns its task (for the caller to finalize) and the
+/// backoff, `None` when the step will not be retried.
+fn fail_held(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    step_id: i64,
+    worker_id: &str,
+    error: &Value,
+    retryable: bool,
+    retry_after: Option<i64>,
+) -> Result<(i64, Option<i64>), TaskerError> {
+    let q = schema.quoted();
+    {
         let (task_id, _) = check_lease(client, step_id, worker_id)?;
         let (attempts, retry_limit, step_retryable): (i32, i32, bool) = with_write_plan(
             client,
@@ -946,9 +1094,8 @@ pub fn fail(
                 json!({ "attempts": attempts, "retry_limit": retry_limit }),
             )?;
         }
-        finalize(client, schema, task_id)?;
-        Ok(will_retry.then_some(backoff_secs))
-    })
+        Ok((task_id, will_retry.then_some(backoff_secs)))
+    }
 }
 
 /// Records a step's results as its outcome (processed, no longer in process) and drops its
