@@ -74,9 +74,17 @@ SELECT CASE WHEN :s > 0 THEN tasker_core.complete_step(:s, 'w' || :client_id, '{
 """
 
 
-def throughput(notify=True):
+# Batched: claim up to 10 steps, then report all their outcomes in one report_steps call.
+BATCH_SCRIPT = """SELECT COALESCE(jsonb_agg(jsonb_build_object('step_id', workflow_step_id)), '[]')::text AS batch
+  FROM tasker_core.claim_steps('w' || :client_id, NULL, 10, 60) \\gset
+SELECT count(*) FROM tasker_core.report_steps('w' || :client_id, ':batch'::jsonb);
+"""
+
+
+def throughput(notify=True, batched=False):
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
-        f.write(WORKER_SCRIPT if notify else "SET tasker_core.notify = off;\n" + WORKER_SCRIPT)
+        script = BATCH_SCRIPT if batched else WORKER_SCRIPT
+        f.write(script if notify else "SET tasker_core.notify = off;\n" + script)
         path = f.name
     os.chmod(path, 0o644)
     with connect() as conn:
@@ -88,7 +96,7 @@ def throughput(notify=True):
     with connect() as conn:
         after = conn.execute("SELECT count(*) FROM tasker_workflow_steps WHERE processed").fetchone()[0]
         in_flight = conn.execute("SELECT count(*) FROM tasker_core.step_claims").fetchone()[0]
-    lat = re.findall(r"^\s+([0-9.]+)\s+\d+\s+SELECT (?:COALESCE|CASE)", out, re.M)
+    lat = re.findall(r"^\s+([0-9.]+)\s+\d+\s+SELECT (?:COALESCE|CASE|count)", out, re.M)
     return (after - before) / SECONDS, [float(x) for x in lat], in_flight, elapsed
 
 
@@ -154,9 +162,11 @@ def main():
     settle()
     throughput(notify=True)                     # warm-up: plans, caches
     # on and off interleaved, twice each: the median of each mode
-    by_mode = {"on": [], "off": []}
+    by_mode = {"on": [], "off": [], "on, batches of 10 (report_steps)": []}
     for notify in (True, False, False, True):
         by_mode["on" if notify else "off"].append(throughput(notify=notify))
+    for _ in range(2):
+        by_mode["on, batches of 10 (report_steps)"].append(throughput(notify=True, batched=True))
     runs = []
     for mode, results in by_mode.items():
         results.sort(key=lambda r: r[0])
