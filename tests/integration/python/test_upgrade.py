@@ -1,4 +1,4 @@
-"""Upgrades: install an earlier version (0.1.0, 0.2.0, 0.3.0), load data and run part of a workload,
+"""Upgrades: install an earlier version (0.1.0 to 0.4.0), load data and run part of a workload,
 then ALTER EXTENSION tasker_core UPDATE; the catalog must equal a fresh install of the new
 version, and the workload must finish on the upgraded database."""
 import json
@@ -38,6 +38,10 @@ CATALOG = {
         WHERE refobjid = (SELECT oid FROM pg_extension WHERE extname = 'tasker_core') AND deptype = 'e'
         GROUP BY 1 ORDER BY 1""",
     "schema": "SELECT nspacl::text FROM pg_namespace WHERE nspname = 'tasker_core'",
+    # the tracking triggers on the data schema (0.5.0 re-attaches them with their condition)
+    "triggers": """
+        SELECT tgrelid::regclass::text, tgname, pg_get_triggerdef(oid) FROM pg_trigger
+        WHERE NOT tgisinternal AND tgname LIKE 'tasker_core_track%' ORDER BY 1, 2""",
 }
 
 
@@ -60,14 +64,14 @@ def old_and_new():
     drop_database(new)
 
 
-CURRENT = "0.4.0"
+CURRENT = "0.5.0"
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-@pytest.mark.parametrize("start", ["0.1.0", "0.2.0", "0.3.0"])
+@pytest.mark.parametrize("start", ["0.1.0", "0.2.0", "0.3.0", "0.4.0"])
 def test_update_from_an_earlier_version_equals_a_fresh_install(old_and_new, start):
     old, new = old_and_new
-    assert {"0.1.0", "0.2.0", "0.3.0", CURRENT} <= set(versions(new)), versions(new)
+    assert {"0.1.0", "0.2.0", "0.3.0", "0.4.0", CURRENT} <= set(versions(new)), versions(new)
     old.execute(f"CREATE EXTENSION tasker_core VERSION '{start}'")
     old.execute("SELECT tasker_core.install_schema()")
     old.execute("SELECT tasker_core.enable_tracking()")
@@ -126,3 +130,10 @@ def test_update_from_an_earlier_version_equals_a_fresh_install(old_and_new, star
                       "'{\"idempotency_key\": \"k-1\"}')") == keyed
     # and what 0.4.0 added: a claim belongs to the login that made it
     assert old.scalar("SELECT login = session_user FROM tasker_core.step_claims WHERE task_id = %s", (task,))
+    # and what 0.5.0 added: batched outcomes, wake-up mode in health()
+    old.execute("SELECT tasker_core.create_task('upgrade', 'up', NULL, '{\"batch\": 1}')")
+    (step,) = old.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w2', NULL, 1, 60)")[0]
+    assert old.execute("SELECT * FROM tasker_core.report_steps('w2', %s::jsonb)",
+                       (json.dumps([{"step_id": step}]),)) == [(step, "completed", None)]
+    assert old.scalar("SELECT ok FROM tasker_core.health() WHERE check_name = 'wakeups'") is True
+    assert old.execute("SELECT * FROM tasker_core.check_tracking()") == []
