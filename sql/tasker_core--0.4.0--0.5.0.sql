@@ -8,6 +8,9 @@
 -- * health() reports how wake-ups are sent (_wakeup_mode(): the notifier background worker
 --   when tasker_core is preloaded, else NOTIFY in each transaction).
 -- * tasker_core.now() has no SET clause, so the planner inlines it.
+-- * install_schema(target_schema, index_profile): 'lean' (the default, from the setting
+--   tasker_core.index_profile) creates only the unique indexes and those tasker_core reads;
+--   'rails' the Rails engine's exact set. Schemas installed before keep their indexes.
 -- * _lock_step_and_children is gone: the library locks a step and its children itself.
 -- Until this script runs, the library serves the 0.4.0 SQL as before (the triggers fire for
 -- every write: it maintains nothing itself while _self_maintained() does not exist).
@@ -55,6 +58,16 @@ END;
 $grant$;
 
 DROP FUNCTION tasker_core._lock_step_and_children(name, bigint);
+
+DROP FUNCTION tasker_core.install_schema(text);
+CREATE FUNCTION tasker_core."install_schema"(
+	"target_schema" TEXT DEFAULT 'public',
+	"index_profile" TEXT DEFAULT NULL
+) RETURNS bool
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'install_schema_with_profile_wrapper';
+REVOKE ALL ON FUNCTION tasker_core.install_schema(text, text) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION tasker_core.now() RETURNS timestamptz
 LANGUAGE sql STABLE PARALLEL SAFE AS $$

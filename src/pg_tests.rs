@@ -16,14 +16,14 @@ mod tests {
     #[pg_test]
     fn install_schema_creates_then_is_a_noop() {
         assert_eq!(
-            Spi::get_one::<bool>("SELECT tasker_core.install_schema('tk_test')").unwrap(),
+            Spi::get_one::<bool>("SELECT tasker_core.install_schema('tk_test', 'rails')").unwrap(),
             Some(true)
         );
         let after_first = relation_count("tk_test");
         // 13 tables, their sequences, indexes and the view.
         assert!(after_first > 100, "only {after_first} relations created");
         assert_eq!(
-            Spi::get_one::<bool>("SELECT tasker_core.install_schema('tk_test')").unwrap(),
+            Spi::get_one::<bool>("SELECT tasker_core.install_schema('tk_test', 'rails')").unwrap(),
             Some(false)
         );
         assert_eq!(relation_count("tk_test"), after_first);

@@ -12,7 +12,6 @@ CREATE TABLE IF NOT EXISTS @schema@.tasker_task_namespaces (
     updated_at timestamp(6) without time zone NOT NULL,
     CONSTRAINT tasker_task_namespaces_pkey PRIMARY KEY (task_namespace_id)
 );
-CREATE INDEX IF NOT EXISTS task_namespaces_name_index ON @schema@.tasker_task_namespaces USING btree (name);
 CREATE UNIQUE INDEX IF NOT EXISTS task_namespaces_name_unique ON @schema@.tasker_task_namespaces USING btree (name);
 
 CREATE TABLE IF NOT EXISTS @schema@.tasker_named_tasks (
@@ -29,11 +28,7 @@ CREATE TABLE IF NOT EXISTS @schema@.tasker_named_tasks (
     CONSTRAINT fk_rails_16a0297759 FOREIGN KEY (task_namespace_id)
         REFERENCES @schema@.tasker_task_namespaces (task_namespace_id)
 );
-CREATE INDEX IF NOT EXISTS named_tasks_configuration_gin_index ON @schema@.tasker_named_tasks USING gin (configuration);
-CREATE INDEX IF NOT EXISTS named_tasks_name_index ON @schema@.tasker_named_tasks USING btree (name);
 CREATE UNIQUE INDEX IF NOT EXISTS named_tasks_namespace_name_version_unique ON @schema@.tasker_named_tasks USING btree (task_namespace_id, name, version);
-CREATE INDEX IF NOT EXISTS named_tasks_task_namespace_id_index ON @schema@.tasker_named_tasks USING btree (task_namespace_id);
-CREATE INDEX IF NOT EXISTS named_tasks_version_index ON @schema@.tasker_named_tasks USING btree (version);
 
 CREATE TABLE IF NOT EXISTS @schema@.tasker_dependent_systems (
     dependent_system_id serial NOT NULL,
@@ -43,7 +38,6 @@ CREATE TABLE IF NOT EXISTS @schema@.tasker_dependent_systems (
     updated_at timestamp(6) without time zone NOT NULL,
     CONSTRAINT tasker_dependent_systems_pkey PRIMARY KEY (dependent_system_id)
 );
-CREATE INDEX IF NOT EXISTS dependent_systems_name_index ON @schema@.tasker_dependent_systems USING btree (name);
 CREATE UNIQUE INDEX IF NOT EXISTS dependent_systems_name_unique ON @schema@.tasker_dependent_systems USING btree (name);
 
 CREATE TABLE IF NOT EXISTS @schema@.tasker_dependent_system_object_maps (
@@ -61,10 +55,6 @@ CREATE TABLE IF NOT EXISTS @schema@.tasker_dependent_system_object_maps (
         REFERENCES @schema@.tasker_dependent_systems (dependent_system_id)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS dependent_system_object_maps_dependent_system_one_id_dependent_ ON @schema@.tasker_dependent_system_object_maps USING btree (dependent_system_one_id, dependent_system_two_id, remote_id_one, remote_id_two);
-CREATE INDEX IF NOT EXISTS dependent_system_object_maps_dependent_system_one_id_index ON @schema@.tasker_dependent_system_object_maps USING btree (dependent_system_one_id);
-CREATE INDEX IF NOT EXISTS dependent_system_object_maps_dependent_system_two_id_index ON @schema@.tasker_dependent_system_object_maps USING btree (dependent_system_two_id);
-CREATE INDEX IF NOT EXISTS dependent_system_object_maps_remote_id_one_index ON @schema@.tasker_dependent_system_object_maps USING btree (remote_id_one);
-CREATE INDEX IF NOT EXISTS dependent_system_object_maps_remote_id_two_index ON @schema@.tasker_dependent_system_object_maps USING btree (remote_id_two);
 
 CREATE TABLE IF NOT EXISTS @schema@.tasker_named_steps (
     named_step_id serial NOT NULL,
@@ -78,7 +68,6 @@ CREATE TABLE IF NOT EXISTS @schema@.tasker_named_steps (
         REFERENCES @schema@.tasker_dependent_systems (dependent_system_id)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS named_step_by_system_uniq ON @schema@.tasker_named_steps USING btree (dependent_system_id, name);
-CREATE INDEX IF NOT EXISTS named_steps_dependent_system_id_index ON @schema@.tasker_named_steps USING btree (dependent_system_id);
 CREATE INDEX IF NOT EXISTS named_steps_name_index ON @schema@.tasker_named_steps USING btree (name);
 
 CREATE TABLE IF NOT EXISTS @schema@.tasker_named_tasks_named_steps (
@@ -97,7 +86,6 @@ CREATE TABLE IF NOT EXISTS @schema@.tasker_named_tasks_named_steps (
         REFERENCES @schema@.tasker_named_tasks (named_task_id)
 );
 CREATE INDEX IF NOT EXISTS named_tasks_named_steps_named_step_id_index ON @schema@.tasker_named_tasks_named_steps USING btree (named_step_id);
-CREATE INDEX IF NOT EXISTS named_tasks_named_steps_named_task_id_index ON @schema@.tasker_named_tasks_named_steps USING btree (named_task_id);
 CREATE UNIQUE INDEX IF NOT EXISTS named_tasks_steps_ids_unique ON @schema@.tasker_named_tasks_named_steps USING btree (named_task_id, named_step_id);
 
 CREATE TABLE IF NOT EXISTS @schema@.tasker_tasks (
@@ -118,18 +106,9 @@ CREATE TABLE IF NOT EXISTS @schema@.tasker_tasks (
     CONSTRAINT tasks_named_task_id_foreign FOREIGN KEY (named_task_id)
         REFERENCES @schema@.tasker_named_tasks (named_task_id)
 );
-CREATE INDEX IF NOT EXISTS idx_tasks_active_operations ON @schema@.tasker_tasks USING btree (task_id) WHERE ((complete = false) OR (complete IS NULL));
-CREATE INDEX IF NOT EXISTS idx_tasks_active_workflow_summary ON @schema@.tasker_tasks USING btree (task_id, complete) WHERE ((complete = false) OR (complete IS NULL));
 CREATE INDEX IF NOT EXISTS idx_tasks_completion_status_created ON @schema@.tasker_tasks USING btree (complete, created_at, task_id);
 CREATE UNIQUE INDEX IF NOT EXISTS index_tasks_on_identity_hash ON @schema@.tasker_tasks USING btree (identity_hash);
-CREATE INDEX IF NOT EXISTS tasks_context_idx ON @schema@.tasker_tasks USING gin (context);
-CREATE INDEX IF NOT EXISTS tasks_context_idx1 ON @schema@.tasker_tasks USING gin (context jsonb_path_ops);
-CREATE INDEX IF NOT EXISTS tasks_identity_hash_index ON @schema@.tasker_tasks USING btree (identity_hash);
 CREATE INDEX IF NOT EXISTS tasks_named_task_id_index ON @schema@.tasker_tasks USING btree (named_task_id);
-CREATE INDEX IF NOT EXISTS tasks_requested_at_index ON @schema@.tasker_tasks USING btree (requested_at);
-CREATE INDEX IF NOT EXISTS tasks_source_system_index ON @schema@.tasker_tasks USING btree (source_system);
-CREATE INDEX IF NOT EXISTS tasks_tags_idx ON @schema@.tasker_tasks USING gin (tags);
-CREATE INDEX IF NOT EXISTS tasks_tags_idx1 ON @schema@.tasker_tasks USING gin (tags jsonb_path_ops);
 
 CREATE TABLE IF NOT EXISTS @schema@.tasker_workflow_steps (
     workflow_step_id bigserial NOT NULL,
@@ -154,22 +133,8 @@ CREATE TABLE IF NOT EXISTS @schema@.tasker_workflow_steps (
     CONSTRAINT workflow_steps_task_id_foreign FOREIGN KEY (task_id)
         REFERENCES @schema@.tasker_tasks (task_id)
 );
-CREATE INDEX IF NOT EXISTS idx_steps_active_operations ON @schema@.tasker_workflow_steps USING btree (workflow_step_id, task_id) WHERE ((processed = false) OR (processed IS NULL));
-CREATE INDEX IF NOT EXISTS idx_workflow_steps_task_grouping_active ON @schema@.tasker_workflow_steps USING btree (task_id, workflow_step_id) WHERE ((processed = false) OR (processed IS NULL));
-CREATE INDEX IF NOT EXISTS idx_workflow_steps_task_readiness ON @schema@.tasker_workflow_steps USING btree (task_id, processed, workflow_step_id) WHERE (processed = false);
-CREATE INDEX IF NOT EXISTS index_workflow_steps_backoff_timing ON @schema@.tasker_workflow_steps USING btree (last_attempted_at, backoff_request_seconds) WHERE (backoff_request_seconds IS NOT NULL);
-CREATE INDEX IF NOT EXISTS index_workflow_steps_by_task ON @schema@.tasker_workflow_steps USING btree (task_id);
-CREATE INDEX IF NOT EXISTS index_workflow_steps_processing_status ON @schema@.tasker_workflow_steps USING btree (task_id, processed, in_process);
-CREATE INDEX IF NOT EXISTS index_workflow_steps_retry_logic ON @schema@.tasker_workflow_steps USING btree (attempts, retry_limit, retryable);
-CREATE INDEX IF NOT EXISTS index_workflow_steps_retry_status ON @schema@.tasker_workflow_steps USING btree (attempts, retry_limit);
-CREATE INDEX IF NOT EXISTS index_workflow_steps_task_and_id ON @schema@.tasker_workflow_steps USING btree (task_id, workflow_step_id);
-CREATE INDEX IF NOT EXISTS index_workflow_steps_task_and_step_id ON @schema@.tasker_workflow_steps USING btree (task_id, workflow_step_id);
 CREATE INDEX IF NOT EXISTS index_workflow_steps_task_and_step_optimized ON @schema@.tasker_workflow_steps USING btree (task_id, workflow_step_id);
-CREATE INDEX IF NOT EXISTS index_workflow_steps_task_covering ON @schema@.tasker_workflow_steps USING btree (task_id) INCLUDE (workflow_step_id, processed, in_process, attempts, retry_limit);
-CREATE INDEX IF NOT EXISTS workflow_steps_last_attempted_at_index ON @schema@.tasker_workflow_steps USING btree (last_attempted_at);
 CREATE INDEX IF NOT EXISTS workflow_steps_named_step_id_index ON @schema@.tasker_workflow_steps USING btree (named_step_id);
-CREATE INDEX IF NOT EXISTS workflow_steps_processed_at_index ON @schema@.tasker_workflow_steps USING btree (processed_at);
-CREATE INDEX IF NOT EXISTS workflow_steps_task_id_index ON @schema@.tasker_workflow_steps USING btree (task_id);
 
 CREATE TABLE IF NOT EXISTS @schema@.tasker_workflow_step_edges (
     id bigserial NOT NULL,
@@ -186,17 +151,6 @@ CREATE TABLE IF NOT EXISTS @schema@.tasker_workflow_step_edges (
 );
 CREATE INDEX IF NOT EXISTS idx_step_edges_from_to ON @schema@.tasker_workflow_step_edges USING btree (from_step_id, to_step_id);
 CREATE INDEX IF NOT EXISTS idx_step_edges_to_from ON @schema@.tasker_workflow_step_edges USING btree (to_step_id, from_step_id);
-CREATE INDEX IF NOT EXISTS idx_workflow_step_edges_dependency_lookup ON @schema@.tasker_workflow_step_edges USING btree (to_step_id, from_step_id);
-CREATE INDEX IF NOT EXISTS index_step_edges_child_lookup ON @schema@.tasker_workflow_step_edges USING btree (to_step_id);
-CREATE INDEX IF NOT EXISTS index_step_edges_dependency_pair ON @schema@.tasker_workflow_step_edges USING btree (to_step_id, from_step_id);
-CREATE INDEX IF NOT EXISTS index_step_edges_from_step_for_children ON @schema@.tasker_workflow_step_edges USING btree (from_step_id);
-CREATE INDEX IF NOT EXISTS index_step_edges_from_to_composite ON @schema@.tasker_workflow_step_edges USING btree (from_step_id, to_step_id);
-CREATE INDEX IF NOT EXISTS index_step_edges_parent_lookup ON @schema@.tasker_workflow_step_edges USING btree (from_step_id);
-CREATE INDEX IF NOT EXISTS index_step_edges_to_from_composite ON @schema@.tasker_workflow_step_edges USING btree (to_step_id, from_step_id);
-CREATE INDEX IF NOT EXISTS index_step_edges_to_step_for_parents ON @schema@.tasker_workflow_step_edges USING btree (to_step_id);
-CREATE INDEX IF NOT EXISTS index_tasker_workflow_step_edges_on_from_step_id ON @schema@.tasker_workflow_step_edges USING btree (from_step_id);
-CREATE INDEX IF NOT EXISTS index_tasker_workflow_step_edges_on_to_step_id ON @schema@.tasker_workflow_step_edges USING btree (to_step_id);
-CREATE INDEX IF NOT EXISTS index_workflow_step_edges_dependency_lookup ON @schema@.tasker_workflow_step_edges USING btree (to_step_id, from_step_id);
 
 CREATE TABLE IF NOT EXISTS @schema@.tasker_task_transitions (
     id bigserial NOT NULL,
@@ -212,11 +166,6 @@ CREATE TABLE IF NOT EXISTS @schema@.tasker_task_transitions (
     CONSTRAINT fk_rails_e8caec803c FOREIGN KEY (task_id)
         REFERENCES @schema@.tasker_tasks (task_id)
 );
-CREATE INDEX IF NOT EXISTS idx_task_transitions_most_recent ON @schema@.tasker_task_transitions USING btree (task_id, most_recent) WHERE (most_recent = true);
-CREATE INDEX IF NOT EXISTS index_task_transitions_current_state ON @schema@.tasker_task_transitions USING btree (task_id, created_at);
-CREATE INDEX IF NOT EXISTS index_task_transitions_current_state_optimized ON @schema@.tasker_task_transitions USING btree (task_id, most_recent) WHERE (most_recent = true);
-CREATE INDEX IF NOT EXISTS index_tasker_task_transitions_on_sort_key ON @schema@.tasker_task_transitions USING btree (sort_key);
-CREATE INDEX IF NOT EXISTS index_tasker_task_transitions_on_task_id ON @schema@.tasker_task_transitions USING btree (task_id);
 CREATE UNIQUE INDEX IF NOT EXISTS index_tasker_task_transitions_on_task_id_and_most_recent ON @schema@.tasker_task_transitions USING btree (task_id, most_recent) WHERE (most_recent = true);
 CREATE UNIQUE INDEX IF NOT EXISTS index_tasker_task_transitions_on_task_id_and_sort_key ON @schema@.tasker_task_transitions USING btree (task_id, sort_key);
 
@@ -236,16 +185,6 @@ CREATE TABLE IF NOT EXISTS @schema@.tasker_workflow_step_transitions (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS idx_on_workflow_step_id_most_recent_97d5374ad6 ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id, most_recent) WHERE (most_recent = true);
 CREATE UNIQUE INDEX IF NOT EXISTS idx_on_workflow_step_id_sort_key_4d476d7adb ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id, sort_key);
-CREATE INDEX IF NOT EXISTS idx_step_transitions_current_state ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id, most_recent, to_state) WHERE (most_recent = true);
-CREATE INDEX IF NOT EXISTS idx_step_transitions_most_recent ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id, most_recent) WHERE (most_recent = true);
-CREATE INDEX IF NOT EXISTS index_step_transitions_completed ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id, to_state) WHERE ((to_state)::text = 'complete'::text);
-CREATE INDEX IF NOT EXISTS index_step_transitions_completed_parents ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id, most_recent) WHERE (((to_state)::text = ANY ((ARRAY['complete'::character varying, 'resolved_manually'::character varying])::text[])) AND (most_recent = true));
-CREATE INDEX IF NOT EXISTS index_step_transitions_current_errors ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id, most_recent, created_at) WHERE (((to_state)::text = 'error'::text) AND (most_recent = true));
-CREATE INDEX IF NOT EXISTS index_step_transitions_current_state_optimized ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id, most_recent) WHERE (most_recent = true);
-CREATE INDEX IF NOT EXISTS index_step_transitions_failures_with_timing ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id, to_state, created_at) WHERE ((to_state)::text = 'failed'::text);
-CREATE INDEX IF NOT EXISTS index_step_transitions_for_current_state ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id, created_at);
-CREATE INDEX IF NOT EXISTS index_tasker_workflow_step_transitions_on_sort_key ON @schema@.tasker_workflow_step_transitions USING btree (sort_key);
-CREATE INDEX IF NOT EXISTS index_tasker_workflow_step_transitions_on_workflow_step_id ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id);
 
 CREATE TABLE IF NOT EXISTS @schema@.tasker_annotation_types (
     annotation_type_id serial NOT NULL,
@@ -255,7 +194,6 @@ CREATE TABLE IF NOT EXISTS @schema@.tasker_annotation_types (
     updated_at timestamp(6) without time zone NOT NULL,
     CONSTRAINT tasker_annotation_types_pkey PRIMARY KEY (annotation_type_id)
 );
-CREATE INDEX IF NOT EXISTS annotation_types_name_index ON @schema@.tasker_annotation_types USING btree (name);
 CREATE UNIQUE INDEX IF NOT EXISTS annotation_types_name_unique ON @schema@.tasker_annotation_types USING btree (name);
 
 CREATE TABLE IF NOT EXISTS @schema@.tasker_task_annotations (
@@ -271,7 +209,5 @@ CREATE TABLE IF NOT EXISTS @schema@.tasker_task_annotations (
     CONSTRAINT task_annotations_task_id_foreign FOREIGN KEY (task_id)
         REFERENCES @schema@.tasker_tasks (task_id)
 );
-CREATE INDEX IF NOT EXISTS task_annotations_annotation_idx ON @schema@.tasker_task_annotations USING gin (annotation);
-CREATE INDEX IF NOT EXISTS task_annotations_annotation_idx1 ON @schema@.tasker_task_annotations USING gin (annotation jsonb_path_ops);
 CREATE INDEX IF NOT EXISTS task_annotations_annotation_type_id_index ON @schema@.tasker_task_annotations USING btree (annotation_type_id);
 CREATE INDEX IF NOT EXISTS task_annotations_task_id_index ON @schema@.tasker_task_annotations USING btree (task_id);

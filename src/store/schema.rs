@@ -7,6 +7,26 @@ use pgrx::spi::SpiClient;
 
 const TABLES_SQL: &str = include_str!("../../sql/schema/tables.sql");
 const VIEWS_SQL: &str = include_str!("../../sql/schema/views.sql");
+const RAILS_INDEXES_SQL: &str = include_str!("../../sql/schema/rails_indexes.sql");
+
+/// Which of the Rails engine's indexes `install_schema` creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexProfile {
+    /// The unique indexes and those tasker_core's statements and documented queries read.
+    Lean,
+    /// Exactly the Rails engine's set.
+    Rails,
+}
+
+impl IndexProfile {
+    pub fn parse(raw: &str) -> Option<IndexProfile> {
+        match raw {
+            "lean" => Some(IndexProfile::Lean),
+            "rails" => Some(IndexProfile::Rails),
+            _ => None,
+        }
+    }
+}
 
 /// The tables every tasker_core function needs in the data schema.
 pub const REQUIRED_TABLES: [&str; 7] = [
@@ -35,7 +55,7 @@ fn count_relations(client: &SpiClient<'_>, schema: &SchemaName) -> Result<i64, p
 
 /// Creates every missing table, sequence, index, constraint and view of the Tasker schema in
 /// `schema` (creating the schema too). Returns whether anything was created.
-pub fn install_schema(schema: &SchemaName) -> bool {
+pub fn install_schema(schema: &SchemaName, profile: IndexProfile) -> bool {
     let quoted = schema.quoted();
     Spi::connect_mut(|client| {
         let before = count_relations(client, schema)?;
@@ -51,6 +71,9 @@ pub fn install_schema(schema: &SchemaName) -> bool {
             .unwrap_or_else(|| "notice".to_owned());
         client.update(format!("CREATE SCHEMA IF NOT EXISTS {quoted}").as_str(), None, &[])?;
         client.update(TABLES_SQL.replace("@schema@", &quoted).as_str(), None, &[])?;
+        if profile == IndexProfile::Rails {
+            client.update(RAILS_INDEXES_SQL.replace("@schema@", &quoted).as_str(), None, &[])?;
+        }
         let view_exists = client
             .select(
                 "SELECT to_regclass($1) IS NOT NULL",

@@ -38,6 +38,11 @@ pub static MAX_TEMPLATE_STEPS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static TICK_DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 
+/// `tasker_core.index_profile`: the index profile `install_schema()` uses when none is given
+/// (`lean` or `rails`).
+pub static INDEX_PROFILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"lean"));
+
 /// `tasker_core.notifier`: with tasker_core preloaded, send wake-ups from the notifier
 /// background worker after commit instead of NOTIFY in each transaction (default on).
 pub static NOTIFIER: GucSetting<bool> = GucSetting::<bool>::new(true);
@@ -99,6 +104,14 @@ pub fn register_gucs() {
         0,
         3_600_000,
         GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"tasker_core.index_profile",
+        c"Indexes install_schema() creates when no profile is given: lean or rails.",
+        c"lean: the unique indexes and those tasker_core reads; rails: exactly the Rails engine's set.",
+        &INDEX_PROFILE,
+        GucContext::Userset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

@@ -28,6 +28,9 @@ run() {
 }
 
 run "python (pytest)" "$ROOT/target/venv/bin/pytest" -q -p no:cacheprovider "$HERE/python" "$@"
+# and again with the exact Rails index set in every database install_schema() creates
+run "python (pytest), Rails index profile" env TASKER_INDEX_PROFILE=rails \
+    "$ROOT/target/venv/bin/pytest" -q -p no:cacheprovider "$HERE/python" "$@"
 
 shopt -s nullglob
 for t in "$HERE"/ruby/*_test.rb; do

@@ -69,6 +69,10 @@ def create_database(prefix="t", extension=True):
     if extension:
         with db.connect() as conn:
             conn.execute("CREATE EXTENSION tasker_core")
+            # the suite runs once per index profile of install_schema() (tests/integration/run.sh)
+            profile = os.environ.get("TASKER_INDEX_PROFILE")
+            if profile:
+                conn.execute(f"ALTER DATABASE \"{name}\" SET tasker_core.index_profile = '{profile}'")
     return db
 
 

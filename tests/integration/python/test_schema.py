@@ -96,11 +96,13 @@ def test_reference_is_complete():
 
 
 def test_install_schema_matches_rails(tasker_db):
+    # (over whichever profile the fixture installed: 'rails' adds what 'lean' left out)
+    tasker_db.scalar("SELECT tasker_core.install_schema('public', 'rails')")
     assert_matches_reference(tasker_db, "public")
 
 
 def test_install_into_another_schema_matches_rails(db):
-    assert db.scalar("SELECT tasker_core.install_schema('Work Flows')") is True
+    assert db.scalar("SELECT tasker_core.install_schema('Work Flows', 'rails')") is True
     assert_matches_reference(db, "Work Flows")
     # nothing leaked into public
     assert db.scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == 0
@@ -184,3 +186,55 @@ def test_several_connections_see_each_others_commits(tasker_db):
         assert reader.execute("SELECT count(*) FROM tasker_tasks").fetchone()[0] == 0
         writer.commit()
         assert reader.execute("SELECT count(*) FROM tasker_tasks").fetchone()[0] == 1
+
+
+# The lean profile: the unique indexes, and those tasker_core's statements and documented
+# queries read (README, "Index profiles").
+LEAN = {
+    "tasker_task_namespaces": {"task_namespaces_name_unique"},
+    "tasker_named_tasks": {"named_tasks_namespace_name_version_unique"},
+    "tasker_dependent_systems": {"dependent_systems_name_unique"},
+    "tasker_dependent_system_object_maps": {"dependent_system_object_maps_dependent_system_one_id_dependent_"},
+    "tasker_named_steps": {"named_step_by_system_uniq", "named_steps_name_index"},
+    "tasker_named_tasks_named_steps": {"named_tasks_steps_ids_unique", "named_tasks_named_steps_named_step_id_index"},
+    "tasker_tasks": {"index_tasks_on_identity_hash", "tasks_named_task_id_index", "idx_tasks_completion_status_created"},
+    "tasker_workflow_steps": {"index_workflow_steps_task_and_step_optimized", "workflow_steps_named_step_id_index"},
+    "tasker_workflow_step_edges": {"idx_step_edges_from_to", "idx_step_edges_to_from"},
+    "tasker_task_transitions": {"index_tasker_task_transitions_on_task_id_and_most_recent",
+                                "index_tasker_task_transitions_on_task_id_and_sort_key"},
+    "tasker_workflow_step_transitions": {"idx_on_workflow_step_id_most_recent_97d5374ad6",
+                                         "idx_on_workflow_step_id_sort_key_4d476d7adb"},
+    "tasker_annotation_types": {"annotation_types_name_unique"},
+    "tasker_task_annotations": {"task_annotations_task_id_index", "task_annotations_annotation_type_id_index"},
+}
+
+
+def indexes_of(db, schema):
+    got = {}
+    for table, index in db.execute("SELECT tablename, indexname FROM pg_indexes WHERE schemaname = %s "
+                                   "AND indexname NOT LIKE '%%_pkey'", (schema,)):
+        got.setdefault(table, set()).add(index)
+    return got
+
+
+def test_the_lean_profile_has_the_unique_indexes_and_those_tasker_core_reads(db):
+    assert db.scalar("SELECT tasker_core.install_schema('lean_one', 'lean')") is True
+    assert indexes_of(db, "lean_one") == LEAN
+    # every unique index of the Rails set is in it: constraints and ON CONFLICT keep working
+    db.scalar("SELECT tasker_core.install_schema('rails_one', 'rails')")
+    unique = {r[0] for r in db.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'rails_one' "
+                                       "AND indexdef LIKE 'CREATE UNIQUE%%' AND indexname NOT LIKE '%%_pkey'")}
+    assert unique <= set().union(*LEAN.values())
+    # the setting chooses when the argument does not
+    with db.connect() as conn:
+        conn.execute("SET tasker_core.index_profile = 'rails'")
+        conn.execute("SELECT tasker_core.install_schema('rails_two')")
+    assert indexes_of(db, "rails_two") == indexes_of(db, "rails_one")
+
+
+@pytest.mark.parametrize("profile,sqlstate", [("fat", "22023"), ("", "22023"), ("LEAN", "22023")])
+def test_unknown_index_profiles_are_refused(db, profile, sqlstate):
+    with pytest.raises(psycopg.Error) as err:
+        db.scalar("SELECT tasker_core.install_schema('nope', %s)", (profile,))
+    assert err.value.sqlstate == sqlstate
+    assert db.scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'nope'") == 0

@@ -1,0 +1,70 @@
+-- The indexes of the Rails engine's schema that tasker_core and its documented queries do not
+-- read: created by tasker_core.install_schema() with the 'rails' index profile only (the exact
+-- Rails set, for databases that Rails also migrates or queries in its own ways). The 'lean'
+-- profile (the default) has the indexes of tables.sql alone. Same substitution and
+-- idempotence as tables.sql.
+
+CREATE INDEX IF NOT EXISTS task_namespaces_name_index ON @schema@.tasker_task_namespaces USING btree (name);
+CREATE INDEX IF NOT EXISTS named_tasks_configuration_gin_index ON @schema@.tasker_named_tasks USING gin (configuration);
+CREATE INDEX IF NOT EXISTS named_tasks_name_index ON @schema@.tasker_named_tasks USING btree (name);
+CREATE INDEX IF NOT EXISTS named_tasks_task_namespace_id_index ON @schema@.tasker_named_tasks USING btree (task_namespace_id);
+CREATE INDEX IF NOT EXISTS named_tasks_version_index ON @schema@.tasker_named_tasks USING btree (version);
+CREATE INDEX IF NOT EXISTS dependent_systems_name_index ON @schema@.tasker_dependent_systems USING btree (name);
+CREATE INDEX IF NOT EXISTS dependent_system_object_maps_dependent_system_one_id_index ON @schema@.tasker_dependent_system_object_maps USING btree (dependent_system_one_id);
+CREATE INDEX IF NOT EXISTS dependent_system_object_maps_dependent_system_two_id_index ON @schema@.tasker_dependent_system_object_maps USING btree (dependent_system_two_id);
+CREATE INDEX IF NOT EXISTS dependent_system_object_maps_remote_id_one_index ON @schema@.tasker_dependent_system_object_maps USING btree (remote_id_one);
+CREATE INDEX IF NOT EXISTS dependent_system_object_maps_remote_id_two_index ON @schema@.tasker_dependent_system_object_maps USING btree (remote_id_two);
+CREATE INDEX IF NOT EXISTS named_steps_dependent_system_id_index ON @schema@.tasker_named_steps USING btree (dependent_system_id);
+CREATE INDEX IF NOT EXISTS named_tasks_named_steps_named_task_id_index ON @schema@.tasker_named_tasks_named_steps USING btree (named_task_id);
+CREATE INDEX IF NOT EXISTS idx_tasks_active_operations ON @schema@.tasker_tasks USING btree (task_id) WHERE ((complete = false) OR (complete IS NULL));
+CREATE INDEX IF NOT EXISTS idx_tasks_active_workflow_summary ON @schema@.tasker_tasks USING btree (task_id, complete) WHERE ((complete = false) OR (complete IS NULL));
+CREATE INDEX IF NOT EXISTS tasks_context_idx ON @schema@.tasker_tasks USING gin (context);
+CREATE INDEX IF NOT EXISTS tasks_context_idx1 ON @schema@.tasker_tasks USING gin (context jsonb_path_ops);
+CREATE INDEX IF NOT EXISTS tasks_identity_hash_index ON @schema@.tasker_tasks USING btree (identity_hash);
+CREATE INDEX IF NOT EXISTS tasks_requested_at_index ON @schema@.tasker_tasks USING btree (requested_at);
+CREATE INDEX IF NOT EXISTS tasks_source_system_index ON @schema@.tasker_tasks USING btree (source_system);
+CREATE INDEX IF NOT EXISTS tasks_tags_idx ON @schema@.tasker_tasks USING gin (tags);
+CREATE INDEX IF NOT EXISTS tasks_tags_idx1 ON @schema@.tasker_tasks USING gin (tags jsonb_path_ops);
+CREATE INDEX IF NOT EXISTS idx_steps_active_operations ON @schema@.tasker_workflow_steps USING btree (workflow_step_id, task_id) WHERE ((processed = false) OR (processed IS NULL));
+CREATE INDEX IF NOT EXISTS idx_workflow_steps_task_grouping_active ON @schema@.tasker_workflow_steps USING btree (task_id, workflow_step_id) WHERE ((processed = false) OR (processed IS NULL));
+CREATE INDEX IF NOT EXISTS idx_workflow_steps_task_readiness ON @schema@.tasker_workflow_steps USING btree (task_id, processed, workflow_step_id) WHERE (processed = false);
+CREATE INDEX IF NOT EXISTS index_workflow_steps_backoff_timing ON @schema@.tasker_workflow_steps USING btree (last_attempted_at, backoff_request_seconds) WHERE (backoff_request_seconds IS NOT NULL);
+CREATE INDEX IF NOT EXISTS index_workflow_steps_by_task ON @schema@.tasker_workflow_steps USING btree (task_id);
+CREATE INDEX IF NOT EXISTS index_workflow_steps_processing_status ON @schema@.tasker_workflow_steps USING btree (task_id, processed, in_process);
+CREATE INDEX IF NOT EXISTS index_workflow_steps_retry_logic ON @schema@.tasker_workflow_steps USING btree (attempts, retry_limit, retryable);
+CREATE INDEX IF NOT EXISTS index_workflow_steps_retry_status ON @schema@.tasker_workflow_steps USING btree (attempts, retry_limit);
+CREATE INDEX IF NOT EXISTS index_workflow_steps_task_and_id ON @schema@.tasker_workflow_steps USING btree (task_id, workflow_step_id);
+CREATE INDEX IF NOT EXISTS index_workflow_steps_task_and_step_id ON @schema@.tasker_workflow_steps USING btree (task_id, workflow_step_id);
+CREATE INDEX IF NOT EXISTS index_workflow_steps_task_covering ON @schema@.tasker_workflow_steps USING btree (task_id) INCLUDE (workflow_step_id, processed, in_process, attempts, retry_limit);
+CREATE INDEX IF NOT EXISTS workflow_steps_last_attempted_at_index ON @schema@.tasker_workflow_steps USING btree (last_attempted_at);
+CREATE INDEX IF NOT EXISTS workflow_steps_processed_at_index ON @schema@.tasker_workflow_steps USING btree (processed_at);
+CREATE INDEX IF NOT EXISTS workflow_steps_task_id_index ON @schema@.tasker_workflow_steps USING btree (task_id);
+CREATE INDEX IF NOT EXISTS idx_workflow_step_edges_dependency_lookup ON @schema@.tasker_workflow_step_edges USING btree (to_step_id, from_step_id);
+CREATE INDEX IF NOT EXISTS index_step_edges_child_lookup ON @schema@.tasker_workflow_step_edges USING btree (to_step_id);
+CREATE INDEX IF NOT EXISTS index_step_edges_dependency_pair ON @schema@.tasker_workflow_step_edges USING btree (to_step_id, from_step_id);
+CREATE INDEX IF NOT EXISTS index_step_edges_from_step_for_children ON @schema@.tasker_workflow_step_edges USING btree (from_step_id);
+CREATE INDEX IF NOT EXISTS index_step_edges_from_to_composite ON @schema@.tasker_workflow_step_edges USING btree (from_step_id, to_step_id);
+CREATE INDEX IF NOT EXISTS index_step_edges_parent_lookup ON @schema@.tasker_workflow_step_edges USING btree (from_step_id);
+CREATE INDEX IF NOT EXISTS index_step_edges_to_from_composite ON @schema@.tasker_workflow_step_edges USING btree (to_step_id, from_step_id);
+CREATE INDEX IF NOT EXISTS index_step_edges_to_step_for_parents ON @schema@.tasker_workflow_step_edges USING btree (to_step_id);
+CREATE INDEX IF NOT EXISTS index_tasker_workflow_step_edges_on_from_step_id ON @schema@.tasker_workflow_step_edges USING btree (from_step_id);
+CREATE INDEX IF NOT EXISTS index_tasker_workflow_step_edges_on_to_step_id ON @schema@.tasker_workflow_step_edges USING btree (to_step_id);
+CREATE INDEX IF NOT EXISTS index_workflow_step_edges_dependency_lookup ON @schema@.tasker_workflow_step_edges USING btree (to_step_id, from_step_id);
+CREATE INDEX IF NOT EXISTS idx_task_transitions_most_recent ON @schema@.tasker_task_transitions USING btree (task_id, most_recent) WHERE (most_recent = true);
+CREATE INDEX IF NOT EXISTS index_task_transitions_current_state ON @schema@.tasker_task_transitions USING btree (task_id, created_at);
+CREATE INDEX IF NOT EXISTS index_task_transitions_current_state_optimized ON @schema@.tasker_task_transitions USING btree (task_id, most_recent) WHERE (most_recent = true);
+CREATE INDEX IF NOT EXISTS index_tasker_task_transitions_on_sort_key ON @schema@.tasker_task_transitions USING btree (sort_key);
+CREATE INDEX IF NOT EXISTS index_tasker_task_transitions_on_task_id ON @schema@.tasker_task_transitions USING btree (task_id);
+CREATE INDEX IF NOT EXISTS idx_step_transitions_current_state ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id, most_recent, to_state) WHERE (most_recent = true);
+CREATE INDEX IF NOT EXISTS idx_step_transitions_most_recent ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id, most_recent) WHERE (most_recent = true);
+CREATE INDEX IF NOT EXISTS index_step_transitions_completed ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id, to_state) WHERE ((to_state)::text = 'complete'::text);
+CREATE INDEX IF NOT EXISTS index_step_transitions_completed_parents ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id, most_recent) WHERE (((to_state)::text = ANY ((ARRAY['complete'::character varying, 'resolved_manually'::character varying])::text[])) AND (most_recent = true));
+CREATE INDEX IF NOT EXISTS index_step_transitions_current_errors ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id, most_recent, created_at) WHERE (((to_state)::text = 'error'::text) AND (most_recent = true));
+CREATE INDEX IF NOT EXISTS index_step_transitions_current_state_optimized ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id, most_recent) WHERE (most_recent = true);
+CREATE INDEX IF NOT EXISTS index_step_transitions_failures_with_timing ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id, to_state, created_at) WHERE ((to_state)::text = 'failed'::text);
+CREATE INDEX IF NOT EXISTS index_step_transitions_for_current_state ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id, created_at);
+CREATE INDEX IF NOT EXISTS index_tasker_workflow_step_transitions_on_sort_key ON @schema@.tasker_workflow_step_transitions USING btree (sort_key);
+CREATE INDEX IF NOT EXISTS index_tasker_workflow_step_transitions_on_workflow_step_id ON @schema@.tasker_workflow_step_transitions USING btree (workflow_step_id);
+CREATE INDEX IF NOT EXISTS annotation_types_name_index ON @schema@.tasker_annotation_types USING btree (name);
+CREATE INDEX IF NOT EXISTS task_annotations_annotation_idx ON @schema@.tasker_task_annotations USING gin (annotation);
+CREATE INDEX IF NOT EXISTS task_annotations_annotation_idx1 ON @schema@.tasker_task_annotations USING gin (annotation jsonb_path_ops);
