@@ -1,4 +1,6 @@
 """The Tasker data schema created by tasker_core.install_schema() against the Rails reference."""
+import re
+
 import psycopg
 import pytest
 from psycopg import sql
@@ -238,3 +240,41 @@ def test_unknown_index_profiles_are_refused(db, profile, sqlstate):
         db.scalar("SELECT tasker_core.install_schema('nope', %s)", (profile,))
     assert err.value.sqlstate == sqlstate
     assert db.scalar("SELECT count(*) FROM pg_namespace WHERE nspname = 'nope'") == 0
+
+
+def index_shapes(db):
+    """name -> (table, columns, predicate) of the btree indexes of public."""
+    out = {}
+    for table, name, definition in db.execute(
+            "SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"):
+        m = re.match(r".* USING btree \((.*?)\)(?: INCLUDE \(.*?\))?(?: WHERE (.*))?$", definition)
+        if m:
+            out[name] = (table, [c.strip() for c in m.group(1).split(",")], m.group(2))
+    return out
+
+
+def test_the_duplicate_index_migration_for_rails_apps_is_reversible(db):
+    """sql/migrations/0002: on a Rails schema, drops 29 indexes that others cover and keeps
+    every unique one; its down file gives back exactly the Rails set."""
+    db.scalar("SELECT tasker_core.install_schema('public', 'rails')")
+    before = indexes_of(db, "public")
+    shapes = index_shapes(db)
+    up = (ROOT / "sql" / "migrations" / "0002_drop_duplicate_indexes.up.sql").read_text()
+    down = (ROOT / "sql" / "migrations" / "0002_drop_duplicate_indexes.down.sql").read_text()
+    with db.connect() as conn:
+        conn.execute(up)
+    after = indexes_of(db, "public")
+    kept = set().union(*after.values())
+    dropped = set().union(*before.values()) - kept
+    assert len(dropped) == 29
+    assert set().union(*LEAN.values()) <= kept
+    # each dropped index is covered: a kept btree index of its table, with its predicate, whose
+    # columns start with the dropped one's
+    for name in dropped:
+        table, cols, pred = shapes[name]
+        assert any(shapes[k][0] == table and shapes[k][2] == pred and shapes[k][1][:len(cols)] == cols
+                   for k in kept if k in shapes), name
+    with db.connect() as conn:
+        conn.execute(down)
+    assert indexes_of(db, "public") == before
+    assert_matches_reference(db, "public")
