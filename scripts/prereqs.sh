@@ -47,12 +47,13 @@ else
 fi
 
 VENV="$ROOT/target/venv"
-if "$VENV/bin/python" -c 'import psycopg, pytest' 2>/dev/null; then
+if "$VENV/bin/python" -c 'import psycopg, psycopg_pool, pytest' 2>/dev/null; then
     note "Python test environment present"
 else
-    step "creating the Python test environment in target/venv (psycopg, pytest)"
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check 'psycopg[binary]>=3.2,<4' 'pytest>=7,<9'
+    step "creating the Python test environment in target/venv (psycopg, psycopg_pool, pytest)"
+    [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check 'psycopg[binary]>=3.2,<4' \
+        'psycopg-pool>=3.2,<4' 'pytest>=7,<9'
 fi
 
 NODE_DIR="$ROOT/target/node"

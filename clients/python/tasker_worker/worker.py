@@ -6,9 +6,11 @@ module only moves steps between SQL calls and Python functions:
     claim_steps -> handler(step) -> complete_step | fail_step     (heartbeat while it runs)
 
 Threads: the caller's thread runs the claim loop, one listener thread blocks in LISTEN on its
-own connection, one heartbeat thread extends the leases of running steps, and each claimed step
-runs in its own daemon thread. Claims, reports and heartbeats share one connection (used
-under a lock).
+own connection, one heartbeat thread extends the leases of running steps, one reporter thread
+records outcomes in batches (`report_steps`, every `flush_interval` seconds), and each claimed
+step runs in its own daemon thread. Claims, reports and heartbeats take connections from a
+pool (`psycopg_pool`). The claim loop sleeps on a pipe that wake-ups, finished steps and
+signals write to: the signal handler only writes a byte, so it can never deadlock the loop.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import json
 import logging
 import math
 import os
+import select
 import signal
 import socket
 import threading
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import psycopg
+from psycopg_pool import ConnectionPool
 
 log = logging.getLogger("tasker_worker")
 
@@ -40,6 +44,9 @@ SELECT task_id, workflow_step_id, step_name, namespace, task_name, handler_class
 FROM tasker_core.claim_steps(%s, %s::text[], %s, %s)"""
 # with the worker's own trace (tasker_core 0.3.0): untraced tasks join it
 CLAIM_TRACED_SQL = CLAIM_SQL.replace("%s, %s)", "%s, %s, %s)")
+# many outcomes in one transaction (tasker_core 0.5.0)
+REPORT_SQL = "SELECT workflow_step_id, outcome, backoff_seconds FROM tasker_core.report_steps(%s, %s::jsonb)"
+HAS_REPORT_SQL = "SELECT to_regprocedure('tasker_core.report_steps(text, jsonb)') IS NOT NULL"
 
 
 class RetryableError(Exception):
@@ -114,9 +121,14 @@ class Worker:
                  namespaces: Optional[Iterable[str]] = None, batch_size: int = 4,
                  lease_seconds: float = 30, poll_interval: float = 1.0,
                  step_timeout: Optional[float] = None, grace_period: Optional[float] = None,
-                 traceparent: Optional[Callable[[], Optional[str]]] = None):
+                 traceparent: Optional[Callable[[], Optional[str]]] = None,
+                 flush_interval: float = 0.005, pool_size: int = 4):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if flush_interval < 0:
+            raise ValueError("flush_interval must not be negative")
+        if pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
         self.conninfo = conninfo
         self.worker_id = worker_id or f"py-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.namespaces = [namespaces] if isinstance(namespaces, str) else (
@@ -128,15 +140,24 @@ class Worker:
         self.grace_period = self.lease_seconds / 2 if grace_period is None else grace_period
         # the worker's current W3C trace context, asked at each claim (None: no trace)
         self.traceparent = traceparent
+        # outcomes wait up to this long to be recorded with others in one transaction (0: each
+        # is recorded as soon as the reporter takes it, still in a batch of whatever is waiting)
+        self.flush_interval = flush_interval
+        self.pool_size = pool_size
         self._handlers: Dict[str, _Handler] = {}
         self._inflight: Dict[int, _Execution] = {}
-        self._cv = threading.Condition()  # guards _inflight and _retry_at
+        self._cv = threading.Condition()  # guards _inflight, _retry_at and _outbox
         self._retry_at: List[float] = []  # monotonic times when steps we failed become ready
-        self._wake = threading.Event()
+        self._outbox: List[tuple] = []  # (execution, outcome) waiting for the reporter
         self._stopping = threading.Event()
         self._force = threading.Event()
-        self._conn: Optional[psycopg.Connection] = None
-        self._conn_lock = threading.RLock()
+        self._signals = 0  # signals received by this run; written only by the signal handler
+        self._wake_r, self._wake_w = os.pipe()  # a byte wakes the claim loop
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._pool: Optional[ConnectionPool] = None
+        self._pool_lock = threading.Lock()
+        self._batched = True  # the server has report_steps
 
     # ------------------------------------------------------------------ registration
     def handler(self, handler_class: str, *, timeout: Optional[float] = None):
@@ -152,15 +173,38 @@ class Worker:
     def stop(self) -> None:
         """Stop claiming; run() then finishes or releases what it holds and returns."""
         self._stopping.set()
-        self._wake.set()
+        self._poke()
+
+    def _poke(self) -> None:
+        """Wakes the claim loop (safe from any thread and from a signal handler)."""
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):  # the pipe is full: the loop is awake anyway
+            pass
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleeps until poked or `seconds` pass, then forgets the pokes."""
+        try:
+            select.select([self._wake_r], [], [], seconds)
+        except (InterruptedError, ValueError):
+            pass
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _forced(self) -> bool:
+        return self._force.is_set() or self._signals >= 2
 
     def run(self, until: Optional[Callable[[], bool]] = None) -> None:
         """Work until stop(), SIGTERM/SIGINT, or `until()` returns true (checked every 0.1 s)."""
         restore = self._install_signal_handlers()
-        done = threading.Event()  # ends this run's listener and heartbeat threads
+        done = threading.Event()  # ends this run's listener, heartbeat and reporter threads
         threads: List[threading.Thread] = []
         try:
-            self._sql("SELECT 1")  # fail fast on a bad conninfo
+            with psycopg.connect(self.conninfo, autocommit=True) as probe:  # fails fast on a bad conninfo
+                self._batched = bool(probe.execute(HAS_REPORT_SQL).fetchone()[0])
             listener = psycopg.connect(self.conninfo, autocommit=True)
             try:
                 listener.execute(f"LISTEN {CHANNEL}")
@@ -170,16 +214,20 @@ class Worker:
             threads = [threading.Thread(target=self._listen, args=(listener, done), daemon=True,
                                         name=f"{self.worker_id}-listen"),
                        threading.Thread(target=self._heartbeat, args=(done,), daemon=True,
-                                        name=f"{self.worker_id}-heartbeat")]
+                                        name=f"{self.worker_id}-heartbeat"),
+                       threading.Thread(target=self._reporter, args=(done,), daemon=True,
+                                        name=f"{self.worker_id}-reporter")]
             for t in threads:
                 t.start()
             log.info("worker %s started (namespaces %s)", self.worker_id, self.namespaces or "all")
             while not self._stopping.is_set():
+                if self._signals:
+                    log.info("signal: finishing in-flight steps (grace %ss)", self.grace_period)
+                    break
                 if until is not None and until():
                     break
-                self._wake.clear()
                 self._claim()
-                self._wake.wait(self._wait_seconds(until is not None))
+                self._sleep(self._wait_seconds(until is not None))
         finally:
             self._shutdown(done, threads)
             restore()
@@ -266,35 +314,86 @@ class Worker:
             return _Outcome(False, _error(e, "tasker_worker.ResultNotSerializable"), False)
 
     def _report(self, ex: _Execution, outcome: _Outcome) -> None:
-        step = ex.step
+        """Hands the outcome to the reporter thread."""
         with self._cv:
             if ex.released:
                 return
             ex.reporting = True
+            self._outbox.append((ex, outcome))
+            self._cv.notify_all()
+
+    def _reporter(self, done: threading.Event) -> None:
+        """Records outcomes: whatever waited `flush_interval` after the first, in one call."""
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._outbox or done.is_set(), timeout=0.5)
+                if not self._outbox:
+                    if done.is_set():
+                        return
+                    continue
+            if self.flush_interval > 0:
+                time.sleep(self.flush_interval)
+            with self._cv:
+                batch, self._outbox = self._outbox, []
+            try:
+                self._record(batch)
+            finally:
+                with self._cv:
+                    for ex, _ in batch:
+                        self._inflight.pop(ex.step.step_id, None)
+                    self._cv.notify_all()
+                self._poke()
+
+    def _record(self, batch: List[tuple]) -> None:
+        if self._batched:
+            items = []
+            for ex, o in batch:
+                if o.ok:
+                    items.append('{"step_id": %d, "results": %s}' % (ex.step.step_id, o.payload))
+                else:
+                    items.append('{"step_id": %d, "error": %s, "retryable": %s, "retry_after_seconds": %s}' % (
+                        ex.step.step_id, o.payload, "true" if o.retryable else "false",
+                        "null" if o.retry_after is None else int(o.retry_after)))
+            try:
+                rows = self._sql(REPORT_SQL, (self.worker_id, "[" + ",".join(items) + "]"))
+            except Exception as e:  # the whole batch was refused: one by one, so one bad outcome
+                log.warning("recording %d outcomes failed (%s); recording them one by one", len(batch), e)
+            else:
+                by_id = {ex.step.step_id: ex for ex, _ in batch}
+                for step_id, outcome, backoff in rows:
+                    self._recorded(by_id[step_id].step, outcome, backoff)
+                return
+        for ex, o in batch:
+            self._record_one(ex.step, o)
+
+    def _record_one(self, step: Step, outcome: _Outcome) -> None:
         try:
             if outcome.ok:
                 self._sql("SELECT tasker_core.complete_step(%s, %s, %s::jsonb)",
                           (step.step_id, self.worker_id, outcome.payload))
-                log.debug("step %s (%s) complete", step.step_id, step.handler_class)
+                self._recorded(step, "completed", None)
             else:
                 backoff = self._sql("SELECT tasker_core.fail_step(%s, %s, %s::jsonb, %s, %s)",
                                     (step.step_id, self.worker_id, outcome.payload,
                                      outcome.retryable, outcome.retry_after))[0][0]
-                log.info("step %s (%s) failed%s", step.step_id, step.handler_class,
-                         "" if backoff is None else f", retry in {backoff} s")
-                if backoff is not None:  # wake up for the retry without waiting for a poll
-                    with self._cv:
-                        heapq.heappush(self._retry_at, time.monotonic() + backoff + 0.05)
+                self._recorded(step, "failed", backoff)
         except Exception as e:
             if _sqlstate(e) == LEASE_LOST:
-                log.warning("step %s: lease lost, outcome dropped: %s", step.step_id, e)
+                self._recorded(step, "lease_lost", None)
             else:
                 log.error("step %s: recording the outcome failed: %s", step.step_id, e)
-        finally:
-            with self._cv:
-                self._inflight.pop(step.step_id, None)
-                self._cv.notify_all()
-            self._wake.set()
+
+    def _recorded(self, step: Step, outcome: str, backoff: Optional[int]) -> None:
+        if outcome == "completed":
+            log.debug("step %s (%s) complete", step.step_id, step.handler_class)
+        elif outcome == "failed":
+            log.info("step %s (%s) failed%s", step.step_id, step.handler_class,
+                     "" if backoff is None else f", retry in {backoff} s")
+            if backoff is not None:  # wake up for the retry without waiting for a poll
+                with self._cv:
+                    heapq.heappush(self._retry_at, time.monotonic() + backoff + 0.05)
+        else:
+            log.warning("step %s: lease lost, outcome dropped", step.step_id)
 
     # ------------------------------------------------------------------ background threads
     def _listen(self, conn: Optional[psycopg.Connection], done: threading.Event) -> None:
@@ -303,12 +402,12 @@ class Worker:
                 if conn is None:
                     conn = psycopg.connect(self.conninfo, autocommit=True)
                     conn.execute(f"LISTEN {CHANNEL}")
-                    self._wake.set()  # notifications may have been missed while disconnected
+                    self._poke()  # notifications may have been missed while disconnected
                 # Any wake-up triggers a claim: payloads are not filtered by namespace, as
                 # tasker_ready is sent once per transaction (naming only its first task) and
                 # tick() names no namespace.
                 for _ in conn.notifies(timeout=0.5):
-                    self._wake.set()
+                    self._poke()
             except psycopg.Error as e:
                 log.warning("listener: %s; reconnecting", e)
                 conn = self._close(conn)
@@ -331,15 +430,11 @@ class Worker:
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
 
-        def on_signal(signum, _frame):
-            if self._stopping.is_set():
-                log.warning("second signal: releasing in-flight steps now")
-                self._force.set()
-            else:
-                log.info("signal %s: finishing in-flight steps (grace %ss)", signum, self.grace_period)
-            self.stop()
-            with self._cv:
-                self._cv.notify_all()
+        def on_signal(_signum, _frame):
+            # Only a counter and a byte on the pipe: taking a lock here could wait forever for
+            # one the interrupted main thread holds. The claim loop and the shutdown read them.
+            self._signals += 1
+            self._poke()
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
@@ -352,8 +447,10 @@ class Worker:
         self.stop()
         deadline = time.monotonic() + self.grace_period
         with self._cv:
-            while self._inflight and not self._force.is_set() and time.monotonic() < deadline:
-                self._cv.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+            while self._inflight and not self._forced() and time.monotonic() < deadline:
+                self._cv.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            if self._forced():
+                log.warning("second signal: releasing in-flight steps now")
             left = [ex for ex in self._inflight.values() if not ex.reporting]
             for ex in left:
                 ex.released = True
@@ -369,23 +466,26 @@ class Worker:
         done.set()
         for t in threads:
             t.join(timeout=5)
-        with self._conn_lock:
-            self._conn = self._close(self._conn)
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
         self._stopping.clear()  # run() may be called again
         self._force.clear()
+        self._signals = 0
         log.info("worker %s stopped", self.worker_id)
 
     # ------------------------------------------------------------------ database
     def _sql(self, query: str, params: Any = None) -> List[tuple]:
-        with self._conn_lock:
-            if self._conn is None or self._conn.closed:
-                self._conn = psycopg.connect(self.conninfo, autocommit=True)
-            try:
-                cur = self._conn.execute(query, params)
-                return cur.fetchall() if cur.description else []
-            except psycopg.OperationalError:
-                self._conn = self._close(self._conn)  # reconnect on the next call
-                raise
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ConnectionPool(self.conninfo, min_size=1, max_size=self.pool_size,
+                                            kwargs={"autocommit": True}, open=True,
+                                            name=f"{self.worker_id}-pool")
+            pool = self._pool
+        with pool.connection() as conn:  # a broken connection is discarded by the pool
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
 
     @staticmethod
     def _close(conn: Optional[psycopg.Connection]) -> None:

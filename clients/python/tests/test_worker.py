@@ -326,3 +326,63 @@ def test_a_worker_trace_is_joined_by_untraced_tasks(db):
     assert sorted(seen) == sorted((t, n, worker_tp) for t in tasks for n in ("first", "second"))
     for t in tasks:
         assert db.scalar("SELECT tasker_core.task_traceparent(%s)", (t,)) == worker_tp
+
+
+def test_outcomes_are_recorded_in_batches(db):
+    """Quick handlers finishing together are recorded by one report_steps call each round: the
+    completions of several steps share a transaction (their events share an xid)."""
+    t = template("many", [(f"s{i}", "Many::Step", []) for i in range(12)])
+    db.register(t)
+    task_id = db.create_task(t)
+    worker = Worker(db.conninfo, worker_id="batcher", batch_size=12, poll_interval=0.2,
+                    flush_interval=0.05, pool_size=2)
+    worker.handler("Many::Step")(lambda step: {"i": step.name})
+    with running(worker):
+        assert db.wait_task(task_id) == "complete"
+    per_xid = db.rows("SELECT xid, count(*) FROM tasker_core.events WHERE task_id = %s "
+                      "AND name = 'step.completed' GROUP BY xid", (task_id,))
+    assert sum(n for _, n in per_xid) == 12
+    assert max(n for _, n in per_xid) >= 2, per_xid
+
+
+def test_without_report_steps_outcomes_are_recorded_one_by_one(db):
+    """A server before 0.5.0 (no report_steps) gets complete_step calls."""
+    t = template("single", [("one", "Single::Step", []), ("two", "Single::Step", ["one"])])
+    db.register(t)
+    task_id = db.create_task(t)
+    worker = Worker(db.conninfo, worker_id="single", poll_interval=0.2)
+    worker.handler("Single::Step")(lambda step: {"ok": True})
+    import tasker_worker.worker as w
+    saved, w.HAS_REPORT_SQL = w.HAS_REPORT_SQL, "SELECT false"
+    try:
+        with running(worker):
+            assert db.wait_task(task_id) == "complete"
+    finally:
+        w.HAS_REPORT_SQL = saved
+    assert [to for _, to, _ in db.transitions(db.step(task_id, "two")[0])][-1] == "complete"
+
+
+def test_sigterm_at_any_moment_stops_the_worker_promptly(db):
+    """SIGTERM sent at random moments (idle, claiming, mid-step, recording) — the handler only
+    writes a byte, so the worker always exits within its grace period."""
+    import random
+    t = template("loop", [("a", "Slow::Step", []), ("b", "Slow::Step", ["a"])])
+    db.register(t)
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE_ROOT))
+    rng = random.Random(7)
+    for i in range(15):
+        db.create_task(t, {"i": i})
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "proc_worker.py"), db.conninfo, f"loop{i}", "0.05",
+             "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            time.sleep(rng.uniform(0.2, 0.9))
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                pytest.fail(f"round {i}: the worker did not exit within 10 s of SIGTERM")
+        assert proc.returncode == 0 and "exited" in out, (i, err[-2000:])
+    # nothing is left claimed
+    assert db.scalar("SELECT count(*) FROM tasker_core.step_claims") == 0
