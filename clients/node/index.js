@@ -1,7 +1,9 @@
 'use strict';
 // tasker-worker: runs Tasker step handlers against a PostgreSQL database with tasker_core.
 // The database does the orchestration (readiness, retries, backoff, leases, finalization);
-// this loop only claims steps, runs handlers, heartbeats, and reports the outcome.
+// this loop only claims steps, runs handlers, heartbeats, and reports the outcomes — in
+// batches: the outcomes that finish within flushIntervalMs of each other are recorded in one
+// transaction (tasker_core.report_steps, tasker_core 0.5.0).
 
 const { EventEmitter } = require('node:events');
 const os = require('node:os');
@@ -109,12 +111,17 @@ class Worker extends EventEmitter {
   #woken = false;
   #wakeup = null;
   #signalHandler = null;
+  #outbox = []; // outcomes waiting to be recorded: { stepId, results | error, ..., resolve, reject }
+  #flushTimer = null;
+  #batched = true; // the server has report_steps
 
   /**
    * @param {object} options pg settings (connectionString, host, database, ...) plus
    *   workerId, namespaces, batchSize, leaseSeconds, pollIntervalMs, stepTimeoutMs,
    *   shutdownGraceMs (default leaseSeconds/2), handleSignals (default true), logger,
-   *   traceparent (a function returning the worker's W3C trace context, asked at each claim).
+   *   traceparent (a function returning the worker's W3C trace context, asked at each claim),
+   *   flushIntervalMs (how long an outcome waits for others to be recorded with it; default 5),
+   *   poolSize (connections for claims, outcomes and heartbeats; default batchSize + 2).
    */
   constructor(options = {}) {
     super();
@@ -129,12 +136,16 @@ class Worker extends EventEmitter {
       handleSignals = true,
       logger = console,
       traceparent = null,
+      flushIntervalMs = 5,
+      poolSize = batchSize + 2,
       ...pgConfig
     } = options;
+    if (!Number.isFinite(flushIntervalMs) || flushIntervalMs < 0) throw new RangeError('flushIntervalMs must be a number >= 0');
+    if (!Number.isInteger(poolSize) || poolSize < 1) throw new RangeError('poolSize must be a positive integer');
     if (!Number.isInteger(batchSize) || batchSize < 1 || batchSize > 1000) throw new RangeError('batchSize must be an integer in 1..1000');
     if (!Number.isInteger(leaseSeconds) || leaseSeconds < 1 || leaseSeconds > 86400) throw new RangeError('leaseSeconds must be an integer in 1..86400');
     if (traceparent != null && typeof traceparent !== 'function') throw new TypeError('traceparent must be a function returning a W3C traceparent or null');
-    Object.assign(this, { workerId, batchSize, leaseSeconds, pollIntervalMs, stepTimeoutMs, shutdownGraceMs, handleSignals, traceparent });
+    Object.assign(this, { workerId, batchSize, leaseSeconds, pollIntervalMs, stepTimeoutMs, shutdownGraceMs, handleSignals, traceparent, flushIntervalMs });
     this.namespaces = namespaces == null ? null : [].concat(namespaces);
     const log = logger || quiet;
     const prefix = `[tasker-worker ${workerId}]`;
@@ -144,7 +155,7 @@ class Worker extends EventEmitter {
       error: (msg) => log.error(`${prefix} ${msg}`),
     };
     this.#pgConfig = pgConfig;
-    this.pool = new pg.Pool({ ...pgConfig, max: batchSize + 2 });
+    this.pool = new pg.Pool({ ...pgConfig, max: poolSize });
     this.pool.on('error', (err) => this.log.warn(`idle connection error: ${err.message}`));
     this.handlers = new Map();
   }
@@ -174,6 +185,8 @@ class Worker extends EventEmitter {
   /** Connects, LISTENs and starts the claim loop; resolves once it is running. */
   async start() {
     if (this.#loop || this.#stopping) throw new Error('a Worker is started once');
+    const { rows } = await this.pool.query("SELECT to_regprocedure('tasker_core.report_steps(text, jsonb)') IS NOT NULL AS ok");
+    this.#batched = rows[0].ok;
     await this.#listen();
     if (this.handleSignals) {
       this.#signalHandler = (signal) => this.#onSignal(signal);
@@ -392,7 +405,7 @@ class Worker extends EventEmitter {
     } catch (err) {
       return this.#fail(step, err, what); // e.g. a BigInt or a cycle in the results
     }
-    await this.pool.query('SELECT tasker_core.complete_step($1, $2, $3::jsonb)', [step.stepId, this.workerId, results]);
+    await this.#record({ stepId: step.stepId, results });
     this.log.info(`${what} complete`);
     this.emit('completed', step, value);
   }
@@ -400,15 +413,69 @@ class Worker extends EventEmitter {
   async #fail(step, error, what) {
     const { retryable, retryAfter } = classify(error);
     const json = errorJson(error);
-    const { rows } = await this.pool.query(
-      'SELECT tasker_core.fail_step($1, $2, $3::jsonb, $4, $5) AS backoff',
-      [step.stepId, this.workerId, JSON.stringify(json), retryable, retryAfter],
-    );
-    const backoff = rows[0].backoff;
+    const { backoff } = await this.#record({ stepId: step.stepId, error: JSON.stringify(json), retryable, retryAfter });
     // nobody else may NOTIFY when the backoff runs out (unless tick() runs): wake ourselves
     if (backoff != null) this.#wakeIn(backoff * 1000 + 20);
     this.log.warn(`${what} failed (${json.name}: ${json.message}); ${backoff != null ? `retry in ${backoff} s` : 'not retried'}`);
     this.emit('failed', step, json, { retryable, backoff });
+  }
+
+  // --- outcomes: recorded in batches, each with the guarantees of complete_step / fail_step
+
+  /** Resolves with { backoff } once the outcome is recorded; a lost lease rejects with TK030. */
+  #record(outcome) {
+    return new Promise((resolve, reject) => {
+      this.#outbox.push({ ...outcome, resolve, reject });
+      this.#flushTimer ??= setTimeout(() => {
+        this.#flushTimer = null;
+        this.#flush();
+      }, this.flushIntervalMs);
+    });
+  }
+
+  async #flush() {
+    const batch = this.#outbox;
+    this.#outbox = [];
+    if (batch.length === 0) return;
+    if (this.#batched) {
+      const items = batch.map((o) => (o.error === undefined
+        ? `{"step_id":${o.stepId},"results":${o.results}}`
+        : `{"step_id":${o.stepId},"error":${o.error},"retryable":${o.retryable},"retry_after_seconds":${o.retryAfter ?? 'null'}}`));
+      try {
+        const { rows } = await this.pool.query(
+          'SELECT workflow_step_id, outcome, backoff_seconds FROM tasker_core.report_steps($1, $2::jsonb)',
+          [this.workerId, `[${items.join(',')}]`],
+        );
+        const byId = new Map(rows.map((r) => [Number(r.workflow_step_id), r]));
+        for (const o of batch) {
+          const r = byId.get(o.stepId);
+          if (r.outcome === 'lease_lost') o.reject(Object.assign(new Error(`step ${o.stepId} is no longer held by ${this.workerId}`), { code: LEASE_LOST }));
+          else o.resolve({ backoff: r.backoff_seconds });
+        }
+        return;
+      } catch (err) {
+        // the whole batch was refused: one by one, so that one bad outcome does not hold back the rest
+        this.log.warn(`recording ${batch.length} outcomes failed (${err.message}); recording them one by one`);
+      }
+    }
+    await Promise.all(batch.map((o) => this.#recordOne(o)));
+  }
+
+  async #recordOne(o) {
+    try {
+      if (o.error === undefined) {
+        await this.pool.query('SELECT tasker_core.complete_step($1, $2, $3::jsonb)', [o.stepId, this.workerId, o.results]);
+        o.resolve({ backoff: null });
+      } else {
+        const { rows } = await this.pool.query(
+          'SELECT tasker_core.fail_step($1, $2, $3::jsonb, $4, $5) AS backoff',
+          [o.stepId, this.workerId, o.error, o.retryable, o.retryAfter],
+        );
+        o.resolve({ backoff: rows[0].backoff });
+      }
+    } catch (err) {
+      o.reject(err);
+    }
   }
 
   async #heartbeat(entry) {

@@ -434,6 +434,25 @@ test('a worker trace is joined by untraced tasks: every step gets it, and the ta
   });
 });
 
+test('outcomes finishing together are recorded in one transaction (report_steps)', async () => {
+  await withDatabase(async (t) => {
+    await t.template({
+      name: 'many', namespace_name: 'many', version: '1.0.0',
+      step_templates: Array.from({ length: 12 }, (_, i) => ({ name: `s${i}`, handler_class: 'Quick' })),
+    });
+    const w = t.worker({ namespaces: ['many'], batchSize: 12, flushIntervalMs: 50, poolSize: 3 });
+    w.register('Quick', async (step) => ({ name: step.name }));
+    const task = await t.task('many', 'many', {});
+    await w.start();
+    assert.equal(await t.waitForTask(task), 'complete');
+    const rows = await t.query(
+      "SELECT xid::text, count(*)::int AS n FROM tasker_core.events WHERE task_id = $1 AND name = 'step.completed' GROUP BY xid",
+      [task]);
+    assert.equal(rows.reduce((a, r) => a + r.n, 0), 12);
+    assert.ok(Math.max(...rows.map((r) => r.n)) >= 2, JSON.stringify(rows));
+  });
+});
+
 test('example.js runs as written', async () => {
   await withDatabase(async (t) => {
     const child = spawn(process.execPath, [path.join(__dirname, '..', 'example.js')], {

@@ -33,6 +33,18 @@ class WorkerTest < Minitest::Test
     end
   end
 
+  def test_outcomes_finishing_together_are_recorded_in_one_transaction
+    name = template("many", 10.times.map { |i| ["s#{i}", "PlainHandler"] })
+    task_id = TaskerCore.create_task(namespace, name, {})
+    run_until(worker(concurrency: 10, flush_interval: 0.05)) { finished?(task_id) }
+
+    assert_equal "complete", TaskerCore.task_status(task_id)
+    per_xid = conn.select_rows("SELECT count(*) FROM tasker_core.events WHERE task_id = #{task_id} " \
+                               "AND name = 'step.completed' GROUP BY xid").flatten.map(&:to_i)
+    assert_equal 10, per_xid.sum
+    assert_operator per_xid.max, :>=, 2, "completions share a report_steps transaction: #{per_xid}"
+  end
+
   def test_untraced_tasks_join_the_workers_trace
     trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     name = template("traced", [["first", "TraceRecorder"], ["second", "TraceRecorder", ["first"]]])

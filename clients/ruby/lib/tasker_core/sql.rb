@@ -75,6 +75,19 @@ module TaskerCore
       end
     end
 
+    # Many outcomes in one transaction (tasker_core 0.5.0): `outcomes` are hashes
+    # {"step_id", "results"} or {"step_id", "error", "retryable", "retry_after_seconds"}. One row
+    # per step: workflow_step_id, outcome (completed, failed, lease_lost), backoff_seconds.
+    def report_steps(worker_id, outcomes)
+      rows("SELECT workflow_step_id, outcome, backoff_seconds FROM tasker_core.report_steps($1, $2::jsonb)",
+           [worker_id, JSON.generate(outcomes)])
+    end
+
+    # Whether the server has report_steps.
+    def report_steps?
+      value("SELECT to_regprocedure('tasker_core.report_steps(text, jsonb)') IS NOT NULL")
+    end
+
     # Returns the new lease deadline.
     def heartbeat(step_id, worker_id)
       lease_checked { value("SELECT tasker_core.heartbeat($1, $2)", [step_id, worker_id]) }

@@ -7,15 +7,17 @@ module TaskerCore
   # Runs steps until stopped. It LISTENs on `tasker_ready` (falling back to a poll every
   # poll_interval), claims up to `concurrency` ready steps under a lease, runs each handler in
   # its own thread under a timeout while a heartbeat thread renews the leases every
-  # lease_seconds / 3, and records each outcome with complete_step or fail_step.
+  # lease_seconds / 3. A reporter thread records the outcomes in batches: those that finish
+  # within flush_interval seconds of each other go in one report_steps call (tasker_core 0.5.0;
+  # one complete_step or fail_step each on older servers, or when a batch is refused).
   #
   # SIGTERM / SIGINT (or #stop, or `stop_when`) stop the claiming; running steps get
   # shutdown_timeout seconds to finish, the rest are given back with release_step (a second
   # signal skips the wait). #run then returns, so a script that calls it exits 0.
   #
   # Claims, heartbeats and outcomes go through ActiveRecord's connection pool (the step's thread
-  # holds one connection while it runs: the handler's queries use it too), so the pool needs
-  # concurrency + 2 connections. The LISTEN connection is a separate PG::Connection.
+  # holds one connection while its handler runs: the handler's queries use it too), so the pool
+  # needs concurrency + 3 connections. The LISTEN connection is a separate PG::Connection.
   class Worker
     CHANNEL = "tasker_ready"
     Running = Struct.new(:step, :thread, :reporting, :killed)
@@ -24,10 +26,13 @@ module TaskerCore
 
     def initialize(namespaces: nil, concurrency: nil, lease_seconds: 60, step_timeout: 300,
                    poll_interval: 5, shutdown_timeout: 25, worker_id: nil, logger: nil, traceparent: nil,
+                   flush_interval: 0.005,
                    executor: (Rails.application&.executor if defined?(Rails) && Rails.respond_to?(:application)))
       pool_size = TaskerCore.record_class.connection_pool.size
       @namespaces = namespaces && Array(namespaces).map(&:to_s)
-      @concurrency = concurrency || [pool_size - 2, 1].max
+      @concurrency = concurrency || [pool_size - 3, 1].max
+      @flush_interval = Float(flush_interval)
+      raise ArgumentError, "flush_interval must not be negative" if @flush_interval.negative?
       @lease_seconds = Integer(lease_seconds)
       @step_timeout = step_timeout
       @poll_interval = poll_interval
@@ -40,10 +45,12 @@ module TaskerCore
       @executor = executor # Rails: autoloading, reloading and the query cache are safe in step threads
       @running = {}
       @mutex = Mutex.new
+      @outbox = [] # outcomes waiting for the reporter: [step, kind, value, seconds, reply queue]
+      @outbox_cv = ConditionVariable.new
       @wake_r, @wake_w = IO.pipe
       @stopping = @force = false
-      if @concurrency + 2 > pool_size
-        log(:warn, "concurrency #{@concurrency} needs a connection pool of #{@concurrency + 2} (it has #{pool_size})")
+      if @concurrency + 3 > pool_size
+        log(:warn, "concurrency #{@concurrency} needs a connection pool of #{@concurrency + 3} (it has #{pool_size})")
       end
     end
 
@@ -51,6 +58,8 @@ module TaskerCore
     # (checked after every wake-up) returns true; then shuts down gracefully. A worker runs once.
     def run(stop_when: nil)
       traps = install_traps if Thread.current == Thread.main
+      @batched = SQL.report_steps?
+      @reporter = Thread.new { reporter_loop }
       @heartbeat = Thread.new { heartbeat_loop }
       listen
       log(:info, "worker #{@worker_id} started (namespaces: #{@namespaces&.join(", ") || "all"}, concurrency: #{@concurrency})")
@@ -68,6 +77,11 @@ module TaskerCore
           nil
         end
         @heartbeat.join
+        @mutex.synchronize do
+          @reporter_stop = true
+          @outbox_cv.broadcast
+        end
+        @reporter.join
         close_listener
       end
     end
@@ -160,16 +174,16 @@ module TaskerCore
 
     def perform(entry)
       step = entry.step
-      wrapped do
+      started = now
+      outcome = wrapped do
         TaskerCore.record_class.connection_pool.with_connection do |conn|
-          started = now
-          outcome = execute(step, conn)
-          entry.reporting = true
-          report(step, *outcome, now - started)
+          execute(step, conn)
         ensure
           conn.disconnect! if entry.killed # stopped mid-query: do not hand the session back as is
         end
       end
+      entry.reporting = true
+      report(step, *outcome, now - started)
     rescue StandardError => e
       log(:error, "step #{step.step_id}: #{e.class}: #{brief(e)}")
     ensure
@@ -212,22 +226,90 @@ module TaskerCore
 
     def report(step, kind, value, seconds)
       what = "step #{step.step_id} #{step.task_name}/#{step.name} attempt #{step.attempt}"
-      if kind == :complete
-        SQL.complete_step(step.step_id, @worker_id, value)
-        return log(:info, "#{what} completed (#{(seconds * 1000).round} ms)")
-      end
-      retryable = !value.is_a?(PermanentError)
-      retry_after = value.retry_after if value.is_a?(RetryableError)
-      backoff = SQL.fail_step(step.step_id, @worker_id, error_json(value), retryable: retryable, retry_after: retry_after)
-      what = "#{what} failed: #{value.class}: #{value.message}"
-      if backoff
-        @mutex.synchronize { @retry_at = [@retry_at, now + backoff + 0.05].compact.min } # claim it when due
-        log(:warn, "#{what} (retry in #{backoff}s)")
+      outcome, detail = @batched ? record_in_batch(step, kind, value) : record_one(step, kind, value)
+      case outcome
+      when :completed
+        log(:info, "#{what} completed (#{(seconds * 1000).round} ms)")
+      when :failed
+        what = "#{what} failed: #{value.class}: #{value.message}"
+        if detail
+          @mutex.synchronize { @retry_at = [@retry_at, now + detail + 0.05].compact.min } # claim it when due
+          log(:warn, "#{what} (retry in #{detail}s)")
+        else
+          log(:error, "#{what} (not retried)")
+        end
+      when :lease_lost
+        log(:warn, "step #{step.step_id}: outcome not recorded, lease lost#{detail && ": #{detail}"}")
       else
-        log(:error, "#{what} (not retried)")
+        log(:error, "step #{step.step_id}: recording the outcome failed: #{detail}")
+      end
+    end
+
+    def failure_args(value)
+      [!value.is_a?(PermanentError), (value.retry_after if value.is_a?(RetryableError))]
+    end
+
+    # Records one outcome on its own: [:completed], [:failed, backoff or nil], [:lease_lost, why].
+    def record_one(step, kind, value)
+      wrapped do
+        TaskerCore.record_class.connection_pool.with_connection do
+          if kind == :complete
+            SQL.complete_step(step.step_id, @worker_id, value)
+            [:completed]
+          else
+            retryable, retry_after = failure_args(value)
+            [:failed, SQL.fail_step(step.step_id, @worker_id, error_json(value), retryable: retryable, retry_after: retry_after)]
+          end
+        end
       end
     rescue LeaseLost => e
-      log(:warn, "step #{step.step_id}: outcome not recorded, lease lost: #{e.message}")
+      [:lease_lost, e.message]
+    rescue StandardError => e
+      [:error, brief(e)]
+    end
+
+    # Hands the outcome to the reporter thread and waits until it is recorded.
+    def record_in_batch(step, kind, value)
+      reply = Queue.new
+      @mutex.synchronize do
+        @outbox << [step, kind, value, reply]
+        @outbox_cv.signal
+      end
+      reply.pop
+    end
+
+    def reporter_loop
+      loop do
+        stop = @mutex.synchronize do
+          @outbox_cv.wait(@mutex, 0.5) while @outbox.empty? && !@reporter_stop
+          @outbox.empty? && @reporter_stop
+        end
+        break if stop
+
+        sleep(@flush_interval) if @flush_interval.positive?
+        batch = @mutex.synchronize { @outbox.slice!(0..) }
+        flush(batch)
+      end
+    end
+
+    def flush(batch)
+      items = batch.map do |step, kind, value, _|
+        next { "step_id" => step.step_id, "results" => value } if kind == :complete
+
+        retryable, retry_after = failure_args(value)
+        { "step_id" => step.step_id, "error" => error_json(value), "retryable" => retryable,
+          "retry_after_seconds" => retry_after&.ceil }
+      end
+      rows = wrapped { TaskerCore.record_class.connection_pool.with_connection { SQL.report_steps(@worker_id, items) } }
+      by_id = rows.to_h { |r| [r["workflow_step_id"], r] }
+      batch.each do |step, _, _, reply|
+        row = by_id.fetch(step.step_id)
+        outcome = row["outcome"].to_sym
+        reply << [outcome, outcome == :lease_lost ? "#{@worker_id} no longer holds step #{step.step_id}" : row["backoff_seconds"]]
+      end
+    rescue StandardError => e # refused as a whole: one by one, so one bad outcome holds back no other
+      log(:warn, "recording #{batch.size} outcomes failed (#{brief(e)}); recording them one by one")
+      batch.each { |step, kind, value, reply| reply << record_one(step, kind, value) }
     end
 
     def error_json(error)
