@@ -60,6 +60,20 @@ def setup(tasks):
         conn.execute("SELECT tasker_core.create_task('bench', 'bench_flow', NULL, jsonb_build_object('n', i)) "
                      "FROM generate_series(1, %s) i", (tasks,))
         conn.execute("VACUUM ANALYZE")
+    wait_for_notifier()
+
+
+def wait_for_notifier(seconds=20):
+    """With tasker_core preloaded, waits until the notifier serves the (re)created database
+    (DROP DATABASE ends it; it is back a second later)."""
+    with connect() as conn:
+        preloaded = "tasker_core" in conn.execute("SHOW shared_preload_libraries").fetchone()[0]
+        deadline = time.time() + seconds
+        while preloaded and time.time() < deadline:
+            mode = conn.execute("SELECT detail FROM tasker_core.health() WHERE check_name = 'wakeups'").fetchone()[0]
+            if mode.startswith("notifier"):
+                return
+            time.sleep(0.2)
 
 
 def floor_tps():

@@ -2,8 +2,8 @@
 // tasker-worker: runs Tasker step handlers against a PostgreSQL database with tasker_core.
 // The database does the orchestration (readiness, retries, backoff, leases, finalization);
 // this loop only claims steps, runs handlers, heartbeats, and reports the outcomes — in
-// batches: the outcomes that finish within flushIntervalMs of each other are recorded in one
-// transaction (tasker_core.report_steps, tasker_core 0.5.0).
+// batches: the outcomes that finish while a batch is being recorded (or within flushIntervalMs)
+// are recorded together in one transaction (tasker_core.report_steps, tasker_core 0.5.0).
 
 const { EventEmitter } = require('node:events');
 const os = require('node:os');
@@ -113,6 +113,7 @@ class Worker extends EventEmitter {
   #signalHandler = null;
   #outbox = []; // outcomes waiting to be recorded: { stepId, results | error, ..., resolve, reject }
   #flushTimer = null;
+  #flushing = false;
   #batched = true; // the server has report_steps
 
   /**
@@ -120,7 +121,8 @@ class Worker extends EventEmitter {
    *   workerId, namespaces, batchSize, leaseSeconds, pollIntervalMs, stepTimeoutMs,
    *   shutdownGraceMs (default leaseSeconds/2), handleSignals (default true), logger,
    *   traceparent (a function returning the worker's W3C trace context, asked at each claim),
-   *   flushIntervalMs (how long an outcome waits for others to be recorded with it; default 5),
+   *   flushIntervalMs (how long an outcome waits for others to be recorded with it; default 0:
+   *   outcomes that finish while a batch is being recorded go in the next one),
    *   poolSize (connections for claims, outcomes and heartbeats; default batchSize + 2).
    */
   constructor(options = {}) {
@@ -136,7 +138,7 @@ class Worker extends EventEmitter {
       handleSignals = true,
       logger = console,
       traceparent = null,
-      flushIntervalMs = 5,
+      flushIntervalMs = 0,
       poolSize = batchSize + 2,
       ...pgConfig
     } = options;
@@ -426,11 +428,24 @@ class Worker extends EventEmitter {
   #record(outcome) {
     return new Promise((resolve, reject) => {
       this.#outbox.push({ ...outcome, resolve, reject });
-      this.#flushTimer ??= setTimeout(() => {
-        this.#flushTimer = null;
-        this.#flush();
-      }, this.flushIntervalMs);
+      this.#scheduleFlush();
     });
+  }
+
+  // One flush at a time: outcomes that finish while one is being recorded go in the next, so
+  // batches grow with the load and an idle worker records at once (plus flushIntervalMs).
+  #scheduleFlush() {
+    if (this.#flushTimer || this.#flushing || this.#outbox.length === 0) return;
+    this.#flushTimer = setTimeout(async () => {
+      this.#flushTimer = null;
+      this.#flushing = true;
+      try {
+        await this.#flush();
+      } finally {
+        this.#flushing = false;
+        this.#scheduleFlush();
+      }
+    }, this.flushIntervalMs);
   }
 
   async #flush() {

@@ -7,7 +7,8 @@ module only moves steps between SQL calls and Python functions:
 
 Threads: the caller's thread runs the claim loop, one listener thread blocks in LISTEN on its
 own connection, one heartbeat thread extends the leases of running steps, one reporter thread
-records outcomes in batches (`report_steps`, every `flush_interval` seconds), and each claimed
+records outcomes in batches (`report_steps`, one call at a time: what finishes during one
+goes in the next), and each claimed
 step runs in its own daemon thread. Claims, reports and heartbeats take connections from a
 pool (`psycopg_pool`). The claim loop sleeps on a pipe that wake-ups, finished steps and
 signals write to: the signal handler only writes a byte, so it can never deadlock the loop.
@@ -122,7 +123,7 @@ class Worker:
                  lease_seconds: float = 30, poll_interval: float = 1.0,
                  step_timeout: Optional[float] = None, grace_period: Optional[float] = None,
                  traceparent: Optional[Callable[[], Optional[str]]] = None,
-                 flush_interval: float = 0.005, pool_size: int = 4):
+                 flush_interval: float = 0.0, pool_size: int = 4):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if flush_interval < 0:
@@ -140,8 +141,8 @@ class Worker:
         self.grace_period = self.lease_seconds / 2 if grace_period is None else grace_period
         # the worker's current W3C trace context, asked at each claim (None: no trace)
         self.traceparent = traceparent
-        # outcomes wait up to this long to be recorded with others in one transaction (0: each
-        # is recorded as soon as the reporter takes it, still in a batch of whatever is waiting)
+        # outcomes wait this long to be recorded with others in one transaction; whatever
+        # finishes while a batch is being recorded goes in the next one anyway
         self.flush_interval = flush_interval
         self.pool_size = pool_size
         self._handlers: Dict[str, _Handler] = {}

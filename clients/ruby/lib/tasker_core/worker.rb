@@ -7,9 +7,10 @@ module TaskerCore
   # Runs steps until stopped. It LISTENs on `tasker_ready` (falling back to a poll every
   # poll_interval), claims up to `concurrency` ready steps under a lease, runs each handler in
   # its own thread under a timeout while a heartbeat thread renews the leases every
-  # lease_seconds / 3. A reporter thread records the outcomes in batches: those that finish
-  # within flush_interval seconds of each other go in one report_steps call (tasker_core 0.5.0;
-  # one complete_step or fail_step each on older servers, or when a batch is refused).
+  # lease_seconds / 3. A reporter thread records the outcomes in batches, one report_steps call
+  # at a time (tasker_core 0.5.0; one complete_step or fail_step each on older servers, or when
+  # a batch is refused): those that finish while one is recorded (or within flush_interval
+  # seconds) go in the next.
   #
   # SIGTERM / SIGINT (or #stop, or `stop_when`) stop the claiming; running steps get
   # shutdown_timeout seconds to finish, the rest are given back with release_step (a second
@@ -26,7 +27,7 @@ module TaskerCore
 
     def initialize(namespaces: nil, concurrency: nil, lease_seconds: 60, step_timeout: 300,
                    poll_interval: 5, shutdown_timeout: 25, worker_id: nil, logger: nil, traceparent: nil,
-                   flush_interval: 0.005,
+                   flush_interval: 0,
                    executor: (Rails.application&.executor if defined?(Rails) && Rails.respond_to?(:application)))
       pool_size = TaskerCore.record_class.connection_pool.size
       @namespaces = namespaces && Array(namespaces).map(&:to_s)
