@@ -376,7 +376,11 @@ def test_sigterm_at_any_moment_stops_the_worker_promptly(db):
             [sys.executable, str(Path(__file__).parent / "proc_worker.py"), db.conninfo, f"loop{i}", "0.05",
              "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         try:
-            time.sleep(rng.uniform(0.2, 0.9))
+            # once run() has installed its handlers (before that, SIGTERM's default ends Python)
+            for line in proc.stderr:
+                if "started (namespaces" in line:
+                    break
+            time.sleep(rng.uniform(0.0, 0.7))
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=10)
         finally:
