@@ -475,12 +475,15 @@ BEGIN
     EXECUTE format('CREATE TRIGGER tasker_core_track AFTER UPDATE OF from_step_id, to_step_id
                     ON %I.tasker_workflow_step_edges
                     FOR EACH ROW EXECUTE FUNCTION tasker_core.track_edges()', target);
+    -- (create_task writes a new task's edges with their maintained rows itself)
     EXECUTE format('CREATE TRIGGER tasker_core_track_insert AFTER INSERT ON %I.tasker_workflow_step_edges
                     REFERENCING NEW TABLE AS changed_edges
-                    FOR EACH STATEMENT EXECUTE FUNCTION tasker_core.track_edges()', target);
+                    FOR EACH STATEMENT WHEN (NOT tasker_core._self_maintained())
+                    EXECUTE FUNCTION tasker_core.track_edges()', target);
     EXECUTE format('CREATE TRIGGER tasker_core_track_delete AFTER DELETE ON %I.tasker_workflow_step_edges
                     REFERENCING OLD TABLE AS changed_edges
-                    FOR EACH STATEMENT EXECUTE FUNCTION tasker_core.track_edges()', target);
+                    FOR EACH STATEMENT WHEN (NOT tasker_core._self_maintained())
+                    EXECUTE FUNCTION tasker_core.track_edges()', target);
     EXECUTE format('CREATE TRIGGER tasker_core_track AFTER INSERT OR DELETE
                     OR UPDATE OF workflow_step_id, to_state, most_recent, created_at
                     ON %I.tasker_workflow_step_transitions

@@ -356,6 +356,132 @@ pub fn find(
     })
 }
 
+thread_local! {
+    /// Parsed templates of this backend, by (data schema, named task id), with the version of
+    /// the row they were parsed from (`xmin` and `ctid`: re-registering a template rewrites its
+    /// row, so a stale entry is never used).
+    static PARSED: std::cell::RefCell<HashMap<(String, i32), (String, std::rc::Rc<TaskTemplate>)>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
+/// Most templates a backend keeps parsed (the cache starts over beyond it).
+const PARSED_MAX: usize = 256;
+
+/// A template to create tasks from: the named task, its namespace and the parsed template,
+/// parsed once per backend and row version (`create_task`'s path: the version is chosen
+/// without reading any configuration, then only the chosen one is read and parsed, and only
+/// when this backend has not parsed that row version before).
+pub struct ForCreation {
+    pub named_task_id: i32,
+    pub namespace_id: i64,
+    pub template: std::rc::Rc<TaskTemplate>,
+}
+
+pub fn find_for_creation(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    namespace: &str,
+    name: &str,
+    version: Option<&str>,
+) -> Result<ForCreation, TaskerError> {
+    let q = schema.quoted();
+    let rows: Vec<(i32, String, i64, String)> = with_plan(
+        client,
+        "find_template_versions",
+        schema.as_str(),
+        &[TEXT, TEXT],
+        || {
+            format!(
+                "SELECT nt.named_task_id, nt.version::text, nt.task_namespace_id::bigint,
+                        nt.xmin::text || '/' || nt.ctid::text
+                 FROM {q}.tasker_named_tasks nt
+                 JOIN {q}.tasker_task_namespaces tn ON tn.task_namespace_id = nt.task_namespace_id
+                 WHERE tn.name = $1 AND nt.name = $2
+                   AND jsonb_typeof(nt.configuration -> 'step_templates') = 'array'"
+            )
+        },
+        |stmt| {
+            let mut out = Vec::new();
+            for row in client.select(stmt, None, &[namespace.into(), name.into()])? {
+                out.push((
+                    row.get::<i32>(1)?.unwrap_or_default(),
+                    row.get::<String>(2)?.unwrap_or_default(),
+                    row.get::<i64>(3)?.unwrap_or_default(),
+                    row.get::<String>(4)?.unwrap_or_default(),
+                ));
+            }
+            Ok(out)
+        },
+    )
+    .map_err(spi)?;
+    let mut candidates = rows;
+    let chosen = match version {
+        Some(v) => candidates.into_iter().find(|(_, cv, _, _)| cv == v),
+        None => {
+            candidates.sort_by_key(|(_, v, _, _)| template::version_key(v));
+            candidates.pop()
+        }
+    };
+    let (named_task_id, chosen_version, namespace_id, row_version) =
+        chosen.ok_or_else(|| TaskerError::UnknownTemplate {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            version: version.map(str::to_owned),
+        })?;
+    let key = (schema.as_str().to_owned(), named_task_id);
+    let cached = PARSED.with(|c| {
+        c.borrow()
+            .get(&key)
+            .filter(|(v, _)| *v == row_version)
+            .map(|(_, t)| t.clone())
+    });
+    let template = match cached {
+        Some(t) => t,
+        None => {
+            let raw: Option<String> = with_plan(
+                client,
+                "template_configuration",
+                schema.as_str(),
+                &[INT4],
+                || format!("SELECT configuration::text FROM {q}.tasker_named_tasks WHERE named_task_id = $1"),
+                |stmt| {
+                    let t = client.select(stmt, Some(1), &[named_task_id.into()])?;
+                    if t.is_empty() {
+                        Ok(None)
+                    } else {
+                        t.first().get_one::<String>()
+                    }
+                },
+            )
+            .map_err(spi)?;
+            let config = crate::core::json::parse(
+                "stored template configuration",
+                raw.as_deref().unwrap_or("{}"),
+            )?;
+            let parsed =
+                TaskTemplate::parse_stored(&config).map_err(|e| TaskerError::Internal {
+                    context: format!(
+                        "stored template {namespace}.{name}@{chosen_version} is invalid: {e}"
+                    ),
+                })?;
+            let parsed = std::rc::Rc::new(parsed);
+            PARSED.with(|c| {
+                let mut c = c.borrow_mut();
+                if c.len() >= PARSED_MAX {
+                    c.clear();
+                }
+                c.insert(key, (row_version, parsed.clone()));
+            });
+            parsed
+        }
+    };
+    Ok(ForCreation {
+        named_task_id,
+        namespace_id,
+        template,
+    })
+}
+
 /// One template in a listing.
 pub struct Listed {
     pub namespace: String,
@@ -446,13 +572,8 @@ pub fn create_task(
     let q = schema.quoted();
     Spi::connect_mut(|client| {
         super::schema::require_installed_cached(client, schema)?;
-        let stored = find(client, schema, namespace, name, version)?;
-        let t = TaskTemplate::parse_stored(&stored.config).map_err(|e| TaskerError::Internal {
-            context: format!(
-                "stored template {namespace}.{name}@{} is invalid: {e}",
-                stored.version
-            ),
-        })?;
+        let stored = find_for_creation(client, schema, namespace, name, version)?;
+        let t = &*stored.template;
         if let Some(s) = &t.schema {
             let violations = crate::core::jsonschema::validate(s, context, 10);
             if !violations.is_empty() {
@@ -602,89 +723,103 @@ pub fn create_task(
             .map(|&(i, _)| t.steps[i].default_retry_limit)
             .collect();
         let skippable: Vec<bool> = kept.iter().map(|&(i, _)| t.steps[i].skippable).collect();
-        // the steps, in template order (ids ascend with it); workflow step id by named step id
-        // (a template's steps have distinct named steps: names are unique in a template)
-        let by_named: HashMap<i32, i64> = with_write_plan(
-            client,
-            "create_task_steps",
-            schema.as_str(),
-            &[INT8, INT4ARRAY, BOOLARRAY, INT4ARRAY, BOOLARRAY, JSONB],
-            || {
-                format!(
-                    "INSERT INTO {q}.tasker_workflow_steps (task_id, named_step_id, retryable, retry_limit,
-                         in_process, processed, attempts, inputs, results, skippable, created_at, updated_at)
-                     SELECT $1, s.named_step_id, s.retryable, s.retry_limit, false, false, 0, $6, '{{}}',
-                            s.skippable, {NOW}, {NOW}
-                     FROM unnest($2::integer[], $3::boolean[], $4::integer[], $5::boolean[]) WITH ORDINALITY
-                         AS s(named_step_id, retryable, retry_limit, skippable, pos)
-                     ORDER BY s.pos
-                     RETURNING named_step_id, workflow_step_id"
-                )
-            },
-            |stmt| {
-                let mut out = HashMap::with_capacity(named_ids.len());
-                for row in client.select(
-                    stmt,
-                    None,
-                    &[
-                        task_id.into(),
-                        named_ids.clone().into(),
-                        retryable.clone().into(),
-                        limits.clone().into(),
-                        skippable.clone().into(),
-                        JsonB(context.clone()).into(),
-                    ],
-                )? {
-                    out.insert(
-                        row.get::<i32>(1)?.unwrap_or_default(),
-                        row.get::<i64>(2)?.unwrap_or_default(),
-                    );
-                }
-                Ok(out)
-            },
-        )
-        .map_err(spi)?;
-        // workflow step id by template position
-        let mut step_ids: Vec<Option<i64>> = vec![None; t.steps.len()];
-        for &(i, named_id) in &kept {
-            step_ids[i] = by_named.get(&named_id).copied();
-        }
-        let position: HashMap<&str, usize> = t
-            .steps
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.name.as_str(), i))
-            .collect();
-        let mut from_ids: Vec<i64> = Vec::new();
-        let mut to_ids: Vec<i64> = Vec::new();
-        for (i, s) in t.steps.iter().enumerate() {
-            let Some(to) = step_ids[i] else { continue };
-            for d in &s.depends_on {
-                if let Some(from) = position.get(d.as_str()).and_then(|&p| step_ids[p]) {
-                    from_ids.push(from);
-                    to_ids.push(to);
-                }
-            }
-        }
-        if !from_ids.is_empty() {
-            with_write_plan(
+        let direct = super::maintenance::installed()
+            && super::facts::is_tracked(client, schema).map_err(spi)?;
+        if direct {
+            insert_steps_direct(
                 client,
-                "create_task_edges",
+                schema,
+                task_id,
+                t,
+                &kept,
+                stored.namespace_id,
+                context,
+            )?;
+        } else {
+            // the steps, in template order (ids ascend with it); workflow step id by named step id
+            // (a template's steps have distinct named steps: names are unique in a template)
+            let by_named: HashMap<i32, i64> = with_write_plan(
+                client,
+                "create_task_steps",
                 schema.as_str(),
-                &[INT8ARRAY, INT8ARRAY],
+                &[INT8, INT4ARRAY, BOOLARRAY, INT4ARRAY, BOOLARRAY, JSONB],
                 || {
                     format!(
-                        "INSERT INTO {q}.tasker_workflow_step_edges (from_step_id, to_step_id, name, created_at, updated_at)
-                         SELECT e.from_step_id, e.to_step_id, 'provides', {NOW}, {NOW}
-                         FROM unnest($1::bigint[], $2::bigint[]) AS e(from_step_id, to_step_id)"
+                        "INSERT INTO {q}.tasker_workflow_steps (task_id, named_step_id, retryable, retry_limit,
+                             in_process, processed, attempts, inputs, results, skippable, created_at, updated_at)
+                         SELECT $1, s.named_step_id, s.retryable, s.retry_limit, false, false, 0, $6, '{{}}',
+                                s.skippable, {NOW}, {NOW}
+                         FROM unnest($2::integer[], $3::boolean[], $4::integer[], $5::boolean[]) WITH ORDINALITY
+                             AS s(named_step_id, retryable, retry_limit, skippable, pos)
+                         ORDER BY s.pos
+                         RETURNING named_step_id, workflow_step_id"
                     )
                 },
                 |stmt| {
-                    client.select(stmt, None, &[from_ids.clone().into(), to_ids.clone().into()])?;
-                    Ok(())
+                    let mut out = HashMap::with_capacity(named_ids.len());
+                    for row in client.select(
+                        stmt,
+                        None,
+                        &[
+                            task_id.into(),
+                            named_ids.clone().into(),
+                            retryable.clone().into(),
+                            limits.clone().into(),
+                            skippable.clone().into(),
+                            JsonB(context.clone()).into(),
+                        ],
+                    )? {
+                        out.insert(
+                            row.get::<i32>(1)?.unwrap_or_default(),
+                            row.get::<i64>(2)?.unwrap_or_default(),
+                        );
+                    }
+                    Ok(out)
                 },
             )
             .map_err(spi)?;
+            // workflow step id by template position
+            let mut step_ids: Vec<Option<i64>> = vec![None; t.steps.len()];
+            for &(i, named_id) in &kept {
+                step_ids[i] = by_named.get(&named_id).copied();
+            }
+            let position: HashMap<&str, usize> = t
+                .steps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.name.as_str(), i))
+                .collect();
+            let mut from_ids: Vec<i64> = Vec::new();
+            let mut to_ids: Vec<i64> = Vec::new();
+            for (i, s) in t.steps.iter().enumerate() {
+                let Some(to) = step_ids[i] else { continue };
+                for d in &s.depends_on {
+                    if let Some(from) = position.get(d.as_str()).and_then(|&p| step_ids[p]) {
+                        from_ids.push(from);
+                        to_ids.push(to);
+                    }
+                }
+            }
+            if !from_ids.is_empty() {
+                with_write_plan(
+                    client,
+                    "create_task_edges",
+                    schema.as_str(),
+                    &[INT8ARRAY, INT8ARRAY],
+                    || {
+                        format!(
+                            "INSERT INTO {q}.tasker_workflow_step_edges (from_step_id, to_step_id, name, created_at, updated_at)
+                             SELECT e.from_step_id, e.to_step_id, 'provides', {NOW}, {NOW}
+                             FROM unnest($1::bigint[], $2::bigint[]) AS e(from_step_id, to_step_id)"
+                        )
+                    },
+                    |stmt| {
+                        client.select(stmt, None, &[from_ids.clone().into(), to_ids.clone().into()])?;
+                        Ok(())
+                    },
+                )
+                .map_err(spi)?;
+            }
         }
         for (event, payload) in [
             (
@@ -712,6 +847,150 @@ pub fn create_task(
         super::worker::wake(client, task_id, &t.namespace).map_err(spi)?;
         Ok((task_id, true))
     })
+}
+
+/// Inserts a new task's steps and edges and their maintained rows (`step_state`), all in one
+/// statement, the tracking triggers skipped (`store::maintenance`): the step ids are taken from
+/// the steps' sequence first, so each step's parents and children are known before anything is
+/// written. `kept` holds (template position, named step id) of the steps to create, in
+/// template order. Two statements whatever the number of steps and edges.
+fn insert_steps_direct(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    task_id: i64,
+    t: &TaskTemplate,
+    kept: &[(usize, i32)],
+    namespace_id: i64,
+    context: &Value,
+) -> Result<(), TaskerError> {
+    let q = schema.quoted();
+    let ids: Vec<i64> = with_write_plan(
+        client,
+        "create_task_step_ids",
+        schema.as_str(),
+        &[INT4],
+        || {
+            format!(
+                "SELECT nextval(pg_catalog.pg_get_serial_sequence('{}', 'workflow_step_id'))
+                 FROM generate_series(1, $1)",
+                format!("{q}.tasker_workflow_steps").replace('\'', "''")
+            )
+        },
+        |stmt| {
+            let mut out = Vec::with_capacity(kept.len());
+            for row in client.select(stmt, None, &[(kept.len() as i32).into()])? {
+                out.push(row.get::<i64>(1)?.unwrap_or_default());
+            }
+            Ok(out)
+        },
+    )
+    .map_err(spi)?;
+    let mut id_at: Vec<Option<i64>> = vec![None; t.steps.len()];
+    for (&(i, _), &id) in kept.iter().zip(&ids) {
+        id_at[i] = Some(id);
+    }
+    let position: HashMap<&str, usize> = t
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.as_str(), i))
+        .collect();
+    let mut parents: Vec<Vec<i64>> = vec![Vec::new(); t.steps.len()];
+    let mut children: Vec<Vec<i64>> = vec![Vec::new(); t.steps.len()];
+    let (mut from_ids, mut to_ids) = (Vec::new(), Vec::new());
+    for (i, s) in t.steps.iter().enumerate() {
+        let Some(to) = id_at[i] else { continue };
+        for d in &s.depends_on {
+            if let Some(&p) = position.get(d.as_str()) {
+                if let Some(from) = id_at[p] {
+                    from_ids.push(from);
+                    to_ids.push(to);
+                    parents[i].push(from);
+                    children[p].push(to);
+                }
+            }
+        }
+    }
+    let array = |v: &mut Vec<i64>| {
+        v.sort_unstable();
+        let items: Vec<String> = v.iter().map(i64::to_string).collect();
+        format!("{{{}}}", items.join(","))
+    };
+    let mut parent_lits = Vec::with_capacity(kept.len());
+    let mut child_lits = Vec::with_capacity(kept.len());
+    for &(i, _) in kept {
+        parent_lits.push(array(&mut parents[i]));
+        child_lits.push(array(&mut children[i]));
+    }
+    let named_ids: Vec<i32> = kept.iter().map(|&(_, id)| id).collect();
+    let names: Vec<String> = kept.iter().map(|&(i, _)| t.steps[i].name.clone()).collect();
+    let retryable: Vec<bool> = kept
+        .iter()
+        .map(|&(i, _)| t.steps[i].default_retryable)
+        .collect();
+    let limits: Vec<i32> = kept
+        .iter()
+        .map(|&(i, _)| t.steps[i].default_retry_limit)
+        .collect();
+    let skippable: Vec<bool> = kept.iter().map(|&(i, _)| t.steps[i].skippable).collect();
+    let _direct = super::maintenance::Direct::begin();
+    with_write_plan(
+        client,
+        "create_task_steps_direct",
+        schema.as_str(),
+        &[INT8, INT8ARRAY, INT4ARRAY, BOOLARRAY, INT4ARRAY, BOOLARRAY, JSONB, TEXTARRAY, TEXTARRAY,
+          TEXTARRAY, INT8, INT8ARRAY, INT8ARRAY],
+        || {
+            format!(
+                "WITH s AS MATERIALIZED (
+                     SELECT * FROM unnest($2::bigint[], $3::integer[], $4::boolean[], $5::integer[],
+                                          $6::boolean[], $8::text[], $9::text[], $10::text[])
+                         WITH ORDINALITY AS s(id, named_step_id, retryable, retry_limit, skippable,
+                                              name, parents, children, pos)),
+                 steps AS (
+                     INSERT INTO {q}.tasker_workflow_steps (workflow_step_id, task_id, named_step_id,
+                         retryable, retry_limit, in_process, processed, attempts, inputs, results,
+                         skippable, created_at, updated_at)
+                     SELECT s.id, $1, s.named_step_id, s.retryable, s.retry_limit, false, false, 0, $7,
+                            '{{}}', s.skippable, {NOW}, {NOW}
+                     FROM s ORDER BY s.pos),
+                 states AS (
+                     INSERT INTO tasker_core.step_state (workflow_step_id, task_id, named_step_id, name,
+                         transition_count, parent_ids, child_ids, blocked_parents, retryable,
+                         retry_limit, in_process, processed, attempts, created_at, namespace_id)
+                     SELECT s.id, $1, s.named_step_id, s.name, 0, s.parents::bigint[],
+                            s.children::bigint[], cardinality(s.parents::bigint[]), s.retryable,
+                            s.retry_limit, false, false, 0, {NOW}, $11
+                     FROM s)
+                 INSERT INTO {q}.tasker_workflow_step_edges (from_step_id, to_step_id, name, created_at, updated_at)
+                 SELECT e.from_step_id, e.to_step_id, 'provides', {NOW}, {NOW}
+                 FROM unnest($12::bigint[], $13::bigint[]) AS e(from_step_id, to_step_id)"
+            )
+        },
+        |stmt| {
+            client.select(
+                stmt,
+                None,
+                &[
+                    task_id.into(),
+                    ids.clone().into(),
+                    named_ids.into(),
+                    retryable.into(),
+                    limits.into(),
+                    skippable.into(),
+                    JsonB(context.clone()).into(),
+                    names.into(),
+                    parent_lits.into(),
+                    child_lits.into(),
+                    namespace_id.into(),
+                    from_ids.into(),
+                    to_ids.into(),
+                ],
+            )?;
+            Ok(())
+        },
+    )
+    .map_err(spi)
 }
 
 /// What a task's idempotency identity hashes: the namespace and the task name, each
