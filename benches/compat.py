@@ -54,7 +54,7 @@ def setup():
         admin.execute(f"CREATE DATABASE {DB}")
     conn = connect(DB)
     conn.execute("CREATE EXTENSION tasker_core")
-    conn.execute("SELECT tasker_core.install_schema()")
+    conn.execute("SELECT tasker_core.install_schema('public', 'rails')")
     conn.execute((ROOT / "sql" / "reference" / "tasker_reference.sql").read_text())
     conn.execute((ROOT / "benches" / "bench_setup.sql").read_text())
     conn.execute("SELECT bench.setup_definitions()")

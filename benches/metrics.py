@@ -76,7 +76,7 @@ def main():
         admin.execute(f"CREATE DATABASE {DB}")
     with psycopg.connect(dbname=DB, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION tasker_core")
-        conn.execute("SELECT tasker_core.install_schema()")
+        conn.execute("SELECT tasker_core.install_schema('public', 'rails')")
         conn.execute("SELECT tasker_core.register_task_template(%s::jsonb)", (TEMPLATE,))
         t0 = time.time()
         for statement in LOAD.split(";\n\n"):

@@ -32,7 +32,7 @@ def setup():
         admin.execute(f"CREATE DATABASE {DB}")
     with connect() as conn:
         conn.execute("CREATE EXTENSION tasker_core")
-        conn.execute("SELECT tasker_core.install_schema()")
+        conn.execute("SELECT tasker_core.install_schema('public', 'rails')")
         conn.execute("SELECT tasker_core.enable_tracking()")
         conn.execute((ROOT / "benches" / "bench_setup.sql").read_text())
         conn.execute("SELECT bench.setup_definitions()")

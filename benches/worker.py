@@ -46,13 +46,15 @@ def pgbench(args, dbname):
     return float(m.group(1)), out.stdout
 
 
-def setup(tasks):
+def setup(tasks, profile="lean", migrate=False):
     with connect("postgres") as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
         admin.execute(f"CREATE DATABASE {DB}")
     with connect() as conn:
         conn.execute("CREATE EXTENSION tasker_core")
-        conn.execute("SELECT tasker_core.install_schema()")
+        conn.execute("SELECT tasker_core.install_schema('public', %s)", (profile,))
+        if migrate:  # the Rails app's optional migration: drops the indexes others cover
+            conn.execute((ROOT / "sql" / "migrations" / "0002_drop_duplicate_indexes.up.sql").read_text())
         conn.execute("SELECT tasker_core.enable_tracking()")
         conn.execute("SELECT tasker_core.register_task_template(%s::jsonb)", (TEMPLATE,))
         conn.execute("SELECT tasker_core.register_task_template(%s::jsonb)", (CHAIN,))
@@ -218,7 +220,31 @@ def main():
         problems = conn.execute("SELECT count(*) FROM tasker_core.verify()").fetchone()[0]
         drift = conn.execute("SELECT count(*) FROM tasker_core.check_tracking()").fetchone()[0]
     print(f"\nafter the runs: verify() {problems} rows, check_tracking() {drift} rows")
+    index_profiles()
     sys.stdout.flush()
+
+
+def index_profiles():
+    """The same loop (wake-ups on, one step per claim) on the three index sets a database may
+    have: the Rails engine's, the Rails engine's after the optional migration 0002, and the
+    lean profile of install_schema()."""
+    tasks = int(os.environ.get("TASKER_BENCH_PROFILE_TASKS", "4000"))
+    print("\n**the worker loop by index set** (8 SQL workers, wake-ups on, mean of two runs)\n")
+    print("| indexes | on the Tasker tables | steps/s | vs the Rails set |")
+    print("|---|---|---|---|")
+    base = None
+    for label, profile, migrate in (("Rails engine's", "rails", False),
+                                    ("Rails, after migration 0002", "rails", True),
+                                    ("lean (install_schema default)", "lean", False)):
+        setup(tasks, profile, migrate)
+        settle()
+        throughput(notify=True)
+        rate = statistics.mean(throughput(notify=True)[0] for _ in range(2))
+        with connect() as conn:
+            count = conn.execute("SELECT count(*) FROM pg_indexes WHERE schemaname = 'public' "
+                                 "AND tablename LIKE 'tasker%'").fetchone()[0]
+        base = base or rate
+        print(f"| {label} | {count} | {rate:,.0f} | {rate / base:.2f}× |", flush=True)
 
 
 if __name__ == "__main__":
