@@ -7,6 +7,9 @@ source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 # The demo has a cluster of its own, so it never disturbs the one the tests use.
 export TASKER_CLUSTER_DIR="${TASKER_CLUSTER_DIR:-$ROOT/target/demo-cluster}"
+# tasker_core preloaded: the notifier sends the demo's wake-ups after commit and the timer runs
+# tick() (both in the demo's database).
+export TASKER_PG_OPTS="${TASKER_PG_OPTS:--c shared_preload_libraries=tasker_core -c tasker_core.tick_database=tasker_demo}"
 
 step "1/8 checking prerequisites"
 "$ROOT/scripts/prereqs.sh"
@@ -14,7 +17,8 @@ step "1/8 checking prerequisites"
 step "2/8 building and installing the extension"
 "$ROOT/scripts/install.sh"
 
-step "3/8 starting a throwaway PostgreSQL cluster under target/"
+step "3/8 starting a throwaway PostgreSQL cluster under target/ (tasker_core preloaded)"
+"$ROOT/scripts/cluster.sh" stop   # a preloaded library is the one of the server's start
 "$ROOT/scripts/cluster.sh" start
 eval "$("$ROOT/scripts/cluster.sh" env)"
 pids=()
@@ -31,6 +35,13 @@ step "4/8 CREATE EXTENSION tasker_core; install the Tasker schema; enable tracki
 psql_q -c "CREATE EXTENSION tasker_core" \
        -c "SELECT tasker_core.install_schema() AS created_tasker_tables" \
        -c "SELECT tasker_core.enable_tracking() AS tracked_steps"
+# (the notifier restarts a second after the database is created)
+for _ in $(seq 50); do
+    mode="$(psql -X -At -c "SELECT detail FROM tasker_core.health() WHERE check_name = 'wakeups'")"
+    case "$mode" in notifier*) break ;; esac
+    sleep 0.1
+done
+note "wake-ups: $mode"
 
 step "5/8 registering the order-fulfilment template: validate -> {reserve, charge} -> ship -> notify"
 psql_q -v template="$(cat "$ROOT/demo/order_fulfilment.json")" <<'SQL'

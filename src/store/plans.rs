@@ -44,6 +44,34 @@ impl Drop for GenericPlans {
     }
 }
 
+/// Keeps the planner off sequential scans while it lives (`enable_seqscan = off`), for the
+/// worker path's statements: each of them reads a handful of rows through an index, whatever
+/// the statistics say. Planned when the tables were small or analysed while empty (a fresh
+/// install, the tiny tables autovacuum never analyses), their generic plans otherwise chose
+/// sequential scans and kept them while the tables grew: a transition lookup read every
+/// transition of the table (seen: 900 full scans of the step transitions for 150 steps).
+/// A statement with no index path still scans. Restores the setting on drop.
+struct IndexPaths(bool);
+
+impl IndexPaths {
+    fn force() -> IndexPaths {
+        // SAFETY: enable_seqscan is a plain bool GUC variable of the backend's main thread,
+        // read by the planner only.
+        unsafe {
+            let old = pgrx::pg_sys::enable_seqscan;
+            pgrx::pg_sys::enable_seqscan = false;
+            IndexPaths(old)
+        }
+    }
+}
+
+impl Drop for IndexPaths {
+    fn drop(&mut self) {
+        // SAFETY: as above; restores the caller's value.
+        unsafe { pgrx::pg_sys::enable_seqscan = self.0 }
+    }
+}
+
 thread_local! {
     static PLANS: RefCell<HashMap<(&'static str, String), OwnedPreparedStatement>> =
         RefCell::new(HashMap::new());
@@ -100,6 +128,9 @@ fn kept<R>(
         .expect("plan was just inserted");
     let result = {
         let _generic = GenericPlans::force();
+        // (the read plans include the whole-table aggregates of the Rails functions, which
+        // rightly scan)
+        let _indexes = mutating.then(IndexPaths::force);
         f(&stmt)
     };
     PLANS.with(|p| p.borrow_mut().insert(cache_key, stmt));

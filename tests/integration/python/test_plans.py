@@ -75,3 +75,29 @@ def test_create_task_reads_no_catalogue_on_never_analysed_tables(tasker_db):
             assert int(removed) < 100, plan
         for scanned in re.findall(r"Seq Scan on tasker_named_steps .*?actual rows=(\d+)", plan):
             assert int(scanned) < 100, plan
+
+
+def test_the_worker_path_keeps_its_index_paths_on_tables_analysed_while_empty(tasker_db):
+    """A fresh install analysed before any step ran has statistics saying the transition
+    tables are empty: a plan made then must still find a step's transitions through an index
+    as the tables grow (it scanned all of them, once per transition, before 0.5.0)."""
+    with tasker_db.connect() as c:
+        for t in TABLES:
+            c.execute(f"ALTER TABLE {t} SET (autovacuum_enabled = false)")
+        c.execute("SELECT tasker_core.enable_tracking()")
+        c.execute("SELECT tasker_core.register_task_template(%s)", (Jsonb(TEMPLATE),))
+        c.execute("SELECT count(tasker_core.create_task('plans', 'd', NULL, '{}')) FROM generate_series(1, 100)")
+        c.execute("ANALYZE")                      # the transition tables are empty now
+        c.execute("SELECT pg_stat_reset()")
+    with tasker_db.connect() as c:               # one backend: plans made now are kept
+        for _ in range(120):
+            c.execute("SELECT tasker_core.complete_step(workflow_step_id, 'w', '{}') "
+                      "FROM tasker_core.claim_steps('w', ARRAY['plans'], 1, 60)")
+        c.execute("SELECT pg_stat_force_next_flush()")
+    with tasker_db.connect() as c:
+        scans = dict(c.execute("SELECT relname, seq_scan FROM pg_stat_user_tables WHERE relname IN "
+                               "('tasker_workflow_step_transitions', 'tasker_task_transitions', "
+                               "'tasker_workflow_steps', 'tasker_workflow_step_edges')").fetchall())
+    assert scans["tasker_workflow_step_transitions"] == 0, scans
+    assert scans["tasker_task_transitions"] == 0, scans
+    assert scans["tasker_workflow_step_edges"] == 0, scans
