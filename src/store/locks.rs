@@ -9,7 +9,7 @@
 //! at once (NOWAIT, in a subtransaction), or none is held: the caller waits for each holder in
 //! turn, holding nothing, and tries again.
 
-use super::plans::{with_write_plan, INT8ARRAY};
+use super::plans::{with_keyed_plan, INT8ARRAY};
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
 use pgrx::pg_sys;
@@ -58,7 +58,7 @@ fn lock(
     } else {
         schema.as_str()
     };
-    with_write_plan(
+    with_keyed_plan(
         client,
         key,
         schema_key,

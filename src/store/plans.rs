@@ -45,7 +45,7 @@ impl Drop for GenericPlans {
 }
 
 /// Keeps the planner off sequential scans while it lives (`enable_seqscan = off`), for the
-/// worker path's statements: each of them reads a handful of rows through an index, whatever
+/// statements of [`with_keyed_plan`]: each reads a handful of rows through an index, whatever
 /// the statistics say. Planned when the tables were small or analysed while empty (a fresh
 /// install, the tiny tables autovacuum never analyses), their generic plans otherwise chose
 /// sequential scans and kept them while the tables grew: a transition lookup read every
@@ -102,6 +102,21 @@ pub fn with_write_plan<R>(
     kept(client, key, schema, arg_types, true, sql, f)
 }
 
+/// Like [`with_write_plan`], for a statement that reaches a few rows of a table by its key
+/// (a step's or a task's transitions, rows to lock): planned without sequential scans
+/// ([`IndexPaths`]), whatever the statistics say about the table's size.
+pub fn with_keyed_plan<R>(
+    client: &SpiClient<'_>,
+    key: &'static str,
+    schema: &str,
+    arg_types: &[PgOid],
+    sql: impl FnOnce() -> String,
+    f: impl FnOnce(&OwnedPreparedStatement) -> SpiResult<R>,
+) -> SpiResult<R> {
+    let _indexes = IndexPaths::force();
+    kept(client, key, schema, arg_types, true, sql, f)
+}
+
 fn kept<R>(
     client: &SpiClient<'_>,
     key: &'static str,
@@ -128,9 +143,6 @@ fn kept<R>(
         .expect("plan was just inserted");
     let result = {
         let _generic = GenericPlans::force();
-        // (the read plans include the whole-table aggregates of the Rails functions, which
-        // rightly scan)
-        let _indexes = mutating.then(IndexPaths::force);
         f(&stmt)
     };
     PLANS.with(|p| p.borrow_mut().insert(cache_key, stmt));

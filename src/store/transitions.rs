@@ -9,7 +9,7 @@
 
 use super::events::{self, NewEvent};
 use super::maintenance;
-use super::plans::{with_write_plan, INT4, INT8, INT8ARRAY, JSONB, TEXT};
+use super::plans::{with_keyed_plan, INT4, INT8, INT8ARRAY, JSONB, TEXT};
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
 use crate::core::state::{Entity, State};
@@ -68,7 +68,7 @@ fn lock_current(
         Entity::Task => "lock_task",
         Entity::Step => "lock_step",
     };
-    with_write_plan(
+    with_keyed_plan(
         client,
         key,
         schema.as_str(),
@@ -118,7 +118,7 @@ fn guard(
 ) -> SpiResult<Option<String>> {
     let q = schema.quoted();
     match (entity, to) {
-        (Entity::Step, State::InProgress) => with_write_plan(
+        (Entity::Step, State::InProgress) => with_keyed_plan(
             client,
             "guard_step_parents",
             schema.as_str(),
@@ -147,7 +147,7 @@ fn guard(
                 }))
             },
         ),
-        (Entity::Task, State::Complete) => with_write_plan(
+        (Entity::Task, State::Complete) => with_keyed_plan(
             client,
             "guard_task_steps",
             schema.as_str(),
@@ -200,7 +200,7 @@ fn flip(
         Entity::Task => "flip_task",
         Entity::Step => "flip_step",
     };
-    with_write_plan(
+    with_keyed_plan(
         client,
         key,
         schema.as_str(),
@@ -244,7 +244,7 @@ fn insert(
     };
     let direct = direct && entity == Entity::Step;
     let _direct = direct.then(maintenance::Direct::begin);
-    with_write_plan(
+    with_keyed_plan(
         client,
         key,
         schema.as_str(),
@@ -327,7 +327,7 @@ fn move_children(client: &SpiClient<'_>, children: Vec<i64>, now_done: bool) -> 
     if children.is_empty() {
         return Ok(());
     }
-    with_write_plan(
+    with_keyed_plan(
         client,
         "direct_move_children",
         "",
@@ -356,7 +356,7 @@ fn move_children(client: &SpiClient<'_>, children: Vec<i64>, now_done: bool) -> 
 /// A self-maintained flip whose insert did not happen: what the trigger would have done
 /// (clear the step's state if the flipped transition was its current one).
 fn clear_flipped(client: &SpiClient<'_>, step_id: i64, flipped: i64) -> SpiResult<()> {
-    with_write_plan(
+    with_keyed_plan(
         client,
         "direct_clear_flipped",
         "",

@@ -12,7 +12,8 @@
 use super::events::{self, NewEvent, READY_CHANNEL};
 use super::maintenance;
 use super::plans::{
-    with_plan, with_write_plan, BOOL, INT4, INT8, INT8ARRAY, JSONB, NOW, TEXT, TEXTARRAY,
+    with_keyed_plan, with_plan, with_write_plan, BOOL, INT4, INT8, INT8ARRAY, JSONB, NOW, TEXT,
+    TEXTARRAY,
 };
 use super::transitions;
 use crate::core::backoff;
@@ -593,7 +594,7 @@ fn task_state(
 ) -> Result<Option<String>, TaskerError> {
     let q = schema.quoted();
     // a fresh snapshot: the state another finalizer committed while this one waited
-    with_write_plan(
+    with_keyed_plan(
         client,
         "task_state",
         schema.as_str(),
@@ -755,7 +756,7 @@ fn lock_row(
     id: i64,
     sql: impl FnOnce() -> String,
 ) -> Result<(), TaskerError> {
-    with_write_plan(client, key, schema.as_str(), &[INT8], sql, |stmt| {
+    with_keyed_plan(client, key, schema.as_str(), &[INT8], sql, |stmt| {
         client.select(stmt, None, &[id.into()])?;
         Ok(())
     })
@@ -771,7 +772,7 @@ fn check_lease(
     worker_id: &str,
 ) -> Result<(i64, i32), TaskerError> {
     let logins = events::claim_logins_installed();
-    let row: Option<(String, bool, i64, i32, bool, String)> = with_write_plan(
+    let row: Option<(String, bool, i64, i32, bool, String)> = with_keyed_plan(
         client,
         if logins { "check_lease" } else { "check_lease_0_3" },
         "",
