@@ -356,12 +356,14 @@ pub fn find(
     })
 }
 
+/// Parsed templates by (data schema, named task id), with the version of the row they were
+/// parsed from (`xmin` and `ctid`: re-registering a template rewrites its row, so a stale entry
+/// is never used).
+type ParsedTemplates = HashMap<(String, i32), (String, std::rc::Rc<TaskTemplate>)>;
+
 thread_local! {
-    /// Parsed templates of this backend, by (data schema, named task id), with the version of
-    /// the row they were parsed from (`xmin` and `ctid`: re-registering a template rewrites its
-    /// row, so a stale entry is never used).
-    static PARSED: std::cell::RefCell<HashMap<(String, i32), (String, std::rc::Rc<TaskTemplate>)>> =
-        std::cell::RefCell::new(HashMap::new());
+    /// This backend's parsed templates.
+    static PARSED: std::cell::RefCell<ParsedTemplates> = std::cell::RefCell::new(HashMap::new());
 }
 
 /// Most templates a backend keeps parsed (the cache starts over beyond it).
