@@ -293,6 +293,17 @@ pub struct Stored {
     pub config: Value,
 }
 
+/// The row of `version`, or of the highest version (by [`template::version_key`]) when it is
+/// `None`.
+fn choose_version<T>(rows: Vec<T>, version: Option<&str>, of: impl Fn(&T) -> &String) -> Option<T> {
+    match version {
+        Some(v) => rows.into_iter().find(|r| of(r) == v),
+        None => rows
+            .into_iter()
+            .max_by_key(|r| template::version_key(of(r))),
+    }
+}
+
 pub fn find(
     client: &SpiClient<'_>,
     schema: &SchemaName,
@@ -336,14 +347,7 @@ pub fn find(
         name: name.to_owned(),
         version: version.map(str::to_owned),
     };
-    let mut candidates = rows;
-    let chosen = match version {
-        Some(v) => candidates.into_iter().find(|(_, cv, _)| cv == v),
-        None => {
-            candidates.sort_by_key(|(_, v, _)| template::version_key(v));
-            candidates.pop()
-        }
-    };
+    let chosen = choose_version(rows, version, |(_, v, _)| v);
     let (named_task_id, version, config) = chosen.ok_or_else(unknown)?;
     let config = crate::core::json::parse(
         "stored template configuration",
@@ -416,14 +420,7 @@ pub fn find_for_creation(
         },
     )
     .map_err(spi)?;
-    let mut candidates = rows;
-    let chosen = match version {
-        Some(v) => candidates.into_iter().find(|(_, cv, _, _)| cv == v),
-        None => {
-            candidates.sort_by_key(|(_, v, _, _)| template::version_key(v));
-            candidates.pop()
-        }
-    };
+    let chosen = choose_version(rows, version, |(_, v, _, _)| v);
     let (named_task_id, chosen_version, namespace_id, row_version) =
         chosen.ok_or_else(|| TaskerError::UnknownTemplate {
             namespace: namespace.to_owned(),
