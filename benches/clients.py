@@ -3,9 +3,12 @@ same run on the same database:
 
 - W1: 2,000 five-step "diamond" tasks (a -> b, c -> d -> e), no-op handlers, 8 worker processes
   of each client (Python, Node, Ruby; 4 steps in flight each): steps per second against
-  pgbench -N transactions per second / 2 (a step needs a claim and an outcome).
+  pgbench -N transactions per second / 2 (a step needs a claim and an outcome), with wake-ups
+  on and off (`tasker_core.notify = off` for the database: the workers then find work when a
+  step of theirs finishes, or by their poll).
 - W2: a parent's handler ends -> its dependent's handler starts, through each client: p50 and
-  p99 with the workers idle, and while they drain a W1 backlog.
+  p99 with the workers idle, and at half load (diamond tasks created at half the client's W1
+  rate while the chains run).
 - Task creation: create_task of the 5-step template, one per transaction from 8 pgbench
   clients, against pgbench -N.
 
@@ -19,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -174,27 +178,71 @@ def creation_tps():
     return tps, per_call
 
 
+def set_notify(on):
+    with connect() as conn:
+        conn.execute(f"ALTER DATABASE {DB} SET tasker_core.notify = {'on' if on else 'off'}")
+
+
+def unfinished(conn):
+    return [r[0] for r in conn.execute("SELECT task_id FROM tasker_tasks WHERE complete IS NOT TRUE").fetchall()]
+
+
+def w1(cmd, env, notify):
+    """Steps per second of 8 worker processes draining TASKS diamond tasks."""
+    set_notify(notify)
+    create_diamonds(TASKS)
+    procs = start_workers(cmd, env)
+    try:
+        rate = drain_rate(TASKS * 5)
+        with connect() as conn:
+            wait_done(conn, unfinished(conn), 300)
+    finally:
+        stop_workers(procs)
+        set_notify(True)
+    return rate
+
+
+def half_load(rate, stop):
+    """Creates diamond tasks at half of `rate` steps per second until `stop` is set."""
+    per_second = max(rate / 2 / 5, 1.0)
+    with connect() as conn:
+        conn.execute("SET tasker_core.notify = on")
+        t = time.time()
+        while not stop.is_set():
+            conn.execute("SELECT tasker_core.create_task('clients', 'diamond', NULL, '{}')")
+            t += 1 / per_second
+            time.sleep(max(0.0, t - time.time()))
+
+
+def w2(cmd, env, rate):
+    procs = start_workers(cmd, env)
+    try:
+        with connect() as conn:
+            idle = chain_latencies(conn, CHAINS)
+            stop = threading.Event()
+            producer = threading.Thread(target=half_load, args=(rate, stop))
+            producer.start()
+            try:
+                time.sleep(1.0)
+                loaded = chain_latencies(conn, CHAINS // 2, spacing=0.1)
+            finally:
+                stop.set()
+                producer.join()
+            wait_done(conn, unfinished(conn), 300)
+    finally:
+        stop_workers(procs)
+    return idle, loaded
+
+
 def main():
     setup()
     floor, _ = pgbench(["-n", "-N", "-c", str(WORKERS), "-j", "2", "-T", "5"], DB)
     rows = []
     for lang, (cmd, env) in commands().items():
-        create_diamonds(TASKS)
-        procs = start_workers(cmd, env)
-        try:
-            rate = drain_rate(TASKS * 5)
-            with connect() as conn:
-                wait_done(conn, [r[0] for r in conn.execute(
-                    "SELECT task_id FROM tasker_tasks WHERE complete IS NOT TRUE").fetchall()], 300)
-                idle = chain_latencies(conn, CHAINS)
-            create_diamonds(TASKS // 2)
-            with connect() as conn:
-                loaded = chain_latencies(conn, CHAINS // 2, spacing=0.05)
-                wait_done(conn, [r[0] for r in conn.execute(
-                    "SELECT task_id FROM tasker_tasks WHERE complete IS NOT TRUE").fetchall()], 300)
-        finally:
-            stop_workers(procs)
-        rows.append((lang, rate, idle, loaded))
+        rate = w1(cmd, env, notify=True)
+        rate_off = w1(cmd, env, notify=False)
+        idle, loaded = w2(cmd, env, rate)
+        rows.append((lang, rate, rate_off, idle, loaded))
     created_tps, create_ms = creation_tps()
     with connect() as conn:
         settings = dict(conn.execute("SELECT name, setting FROM pg_settings WHERE name IN "
@@ -205,14 +253,15 @@ def main():
     print(f"\n**W1: the clients, {WORKERS} worker processes each (4 steps in flight per process), "
           f"{TASKS:,} five-step diamond tasks, no-op handlers; fsync={settings['fsync']}, "
           f"synchronous_commit={settings['synchronous_commit']}, wake-ups: {mode.split(':')[0]}**\n")
-    print("| client | floor: pgbench -N tps ÷ 2 | steps/s | vs floor |")
-    print("|---|---|---|---|")
-    for lang, rate, _, _ in rows:
-        print(f"| {lang} | {floor / 2:,.0f} | {rate:,.0f} | **{rate / (floor / 2):.2f}** |")
+    print("| client | floor: pgbench -N tps ÷ 2 | steps/s, wake-ups on | vs floor | wake-ups off | vs floor | on ÷ off |")
+    print("|---|---|---|---|---|---|---|")
+    for lang, rate, off, _, _ in rows:
+        print(f"| {lang} | {floor / 2:,.0f} | {rate:,.0f} | **{rate / (floor / 2):.2f}** | {off:,.0f} | "
+              f"{off / (floor / 2):.2f} | {rate / off:.2f} |")
     print("\n**W2: a parent's handler ends → its dependent's handler starts, through each client**\n")
-    print("| client | idle p50 | idle p99 | draining a backlog p50 | p99 |")
+    print("| client | idle p50 | idle p99 | half load p50 | p99 |")
     print("|---|---|---|---|---|")
-    for lang, _, idle, loaded in rows:
+    for lang, _, _, idle, loaded in rows:
         print(f"| {lang} | **{statistics.median(idle):.1f} ms** | {pct(idle, 0.99):.1f} ms | "
               f"{statistics.median(loaded):.1f} ms | {pct(loaded, 0.99):.1f} ms |")
     print(f"\n**task creation** (the 5-step diamond, one create_task per transaction, {WORKERS} pgbench clients)\n")

@@ -43,6 +43,9 @@ fn database() -> String {
         .unwrap_or_else(|| "postgres".to_owned())
 }
 
+/// The shortest time between two rounds of the notifier.
+const ROUND_GAP: Duration = Duration::from_millis(2);
+
 /// Unregisters the notifier when its process exits, however it exits.
 #[pg_guard]
 unsafe extern "C-unwind" fn notifier_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
@@ -68,9 +71,17 @@ pub extern "C-unwind" fn tasker_core_notifier_main(_arg: pg_sys::Datum) {
     });
     wakeups::become_notifier();
     log!("tasker_core notifier: sending wake-ups of database {database:?}");
+    let mut last_round = std::time::Instant::now() - ROUND_GAP;
     loop {
+        // At most one round per ROUND_GAP: an idle system's wake-up goes out at once, a busy
+        // one's are gathered for up to 2 ms, so that listeners are not woken once per commit.
+        let since = last_round.elapsed();
+        if since < ROUND_GAP {
+            std::thread::sleep(ROUND_GAP - since);
+        }
         let round = wakeups::take_round();
         if !round.is_empty() {
+            last_round = std::time::Instant::now();
             BackgroundWorker::transaction(|| {
                 for (channel, payload) in &round {
                     if let Err(e) = Spi::run_with_args(
