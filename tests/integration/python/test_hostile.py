@@ -158,7 +158,10 @@ def test_drop_extension_while_workers_run(hdb):
     time.sleep(0.5)
     with hdb.connect() as admin:
         # both take exclusive locks on objects the workers hold: PostgreSQL may pick them as a
-        # deadlock victim, and an operator would simply run them again
+        # deadlock victim, and an operator would simply run them again. A longer
+        # deadlock_timeout than the workers' lets a worker's check find a cycle first, so the
+        # worker is the victim (an operator's usual way to win against a busy workload).
+        admin.execute("SET deadlock_timeout = '5s'")
         for attempt in range(10):
             try:
                 admin.execute("SELECT tasker_core.disable_tracking()")
