@@ -208,7 +208,7 @@ pub fn notify_channel_once(
     } else {
         super::wakeups::Channel::Events
     };
-    if super::wakeups::defer(which, key, payload.to_string()) {
+    if super::wakeups::defer(which, key, payload) {
         return Ok(());
     }
     let slot = if channel == READY_CHANNEL {

@@ -293,36 +293,37 @@ pub struct Stored {
     pub config: Value,
 }
 
-/// The row of `version`, or of the highest version (by [`template::version_key`]) when it is
-/// `None`.
-fn choose_version<T>(rows: Vec<T>, version: Option<&str>, of: impl Fn(&T) -> &String) -> Option<T> {
-    match version {
-        Some(v) => rows.into_iter().find(|r| of(r) == v),
-        None => rows
-            .into_iter()
-            .max_by_key(|r| template::version_key(of(r))),
-    }
+/// One registered version of a template: its named task, namespace and the version of its row
+/// (`xmin` and `ctid`: re-registering a template rewrites the row).
+struct Registered {
+    named_task_id: i32,
+    version: String,
+    namespace_id: i64,
+    row_version: String,
 }
 
-pub fn find(
+/// The version asked for, or the highest one (by [`template::version_key`]) when `version` is
+/// `None`; TK007 when there is none. Only named tasks registered with step templates are
+/// templates. No configuration is read: a configuration written by others past the JSON
+/// nesting limit is an error (TK026) once its version is chosen, never a reason to pick
+/// another version.
+fn registered(
     client: &SpiClient<'_>,
     schema: &SchemaName,
     namespace: &str,
     name: &str,
     version: Option<&str>,
-) -> Result<Stored, TaskerError> {
+) -> Result<Registered, TaskerError> {
     let q = schema.quoted();
-    // Only named tasks registered with step templates are templates. The version is chosen
-    // first, and only its configuration is parsed: a configuration written by others past the
-    // JSON nesting limit is then an error (TK026), never a reason to pick another version.
-    let rows: Vec<(i32, String, Option<String>)> = with_plan(
+    let rows: Vec<Registered> = with_plan(
         client,
-        "find_templates",
+        "find_template_versions",
         schema.as_str(),
         &[TEXT, TEXT],
         || {
             format!(
-                "SELECT nt.named_task_id, nt.version::text, nt.configuration::text
+                "SELECT nt.named_task_id, nt.version::text, nt.task_namespace_id::bigint,
+                        nt.xmin::text || '/' || nt.ctid::text
                  FROM {q}.tasker_named_tasks nt
                  JOIN {q}.tasker_task_namespaces tn ON tn.task_namespace_id = nt.task_namespace_id
                  WHERE tn.name = $1 AND nt.name = $2
@@ -332,31 +333,75 @@ pub fn find(
         |stmt| {
             let mut out = Vec::new();
             for row in client.select(stmt, None, &[namespace.into(), name.into()])? {
-                out.push((
-                    row.get::<i32>(1)?.unwrap_or_default(),
-                    row.get::<String>(2)?.unwrap_or_default(),
-                    row.get::<String>(3)?,
-                ));
+                out.push(Registered {
+                    named_task_id: row.get::<i32>(1)?.unwrap_or_default(),
+                    version: row.get::<String>(2)?.unwrap_or_default(),
+                    namespace_id: row.get::<i64>(3)?.unwrap_or_default(),
+                    row_version: row.get::<String>(4)?.unwrap_or_default(),
+                });
             }
             Ok(out)
         },
     )
     .map_err(spi)?;
-    let unknown = || TaskerError::UnknownTemplate {
+    let chosen = match version {
+        Some(v) => rows.into_iter().find(|r| r.version == v),
+        None => rows
+            .into_iter()
+            .max_by_key(|r| template::version_key(&r.version)),
+    };
+    chosen.ok_or_else(|| TaskerError::UnknownTemplate {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
         version: version.map(str::to_owned),
-    };
-    let chosen = choose_version(rows, version, |(_, v, _)| v);
-    let (named_task_id, version, config) = chosen.ok_or_else(unknown)?;
-    let config = crate::core::json::parse(
+    })
+}
+
+/// The stored configuration of a named task, parsed (nesting-limited).
+fn configuration(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    named_task_id: i32,
+) -> Result<Value, TaskerError> {
+    let q = schema.quoted();
+    let raw: Option<String> = with_plan(
+        client,
+        "template_configuration",
+        schema.as_str(),
+        &[INT4],
+        || {
+            format!(
+                "SELECT configuration::text FROM {q}.tasker_named_tasks WHERE named_task_id = $1"
+            )
+        },
+        |stmt| {
+            let t = client.select(stmt, Some(1), &[named_task_id.into()])?;
+            if t.is_empty() {
+                Ok(None)
+            } else {
+                t.first().get_one::<String>()
+            }
+        },
+    )
+    .map_err(spi)?;
+    crate::core::json::parse(
         "stored template configuration",
-        config.as_deref().unwrap_or("{}"),
-    )?;
+        raw.as_deref().unwrap_or("{}"),
+    )
+}
+
+pub fn find(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    namespace: &str,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Stored, TaskerError> {
+    let chosen = registered(client, schema, namespace, name, version)?;
     Ok(Stored {
-        named_task_id,
-        version,
-        config,
+        named_task_id: chosen.named_task_id,
+        config: configuration(client, schema, chosen.named_task_id)?,
+        version: chosen.version,
     })
 }
 
@@ -390,77 +435,23 @@ pub fn find_for_creation(
     name: &str,
     version: Option<&str>,
 ) -> Result<ForCreation, TaskerError> {
-    let q = schema.quoted();
-    let rows: Vec<(i32, String, i64, String)> = with_plan(
-        client,
-        "find_template_versions",
-        schema.as_str(),
-        &[TEXT, TEXT],
-        || {
-            format!(
-                "SELECT nt.named_task_id, nt.version::text, nt.task_namespace_id::bigint,
-                        nt.xmin::text || '/' || nt.ctid::text
-                 FROM {q}.tasker_named_tasks nt
-                 JOIN {q}.tasker_task_namespaces tn ON tn.task_namespace_id = nt.task_namespace_id
-                 WHERE tn.name = $1 AND nt.name = $2
-                   AND jsonb_typeof(nt.configuration -> 'step_templates') = 'array'"
-            )
-        },
-        |stmt| {
-            let mut out = Vec::new();
-            for row in client.select(stmt, None, &[namespace.into(), name.into()])? {
-                out.push((
-                    row.get::<i32>(1)?.unwrap_or_default(),
-                    row.get::<String>(2)?.unwrap_or_default(),
-                    row.get::<i64>(3)?.unwrap_or_default(),
-                    row.get::<String>(4)?.unwrap_or_default(),
-                ));
-            }
-            Ok(out)
-        },
-    )
-    .map_err(spi)?;
-    let chosen = choose_version(rows, version, |(_, v, _, _)| v);
-    let (named_task_id, chosen_version, namespace_id, row_version) =
-        chosen.ok_or_else(|| TaskerError::UnknownTemplate {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-            version: version.map(str::to_owned),
-        })?;
-    let key = (schema.as_str().to_owned(), named_task_id);
+    let chosen = registered(client, schema, namespace, name, version)?;
+    let key = (schema.as_str().to_owned(), chosen.named_task_id);
     let cached = PARSED.with(|c| {
         c.borrow()
             .get(&key)
-            .filter(|(v, _)| *v == row_version)
+            .filter(|(v, _)| *v == chosen.row_version)
             .map(|(_, t)| t.clone())
     });
     let template = match cached {
         Some(t) => t,
         None => {
-            let raw: Option<String> = with_plan(
-                client,
-                "template_configuration",
-                schema.as_str(),
-                &[INT4],
-                || format!("SELECT configuration::text FROM {q}.tasker_named_tasks WHERE named_task_id = $1"),
-                |stmt| {
-                    let t = client.select(stmt, Some(1), &[named_task_id.into()])?;
-                    if t.is_empty() {
-                        Ok(None)
-                    } else {
-                        t.first().get_one::<String>()
-                    }
-                },
-            )
-            .map_err(spi)?;
-            let config = crate::core::json::parse(
-                "stored template configuration",
-                raw.as_deref().unwrap_or("{}"),
-            )?;
+            let config = configuration(client, schema, chosen.named_task_id)?;
             let parsed =
                 TaskTemplate::parse_stored(&config).map_err(|e| TaskerError::Internal {
                     context: format!(
-                        "stored template {namespace}.{name}@{chosen_version} is invalid: {e}"
+                        "stored template {namespace}.{name}@{} is invalid: {e}",
+                        chosen.version
                     ),
                 })?;
             let parsed = std::rc::Rc::new(parsed);
@@ -469,14 +460,14 @@ pub fn find_for_creation(
                 if c.len() >= PARSED_MAX {
                     c.clear();
                 }
-                c.insert(key, (row_version, parsed.clone()));
+                c.insert(key, (chosen.row_version, parsed.clone()));
             });
             parsed
         }
     };
     Ok(ForCreation {
-        named_task_id,
-        namespace_id,
+        named_task_id: chosen.named_task_id,
+        namespace_id: chosen.namespace_id,
         template,
     })
 }

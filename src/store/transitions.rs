@@ -218,7 +218,8 @@ fn flip(
 }
 
 /// Inserts the new current transition; `None` when a concurrent writer took the sort key or
-/// the most_recent slot first.
+/// the most_recent slot first. With `direct` (a step's, in the tracked schema), the same
+/// statement sets the step's maintained state and returns its children.
 #[allow(clippy::too_many_arguments)]
 fn insert(
     client: &SpiClient<'_>,
@@ -242,7 +243,6 @@ fn insert(
         (Entity::Step, true, true) => "insert_step_transition_traced_direct",
         (Entity::Step, false, true) => "insert_step_transition_direct",
     };
-    let direct = direct && entity == Entity::Step;
     let _direct = direct.then(maintenance::Direct::begin);
     with_keyed_plan(
         client,
@@ -313,11 +313,6 @@ fn insert(
             }))
         },
     )
-}
-
-/// Whether a step in `state` satisfies its dependents (`tasker_core._satisfies`).
-fn satisfies(state: &str) -> bool {
-    matches!(state, "complete" | "resolved_manually")
 }
 
 /// Moves the blocked counts of a step's children by one per edge (children locked in id
@@ -478,8 +473,8 @@ fn transition_guarded(
             };
             // (the state before this call: a flipped-but-not-replaced transition cleared it,
             // and the trigger then moved the children as from no state)
-            if direct && satisfies(&from_str) != satisfies(to.as_str()) {
-                move_children(client, children, satisfies(to.as_str())).map_err(spi)?;
+            if direct && from.satisfies_dependency() != to.satisfies_dependency() {
+                move_children(client, children, to.satisfies_dependency()).map_err(spi)?;
             }
             let (task_id, step_id) = match entity {
                 Entity::Task => (Some(id), None),

@@ -137,17 +137,26 @@ pub fn notifier_serves_this_database() -> bool {
 }
 
 /// Keeps a wake-up for the notifier, sent after this transaction commits: the first payload
-/// per (channel, key) of the transaction. Returns false when the notifier does not serve this
-/// database (the caller then sends its NOTIFY in the transaction).
-pub fn defer(channel: Channel, key: &str, payload: String) -> bool {
+/// per (channel, key) of the transaction (later ones are neither checked nor serialized again).
+/// Returns false when the notifier does not serve this database (the caller then sends its
+/// NOTIFY in the transaction).
+pub fn defer(channel: Channel, key: &str, payload: &serde_json::Value) -> bool {
+    let kept = PENDING.with(|p| {
+        p.borrow()
+            .wakeups
+            .iter()
+            .any(|(c, k, _)| *c == channel && k == key)
+    });
+    if kept {
+        return true;
+    }
     if !notifier_serves_this_database() {
         return false;
     }
     PENDING.with(|p| {
-        let mut p = p.borrow_mut();
-        if !p.wakeups.iter().any(|(c, k, _)| *c == channel && k == key) {
-            p.wakeups.push((channel, key.to_owned(), payload));
-        }
+        p.borrow_mut()
+            .wakeups
+            .push((channel, key.to_owned(), payload.to_string()))
     });
     true
 }

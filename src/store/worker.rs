@@ -43,27 +43,24 @@ const MIRRORED: &str =
     "workflow_step_id, retryable, retry_limit, in_process, processed, attempts, \
                         last_attempted_at, backoff_request_seconds";
 
-/// A CTE named `mirror` that copies the [`MIRRORED`] columns returned by CTE `from` into the
-/// steps' maintained rows: what the row trigger does, in the statement that made the change.
-fn mirror(from: &str) -> String {
+/// The CTEs `upd` — `update` (of steps), returning `extra` and the [`MIRRORED`] columns — and
+/// `mirror`, which copies those columns into the steps' maintained rows: what the row trigger
+/// does, in the statement that made the change.
+fn mirrored(update: &str, extra: &str) -> String {
     format!(
-        "mirror AS (UPDATE tasker_core.step_state s
+        "upd AS ({update} RETURNING {extra}{MIRRORED}),
+         mirror AS (UPDATE tasker_core.step_state s
                     SET retryable = m.retryable, retry_limit = m.retry_limit, in_process = m.in_process,
                         processed = m.processed, attempts = m.attempts,
                         last_attempted_at = m.last_attempted_at,
                         backoff_request_seconds = m.backoff_request_seconds
-                    FROM {from} m WHERE s.workflow_step_id = m.workflow_step_id)"
+                    FROM upd m WHERE s.workflow_step_id = m.workflow_step_id)"
     )
 }
 
-/// Whether this call's updates of steps maintain `step_state` themselves (the tracked schema,
-/// with the SQL of 0.5.0 on): the caller then runs them inside a [`maintenance::Direct`].
-fn self_maintained() -> bool {
-    maintenance::installed()
-}
-
-/// Runs a kept update of steps, self-maintained (`direct`, under its own plan key `key_direct`)
-/// or left to the triggers (`key`). `sql(direct)` writes the statement.
+/// Runs a kept update of steps, self-maintained (`direct`: the caller's schema is tracked and
+/// the SQL of 0.5.0 is installed; under its own plan key `key_direct`) or left to the triggers
+/// (`key`). `sql(direct)` writes the statement.
 #[allow(clippy::too_many_arguments)]
 fn step_update<R>(
     client: &SpiClient<'_>,
@@ -235,7 +232,7 @@ fn release(
     let task_id = step_update(
         client,
         schema,
-        self_maintained(),
+        maintenance::installed(),
         "release_step",
         "release_step_direct",
         &[INT8, BOOL],
@@ -251,9 +248,8 @@ fn release(
                      RETURNING workflow_step_id)";
             if direct {
                 format!(
-                    "{gone}, upd AS ({update} RETURNING task_id, {MIRRORED}), {}
-                     SELECT upd.task_id FROM upd",
-                    mirror("upd")
+                    "{gone}, {} SELECT upd.task_id FROM upd",
+                    mirrored(&update, "task_id, ")
                 )
             } else {
                 format!("{gone} {update} RETURNING task_id")
@@ -443,7 +439,7 @@ pub fn claim(
         }
         let logins = events::claim_logins_installed();
         // (self-maintained needs the SQL of 0.5.0, which has the login column too)
-        let direct = logins && self_maintained();
+        let direct = logins && maintenance::installed();
         step_update(
             client,
             schema,
@@ -462,21 +458,19 @@ pub fn claim(
                 } else {
                     ("", "", "")
                 };
-                let (returning, mirrored) = if direct {
-                    (
-                        format!("task_id, {MIRRORED}"),
-                        format!(", {}", mirror("upd")),
-                    )
+                let update = format!(
+                    "UPDATE {q}.tasker_workflow_steps
+                        SET in_process = true, attempts = COALESCE(attempts, 0) + 1,
+                            last_attempted_at = {NOW}, updated_at = {NOW}
+                      WHERE workflow_step_id = ANY ($1)"
+                );
+                let updated = if direct {
+                    mirrored(&update, "task_id, ")
                 } else {
-                    ("workflow_step_id, task_id".to_owned(), String::new())
+                    format!("upd AS ({update} RETURNING workflow_step_id, task_id)")
                 };
                 format!(
-                    "WITH upd AS (
-                         UPDATE {q}.tasker_workflow_steps
-                            SET in_process = true, attempts = COALESCE(attempts, 0) + 1,
-                                last_attempted_at = {NOW}, updated_at = {NOW}
-                          WHERE workflow_step_id = ANY ($1)
-                          RETURNING {returning}){mirrored}
+                    "WITH {updated}
                      INSERT INTO tasker_core.step_claims AS c
                             (workflow_step_id, task_id, worker_id, lease_seconds, lease_expires_at{login_col})
                      SELECT upd.workflow_step_id, upd.task_id, $2, $3,
@@ -718,24 +712,7 @@ fn lock_step_rows(
     with_children: bool,
 ) -> Result<(), TaskerError> {
     if with_children {
-        let children: Vec<i64> = with_plan(
-            client,
-            "worker_step_children",
-            "",
-            &[INT8],
-            || {
-                "SELECT s.child_ids FROM tasker_core.step_state s WHERE s.workflow_step_id = $1"
-                    .to_owned()
-            },
-            |stmt| {
-                let t = client.select(stmt, Some(1), &[step_id.into()])?;
-                if t.is_empty() {
-                    return Ok(Vec::new());
-                }
-                Ok(t.first().get_one::<Vec<i64>>()?.unwrap_or_default())
-            },
-        )
-        .map_err(spi)?;
+        let children = children_of(client, &[step_id])?;
         if !children.is_empty() {
             return super::locks::lock_step_and_children(client, schema, step_id, &children);
         }
@@ -1009,39 +986,42 @@ fn fail_held(
     retry_after: Option<i64>,
 ) -> Result<(i64, Option<i64>), TaskerError> {
     let q = schema.quoted();
-    {
-        let (task_id, _) = check_lease(client, step_id, worker_id)?;
-        let (attempts, retry_limit, step_retryable): (i32, i32, bool) = with_write_plan(
-            client,
-            "step_attempts",
-            schema.as_str(),
-            &[INT8],
-            || format!("SELECT COALESCE(attempts, 0), COALESCE(retry_limit, 3), COALESCE(retryable, true)
-                        FROM {q}.tasker_workflow_steps WHERE workflow_step_id = $1"),
-            |stmt| {
-                let t = client.select(stmt, Some(1), &[step_id.into()])?;
-                let r = t.first();
-                Ok((
-                    r.get::<i32>(1)?.unwrap_or_default(),
-                    r.get::<i32>(2)?.unwrap_or(3),
-                    r.get::<bool>(3)?.unwrap_or(true),
-                ))
-            },
-        )
-        .map_err(spi)?;
-        let seed = super::settings::jitter_seed(step_id, attempts);
-        let backoff_secs = backoff::backoff_seconds(attempts, retry_after, seed);
-        // not retried when the worker says so, or the step was declared not retryable
-        let will_retry = retryable && step_retryable && attempts < retry_limit;
-        step_update(
-            client,
-            schema,
-            self_maintained(),
-            "fail_step",
-            "fail_step_direct",
-            &[INT8, JSONB, BOOL, INT4],
-            |direct| {
-                let update = format!(
+    let (task_id, _) = check_lease(client, step_id, worker_id)?;
+    let (attempts, retry_limit, step_retryable): (i32, i32, bool) = with_write_plan(
+        client,
+        "step_attempts",
+        schema.as_str(),
+        &[INT8],
+        || {
+            format!(
+                "SELECT COALESCE(attempts, 0), COALESCE(retry_limit, 3), COALESCE(retryable, true)
+                        FROM {q}.tasker_workflow_steps WHERE workflow_step_id = $1"
+            )
+        },
+        |stmt| {
+            let t = client.select(stmt, Some(1), &[step_id.into()])?;
+            let r = t.first();
+            Ok((
+                r.get::<i32>(1)?.unwrap_or_default(),
+                r.get::<i32>(2)?.unwrap_or(3),
+                r.get::<bool>(3)?.unwrap_or(true),
+            ))
+        },
+    )
+    .map_err(spi)?;
+    let seed = super::settings::jitter_seed(step_id, attempts);
+    let backoff_secs = backoff::backoff_seconds(attempts, retry_after, seed);
+    // not retried when the worker says so, or the step was declared not retryable
+    let will_retry = retryable && step_retryable && attempts < retry_limit;
+    step_update(
+        client,
+        schema,
+        maintenance::installed(),
+        "fail_step",
+        "fail_step_direct",
+        &[INT8, JSONB, BOOL, INT4],
+        |direct| {
+            let update = format!(
                     "UPDATE {q}.tasker_workflow_steps
                         SET results = COALESCE(results, '{{}}'::jsonb) || jsonb_build_object('error', $2::jsonb),
                             processed = false, in_process = false, last_attempted_at = {NOW},
@@ -1049,54 +1029,53 @@ fn fail_held(
                             retryable = retryable AND $3, updated_at = {NOW}
                       WHERE workflow_step_id = $1"
                 );
-                with_mirror(direct, update)
-            },
-            |stmt| {
-                client.select(
-                    stmt,
-                    None,
-                    &[
-                        step_id.into(),
-                        JsonB(error.clone()).into(),
-                        retryable.into(),
-                        (backoff_secs as i32).into(),
-                    ],
-                )?;
-                Ok(())
-            },
-        )?;
-        let meta = JsonB(json!({
-            "worker_id": worker_id, "error": error, "retryable": retryable,
-            "backoff_seconds": if will_retry { Some(backoff_secs) } else { None },
-        }));
-        transitions::transition(
-            schema,
-            Entity::Step,
-            step_id,
-            State::Error,
-            &meta,
-            Some(State::InProgress),
-        )?;
-        if will_retry {
-            emit(
-                client,
-                "observability.step.backoff",
-                task_id,
-                Some(step_id),
-                json!({ "backoff_seconds": backoff_secs, "attempt": attempts,
+            with_mirror(direct, update)
+        },
+        |stmt| {
+            client.select(
+                stmt,
+                None,
+                &[
+                    step_id.into(),
+                    JsonB(error.clone()).into(),
+                    retryable.into(),
+                    (backoff_secs as i32).into(),
+                ],
+            )?;
+            Ok(())
+        },
+    )?;
+    let meta = JsonB(json!({
+        "worker_id": worker_id, "error": error, "retryable": retryable,
+        "backoff_seconds": if will_retry { Some(backoff_secs) } else { None },
+    }));
+    transitions::transition(
+        schema,
+        Entity::Step,
+        step_id,
+        State::Error,
+        &meta,
+        Some(State::InProgress),
+    )?;
+    if will_retry {
+        emit(
+            client,
+            "observability.step.backoff",
+            task_id,
+            Some(step_id),
+            json!({ "backoff_seconds": backoff_secs, "attempt": attempts,
                         "backoff_type": if retry_after.is_some() { "server_requested" } else { "exponential" } }),
-            )?;
-        } else if retryable {
-            emit(
-                client,
-                "observability.step.max_retries_reached",
-                task_id,
-                Some(step_id),
-                json!({ "attempts": attempts, "retry_limit": retry_limit }),
-            )?;
-        }
-        Ok((task_id, will_retry.then_some(backoff_secs)))
+        )?;
+    } else if retryable {
+        emit(
+            client,
+            "observability.step.max_retries_reached",
+            task_id,
+            Some(step_id),
+            json!({ "attempts": attempts, "retry_limit": retry_limit }),
+        )?;
     }
+    Ok((task_id, will_retry.then_some(backoff_secs)))
 }
 
 /// Records a step's results as its outcome (processed, no longer in process) and drops its
@@ -1111,7 +1090,7 @@ fn record_results(
     step_update(
         client,
         schema,
-        self_maintained(),
+        maintenance::installed(),
         "record_results",
         "record_results_direct",
         &[INT8, JSONB],
@@ -1135,10 +1114,7 @@ fn record_results(
 fn with_mirror(direct: bool, update: String) -> String {
     let gone = "WITH gone AS (DELETE FROM tasker_core.step_claims WHERE workflow_step_id = $1)";
     if direct {
-        format!(
-            "{gone}, upd AS ({update} RETURNING {MIRRORED}), {} SELECT count(*) FROM upd",
-            mirror("upd")
-        )
+        format!("{gone}, {} SELECT count(*) FROM upd", mirrored(&update, ""))
     } else {
         format!("{gone} {update}")
     }
@@ -1162,7 +1138,7 @@ pub fn release_claim(
         step_update(
             client,
             schema,
-            self_maintained(),
+            maintenance::installed(),
             "release_uncount",
             "release_uncount_direct",
             &[INT8],
@@ -1173,10 +1149,7 @@ pub fn release_claim(
                       WHERE workflow_step_id = $1"
                 );
                 if direct {
-                    format!(
-                        "WITH upd AS ({update} RETURNING {MIRRORED}), {} SELECT count(*) FROM upd",
-                        mirror("upd")
-                    )
+                    format!("WITH {} SELECT count(*) FROM upd", mirrored(&update, ""))
                 } else {
                     update
                 }
