@@ -22,7 +22,7 @@ BEGIN
         WHERE p.pronamespace = 'tasker_core'::regnamespace
           AND p.proname = ANY (ARRAY[
               -- worker
-              'claim_steps', 'complete_step', 'fail_step', 'report_steps', 'heartbeat', 'release_step',
+              'claim_steps', 'complete_step', 'fail_step', 'report_steps', 'report_and_claim', 'heartbeat', 'release_step',
               'events_after', 'event_horizon', 'event_catalog', 'subscribe', 'poll', 'ack', 'unsubscribe',
               'task_traceparent',
               -- reader
@@ -60,7 +60,7 @@ DECLARE
     r text;
     ds name := tasker_core._data_schema();
     t record;
-    worker_fns text[] := ARRAY['claim_steps', 'complete_step', 'fail_step', 'report_steps', 'heartbeat', 'release_step',
+    worker_fns text[] := ARRAY['claim_steps', 'complete_step', 'fail_step', 'report_steps', 'report_and_claim', 'heartbeat', 'release_step',
                                'events_after', 'event_horizon', 'event_catalog', 'subscribe', 'poll',
                                'ack', 'unsubscribe', 'backoff_seconds', 'task_traceparent'];
     reader_fns text[] := ARRAY['get_step_readiness_status', 'get_step_readiness_status_batch',

@@ -303,47 +303,81 @@ fn claim_rows(
     traceparent: Option<String>,
 ) -> ClaimRows {
     let claimed = (|| {
-        let w = self::worker_id(worker_id)?;
-        let max = bounded("max_steps", required(max_steps, "max_steps")?, 1, 1000)?;
-        let lease = bounded(
+        let a = claim_args(
+            worker_id,
+            namespaces,
+            max_steps,
+            1,
+            lease_seconds,
+            traceparent,
+        )?;
+        worker::claim(
+            &store::settings::data_schema()?,
+            &a.worker,
+            a.namespaces,
+            a.max_steps,
+            a.lease_seconds,
+            a.traceparent.as_deref(),
+        )
+    })()
+    .or_raise();
+    let rows: Vec<ClaimRow> = claimed.into_iter().map(claim_row).collect();
+    TableIterator::new(rows)
+}
+
+fn claim_row(c: worker::Claimed) -> ClaimRow {
+    (
+        c.task_id,
+        c.workflow_step_id,
+        c.step_name,
+        c.namespace,
+        c.task_name,
+        c.handler_class,
+        c.handler_config.map(JsonbText),
+        c.inputs.map(JsonbText),
+        JsonbText(c.parent_results),
+        c.attempt,
+        TimestampWithTimeZone::try_from(c.lease_expires_at).ok(),
+    )
+}
+
+/// The checked arguments of a claim: worker, namespaces, step count (from `min_steps` up),
+/// lease and trace.
+struct ClaimArgs {
+    worker: String,
+    namespaces: Option<Vec<String>>,
+    max_steps: i32,
+    lease_seconds: i32,
+    traceparent: Option<String>,
+}
+
+fn claim_args(
+    worker_id: Option<String>,
+    namespaces: Option<Vec<Option<String>>>,
+    max_steps: Option<i32>,
+    min_steps: i32,
+    lease_seconds: Option<i32>,
+    traceparent: Option<String>,
+) -> Result<ClaimArgs, TaskerError> {
+    Ok(ClaimArgs {
+        worker: self::worker_id(worker_id)?,
+        max_steps: bounded(
+            "max_steps",
+            required(max_steps, "max_steps")?,
+            min_steps,
+            1000,
+        )?,
+        lease_seconds: bounded(
             "lease_seconds",
             required(lease_seconds, "lease_seconds")?,
             1,
             86_400,
-        )?;
-        let traceparent = traceparent
+        )?,
+        traceparent: traceparent
             .map(|t| valid_traceparent("traceparent", t))
-            .transpose()?;
-        let namespaces = namespaces.map(|v| v.into_iter().flatten().collect::<Vec<String>>());
-        worker::claim(
-            &store::settings::data_schema()?,
-            &w,
-            namespaces,
-            max,
-            lease,
-            traceparent.as_deref(),
-        )
-    })()
-    .or_raise();
-    let rows: Vec<ClaimRow> = claimed
-        .into_iter()
-        .map(|c| {
-            (
-                c.task_id,
-                c.workflow_step_id,
-                c.step_name,
-                c.namespace,
-                c.task_name,
-                c.handler_class,
-                c.handler_config.map(JsonbText),
-                c.inputs.map(JsonbText),
-                JsonbText(c.parent_results),
-                c.attempt,
-                TimestampWithTimeZone::try_from(c.lease_expires_at).ok(),
-            )
-        })
-        .collect();
-    TableIterator::new(rows)
+            .transpose()?,
+        namespaces: namespaces.map(|v| v.into_iter().flatten().collect()),
+    })
 }
 
 /// Records the success of a claimed step, finalizes its task, and wakes workers for the steps
@@ -430,11 +464,104 @@ fn report_steps(
         worker::report(&store::settings::data_schema()?, &w, &parsed)
     })()
     .or_raise();
-    TableIterator::new(rows.into_iter().map(|(step, reported)| match reported {
-        worker::Reported::Completed => (step, "completed".to_owned(), None),
-        worker::Reported::Failed(backoff) => (step, "failed".to_owned(), backoff.map(|s| s as i32)),
-        worker::Reported::LeaseLost => (step, "lease_lost".to_owned(), None),
+    TableIterator::new(rows.into_iter().map(|(step, reported)| {
+        let (outcome, backoff) = reported_row(reported);
+        (step, outcome, backoff)
     }))
+}
+
+/// `report_steps`, then `claim_steps` in the same transaction: a worker records what it
+/// finished and takes up to `max_steps` next steps (0: none) with one commit, and a step its
+/// outcomes made ready can be among them. One row per reported step first (`completed`,
+/// `failed` with its backoff, or `lease_lost`; the claim columns NULL), in step id order, then
+/// one `claimed` row per claimed step with the columns of `claim_steps`. The claim half never
+/// waits for a lock (20 ms at most): when it would, the outcomes are recorded and nothing is
+/// claimed. Bad input changes nothing, as for `report_steps` and `claim_steps`.
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn report_and_claim(
+    worker_id: Option<String>,
+    outcomes: Option<JsonbText>,
+    namespaces: default!(Option<Vec<Option<String>>>, "NULL"),
+    max_steps: default!(Option<i32>, "1"),
+    lease_seconds: default!(Option<i32>, "60"),
+    traceparent: default!(Option<String>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(outcome, String),
+        name!(workflow_step_id, i64),
+        name!(backoff_seconds, Option<i32>),
+        name!(task_id, Option<i64>),
+        name!(step_name, Option<String>),
+        name!(namespace, Option<String>),
+        name!(task_name, Option<String>),
+        name!(handler_class, Option<String>),
+        name!(handler_config, Option<JsonbText>),
+        name!(inputs, Option<JsonbText>),
+        name!(parent_results, Option<JsonbText>),
+        name!(attempt, Option<i32>),
+        name!(lease_expires_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    let (reported, claimed) = (|| {
+        let a = claim_args(
+            worker_id,
+            namespaces,
+            max_steps,
+            0,
+            lease_seconds,
+            traceparent,
+        )?;
+        let batch = required(outcomes, "outcomes")?.parse("outcomes")?;
+        store::settings::check_payload("bytes of outcomes", &batch)?;
+        let parsed = crate::core::outcomes::parse(&batch)?;
+        worker::report_and_claim(
+            &store::settings::data_schema()?,
+            &a.worker,
+            &parsed,
+            a.namespaces,
+            a.max_steps,
+            a.lease_seconds,
+            a.traceparent.as_deref(),
+        )
+    })()
+    .or_raise();
+    let reported = reported.into_iter().map(|(step, r)| {
+        let (outcome, backoff) = reported_row(r);
+        (
+            outcome, step, backoff, None, None, None, None, None, None, None, None, None, None,
+        )
+    });
+    let claimed = claimed.into_iter().map(|c| {
+        let (task, step, name, ns, task_name, class, config, inputs, parents, attempt, lease) =
+            claim_row(c);
+        (
+            "claimed".to_owned(),
+            step,
+            None,
+            Some(task),
+            Some(name),
+            Some(ns),
+            Some(task_name),
+            class,
+            config,
+            inputs,
+            Some(parents),
+            Some(attempt),
+            lease,
+        )
+    });
+    TableIterator::new(reported.chain(claimed).collect::<Vec<_>>())
+}
+
+/// A reported step's outcome and backoff as `report_steps` spells them.
+fn reported_row(r: worker::Reported) -> (String, Option<i32>) {
+    match r {
+        worker::Reported::Completed => ("completed".to_owned(), None),
+        worker::Reported::Failed(backoff) => ("failed".to_owned(), backoff.map(|s| s as i32)),
+        worker::Reported::LeaseLost => ("lease_lost".to_owned(), None),
+    }
 }
 
 /// Gives a claimed step back without counting the attempt (a worker shutting down before it

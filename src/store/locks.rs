@@ -16,6 +16,7 @@ use pgrx::pg_sys;
 use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::pg_sys::PgTryBuilder;
 use pgrx::spi::{SpiClient, SpiResult};
+use std::ffi::CStr;
 
 fn spi(e: pgrx::spi::Error) -> TaskerError {
     TaskerError::Internal {
@@ -85,20 +86,41 @@ fn lock(
     )
 }
 
-/// Runs `f` in a subtransaction: kept (`Ok(true)`) when it succeeds, rolled back — releasing
-/// every lock it took — when `f` asks for it (`Ok(false)`) or when it fails with
-/// `lock_not_available` (`Ok(false)` too). Any other error is raised after the rollback.
-fn in_subtransaction(f: impl FnOnce() -> SpiResult<bool>) -> Result<bool, TaskerError> {
+/// Runs `f` in a subtransaction: kept when it returns `Ok(Some(_))`, rolled back — releasing
+/// every lock it took — when it returns `Ok(None)` or fails with `lock_not_available` (both
+/// `Ok(None)`). Any other error is returned or raised after the rollback. With a
+/// `lock_timeout`, no lock inside is waited for longer than that (the setting is restored
+/// when the subtransaction ends either way).
+fn subtransaction<T>(
+    lock_timeout: Option<&CStr>,
+    f: impl FnOnce() -> Result<Option<T>, TaskerError>,
+) -> Result<Option<T>, TaskerError> {
     // SAFETY: the PL/pgSQL exception-block protocol: remember the memory context and resource
     // owner, begin an internal subtransaction, and whatever happens end it (release or roll
     // back) and restore both before returning or raising. PostgreSQL errors raised inside
     // unwind to the PgTryBuilder as Rust panics; SPI's state of the enclosing connection is
-    // cleaned up by the subtransaction's abort, as for PL/pgSQL.
+    // cleaned up by the subtransaction's abort, as for PL/pgSQL. The setting is changed the
+    // way a function's SET clause changes it: at a GUC nest level of its own, popped on
+    // success, and popped by the subtransaction's abort otherwise.
     unsafe {
         let cxt = pg_sys::CurrentMemoryContext;
         let owner = pg_sys::CurrentResourceOwner;
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
         pg_sys::MemoryContextSwitchTo(cxt);
+        let nest = lock_timeout.map(|value| {
+            let level = pg_sys::NewGUCNestLevel();
+            pg_sys::set_config_option(
+                c"lock_timeout".as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+            level
+        });
         let outcome = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Some(f())))
             .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| None)
             .catch_others(|e| {
@@ -108,8 +130,11 @@ fn in_subtransaction(f: impl FnOnce() -> SpiResult<bool>) -> Result<bool, Tasker
                 e.rethrow()
             })
             .execute();
-        let keep = matches!(outcome, Some(Ok(true)));
+        let keep = matches!(outcome, Some(Ok(Some(_))));
         if keep {
+            if let Some(level) = nest {
+                pg_sys::AtEOXact_GUC(true, level);
+            }
             pg_sys::ReleaseCurrentSubTransaction();
         } else {
             pg_sys::RollbackAndReleaseCurrentSubTransaction();
@@ -117,10 +142,31 @@ fn in_subtransaction(f: impl FnOnce() -> SpiResult<bool>) -> Result<bool, Tasker
         pg_sys::MemoryContextSwitchTo(cxt);
         pg_sys::CurrentResourceOwner = owner;
         match outcome {
-            Some(Err(e)) => Err(spi(e)),
-            _ => Ok(keep),
+            Some(Err(e)) => Err(e),
+            Some(Ok(kept)) => Ok(kept),
+            None => Ok(None),
         }
     }
+}
+
+/// [`subtransaction`] for a locking statement: whether it was kept.
+fn in_subtransaction(f: impl FnOnce() -> SpiResult<bool>) -> Result<bool, TaskerError> {
+    subtransaction(None, || f().map(|keep| keep.then_some(())).map_err(spi)).map(|k| k.is_some())
+}
+
+/// How long the second half of a combined call may wait for one lock before it gives up.
+const PATIENCE: &CStr = c"20ms";
+
+/// Runs `f` (work that takes locks after the caller already holds others) so that it never
+/// takes part in a deadlock: in a subtransaction where no lock is waited for longer than
+/// 20 ms. If one would be, everything `f` did is rolled back and the answer is `None`; what
+/// the caller did before stays. 20 ms is a few commits of whoever holds the lock, and far
+/// below `deadlock_timeout` (1 s by default), so a cycle through this transaction is broken
+/// by this side giving up before PostgreSQL's detector would cancel anyone.
+pub fn without_waiting<T>(
+    f: impl FnOnce() -> Result<T, TaskerError>,
+) -> Result<Option<T>, TaskerError> {
+    subtransaction(Some(PATIENCE), || f().map(Some))
 }
 
 /// What a call is about to write: the rows of `steps`, the current transitions of

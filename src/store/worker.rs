@@ -919,6 +919,42 @@ pub fn report(
     })
 }
 
+/// What [`report_and_claim`] did: each step's outcome, then the steps it claimed.
+pub type ReportedAndClaimed = (Vec<(i64, Reported)>, Vec<Claimed>);
+
+/// [`report`], then [`claim`] of up to `max_steps` steps in the same transaction: a worker
+/// that finishes steps takes its next ones with one commit instead of two, and a step its
+/// outcomes made ready can start at once. The report holds its rows' locks while the claim
+/// takes others, which could close a cycle with another worker's report; so the claim never
+/// waits for a lock ([`super::locks::without_waiting`]): if it would, it claims nothing
+/// (the outcomes are recorded all the same) and the worker claims on its next turn.
+#[allow(clippy::too_many_arguments)]
+pub fn report_and_claim(
+    schema: &SchemaName,
+    worker_id: &str,
+    outcomes: &[(i64, Outcome)],
+    namespaces: Option<Vec<String>>,
+    max_steps: i32,
+    lease_seconds: i32,
+    traceparent: Option<&str>,
+) -> Result<ReportedAndClaimed, TaskerError> {
+    let reported = report(schema, worker_id, outcomes)?;
+    if max_steps == 0 {
+        return Ok((reported, Vec::new()));
+    }
+    let claimed = super::locks::without_waiting(|| {
+        claim(
+            schema,
+            worker_id,
+            namespaces,
+            max_steps,
+            lease_seconds,
+            traceparent,
+        )
+    })?;
+    Ok((reported, claimed.unwrap_or_default()))
+}
+
 /// The children of `steps` (each child once per edge), from their maintained rows.
 fn children_of(client: &SpiClient<'_>, steps: &[i64]) -> Result<Vec<i64>, TaskerError> {
     if steps.is_empty() {

@@ -1,8 +1,11 @@
 """Batched outcomes: report_steps records many claimed steps' outcomes in one transaction, each
 with the guarantees of complete_step / fail_step; bad batches change nothing; steps no longer
-held are reported and left alone; concurrent batches never finish a step twice."""
+held are reported and left alone; concurrent batches never finish a step twice.
+report_and_claim records outcomes and claims the next steps in one transaction, and its claim
+never waits for a lock."""
 import json
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 import psycopg
@@ -203,5 +206,134 @@ def test_concurrent_batches_never_finish_a_step_twice(bdb):
                             "WHERE to_state = 'complete'").fetchone()[0] == 240
         assert conn.execute("SELECT count(*) FROM tasker_task_transitions "
                             "WHERE to_state = 'complete'").fetchone()[0] == 60
+        assert conn.execute("SELECT count(*) FROM tasker_core.check_tracking()").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM tasker_core.verify()").fetchone()[0] == 0
+
+
+# ---------------------------------------------------------------- report_and_claim (0.6.0)
+
+def report_and_claim(conn, worker, outcomes, n=10, lease=600):
+    return conn.execute("SELECT outcome, workflow_step_id, backoff_seconds, task_id, step_name, "
+                        "parent_results, attempt, lease_expires_at IS NOT NULL "
+                        "FROM tasker_core.report_and_claim(%s, %s, ARRAY['batch'], %s, %s)",
+                        (worker, Jsonb(outcomes), n, lease)).fetchall()
+
+
+def test_report_and_claim_takes_the_steps_its_outcomes_made_ready(bdb):
+    with bdb.connect() as conn:
+        (t,) = tasks(conn, 1)
+        (a,) = claim(conn, "w", 1)
+        conn.execute("BEGIN")
+        rows = report_and_claim(conn, "w", [{"step_id": a, "results": {"n": 1}}])
+        # b and c were ready only inside this transaction, and are claimed by it
+        assert conn.execute("SELECT count(*) FROM tasker_core.step_claims WHERE worker_id = 'w'").fetchone()[0] == 2
+        assert conn.execute("SHOW lock_timeout").fetchone()[0] == "0"    # the claim's setting is gone
+        conn.execute("COMMIT")
+        assert rows[0] == ("completed", a, None, None, None, None, None, False)
+        claimed = rows[1:]
+        assert [(r[0], r[3], r[4], r[5], r[6], r[7]) for r in claimed] == [
+            ("claimed", t, "b", {"a": {"n": 1}}, 1, True), ("claimed", t, "c", {"a": {"n": 1}}, 1, True)]
+        b, c = claimed[0][1], claimed[1][1]
+        # report only (0 steps), then claim only (no outcomes)
+        assert report_and_claim(conn, "w", [{"step_id": b}, {"step_id": c, "error": "x", "retryable": False}],
+                                n=0) == [("completed", b, None, None, None, None, None, False),
+                                         ("failed", c, None, None, None, None, None, False)]
+        assert report_and_claim(conn, "w", []) == []                      # d waits for c forever
+        assert conn.execute("SELECT to_state FROM tasker_task_transitions WHERE task_id = %s AND most_recent",
+                            (t,)).fetchone()[0] == "error"
+        tasks(conn, 1)
+        assert [r[4] for r in report_and_claim(conn, "w", [])] == ["a"]
+        assert conn.execute("SELECT count(*) FROM tasker_core.check_tracking()").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM tasker_core.verify()").fetchone()[0] == 0
+
+
+BAD_CLAIM = [
+    ("NULL", "'[]'", "1", "60", "22004"),
+    ("''", "'[]'", "1", "60", "22023"),
+    ("'w'", "NULL", "1", "60", "22004"),
+    ("'w'", "'{}'", "1", "60", "22023"),
+    ("'w'", "'[]'", "-1", "60", "22023"),
+    ("'w'", "'[]'", "1001", "60", "22023"),
+    ("'w'", "'[]'", "NULL", "60", "22004"),
+    ("'w'", "'[]'", "1", "0", "22023"),
+    ("'w'", "'[]'", "1", "86401", "22023"),
+]
+
+
+@pytest.mark.parametrize("worker,outcomes,n,lease,sqlstate", BAD_CLAIM,
+                         ids=[f"{i}-{b[-1]}" for i, b in enumerate(BAD_CLAIM)])
+def test_report_and_claim_with_bad_input_changes_nothing(bdb, worker, outcomes, n, lease, sqlstate):
+    with bdb.connect() as conn:
+        tasks(conn, 2)
+        (a,) = claim(conn, "w", 1)
+        before = snapshot(conn)
+        outcomes = outcomes.replace("[]", json.dumps([{"step_id": a}]))
+        assert sqlstate_of(conn, f"SELECT * FROM tasker_core.report_and_claim({worker}, {outcomes}, NULL, "
+                                 f"{n}, {lease})") == sqlstate
+        assert snapshot(conn) == before
+        assert sqlstate_of(conn, "SELECT * FROM tasker_core.report_and_claim('w', %s, NULL, 1, 60, 'nope')",
+                           (Jsonb([{"step_id": a}]),)) == "22023"
+        assert snapshot(conn) == before
+
+
+def test_the_claim_half_gives_up_rather_than_wait(bdb):
+    """Another session holds the row of a task whose first step is ready: claiming that step
+    starts the task, which would wait for the row. So the claim half gives up: nothing is
+    claimed (not even the steps it could have had), and the outcomes are recorded."""
+    with bdb.connect() as w, bdb.connect() as holder:
+        t1, t2 = tasks(w, 2)
+        (a1,) = claim(w, "w", 1)
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1 FROM tasker_tasks WHERE task_id = %s FOR UPDATE", (t2,))
+        w.execute("SET deadlock_timeout = '50ms'")
+        rows = report_and_claim(w, "w", [{"step_id": a1}], n=10)
+        assert rows == [("completed", a1, None, None, None, None, None, False)]
+        assert w.execute("SELECT count(*) FROM tasker_core.step_claims").fetchone()[0] == 0
+        assert w.execute("SHOW lock_timeout").fetchone()[0] == "0"
+        holder.execute("ROLLBACK")
+        claimed = report_and_claim(w, "w", [], n=10)
+        assert sorted((r[3], r[4]) for r in claimed) == [(t1, "b"), (t1, "c"), (t2, "a")]
+        assert w.execute("SELECT count(*) FROM tasker_core.check_tracking()").fetchone()[0] == 0
+
+
+def test_concurrent_report_and_claim_loops_finish_every_step_once(bdb):
+    """Eight workers that only ever report and claim in one call: no deadlock, no step run
+    twice, every task complete."""
+    with bdb.connect() as conn:
+        tasks(conn, 80)
+    errors, done = [], []
+    lock = threading.Lock()
+
+    def worker(n):
+        try:
+            with bdb.connect() as c:
+                c.execute("SET deadlock_timeout = '100ms'")
+                held, deadline = [], time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    with lock:
+                        if len(done) >= 320 and not held:
+                            return
+                    rows = report_and_claim(c, f"w{n}", [{"step_id": s, "results": {"by": n}} for s in held],
+                                            n=1 + n % 3)
+                    with lock:
+                        done.extend(r[1] for r in rows if r[0] == "completed")
+                        assert not [r for r in rows if r[0] == "lease_lost"], rows
+                    held = [r[1] for r in rows if r[0] == "claimed"]
+        except (psycopg.Error, AssertionError) as e:
+            with lock:
+                errors.append((getattr(e, "sqlstate", None), str(e).splitlines()[0]))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, errors
+    assert len(done) == len(set(done)) == 320, (len(done), len(set(done)))
+    with bdb.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM tasker_workflow_step_transitions "
+                            "WHERE to_state = 'in_progress'").fetchone()[0] == 320
+        assert conn.execute("SELECT count(*) FROM tasker_task_transitions "
+                            "WHERE to_state = 'complete'").fetchone()[0] == 80
         assert conn.execute("SELECT count(*) FROM tasker_core.check_tracking()").fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM tasker_core.verify()").fetchone()[0] == 0
