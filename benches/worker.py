@@ -97,16 +97,28 @@ SELECT count(*) FROM tasker_core.report_steps('w' || :client_id, ':batch'::jsonb
 """
 
 
-def throughput(notify=True, batched=False):
+# Combined (0.6.0): one report_and_claim per transaction records the previous step(s) and
+# claims the next (each client keeps what it holds in :held between transactions).
+COMBINED_SCRIPT = """SELECT COALESCE(jsonb_agg(jsonb_build_object('step_id', workflow_step_id))
+                         FILTER (WHERE outcome = 'claimed'), '[]')::text AS held
+  FROM tasker_core.report_and_claim('w' || :client_id, ':held'::jsonb, NULL, {n}, 60) \\gset
+"""
+
+SCRIPTS = {"single": WORKER_SCRIPT, "batched": BATCH_SCRIPT,
+           "combined": COMBINED_SCRIPT.format(n=1), "combined10": COMBINED_SCRIPT.format(n=10)}
+
+
+def throughput(notify=True, batched=False, kind=None):
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
-        script = BATCH_SCRIPT if batched else WORKER_SCRIPT
+        script = SCRIPTS[kind or ("batched" if batched else "single")]
         f.write(script if notify else "SET tasker_core.notify = off;\n" + script)
         path = f.name
     os.chmod(path, 0o644)
     with connect() as conn:
         before = conn.execute("SELECT count(*) FROM tasker_workflow_steps WHERE processed").fetchone()[0]
     start = time.time()
-    _, out = pgbench(["-n", "-c", str(CLIENTS), "-j", "2", "-T", str(SECONDS), "-r", "-f", path], DB)
+    _, out = pgbench(["-n", "-c", str(CLIENTS), "-j", "2", "-T", str(SECONDS), "-r", "-D", "held=[]",
+                      "-f", path], DB)
     elapsed = time.time() - start
     os.unlink(path)
     with connect() as conn:
@@ -178,11 +190,15 @@ def main():
     settle()
     throughput(notify=True)                     # warm-up: plans, caches
     # on and off interleaved, twice each: the median of each mode
-    by_mode = {"on": [], "off": [], "on, batches of 10 (report_steps)": []}
+    combined = "on, report_and_claim of 1 (one transaction per step)"
+    combined10 = "on, batches of 10 (report_and_claim)"
+    by_mode = {"on": [], "off": [], "on, batches of 10 (report_steps)": [], combined: [], combined10: []}
     for notify in (True, False, False, True):
         by_mode["on" if notify else "off"].append(throughput(notify=notify))
     for _ in range(2):
         by_mode["on, batches of 10 (report_steps)"].append(throughput(notify=True, batched=True))
+        by_mode[combined].append(throughput(kind="combined"))
+        by_mode[combined10].append(throughput(kind="combined10"))
     runs = []
     for mode, results in by_mode.items():
         results.sort(key=lambda r: r[0])

@@ -7,8 +7,10 @@ module only moves steps between SQL calls and Python functions:
 
 Threads: the caller's thread runs the claim loop, one listener thread blocks in LISTEN on its
 own connection, one heartbeat thread extends the leases of running steps, one reporter thread
-records outcomes in batches (`report_steps`, one call at a time: what finishes during one
-goes in the next), and each claimed
+records outcomes in batches (one call at a time: what finishes during one goes in the next)
+and, in the same transaction, claims steps for the slots they free (`report_and_claim`, so a
+busy worker commits once per batch and a step that its parent made ready starts at once; with
+tasker_core before 0.6.0, `report_steps`), and each claimed
 step runs in its own daemon thread. Claims, reports and heartbeats take connections from a
 pool (`psycopg_pool`). The claim loop sleeps on a pipe that wake-ups, finished steps and
 signals write to: the signal handler only writes a byte, so it can never deadlock the loop.
@@ -47,7 +49,16 @@ FROM tasker_core.claim_steps(%s, %s::text[], %s, %s)"""
 CLAIM_TRACED_SQL = CLAIM_SQL.replace("%s, %s)", "%s, %s, %s)")
 # many outcomes in one transaction (tasker_core 0.5.0)
 REPORT_SQL = "SELECT workflow_step_id, outcome, backoff_seconds FROM tasker_core.report_steps(%s, %s::jsonb)"
-HAS_REPORT_SQL = "SELECT to_regprocedure('tasker_core.report_steps(text, jsonb)') IS NOT NULL"
+# record outcomes and claim the next steps in one transaction (tasker_core 0.6.0); the
+# reported steps' rows come first, then the claimed ones
+REPORT_CLAIM_SQL = """
+SELECT outcome, workflow_step_id, backoff_seconds, task_id, step_name, namespace, task_name,
+       handler_class, handler_config, inputs, parent_results, attempt,
+       CASE WHEN outcome = 'claimed' THEN tasker_core.task_traceparent(task_id) END
+FROM tasker_core.report_and_claim(%s, %s::jsonb, %s::text[], %s, %s, %s)"""
+HAS_SQL = """SELECT to_regprocedure('tasker_core.report_steps(text, jsonb)') IS NOT NULL,
+                    to_regprocedure('tasker_core.report_and_claim(text, jsonb, text[], integer, integer, text)')
+                    IS NOT NULL"""
 
 
 class RetryableError(Exception):
@@ -159,6 +170,8 @@ class Worker:
         self._pool: Optional[ConnectionPool] = None
         self._pool_lock = threading.Lock()
         self._batched = True  # the server has report_steps
+        self._combined = True  # the server has report_and_claim
+        self._reserved = 0  # slots of claims under way (guarded by _cv)
 
     # ------------------------------------------------------------------ registration
     def handler(self, handler_class: str, *, timeout: Optional[float] = None):
@@ -205,7 +218,7 @@ class Worker:
         threads: List[threading.Thread] = []
         try:
             with psycopg.connect(self.conninfo, autocommit=True) as probe:  # fails fast on a bad conninfo
-                self._batched = bool(probe.execute(HAS_REPORT_SQL).fetchone()[0])
+                self._batched, self._combined = (bool(x) for x in probe.execute(HAS_SQL).fetchone())
             listener = psycopg.connect(self.conninfo, autocommit=True)
             try:
                 listener.execute(f"LISTEN {CHANNEL}")
@@ -243,10 +256,22 @@ class Worker:
                 wait = min(wait, self._retry_at[0] - now)
         return max(wait, 0.0)
 
-    def _claim(self) -> None:
+    def _reserve(self, finishing: int = 0) -> int:
+        """Reserves the free slots for a claim (`finishing` steps are being reported by it)."""
         with self._cv:
-            free = self.batch_size - len(self._inflight)
-        if free <= 0 or self._stopping.is_set():
+            if self._stopping.is_set():
+                return 0
+            free = max(0, self.batch_size - len(self._inflight) + finishing - self._reserved)
+            self._reserved += free
+            return free
+
+    def _unreserve(self, n: int) -> None:
+        with self._cv:
+            self._reserved -= n
+
+    def _claim(self) -> None:
+        free = self._reserve()
+        if free <= 0:
             return
         tp = self.traceparent() if self.traceparent else None
         try:
@@ -257,6 +282,12 @@ class Worker:
         except psycopg.OperationalError as e:  # connection trouble: try again after the poll interval
             log.warning("claim failed: %s", e)
             return
+        finally:
+            self._unreserve(free)
+        self._start(rows)
+
+    def _start(self, rows: List[tuple]) -> None:
+        """Runs claimed steps (rows of claim_steps' columns and the task's traceparent)."""
         for r in rows:
             step = Step(task_id=r[0], step_id=r[1], name=r[2], namespace=r[3], task_name=r[4],
                         handler_class=r[5], config=r[6] or {}, inputs=r[7] or {},
@@ -347,25 +378,44 @@ class Worker:
 
     def _record(self, batch: List[tuple]) -> None:
         if self._batched:
-            items = []
-            for ex, o in batch:
-                if o.ok:
-                    items.append('{"step_id": %d, "results": %s}' % (ex.step.step_id, o.payload))
-                else:
-                    items.append('{"step_id": %d, "error": %s, "retryable": %s, "retry_after_seconds": %s}' % (
-                        ex.step.step_id, o.payload, "true" if o.retryable else "false",
-                        "null" if o.retry_after is None else int(o.retry_after)))
+            free = self._reserve(len(batch)) if self._combined else 0
             try:
-                rows = self._sql(REPORT_SQL, (self.worker_id, "[" + ",".join(items) + "]"))
+                self._record_batch(batch, free)
+                return
             except Exception as e:  # the whole batch was refused: one by one, so one bad outcome
                 log.warning("recording %d outcomes failed (%s); recording them one by one", len(batch), e)
-            else:
-                by_id = {ex.step.step_id: ex for ex, _ in batch}
-                for step_id, outcome, backoff in rows:
-                    self._recorded(by_id[step_id].step, outcome, backoff)
-                return
+            finally:
+                if free:
+                    self._unreserve(free)
         for ex, o in batch:
             self._record_one(ex.step, o)
+
+    def _record_batch(self, batch: List[tuple], free: int) -> None:
+        """One transaction: the outcomes, and with `free` slots the next steps (claimed in it)."""
+        items = []
+        for ex, o in batch:
+            if o.ok:
+                items.append('{"step_id": %d, "results": %s}' % (ex.step.step_id, o.payload))
+            else:
+                items.append('{"step_id": %d, "error": %s, "retryable": %s, "retry_after_seconds": %s}' % (
+                    ex.step.step_id, o.payload, "true" if o.retryable else "false",
+                    "null" if o.retry_after is None else int(o.retry_after)))
+        outcomes = "[" + ",".join(items) + "]"
+        by_id = {ex.step.step_id: ex for ex, _ in batch}
+        if not self._combined:
+            for step_id, outcome, backoff in self._sql(REPORT_SQL, (self.worker_id, outcomes)):
+                self._recorded(by_id[step_id].step, outcome, backoff)
+            return
+        tp = (self.traceparent() if self.traceparent else None) if free else None
+        rows = self._sql(REPORT_CLAIM_SQL, (self.worker_id, outcomes, self.namespaces, free,
+                                            self.lease_seconds, tp))
+        claimed = []
+        for r in rows:
+            if r[0] == "claimed":
+                claimed.append((r[3], r[1]) + tuple(r[4:]))
+            else:
+                self._recorded(by_id[r[1]].step, r[0], r[2])
+        self._start(claimed)
 
     def _record_one(self, step: Step, outcome: _Outcome) -> None:
         try:

@@ -345,21 +345,51 @@ def test_outcomes_are_recorded_in_batches(db):
     assert max(n for _, n in per_xid) >= 2, per_xid
 
 
-def test_without_report_steps_outcomes_are_recorded_one_by_one(db):
-    """A server before 0.5.0 (no report_steps) gets complete_step calls."""
+@pytest.mark.parametrize("server,has", [("0.4.0", "SELECT false, false"), ("0.5.0", "SELECT true, false")])
+def test_older_servers_get_the_calls_they_have(db, server, has):
+    """A server before 0.5.0 (no report_steps) gets complete_step calls; one before 0.6.0 (no
+    report_and_claim) gets report_steps and separate claims."""
     t = template("single", [("one", "Single::Step", []), ("two", "Single::Step", ["one"])])
     db.register(t)
     task_id = db.create_task(t)
     worker = Worker(db.conninfo, worker_id="single", poll_interval=0.2)
     worker.handler("Single::Step")(lambda step: {"ok": True})
     import tasker_worker.worker as w
-    saved, w.HAS_REPORT_SQL = w.HAS_REPORT_SQL, "SELECT false"
+    saved, w.HAS_SQL = w.HAS_SQL, has
     try:
         with running(worker):
             assert db.wait_task(task_id) == "complete"
     finally:
-        w.HAS_REPORT_SQL = saved
+        w.HAS_SQL = saved
     assert [to for _, to, _ in db.transitions(db.step(task_id, "two")[0])][-1] == "complete"
+    # the dependent was claimed in a transaction of its own, not with its parent's outcome
+    xids = db.rows("SELECT name, xid FROM tasker_core.events WHERE task_id = %s AND name IN "
+                   "('step.completed', 'step.execution_requested') ORDER BY id", (task_id,))
+    assert len({x for _, x in xids}) == 4, xids
+
+
+def test_a_dependent_is_claimed_with_its_parents_outcome(db):
+    """With report_and_claim, the worker that records a step's success claims the step it made
+    ready in the same transaction, and runs it."""
+    t = template("chain", [("one", "Chain::Step", []), ("two", "Chain::Step", ["one"]),
+                           ("three", "Chain::Step", ["two"])])
+    db.register(t)
+    task_id = db.create_task(t)
+    worker = Worker(db.conninfo, worker_id="chain", poll_interval=5)
+    worker.handler("Chain::Step")(lambda step: {"seen": sorted(step.parent_results)})
+    with running(worker):
+        assert db.wait_task(task_id) == "complete"
+    rows = db.rows("SELECT e.name, s.name, e.xid FROM tasker_core.events e "
+                   "JOIN tasker_workflow_steps ws ON ws.workflow_step_id = e.step_id "
+                   "JOIN tasker_named_steps s ON s.named_step_id = ws.named_step_id "
+                   "WHERE e.task_id = %s AND e.name IN ('step.completed', 'step.execution_requested') "
+                   "ORDER BY e.id", (task_id,))
+    xid = {(event, step): x for event, step, x in rows}
+    assert xid[("step.completed", "one")] == xid[("step.execution_requested", "two")], rows
+    assert xid[("step.completed", "two")] == xid[("step.execution_requested", "three")], rows
+    assert db.rows("SELECT results FROM tasker_workflow_steps ws JOIN tasker_named_steps s "
+                   "ON s.named_step_id = ws.named_step_id WHERE task_id = %s AND s.name = 'three'",
+                   (task_id,)) == [({"seen": ["two"]},)]
 
 
 def test_sigterm_at_any_moment_stops_the_worker_promptly(db):
