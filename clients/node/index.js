@@ -3,7 +3,9 @@
 // The database does the orchestration (readiness, retries, backoff, leases, finalization);
 // this loop only claims steps, runs handlers, heartbeats, and reports the outcomes — in
 // batches: the outcomes that finish while a batch is being recorded (or within flushIntervalMs)
-// are recorded together in one transaction (tasker_core.report_steps, tasker_core 0.5.0).
+// are recorded together in one transaction, which also claims steps for the slots they free
+// (tasker_core.report_and_claim, 0.6.0: one commit per batch, and a step its parent made
+// ready starts at once; report_steps with 0.5.0).
 
 const { EventEmitter } = require('node:events');
 const os = require('node:os');
@@ -115,6 +117,8 @@ class Worker extends EventEmitter {
   #flushTimer = null;
   #flushing = false;
   #batched = true; // the server has report_steps
+  #combined = true; // the server has report_and_claim
+  #reserved = 0; // slots of claims under way
 
   /**
    * @param {object} options pg settings (connectionString, host, database, ...) plus
@@ -187,8 +191,12 @@ class Worker extends EventEmitter {
   /** Connects, LISTENs and starts the claim loop; resolves once it is running. */
   async start() {
     if (this.#loop || this.#stopping) throw new Error('a Worker is started once');
-    const { rows } = await this.pool.query("SELECT to_regprocedure('tasker_core.report_steps(text, jsonb)') IS NOT NULL AS ok");
-    this.#batched = rows[0].ok;
+    const { rows } = await this.pool.query(
+      "SELECT to_regprocedure('tasker_core.report_steps(text, jsonb)') IS NOT NULL AS batched, " +
+        "to_regprocedure('tasker_core.report_and_claim(text, jsonb, text[], integer, integer, text)') IS NOT NULL AS combined",
+    );
+    this.#batched = rows[0].batched;
+    this.#combined = rows[0].combined;
     await this.#listen();
     if (this.handleSignals) {
       this.#signalHandler = (signal) => this.#onSignal(signal);
@@ -313,10 +321,11 @@ class Worker extends EventEmitter {
       if (!this.#listener) {
         await this.#listen().catch((err) => this.log.warn(`cannot LISTEN: ${err.message}`));
       }
-      const free = this.batchSize - this.#inFlight.size;
+      const free = Math.max(0, this.batchSize - this.#inFlight.size - this.#reserved);
       let claimed = [];
       this.#woken = false;
       if (free > 0) {
+        this.#reserved += free;
         try {
           const args = [this.workerId, this.namespaces, free, this.leaseSeconds];
           // with the worker's own trace (tasker_core 0.3.0), untraced tasks join it
@@ -331,6 +340,8 @@ class Worker extends EventEmitter {
         } catch (err) {
           this.log.error(`claim failed: ${err.message}`);
           this.#woken = false; // wait a poll interval before trying again
+        } finally {
+          this.#reserved -= free;
         }
       }
       // steps claimed while stop() began are released at once by #launch
@@ -456,12 +467,27 @@ class Worker extends EventEmitter {
       const items = batch.map((o) => (o.error === undefined
         ? `{"step_id":${o.stepId},"results":${o.results}}`
         : `{"step_id":${o.stepId},"error":${o.error},"retryable":${o.retryable},"retry_after_seconds":${o.retryAfter ?? 'null'}}`));
+      // the batch's steps are still in flight: their slots are the ones a claim may fill
+      const free = this.#combined && !this.#stopping
+        ? Math.max(0, this.batchSize - this.#inFlight.size + batch.length - this.#reserved) : 0;
+      this.#reserved += free;
       try {
-        const { rows } = await this.pool.query(
-          'SELECT workflow_step_id, outcome, backoff_seconds FROM tasker_core.report_steps($1, $2::jsonb)',
-          [this.workerId, `[${items.join(',')}]`],
-        );
-        const byId = new Map(rows.map((r) => [Number(r.workflow_step_id), r]));
+        let rows;
+        if (this.#combined) {
+          const trace = free > 0 && this.traceparent ? (this.traceparent() ?? null) : null;
+          ({ rows } = await this.pool.query(
+            "SELECT r.*, CASE WHEN r.outcome = 'claimed' THEN tasker_core.task_traceparent(r.task_id) END AS traceparent " +
+              'FROM tasker_core.report_and_claim($1, $2::jsonb, $3::text[], $4, $5, $6) r',
+            [this.workerId, `[${items.join(',')}]`, this.namespaces, free, this.leaseSeconds, trace],
+          ));
+          for (const r of rows) if (r.outcome === 'claimed') this.#launch(toStep(r));
+        } else {
+          ({ rows } = await this.pool.query(
+            'SELECT workflow_step_id, outcome, backoff_seconds FROM tasker_core.report_steps($1, $2::jsonb)',
+            [this.workerId, `[${items.join(',')}]`],
+          ));
+        }
+        const byId = new Map(rows.filter((r) => r.outcome !== 'claimed').map((r) => [Number(r.workflow_step_id), r]));
         for (const o of batch) {
           const r = byId.get(o.stepId);
           if (r.outcome === 'lease_lost') o.reject(Object.assign(new Error(`step ${o.stepId} is no longer held by ${this.workerId}`), { code: LEASE_LOST }));
@@ -471,6 +497,8 @@ class Worker extends EventEmitter {
       } catch (err) {
         // the whole batch was refused: one by one, so that one bad outcome does not hold back the rest
         this.log.warn(`recording ${batch.length} outcomes failed (${err.message}); recording them one by one`);
+      } finally {
+        this.#reserved -= free;
       }
     }
     await Promise.all(batch.map((o) => this.#recordOne(o)));

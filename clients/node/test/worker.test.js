@@ -453,6 +453,33 @@ test('outcomes finishing together are recorded in one transaction (report_steps)
   });
 });
 
+test('a step is claimed in the transaction that records its parent (report_and_claim)', async () => {
+  await withDatabase(async (t) => {
+    await t.template({
+      name: 'chain', namespace_name: 'chain', version: '1.0.0',
+      step_templates: [
+        { name: 'one', handler_class: 'Link' },
+        { name: 'two', handler_class: 'Link', depends_on_step: 'one' },
+        { name: 'three', handler_class: 'Link', depends_on_step: 'two' },
+      ],
+    });
+    const w = t.worker({ namespaces: ['chain'], pollIntervalMs: 5000 });
+    w.register('Link', async (step) => ({ parents: Object.keys(step.parentResults) }));
+    const task = await t.task('chain', 'chain', {});
+    await w.start();
+    assert.equal(await t.waitForTask(task), 'complete');
+    const rows = await t.query(
+      'SELECT e.name, s.name AS step, e.xid::text AS xid FROM tasker_core.events e ' +
+        'JOIN tasker_workflow_steps ws ON ws.workflow_step_id = e.step_id ' +
+        'JOIN tasker_named_steps s ON s.named_step_id = ws.named_step_id ' +
+        "WHERE e.task_id = $1 AND e.name IN ('step.completed', 'step.execution_requested') ORDER BY e.id",
+      [task]);
+    const xid = Object.fromEntries(rows.map((r) => [`${r.name}/${r.step}`, r.xid]));
+    assert.equal(xid['step.completed/one'], xid['step.execution_requested/two'], JSON.stringify(rows));
+    assert.equal(xid['step.completed/two'], xid['step.execution_requested/three'], JSON.stringify(rows));
+  });
+});
+
 test('example.js runs as written', async () => {
   await withDatabase(async (t) => {
     const child = spawn(process.execPath, [path.join(__dirname, '..', 'example.js')], {
