@@ -45,6 +45,22 @@ class WorkerTest < Minitest::Test
     assert_operator per_xid.max, :>=, 2, "completions share a report_steps transaction: #{per_xid}"
   end
 
+  def test_a_step_is_claimed_in_the_transaction_that_records_its_parent
+    name = template("chain", [["one", "PlainHandler"], ["two", "PlainHandler", ["one"]],
+                              ["three", "PlainHandler", ["two"]]])
+    task_id = TaskerCore.create_task(namespace, name, {})
+    run_until(worker(concurrency: 1, poll_interval: 5)) { finished?(task_id) }
+
+    assert_equal "complete", TaskerCore.task_status(task_id)
+    xid = conn.select_rows("SELECT e.name || '/' || s.name, e.xid::text FROM tasker_core.events e " \
+                           "JOIN tasker_workflow_steps ws ON ws.workflow_step_id = e.step_id " \
+                           "JOIN tasker_named_steps s ON s.named_step_id = ws.named_step_id " \
+                           "WHERE e.task_id = #{task_id} " \
+                           "AND e.name IN ('step.completed', 'step.execution_requested')").to_h
+    assert_equal xid["step.completed/one"], xid["step.execution_requested/two"], xid.inspect
+    assert_equal xid["step.completed/two"], xid["step.execution_requested/three"], xid.inspect
+  end
+
   def test_untraced_tasks_join_the_workers_trace
     trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     name = template("traced", [["first", "TraceRecorder"], ["second", "TraceRecorder", ["first"]]])

@@ -88,6 +88,23 @@ module TaskerCore
       value("SELECT to_regprocedure('tasker_core.report_steps(text, jsonb)') IS NOT NULL")
     end
 
+    # report_steps, then claim_steps in the same transaction (tasker_core 0.6.0): returns the
+    # report's rows (as report_steps) and the claimed Steps. The claim never waits for a lock:
+    # when it would, the outcomes are recorded and no step is claimed.
+    def report_and_claim(worker_id, outcomes, namespaces: nil, max_steps: 1, lease_seconds: 60, traceparent: nil)
+      all = rows("SELECT r.*, CASE WHEN r.outcome = 'claimed' THEN tasker_core.task_traceparent(r.task_id) END " \
+                 "AS traceparent FROM tasker_core.report_and_claim($1, $2::jsonb, $3::text[], $4, $5, $6) r",
+                 [worker_id, JSON.generate(outcomes), array(namespaces), max_steps, lease_seconds, traceparent])
+      claimed, reported = all.partition { |r| r["outcome"] == "claimed" }
+      [reported, claimed.map { |r| Step.from_row(r) }]
+    end
+
+    # Whether the server has report_and_claim.
+    def report_and_claim?
+      value("SELECT to_regprocedure('tasker_core.report_and_claim(text, jsonb, text[], integer, integer, text)') " \
+            "IS NOT NULL")
+    end
+
     # Returns the new lease deadline.
     def heartbeat(step_id, worker_id)
       lease_checked { value("SELECT tasker_core.heartbeat($1, $2)", [step_id, worker_id]) }

@@ -7,10 +7,11 @@ module TaskerCore
   # Runs steps until stopped. It LISTENs on `tasker_ready` (falling back to a poll every
   # poll_interval), claims up to `concurrency` ready steps under a lease, runs each handler in
   # its own thread under a timeout while a heartbeat thread renews the leases every
-  # lease_seconds / 3. A reporter thread records the outcomes in batches, one report_steps call
-  # at a time (tasker_core 0.5.0; one complete_step or fail_step each on older servers, or when
-  # a batch is refused): those that finish while one is recorded (or within flush_interval
-  # seconds) go in the next.
+  # lease_seconds / 3. A reporter thread records the outcomes in batches, one call at a time:
+  # those that finish while one is recorded (or within flush_interval seconds) go in the next.
+  # The call also claims steps for the slots the batch frees, in the same transaction
+  # (report_and_claim, tasker_core 0.6.0; report_steps on 0.5.0; one complete_step or
+  # fail_step each on older servers, or when a batch is refused).
   #
   # SIGTERM / SIGINT (or #stop, or `stop_when`) stop the claiming; running steps get
   # shutdown_timeout seconds to finish, the rest are given back with release_step (a second
@@ -60,6 +61,8 @@ module TaskerCore
     def run(stop_when: nil)
       traps = install_traps if Thread.current == Thread.main
       @batched = SQL.report_steps?
+      @combined = SQL.report_and_claim?
+      @reserved = 0 # slots of claims under way (guarded by @mutex)
       @reporter = Thread.new { reporter_loop }
       @heartbeat = Thread.new { heartbeat_loop }
       listen
@@ -99,17 +102,36 @@ module TaskerCore
 
     # Claims what there is room for; true when it got all it asked for (claim again at once).
     def claim
-      free = @concurrency - @mutex.synchronize { @running.size }
+      free = reserve
       return false if free <= 0
 
-      steps = SQL.claim_steps(@worker_id, namespaces: @namespaces, max_steps: free, lease_seconds: @lease_seconds,
-                                          traceparent: @traceparent&.call)
+      begin
+        steps = SQL.claim_steps(@worker_id, namespaces: @namespaces, max_steps: free, lease_seconds: @lease_seconds,
+                                            traceparent: @traceparent&.call)
+      ensure
+        unreserve(free)
+      end
       steps.each { |step| start(step) }
       steps.size == free
     rescue ActiveRecord::ActiveRecordError, PG::Error => e
       log(:error, "claim failed: #{brief(e)}")
       TaskerCore.record_class.connection_pool.release_connection # verified again at the next checkout
       false
+    end
+
+    # Reserves the free slots for a claim (`finishing` steps are being reported by it).
+    def reserve(finishing = 0)
+      @mutex.synchronize do
+        next 0 if @stopping
+
+        free = [@concurrency - @running.size + finishing - @reserved, 0].max
+        @reserved += free
+        free
+      end
+    end
+
+    def unreserve(count)
+      @mutex.synchronize { @reserved -= count }
     end
 
     # Sleeps until a NOTIFY, a step of ours finished, a signal, the backoff of a step we failed
@@ -301,7 +323,7 @@ module TaskerCore
         { "step_id" => step.step_id, "error" => error_json(value), "retryable" => retryable,
           "retry_after_seconds" => retry_after&.ceil }
       end
-      rows = wrapped { TaskerCore.record_class.connection_pool.with_connection { SQL.report_steps(@worker_id, items) } }
+      rows = wrapped { TaskerCore.record_class.connection_pool.with_connection { record_and_claim(batch, items) } }
       by_id = rows.to_h { |r| [r["workflow_step_id"], r] }
       batch.each do |step, _, _, reply|
         row = by_id.fetch(step.step_id)
@@ -311,6 +333,23 @@ module TaskerCore
     rescue StandardError => e # refused as a whole: one by one, so one bad outcome holds back no other
       log(:warn, "recording #{batch.size} outcomes failed (#{brief(e)}); recording them one by one")
       batch.each { |step, kind, value, reply| reply << record_one(step, kind, value) }
+    end
+
+    # The batch's outcomes; with report_and_claim, also the next steps for the slots it frees
+    # (started here). Returns the report's rows.
+    def record_and_claim(batch, items)
+      return SQL.report_steps(@worker_id, items) unless @combined
+
+      free = reserve(batch.size)
+      begin
+        rows, steps = SQL.report_and_claim(@worker_id, items, namespaces: @namespaces, max_steps: free,
+                                                              lease_seconds: @lease_seconds,
+                                                              traceparent: (@traceparent&.call if free.positive?))
+        steps.each { |step| start(step) }
+      ensure
+        unreserve(free)
+      end
+      rows
     end
 
     def error_json(error)
