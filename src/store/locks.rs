@@ -16,6 +16,7 @@ use pgrx::pg_sys;
 use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::pg_sys::PgTryBuilder;
 use pgrx::spi::{SpiClient, SpiResult};
+use std::cell::Cell;
 use std::ffi::CStr;
 
 fn spi(e: pgrx::spi::Error) -> TaskerError {
@@ -87,12 +88,13 @@ fn lock(
 }
 
 /// Runs `f` in a subtransaction: kept when it returns `Ok(Some(_))`, rolled back — releasing
-/// every lock it took — when it returns `Ok(None)` or fails with `lock_not_available` (both
-/// `Ok(None)`). Any other error is returned or raised after the rollback. With a
-/// `lock_timeout`, no lock inside is waited for longer than that (the setting is restored
-/// when the subtransaction ends either way).
+/// every lock it took — when it returns `Ok(None)` or fails with `lock_not_available` while
+/// `retry_on_lock` says so (both `Ok(None)`). Any other error is returned or raised after the
+/// rollback. With a `lock_timeout`, no lock inside is waited for longer than that (the setting
+/// is restored when the subtransaction ends either way).
 fn subtransaction<T>(
     lock_timeout: Option<&CStr>,
+    retry_on_lock: &Cell<bool>,
     f: impl FnOnce() -> Result<Option<T>, TaskerError>,
 ) -> Result<Option<T>, TaskerError> {
     // SAFETY: the PL/pgSQL exception-block protocol: remember the memory context and resource
@@ -121,12 +123,23 @@ fn subtransaction<T>(
             );
             level
         });
+        let rollback = || {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(cxt);
+            pg_sys::CurrentResourceOwner = owner;
+        };
+        // (only read after the unwind: the flag is set before anything it guards can fail)
+        let retry = std::panic::AssertUnwindSafe(retry_on_lock);
         let outcome = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Some(f())))
-            .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |_| None)
+            .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, |e| {
+                if retry.get() {
+                    return None;
+                }
+                rollback();
+                e.rethrow()
+            })
             .catch_others(|e| {
-                pg_sys::RollbackAndReleaseCurrentSubTransaction();
-                pg_sys::MemoryContextSwitchTo(cxt);
-                pg_sys::CurrentResourceOwner = owner;
+                rollback();
                 e.rethrow()
             })
             .execute();
@@ -136,11 +149,11 @@ fn subtransaction<T>(
                 pg_sys::AtEOXact_GUC(true, level);
             }
             pg_sys::ReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(cxt);
+            pg_sys::CurrentResourceOwner = owner;
         } else {
-            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            rollback();
         }
-        pg_sys::MemoryContextSwitchTo(cxt);
-        pg_sys::CurrentResourceOwner = owner;
         match outcome {
             Some(Err(e)) => Err(e),
             Some(Ok(kept)) => Ok(kept),
@@ -151,7 +164,10 @@ fn subtransaction<T>(
 
 /// [`subtransaction`] for a locking statement: whether it was kept.
 fn in_subtransaction(f: impl FnOnce() -> SpiResult<bool>) -> Result<bool, TaskerError> {
-    subtransaction(None, || f().map(|keep| keep.then_some(())).map_err(spi)).map(|k| k.is_some())
+    subtransaction(None, &Cell::new(true), || {
+        f().map(|keep| keep.then_some(())).map_err(spi)
+    })
+    .map(|k| k.is_some())
 }
 
 /// How long the second half of a combined call may wait for one lock before it gives up.
@@ -166,7 +182,7 @@ const PATIENCE: &CStr = c"20ms";
 pub fn without_waiting<T>(
     f: impl FnOnce() -> Result<T, TaskerError>,
 ) -> Result<Option<T>, TaskerError> {
-    subtransaction(Some(PATIENCE), || f().map(Some))
+    subtransaction(Some(PATIENCE), &Cell::new(true), || f().map(Some))
 }
 
 /// What a call is about to write: the rows of `steps`, the current transitions of
@@ -184,26 +200,51 @@ pub fn lock_all(
     schema: &SchemaName,
     set: LockSet,
 ) -> Result<(), TaskerError> {
+    with_all_locked(client, schema, set, || Ok(()))
+}
+
+/// Locks every row of `set` at once, waiting for holders without holding anything, then runs
+/// `body` — the writes to those rows — in the same subtransaction. A row locked by one
+/// (sub)transaction id and then written by another of the same transaction gets a MultiXact
+/// (both must be remembered in case one rolls back): that cost every completion several
+/// MultiXacts, and every later reader of those rows a lookup in the MultiXact SLRU. Locked and
+/// written by one subtransaction, the rows need none. A `lock_not_available` from `body` (the
+/// caller's `lock_timeout`) is raised, not retried.
+pub fn with_all_locked<T>(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    set: LockSet,
+    body: impl FnOnce() -> Result<T, TaskerError>,
+) -> Result<T, TaskerError> {
     let mut set = set;
     for ids in [&mut set.steps, &mut set.transitions_of, &mut set.states] {
         ids.sort_unstable();
         ids.dedup();
     }
+    let mut body = Some(body);
     loop {
-        let taken = in_subtransaction(|| {
-            lock(client, schema, Rows::Steps, &set.steps, true)?;
+        let locking = Cell::new(true);
+        let done = subtransaction(None, &locking, || {
+            lock(client, schema, Rows::Steps, &set.steps, true).map_err(spi)?;
             lock(
                 client,
                 schema,
                 Rows::CurrentTransitions,
                 &set.transitions_of,
                 true,
-            )?;
-            lock(client, schema, Rows::States, &set.states, true)?;
-            Ok(true)
+            )
+            .map_err(spi)?;
+            lock(client, schema, Rows::States, &set.states, true).map_err(spi)?;
+            locking.set(false);
+            match body.take() {
+                Some(body) => body().map(Some),
+                None => Err(TaskerError::Internal {
+                    context: "the locked body ran twice".into(),
+                }),
+            }
         })?;
-        if taken {
-            return Ok(());
+        if let Some(out) = done {
+            return Ok(out);
         }
         // wait until each row is free (taking it and letting it go at once), then try again
         for (rows, ids) in [
@@ -219,16 +260,17 @@ pub fn lock_all(
 }
 
 /// Locks step `step` (its row, its current transition, its maintained row) and the maintained
-/// rows of its `children` all at once.
-pub fn lock_step_and_children(
+/// rows of its `children` all at once, then runs `body` ([`with_all_locked`]).
+pub fn lock_step_and_children<T>(
     client: &SpiClient<'_>,
     schema: &SchemaName,
     step: i64,
     children: &[i64],
-) -> Result<(), TaskerError> {
+    body: impl FnOnce() -> Result<T, TaskerError>,
+) -> Result<T, TaskerError> {
     let mut states = children.to_vec();
     states.push(step);
-    lock_all(
+    with_all_locked(
         client,
         schema,
         LockSet {
@@ -236,5 +278,6 @@ pub fn lock_step_and_children(
             transitions_of: vec![step],
             states,
         },
+        body,
     )
 }

@@ -679,7 +679,7 @@ const PRIVILEGED: &str =
 /// Locks a step's row: the first lock of every call that changes a claimed step, so that
 /// workers, operators and lease expiry all lock step, then claim, then task.
 fn lock_step(client: &SpiClient<'_>, schema: &SchemaName, step_id: i64) -> Result<(), TaskerError> {
-    lock_step_rows(client, schema, step_id, false)
+    lock_step_rows(client, schema, step_id, false, || Ok(()))
 }
 
 /// Locks a step that is about to satisfy its dependents, with its maintained row and its
@@ -690,7 +690,7 @@ pub fn lock_step_and_children(
     schema: &SchemaName,
     step_id: i64,
 ) -> Result<(), TaskerError> {
-    lock_step_rows(client, schema, step_id, true)
+    lock_step_rows(client, schema, step_id, true, || Ok(()))
 }
 
 /// [`lock_step_and_children`] in a call of its own, for `transition_step` to a state that
@@ -705,16 +705,20 @@ pub fn lock_before_satisfying(schema: &SchemaName, step_id: i64) -> Result<(), T
     })
 }
 
-fn lock_step_rows(
+/// Locks a step's rows (with its children's maintained rows when it has children and
+/// `with_children`), then runs `body`, the writes to them, in the same (sub)transaction
+/// ([`super::locks::with_all_locked`] says why).
+fn lock_step_rows<T>(
     client: &SpiClient<'_>,
     schema: &SchemaName,
     step_id: i64,
     with_children: bool,
-) -> Result<(), TaskerError> {
+    body: impl FnOnce() -> Result<T, TaskerError>,
+) -> Result<T, TaskerError> {
     if with_children {
         let children = children_of(client, &[step_id])?;
         if !children.is_empty() {
-            return super::locks::lock_step_and_children(client, schema, step_id, &children);
+            return super::locks::lock_step_and_children(client, schema, step_id, &children, body);
         }
     }
     let q = schema.quoted();
@@ -722,7 +726,8 @@ fn lock_step_rows(
         format!(
             "SELECT 1 FROM {q}.tasker_workflow_steps WHERE workflow_step_id = $1 FOR NO KEY UPDATE"
         )
-    })
+    })?;
+    body()
 }
 
 /// Runs a kept locking statement of one `bigint` parameter (a row by its id).
@@ -808,10 +813,11 @@ pub fn complete(
 ) -> Result<(), TaskerError> {
     Spi::connect_mut(|client| {
         require_tracked(client, schema)?;
-        lock_step_and_children(client, schema, step_id)?;
-        let task_id = complete_held(client, schema, step_id, worker_id, results)?;
-        finalize(client, schema, task_id)?;
-        Ok(())
+        lock_step_rows(client, schema, step_id, true, || {
+            let task_id = complete_held(client, schema, step_id, worker_id, results)?;
+            finalize(client, schema, task_id)?;
+            Ok(())
+        })
     })
 }
 
@@ -870,15 +876,26 @@ pub fn report(
             .collect();
         let mut states = children_of(client, &completing)?;
         states.extend(&completing);
-        super::locks::lock_all(
-            client,
-            schema,
-            super::locks::LockSet {
-                steps: order.iter().map(|(id, _)| *id).collect(),
-                transitions_of: completing,
-                states,
-            },
-        )?;
+        let set = super::locks::LockSet {
+            steps: order.iter().map(|(id, _)| *id).collect(),
+            transitions_of: completing,
+            states,
+        };
+        super::locks::with_all_locked(client, schema, set, || {
+            record_outcomes(client, schema, worker_id, &order)
+        })
+    })
+}
+
+/// The body of [`report`], every row locked: each step's outcome in id order, then their
+/// tasks finalized in id order.
+fn record_outcomes(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    worker_id: &str,
+    order: &[&(i64, Outcome)],
+) -> Result<Vec<(i64, Reported)>, TaskerError> {
+    {
         let mut out = Vec::with_capacity(order.len());
         let mut tasks = BTreeSet::new();
         for (step_id, outcome) in order {
@@ -916,7 +933,7 @@ pub fn report(
             finalize(client, schema, task_id)?;
         }
         Ok(out)
-    })
+    }
 }
 
 /// What [`report_and_claim`] did: each step's outcome, then the steps it claimed.
