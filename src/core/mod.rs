@@ -6,6 +6,7 @@ pub mod context;
 pub mod dag;
 pub mod error;
 pub mod events;
+pub mod finalize;
 pub mod ident;
 pub mod interrupt;
 pub mod json;

@@ -18,6 +18,7 @@ use super::plans::{
 use super::transitions;
 use crate::core::backoff;
 use crate::core::error::TaskerError;
+use crate::core::finalize::{Finalization, TaskCounts};
 use crate::core::ident::SchemaName;
 use crate::core::outcomes::Outcome;
 use crate::core::state::{Entity, State};
@@ -1246,18 +1247,6 @@ pub fn heartbeat(step_id: i64, worker_id: &str) -> Result<i64, TaskerError> {
     })
 }
 
-/// Step counts of a task by the native rules (a non-retryable error counts as permanently
-/// blocked, unlike the Rails function).
-#[derive(Debug, Default, Clone, Copy)]
-struct NativeCounts {
-    total: i64,
-    done: i64,
-    in_progress: i64,
-    ready: i64,
-    waiting: i64,
-    blocked: i64,
-}
-
 fn lock_task(client: &SpiClient<'_>, schema: &SchemaName, task_id: i64) -> Result<(), TaskerError> {
     let q = schema.quoted();
     lock_row(client, "finalize_lock_task", schema, task_id, || {
@@ -1266,7 +1255,7 @@ fn lock_task(client: &SpiClient<'_>, schema: &SchemaName, task_id: i64) -> Resul
 }
 
 /// (A write plan, though it only reads: it must take a fresh snapshot, see [`finalize`].)
-fn native_counts(client: &SpiClient<'_>, task_id: i64) -> Result<NativeCounts, TaskerError> {
+fn native_counts(client: &SpiClient<'_>, task_id: i64) -> Result<TaskCounts, TaskerError> {
     with_write_plan(
         client,
         "native_counts",
@@ -1288,7 +1277,7 @@ fn native_counts(client: &SpiClient<'_>, task_id: i64) -> Result<NativeCounts, T
         |stmt| {
             let t = client.select(stmt, Some(1), &[task_id.into()])?;
             let r = t.first();
-            Ok(NativeCounts {
+            Ok(TaskCounts {
                 total: r.get::<i64>(1)?.unwrap_or_default(),
                 done: r.get::<i64>(2)?.unwrap_or_default(),
                 in_progress: r.get::<i64>(3)?.unwrap_or_default(),
@@ -1316,19 +1305,10 @@ pub fn finalize(
     lock_task(client, schema, task_id)?;
     let c = native_counts(client, task_id)?;
     let empty = JsonB(json!({}));
-    let status = if c.total > 0 && c.done == c.total {
-        "all_complete"
-    } else if c.ready > 0 {
-        "has_ready_steps"
-    } else if c.in_progress > 0 {
-        "processing"
-    } else if c.blocked > 0 {
-        "blocked_by_failures"
-    } else {
-        "waiting_for_dependencies"
-    };
-    match status {
-        "all_complete" => {
+    let decision = Finalization::decide(&c);
+    let status = decision.as_str();
+    match decision {
+        Finalization::AllComplete => {
             let q = schema.quoted();
             let state = task_state(client, schema, task_id)?;
             if matches!(state.as_deref(), None | Some("pending") | Some("error")) {
@@ -1381,7 +1361,7 @@ pub fn finalize(
                 json!({ "execution_status": status, "final_status": "complete" }),
             )?;
         }
-        "blocked_by_failures"
+        Finalization::BlockedByFailures
             if task_state(client, schema, task_id)?.as_deref() != Some("error") =>
         {
             let meta = JsonB(
@@ -1401,7 +1381,7 @@ pub fn finalize(
                 json!({ "execution_status": status, "final_status": "error" }),
             )?;
         }
-        "has_ready_steps" => {
+        Finalization::HasReadySteps => {
             let ns = task_namespace(client, schema, task_id)?;
             wake(client, task_id, &ns).map_err(spi)?;
             emit(
@@ -1412,9 +1392,10 @@ pub fn finalize(
                 json!({ "step_count": c.ready }),
             )?;
         }
-        _ => {}
+        Finalization::BlockedByFailures
+        | Finalization::Processing
+        | Finalization::WaitingForDependencies => {}
     }
-    let _ = c.waiting;
     Ok(status)
 }
 
