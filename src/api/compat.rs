@@ -2,7 +2,7 @@
 //! The readiness, context, dependency-level and DAG functions are computed here in Rust from
 //! the maintained step state; the whole-table aggregates live in `sql/compat_aggregates.sql`.
 
-use super::error::OrRaise;
+use super::error::{OrRaise, Raised};
 use super::srf::{self, RowOut};
 use crate::core::context::StepCounts;
 use crate::core::dag::Dag;
@@ -43,19 +43,22 @@ impl Clock for TxnClock {
     }
 }
 
-fn schema() -> SchemaName {
-    store::settings::data_schema().or_raise()
+// Every function below that can fail returns a `Result`; the `#[pg_extern]`s raise it in
+// their last expression, with nothing of theirs alive (see `api::error`).
+
+fn schema() -> Result<SchemaName, Raised> {
+    Ok(store::settings::data_schema()?)
 }
 
 /// Readiness rows of the given steps, with parents outside them looked up.
-fn evaluate(schema: &SchemaName, steps: &[StepFacts]) -> Vec<Readiness> {
+fn evaluate(schema: &SchemaName, steps: &[StepFacts]) -> Result<Vec<Readiness>, Raised> {
     let outside_ids = readiness::outside_parents(steps);
     let outside = if outside_ids.is_empty() {
         HashMap::default()
     } else {
-        Spi::connect(|c| facts::states_of(c, schema, &outside_ids)).or_raise()
+        Spi::connect(|c| facts::states_of(c, schema, &outside_ids))?
     };
-    readiness::evaluate_all(steps, &outside, &TxnClock::new()).or_raise()
+    Ok(readiness::evaluate_all(steps, &outside, &TxnClock::new())?)
 }
 
 /// Writes one readiness row (the 16 columns of `get_step_readiness_status`).
@@ -79,18 +82,21 @@ fn fill_readiness(r: &Readiness, o: &mut RowOut<'_>) {
 }
 
 /// Readiness rows of one task, optionally only the steps in `step_ids`.
-fn task_readiness(task_id: Option<i64>, step_ids: Option<Vec<i64>>) -> Vec<Readiness> {
+fn task_readiness(
+    task_id: Option<i64>,
+    step_ids: Option<Vec<i64>>,
+) -> Result<Vec<Readiness>, Raised> {
     let Some(task_id) = task_id else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
-    let schema = schema();
-    let steps = Spi::connect(|c| facts::for_task(c, &schema, task_id)).or_raise();
-    let mut rows = evaluate(&schema, &steps);
+    let schema = schema()?;
+    let steps = Spi::connect(|c| facts::for_task(c, &schema, task_id))?;
+    let mut rows = evaluate(&schema, &steps)?;
     if let Some(ids) = step_ids {
         let wanted: HashSet<i64> = ids.into_iter().collect();
         rows.retain(|r| wanted.contains(&r.workflow_step_id));
     }
-    rows
+    Ok(rows)
 }
 
 /// Readiness of each step of a task (optionally only `step_ids`), as the Rails function.
@@ -111,7 +117,7 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'get_step_readiness_status_wrapper';
 fn get_step_readiness_status(fcinfo: pg_sys::FunctionCallInfo) {
     // SAFETY: the SQL declaration above fixes the argument and result types.
     let (task_id, step_ids) = unsafe { (srf::arg_i64(fcinfo, 0), srf::arg_i64_array(fcinfo, 1)) };
-    let rows = task_readiness(task_id, step_ids);
+    let rows = task_readiness(task_id, step_ids).or_raise();
     unsafe { srf::materialize(fcinfo, 16, rows, fill_readiness) };
 }
 
@@ -123,12 +129,12 @@ fn task_id_list(ids: Option<Vec<i64>>) -> Vec<i64> {
 }
 
 /// Readiness rows of every step of the given tasks.
-fn tasks_readiness(ids: &[i64]) -> Vec<Readiness> {
+fn tasks_readiness(ids: Vec<i64>) -> Result<Vec<Readiness>, Raised> {
     if ids.is_empty() {
-        return Vec::new();
+        return Ok(Vec::new());
     }
-    let schema = schema();
-    let steps = Spi::connect(|c| facts::for_tasks(c, &schema, ids)).or_raise();
+    let schema = schema()?;
+    let steps = Spi::connect(|c| facts::for_tasks(c, &schema, &ids))?;
     evaluate(&schema, &steps)
 }
 
@@ -149,7 +155,7 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'get_step_readiness_status_batch_wrapper';
 fn get_step_readiness_status_batch(fcinfo: pg_sys::FunctionCallInfo) {
     // SAFETY: the SQL declaration above fixes the argument and result types.
     let ids = task_id_list(unsafe { srf::arg_i64_array(fcinfo, 0) });
-    let rows = tasks_readiness(&ids);
+    let rows = tasks_readiness(ids).or_raise();
     unsafe { srf::materialize(fcinfo, 16, rows, fill_readiness) };
 }
 
@@ -183,12 +189,12 @@ fn fill_context(c: &ContextRow, o: &mut RowOut<'_>) {
 
 /// Execution contexts of the tasks listed in `listed` (one row per listed id of an existing
 /// task, duplicates repeated), ordered by task id.
-fn contexts(listed: Vec<i64>) -> Vec<ContextRow> {
+fn contexts(listed: Vec<i64>) -> Result<Vec<ContextRow>, Raised> {
     let ids = task_id_list(Some(listed.clone()));
     if ids.is_empty() {
-        return Vec::new();
+        return Ok(Vec::new());
     }
-    let schema = schema();
+    let schema = schema()?;
     let (heads, steps) = Spi::connect(|c| {
         let heads = facts::task_heads(c, &schema, &ids)?;
         let existing: Vec<i64> = heads.iter().map(|h| h.task_id).collect();
@@ -198,10 +204,9 @@ fn contexts(listed: Vec<i64>) -> Vec<ContextRow> {
             many => facts::for_tasks(c, &schema, many)?,
         };
         Ok::<_, pgrx::spi::Error>((heads, steps))
-    })
-    .or_raise();
+    })?;
     let mut counts: HashMap<i64, StepCounts> = HashMap::default();
-    for r in evaluate(&schema, &steps) {
+    for r in evaluate(&schema, &steps)? {
         counts.entry(r.task_id).or_default().add(&r);
     }
     let by_id: HashMap<i64, &facts::TaskHead> = heads.iter().map(|h| (h.task_id, h)).collect();
@@ -210,13 +215,13 @@ fn contexts(listed: Vec<i64>) -> Vec<ContextRow> {
         .filter(|id| by_id.contains_key(id))
         .collect();
     occurrences.sort_unstable();
-    occurrences
+    Ok(occurrences
         .into_iter()
         .map(|id| ContextRow {
             head: by_id[&id].clone(),
             counts: counts.get(&id).copied().unwrap_or_default(),
         })
-        .collect()
+        .collect())
 }
 
 /// Step counts, execution status, recommended action and health of one task.
@@ -234,7 +239,7 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'get_task_execution_context_wrapper';
 fn get_task_execution_context(fcinfo: pg_sys::FunctionCallInfo) {
     // SAFETY: the SQL declaration above fixes the argument and result types.
     let task_id = unsafe { srf::arg_i64(fcinfo, 0) };
-    let rows = contexts(task_id.into_iter().collect());
+    let rows = contexts(task_id.into_iter().collect()).or_raise();
     unsafe { srf::materialize(fcinfo, 13, rows, fill_context) };
 }
 
@@ -253,7 +258,7 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'get_task_execution_contexts_batch_wrapper';
 fn get_task_execution_contexts_batch(fcinfo: pg_sys::FunctionCallInfo) {
     // SAFETY: the SQL declaration above fixes the argument and result types.
     let listed = unsafe { srf::arg_i64_array(fcinfo, 0) }.unwrap_or_default();
-    let rows = contexts(listed);
+    let rows = contexts(listed).or_raise();
     unsafe { srf::materialize(fcinfo, 13, rows, fill_context) };
 }
 
@@ -263,11 +268,15 @@ fn get_task_execution_contexts_batch(fcinfo: pg_sys::FunctionCallInfo) {
 fn calculate_dependency_levels(
     input_task_id: Option<i64>,
 ) -> TableIterator<'static, (name!(workflow_step_id, i64), name!(dependency_level, i32))> {
-    let Some(task_id) = input_task_id else {
-        return TableIterator::new(Vec::new());
+    TableIterator::new(dependency_levels(input_task_id).or_raise())
+}
+
+fn dependency_levels(task_id: Option<i64>) -> Result<Vec<(i64, i32)>, Raised> {
+    let Some(task_id) = task_id else {
+        return Ok(Vec::new());
     };
-    let schema = schema();
-    let steps = Spi::connect(|c| facts::for_task(c, &schema, task_id)).or_raise();
+    let schema = schema()?;
+    let steps = Spi::connect(|c| facts::for_task(c, &schema, task_id))?;
     let dag = Dag::new(
         steps.iter().map(|s| s.workflow_step_id),
         steps
@@ -282,22 +291,24 @@ fn calculate_dependency_levels(
         .collect();
     let levels = dag
         .levels_from(&roots)
-        .map_err(|steps| TaskerError::CycleDetected { steps })
-        .or_raise();
+        .map_err(|steps| TaskerError::CycleDetected { steps })?;
     let mut rows: Vec<(i64, i32)> = steps
         .iter()
         .zip(levels)
         .filter_map(|(s, l)| l.map(|l| (s.workflow_step_id, l as i32)))
         .collect();
     rows.sort_unstable_by_key(|&(id, level)| (level, id));
-    TableIterator::new(rows)
+    Ok(rows)
 }
 
 /// Shortest distance from a root (a step without incoming edges, in any task) to each of
 /// `steps`, as the view measures it. Parents in other tasks are followed backwards up to the
 /// depth cap (further ancestors cannot lead to a depth within it); normally there are none and
 /// this reads nothing more.
-fn min_depths_with_ancestors(schema: &SchemaName, steps: &[StepFacts]) -> Vec<Option<u32>> {
+fn min_depths_with_ancestors(
+    schema: &SchemaName,
+    steps: &[StepFacts],
+) -> Result<Vec<Option<u32>>, Raised> {
     let mut parents: HashMap<i64, Vec<i64>> = steps
         .iter()
         .map(|s| (s.workflow_step_id, s.parent_ids.clone()))
@@ -305,7 +316,7 @@ fn min_depths_with_ancestors(schema: &SchemaName, steps: &[StepFacts]) -> Vec<Op
     let mut frontier: Vec<i64> = readiness::outside_parents(steps);
     let mut layers = 0;
     while !frontier.is_empty() && layers < MAX_DAG_DEPTH {
-        let lists = Spi::connect(|c| facts::parent_lists(c, schema, &frontier)).or_raise();
+        let lists = Spi::connect(|c| facts::parent_lists(c, schema, &frontier))?;
         let mut next = Vec::new();
         for (id, ps) in lists {
             next.extend(ps.iter().copied().filter(|p| !parents.contains_key(p)));
@@ -332,10 +343,10 @@ fn min_depths_with_ancestors(schema: &SchemaName, steps: &[StepFacts]) -> Vec<Op
         .map(|(i, _)| i)
         .collect();
     let depths = dag.min_depths_from(&roots);
-    steps
+    Ok(steps
         .iter()
         .map(|s| dag.position(s.workflow_step_id).and_then(|p| depths[p]))
-        .collect()
+        .collect())
 }
 
 /// Depth cap of the Rails `tasker_step_dag_relationships` view.
@@ -374,10 +385,14 @@ fn step_dag_relationships(
         name!(min_depth_from_root, Option<i32>),
     ),
 > {
+    TableIterator::new(dag_relationships(task_id).or_raise())
+}
+
+fn dag_relationships(task_id: Option<i64>) -> Result<Vec<DagRow>, Raised> {
     let Some(task_id) = task_id else {
-        return TableIterator::new(Vec::new());
+        return Ok(Vec::new());
     };
-    let schema = schema();
+    let schema = schema()?;
     let (steps, out_edges) = Spi::connect(|c| {
         let steps = facts::for_task(c, &schema, task_id)?;
         let ids: Vec<i64> = steps.iter().map(|s| s.workflow_step_id).collect();
@@ -387,13 +402,12 @@ fn step_dag_relationships(
             facts::edges_from(c, &schema, &ids)?
         };
         Ok::<_, pgrx::spi::Error>((steps, edges))
-    })
-    .or_raise();
+    })?;
     let mut children: HashMap<i64, Vec<i64>> = HashMap::default();
     for (from, to) in out_edges {
         children.entry(from).or_default().push(to);
     }
-    let depths = min_depths_with_ancestors(&schema, &steps);
+    let depths = min_depths_with_ancestors(&schema, &steps)?;
     let rows: Vec<DagRow> = steps
         .iter()
         .zip(depths)
@@ -417,5 +431,5 @@ fn step_dag_relationships(
             )
         })
         .collect();
-    TableIterator::new(rows)
+    Ok(rows)
 }

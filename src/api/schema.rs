@@ -1,6 +1,6 @@
 //! Installing and locating the Tasker data schema.
 
-use super::error::OrRaise;
+use super::error::{attempt, OrRaise};
 use crate::core::ident::SchemaName;
 use crate::store;
 use pgrx::prelude::*;
@@ -17,7 +17,7 @@ fn install_schema_with_profile(
     target_schema: default!(Option<String>, "'public'"),
     index_profile: default!(Option<String>, "NULL"),
 ) -> bool {
-    let (schema, profile) = (|| {
+    let (schema, profile) = attempt(move || {
         let schema = target_schema
             .ok_or(crate::core::error::TaskerError::NullArgument {
                 argument: "target_schema",
@@ -37,7 +37,7 @@ fn install_schema_with_profile(
             }
         })?;
         Ok::<_, crate::core::error::TaskerError>((schema, profile))
-    })()
+    })
     .or_raise();
     store::schema::install_schema(&schema, profile)
 }

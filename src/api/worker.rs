@@ -1,7 +1,7 @@
 //! Templates, task creation, and the worker protocol: any language that sends SQL can define
 //! a workflow, start tasks and run their steps.
 
-use super::error::OrRaise;
+use super::error::{attempt, OrRaise};
 use super::json::JsonbText;
 use crate::core::error::TaskerError;
 use crate::core::template::TaskTemplate;
@@ -10,10 +10,6 @@ use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::Value;
-
-fn schema() -> crate::core::ident::SchemaName {
-    store::settings::data_schema().or_raise()
-}
 
 fn required<T>(v: Option<T>, argument: &'static str) -> Result<T, TaskerError> {
     v.ok_or(TaskerError::NullArgument { argument })
@@ -45,12 +41,12 @@ fn worker_id(raw: Option<String>) -> Result<String, TaskerError> {
 /// an earlier registration of the same namespace, name and version. Returns the named task id.
 #[pg_extern(volatile, parallel_unsafe)]
 fn register_task_template(template: Option<JsonbText>) -> i32 {
-    (|| {
+    attempt(move || {
         let raw = required(template, "template")?.parse("template")?;
         let max = store::settings::MAX_TEMPLATE_STEPS.get().max(1) as usize;
         let t = TaskTemplate::parse(&raw, max)?;
         templates::register(&store::settings::data_schema()?, &t, &raw)
-    })()
+    })
     .or_raise()
 }
 
@@ -61,13 +57,13 @@ fn get_task_template(
     name: Option<String>,
     version: default!(Option<String>, "NULL"),
 ) -> JsonB {
-    (|| {
+    attempt(move || {
         let ns = required(namespace, "namespace")?;
         let name = required(name, "name")?;
         let schema = store::settings::data_schema()?;
         Spi::connect(|c| templates::find(c, &schema, &ns, &name, version.as_deref()))
             .map(|s| JsonB(s.config))
-    })()
+    })
     .or_raise()
 }
 
@@ -85,7 +81,9 @@ fn list_task_templates(
         name!(step_count, i32),
     ),
 > {
-    let rows = templates::list(&schema(), namespace.as_deref()).or_raise();
+    let rows =
+        attempt(move || templates::list(&store::settings::data_schema()?, namespace.as_deref()))
+            .or_raise();
     TableIterator::new(
         rows.into_iter()
             .map(|l| (l.namespace, l.name, l.version, l.description, l.step_count)),
@@ -179,7 +177,7 @@ fn create_task(
     context: Option<JsonbText>,
     options: default!(Option<JsonbText>, "'{}'"),
 ) -> i64 {
-    (|| {
+    attempt(move || {
         let ns = required(namespace, "namespace")?;
         let name = required(name, "name")?;
         let context = required(context, "context")?.parse("context")?;
@@ -197,7 +195,7 @@ fn create_task(
         let schema = store::settings::data_schema()?;
         templates::create_task(&schema, &ns, &name, version.as_deref(), &context, &options)
             .map(|(id, _)| id)
-    })()
+    })
     .or_raise()
 }
 
@@ -302,7 +300,7 @@ fn claim_rows(
     lease_seconds: Option<i32>,
     traceparent: Option<String>,
 ) -> ClaimRows {
-    let claimed = (|| {
+    let claimed = attempt(move || {
         let a = claim_args(
             worker_id,
             namespaces,
@@ -319,7 +317,7 @@ fn claim_rows(
             a.lease_seconds,
             a.traceparent.as_deref(),
         )
-    })()
+    })
     .or_raise();
     let rows: Vec<ClaimRow> = claimed.into_iter().map(claim_row).collect();
     TableIterator::new(rows)
@@ -388,13 +386,13 @@ fn complete_step(
     worker_id: Option<String>,
     results: default!(Option<JsonbText>, "'{}'"),
 ) -> bool {
-    (|| {
+    attempt(move || {
         let step = required(step_id, "step_id")?;
         let w = self::worker_id(worker_id)?;
         let results = JsonbText::parse_or_empty(results, "results")?;
         store::settings::check_payload("bytes of results", &results)?;
         worker::complete(&store::settings::data_schema()?, step, &w, &results).map(|_| true)
-    })()
+    })
     .or_raise()
 }
 
@@ -410,7 +408,7 @@ fn fail_step(
     retryable: default!(Option<bool>, "true"),
     retry_after_seconds: default!(Option<i32>, "NULL"),
 ) -> Option<i32> {
-    (|| {
+    attempt(move || {
         let step = required(step_id, "step_id")?;
         let w = self::worker_id(worker_id)?;
         // any JSON value; stored under "error" in the step's results
@@ -432,7 +430,7 @@ fn fail_step(
             retry_after_seconds.map(i64::from),
         )
         .map(|b| b.map(|s| s as i32))
-    })()
+    })
     .or_raise()
 }
 
@@ -456,13 +454,13 @@ fn report_steps(
         name!(backoff_seconds, Option<i32>),
     ),
 > {
-    let rows = (|| {
+    let rows = attempt(move || {
         let w = self::worker_id(worker_id)?;
         let batch = required(outcomes, "outcomes")?.parse("outcomes")?;
         store::settings::check_payload("bytes of outcomes", &batch)?;
         let parsed = crate::core::outcomes::parse(&batch)?;
         worker::report(&store::settings::data_schema()?, &w, &parsed)
-    })()
+    })
     .or_raise();
     TableIterator::new(rows.into_iter().map(|(step, reported)| {
         let (outcome, backoff) = reported_row(reported);
@@ -504,7 +502,7 @@ fn report_and_claim(
         name!(lease_expires_at, Option<TimestampWithTimeZone>),
     ),
 > {
-    let (reported, claimed) = (|| {
+    let (reported, claimed) = attempt(move || {
         let a = claim_args(
             worker_id,
             namespaces,
@@ -525,7 +523,7 @@ fn report_and_claim(
             a.lease_seconds,
             a.traceparent.as_deref(),
         )
-    })()
+    })
     .or_raise();
     let reported = reported.into_iter().map(|(step, r)| {
         let (outcome, backoff) = reported_row(r);
@@ -568,22 +566,22 @@ fn reported_row(r: worker::Reported) -> (String, Option<i32>) {
 /// ran the handler); the step can be claimed again at once. TK030 unless `worker_id` holds it.
 #[pg_extern(volatile, parallel_unsafe)]
 fn release_step(step_id: Option<i64>, worker_id: Option<String>) -> bool {
-    (|| {
+    attempt(move || {
         let step = required(step_id, "step_id")?;
         let w = self::worker_id(worker_id)?;
         worker::release_claim(&store::settings::data_schema()?, step, &w).map(|_| true)
-    })()
+    })
     .or_raise()
 }
 
 /// Extends the lease of a claimed step by its lease length; returns the new deadline.
 #[pg_extern(volatile, parallel_unsafe)]
 fn heartbeat(step_id: Option<i64>, worker_id: Option<String>) -> Option<TimestampWithTimeZone> {
-    (|| {
+    attempt(move || {
         let step = required(step_id, "step_id")?;
         let w = self::worker_id(worker_id)?;
         worker::heartbeat(step, &w)
-    })()
+    })
     .map(|t| TimestampWithTimeZone::try_from(t).ok())
     .or_raise()
 }
@@ -597,7 +595,8 @@ fn backoff_seconds(
     retry_after_seconds: default!(Option<i32>, "NULL"),
     jitter_seed: default!(Option<i64>, "NULL"),
 ) -> i32 {
-    (|| {
+    // (`attempt` is the argument here)
+    super::error::attempt(move || {
         let attempt = required(attempt, "attempt")?;
         // the same rule as fail_step's retry_after_seconds
         if let Some(r) = retry_after_seconds {
@@ -608,7 +607,7 @@ fn backoff_seconds(
             retry_after_seconds.map(i64::from),
             jitter_seed.map(|s| s as u64),
         ) as i32)
-    })()
+    })
     .or_raise()
 }
 
@@ -619,22 +618,22 @@ fn resolve_step_manually(
     step_id: Option<i64>,
     results: default!(Option<JsonbText>, "'{}'"),
 ) -> bool {
-    (|| {
+    attempt(move || {
         let step = required(step_id, "step_id")?;
         let results = JsonbText::parse_or_empty(results, "results")?;
         store::settings::check_payload("bytes of results", &results)?;
         worker::resolve_manually(&store::settings::data_schema()?, step, &results)
-    })()
+    })
     .or_raise()
 }
 
 /// Fails up to `max_steps` in-progress steps whose lease expired (used by `tick()`).
 #[pg_extern(volatile, parallel_unsafe, name = "_expire_leases")]
 fn expire_leases(max_steps: i32) -> i32 {
-    (|| {
+    attempt(move || {
         let schema = store::settings::data_schema()?;
         Spi::connect_mut(|c| worker::expire_leases(c, &schema, max_steps.clamp(1, 100_000)))
-    })()
+    })
     .map(|ids| ids.len() as i32)
     .or_raise()
 }

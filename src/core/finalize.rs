@@ -107,7 +107,10 @@ mod tests {
             c.done = 3;
             c.waiting = 1;
         });
-        assert_eq!(Finalization::decide(&c), Finalization::WaitingForDependencies);
+        assert_eq!(
+            Finalization::decide(&c),
+            Finalization::WaitingForDependencies
+        );
     }
 
     #[test]
