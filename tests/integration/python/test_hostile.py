@@ -430,7 +430,7 @@ BEGIN
         BEGIN PERFORM tasker_core.get_task_template(long_name, long_name, long_name); EXCEPTION WHEN OTHERS THEN NULL; END;
         PERFORM set_config('tasker_core.data_schema', 'public', true);
         -- (a transaction holding a million subtransactions keeps a little of each)
-        IF i % 500 = 0 THEN
+        IF i %% 500 = 0 THEN
             COMMIT;
         END IF;
     END LOOP;
