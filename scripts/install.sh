@@ -14,7 +14,7 @@ is_root || args+=(--sudo)
 PG_CONFIG="$(command -v pg_config)"
 lib="$("$PG_CONFIG" --pkglibdir)/tasker_core.so"
 stamp="$ROOT/target/.install-stamp"
-sources="$(find Cargo.toml Cargo.lock tasker_core.control src sql -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-64)"
+sources="$(find Cargo.toml Cargo.lock tasker_core.control src crates sql -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-64)"
 installed="$( [ -f "$lib" ] && sha256sum "$lib" | cut -c1-64 || echo none)"
 want="$sources $profile $installed"
 

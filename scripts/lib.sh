@@ -2,7 +2,9 @@
 # shellcheck shell=bash
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PGRX_VERSION=0.18.0
+# cargo-pgrx must match the pgrx that Cargo.toml pins (pgrx = "=X.Y.Z"): read it from there
+PGRX_VERSION="$(sed -n 's/^pgrx = "=\([0-9.]*\)"$/\1/p' "$ROOT/Cargo.toml")"
+[ -n "$PGRX_VERSION" ] || { echo 'Cargo.toml pins no pgrx version (pgrx = "=X.Y.Z")' >&2; exit 1; }
 CARGO_FUZZ_VERSION=0.13.2
 PG_MAJOR=15
 

@@ -11,8 +11,8 @@ what="${1:-all}"
 "$ROOT/scripts/prereqs.sh"
 
 run_core() {
-    step "core: plain Rust tests of src/core"
-    cargo test --lib --features "pg$PG_MAJOR pg_test" --no-default-features -- core::
+    step "core: plain Rust tests of the rules crate (crates/tasker_rules: no PostgreSQL, no pgrx)"
+    cargo test -p tasker_rules
 }
 
 # libFuzzer on the pure Rust rules (fuzz/): each target starts from the seeds in

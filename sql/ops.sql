@@ -188,7 +188,7 @@ BEGIN
         JOIN %1$I.tasker_task_namespaces tn ON tn.task_namespace_id = c.namespace_id
         GROUP BY tn.name ORDER BY tn.name$q$, ds) LOOP
         out := out || format(E'tasker_steps_completed_total{namespace="%s"} %s\n',
-                             replace(replace(r.ns, '\', '\\'), '"', '\"'), r.n);
+                             replace(replace(replace(r.ns, '\', '\\'), '"', '\"'), E'\n', '\n'), r.n);
     END LOOP;
     RETURN out;
 END;

@@ -3,6 +3,8 @@
 --   report_steps and claim_steps in one transaction (one commit per step for a busy worker;
 --   the claim half never waits for a lock).
 -- * create_roles() grants it to tasker_worker.
+-- * metrics() escapes newlines in label values (Prometheus' text format), as it did
+--   backslashes and double quotes.
 -- Nothing else changes: the library serves the 0.5.0 SQL as before until this script runs.
 \echo Use "ALTER EXTENSION tasker_core UPDATE TO '0.6.0'" to load this file. \quit
 
@@ -100,3 +102,77 @@ BEGIN
 END;
 $$;
 REVOKE ALL ON FUNCTION tasker_core.create_roles() FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION tasker_core.metrics() RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ds name := tasker_core._data_schema();
+    out text := '';
+    r record;
+    now_utc timestamp := tasker_core.now() AT TIME ZONE 'UTC';
+BEGIN
+    PERFORM tasker_core._require_tables(ds, ARRAY['tasker_tasks', 'tasker_workflow_steps',
+        'tasker_workflow_step_edges', 'tasker_workflow_step_transitions', 'tasker_task_transitions',
+        'tasker_named_steps', 'tasker_named_tasks', 'tasker_task_namespaces']);
+    out := out || E'# HELP tasker_tasks Tasks by current state.\n# TYPE tasker_tasks gauge\n';
+    FOR r IN EXECUTE format($q$
+        SELECT s.state, count(t.task_id) AS n
+        FROM unnest(ARRAY['pending','in_progress','complete','error','cancelled','resolved_manually']) AS s(state)
+        LEFT JOIN (SELECT t.task_id, COALESCE(tt.to_state, 'pending') AS state
+                   FROM %1$I.tasker_tasks t
+                   LEFT JOIN %1$I.tasker_task_transitions tt ON tt.task_id = t.task_id AND tt.most_recent) t
+               ON t.state = s.state
+        GROUP BY s.state ORDER BY s.state$q$, ds) LOOP
+        out := out || format(E'tasker_tasks{state="%s"} %s\n', r.state, r.n);
+    END LOOP;
+    out := out || E'# HELP tasker_steps Workflow steps by current state.\n# TYPE tasker_steps gauge\n';
+    FOR r IN
+        SELECT s.state, count(x.workflow_step_id) AS n
+        FROM unnest(ARRAY['pending','in_progress','complete','error','cancelled','resolved_manually']) AS s(state)
+        LEFT JOIN tasker_core.step_state x ON COALESCE(x.state, 'pending') = s.state
+        GROUP BY s.state ORDER BY s.state LOOP
+        out := out || format(E'tasker_steps{state="%s"} %s\n', r.state, r.n);
+    END LOOP;
+    SELECT count(*) FILTER (WHERE ready) AS ready,
+           count(*) FILTER (WHERE waiting) AS backoff,
+           EXTRACT(EPOCH FROM now_utc - min(since) FILTER (WHERE ready)) AS oldest
+      INTO r
+      FROM (SELECT (s.last_attempted_at IS NULL OR s.backoff_request_seconds IS NULL
+                    OR s.last_attempted_at + s.backoff_request_seconds * interval '1 second' <= now_utc) AS ready,
+                   (s.last_attempted_at IS NOT NULL AND s.backoff_request_seconds IS NOT NULL
+                    AND s.last_attempted_at + s.backoff_request_seconds * interval '1 second' > now_utc) AS waiting,
+                   COALESCE(s.last_attempted_at + s.backoff_request_seconds * interval '1 second',
+                            s.state_at, s.created_at) AS since
+            FROM tasker_core.step_state s
+            WHERE s.blocked_parents = 0 AND s.processed IS NOT TRUE AND s.in_process IS NOT TRUE
+              AND (s.state IS NULL OR s.state IN ('pending', 'error'))
+              AND COALESCE(s.attempts, 0) < COALESCE(s.retry_limit, 3)
+              AND (COALESCE(s.retryable, true) OR COALESCE(s.attempts, 0) = 0)) c;
+    out := out || E'# HELP tasker_steps_ready Steps a worker could claim now.\n# TYPE tasker_steps_ready gauge\n'
+               || format(E'tasker_steps_ready %s\n', r.ready)
+               || E'# HELP tasker_steps_in_backoff Failed steps waiting out their retry backoff.\n# TYPE tasker_steps_in_backoff gauge\n'
+               || format(E'tasker_steps_in_backoff %s\n', r.backoff)
+               || E'# HELP tasker_oldest_ready_step_age_seconds How long the oldest claimable step has waited.\n# TYPE tasker_oldest_ready_step_age_seconds gauge\n'
+               || format(E'tasker_oldest_ready_step_age_seconds %s\n', COALESCE(round(r.oldest, 3), 0));
+    out := out || E'# HELP tasker_leases Step leases held by workers, and those past their deadline.\n# TYPE tasker_leases gauge\n'
+               || (SELECT format(E'tasker_leases{status="active"} %s\ntasker_leases{status="expired"} %s\n',
+                                 count(*) FILTER (WHERE c.lease_expires_at > tasker_core.now()),
+                                 count(*) FILTER (WHERE c.lease_expires_at <= tasker_core.now()))
+                   FROM tasker_core.step_claims c);
+    out := out || E'# HELP tasker_events_written_total Lifecycle events recorded in the log.\n# TYPE tasker_events_written_total counter\n'
+               || format(E'tasker_events_written_total %s\n',
+                         COALESCE((SELECT last_value FROM tasker_core.events_id_seq WHERE is_called), 0));
+    out := out || E'# HELP tasker_steps_completed_total Steps completed, by namespace.\n# TYPE tasker_steps_completed_total counter\n';
+    FOR r IN EXECUTE format($q$
+        SELECT tn.name AS ns, sum(c.n) AS n
+        FROM (SELECT s.namespace_id, count(*) AS n FROM tasker_core.step_state s
+              WHERE s.state = 'complete' GROUP BY s.namespace_id) c
+        JOIN %1$I.tasker_task_namespaces tn ON tn.task_namespace_id = c.namespace_id
+        GROUP BY tn.name ORDER BY tn.name$q$, ds) LOOP
+        out := out || format(E'tasker_steps_completed_total{namespace="%s"} %s\n',
+                             replace(replace(replace(r.ns, '\', '\\'), '"', '\"'), E'\n', '\n'), r.n);
+    END LOOP;
+    RETURN out;
+END;
+$$;
+ALTER FUNCTION tasker_core.metrics() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;

@@ -1,6 +1,6 @@
 //! tasker_core: the core of the Tasker workflow engine inside PostgreSQL.
 //!
-//! Layers (see `DESIGN.md` of the project and the README):
+//! Layers (see `docs/architecture.md` and the README):
 //! - [`core`]: pure Rust rules — DAGs, states, identifiers, error classes. No pgrx types.
 //! - [`store`]: the only code that knows table and column names; reads and writes through SPI.
 //! - [`api`]: the SQL-facing `#[pg_extern]` functions; converts arguments and raises errors.
@@ -8,7 +8,8 @@
 use pgrx::prelude::*;
 
 pub mod api;
-pub mod core;
+/// The pure rules (the `tasker_rules` crate of this workspace: no PostgreSQL, no pgrx).
+pub use tasker_rules as core;
 pub mod store;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -2,11 +2,7 @@
 //! accepts never makes `validate` panic, and the error list respects its limit.
 #![no_main]
 
-#[allow(dead_code)]
-#[path = "../../src/core/mod.rs"]
-mod core;
-
-use crate::core::jsonschema::{check_schema, validate};
+use tasker_rules::jsonschema::{check_schema, validate};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 

@@ -2,12 +2,8 @@
 //! accepts is a template the rest of the engine can rely on.
 #![no_main]
 
-#[allow(dead_code)]
-#[path = "../../src/core/mod.rs"]
-mod core;
-
-use crate::core::jsonschema::check_schema;
-use crate::core::template::{is_version, TaskTemplate};
+use tasker_rules::jsonschema::check_schema;
+use tasker_rules::template::{is_version, TaskTemplate};
 use libfuzzer_sys::fuzz_target;
 use std::collections::HashSet;
 

@@ -73,6 +73,11 @@ def test_metrics_are_prometheus_text(db):
     # every sample has HELP and TYPE
     for name in {k.split("{")[0] for k in samples}:
         assert f"# HELP {name} " in text and f"# TYPE {name} " in text
+    # label values escape backslash, double quote and newline (a name Rails may have written)
+    db.execute("UPDATE tasker_task_namespaces SET name = %s WHERE name = 'ops'", ('o"p\\s\nx',))
+    text = db.scalar("SELECT tasker_core.metrics()")
+    assert 'tasker_steps_completed_total{namespace="o\\"p\\\\s\\nx"} 1\n' in text, text
+    assert all(l.startswith("#") or l.startswith("tasker_") for l in text.splitlines())
 
 
 def test_health_reports_each_check(db):

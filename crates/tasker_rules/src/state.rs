@@ -198,10 +198,7 @@ mod tests {
             for to in State::ALL {
                 for entity in [Entity::Task, Entity::Step] {
                     let e = entity.transition_event(from, to);
-                    assert!(
-                        crate::core::events::is_catalogued(e),
-                        "{e} not in the catalog"
-                    );
+                    assert!(crate::events::is_catalogued(e), "{e} not in the catalog");
                     assert!(e.starts_with(entity.as_str()));
                 }
             }
