@@ -1,11 +1,11 @@
-# Helpers for Ruby integration tests: a scratch database on the harness cluster, reached
-# through ActiveRecord exactly as a Rails app would reach it.
+# Helpers for Ruby integration tests (minitest): a scratch database on the harness cluster,
+# reached through ActiveRecord exactly as a Rails app would reach it. A test class includes
+# Harness; `ruby file_test.rb` runs it and exits non-zero when an assertion fails.
 require "active_record"
+require "minitest/autorun"
 require "securerandom"
 
 module Harness
-  module_function
-
   def admin_config(database = "postgres")
     {
       adapter: "postgresql",
@@ -32,8 +32,8 @@ module Harness
     ActiveRecord::Base.connection.execute(%(DROP DATABASE IF EXISTS "#{name}" WITH (FORCE))) if name
   end
 
-  def check(label, condition)
-    raise "FAILED: #{label}" unless condition
-    puts "ok - #{label}"
+  # The SQLSTATE of the PG error behind an ActiveRecord error.
+  def sqlstate(error)
+    error.cause.result.error_field(PG::PG_DIAG_SQLSTATE)
   end
 end
