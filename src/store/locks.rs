@@ -10,6 +10,7 @@
 //! turn, holding nothing, and tries again.
 
 use super::plans::{with_keyed_plan, INT8ARRAY};
+use super::spi;
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
 use pgrx::pg_sys;
@@ -18,12 +19,6 @@ use pgrx::pg_sys::PgTryBuilder;
 use pgrx::spi::{SpiClient, SpiResult};
 use std::cell::Cell;
 use std::ffi::CStr;
-
-fn spi(e: pgrx::spi::Error) -> TaskerError {
-    TaskerError::Internal {
-        context: format!("SPI failure while locking a step: {e}"),
-    }
-}
 
 /// The three kinds of row, each locked by a kept statement over an array of step ids, in id
 /// order.

@@ -14,3 +14,14 @@ pub mod transitions;
 pub mod wakeups;
 pub mod worker;
 pub mod workflow;
+
+use crate::core::error::TaskerError;
+
+/// An SPI failure (a bug or a broken database, never bad input: that has its own errors) as
+/// the store reports it: `XX000` with SPI's message. The one conversion every store module
+/// uses (`.map_err(spi)`).
+pub(crate) fn spi(e: pgrx::spi::Error) -> TaskerError {
+    TaskerError::Internal {
+        context: format!("SPI failure: {e}"),
+    }
+}

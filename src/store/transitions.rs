@@ -10,6 +10,7 @@
 use super::events::{self, NewEvent};
 use super::maintenance;
 use super::plans::{with_keyed_plan, INT4, INT8, INT8ARRAY, JSONB, TEXT};
+use super::spi;
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
 use crate::core::state::{Entity, State};
@@ -47,12 +48,6 @@ struct Current {
     transition_id: Option<i64>,
     state: Option<String>,
     max_sort_key: Option<i32>,
-}
-
-fn spi(e: pgrx::spi::Error) -> TaskerError {
-    TaskerError::Internal {
-        context: format!("SPI failure during a transition: {e}"),
-    }
 }
 
 fn lock_current(

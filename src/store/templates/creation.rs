@@ -1,0 +1,474 @@
+//! Task creation from a template: the task, its steps and edges, and their events.
+
+use super::idempotency::{identity_input, identity_sql, legacy_keyed_task};
+use super::lookup::find_for_creation;
+use crate::core::error::TaskerError;
+use crate::core::ident::SchemaName;
+use crate::core::template::{self, TaskTemplate};
+use crate::store::events::{self, NewEvent};
+use crate::store::plans::{
+    with_write_plan, BOOLARRAY, INT4, INT4ARRAY, INT8, INT8ARRAY, JSONB, NOW, TEXT, TEXTARRAY,
+};
+use crate::store::spi;
+use pgrx::spi::{Spi, SpiClient};
+use pgrx::JsonB;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+/// Options of a new task.
+#[derive(Debug, Default, Clone)]
+pub struct TaskOptions {
+    pub initiator: Option<String>,
+    pub source_system: Option<String>,
+    pub reason: Option<String>,
+    pub tags: Value,
+    pub bypass_steps: Value,
+    pub idempotency_key: Option<String>,
+    /// W3C `traceparent` of the caller's trace: carried by the task's events, transitions and claims.
+    pub traceparent: Option<String>,
+}
+
+/// Creates a task from a template: the task, its steps and edges, in one statement per table.
+/// Returns `(task_id, created)`; with an idempotency key already used, the existing task.
+pub fn create_task(
+    schema: &SchemaName,
+    namespace: &str,
+    name: &str,
+    version: Option<&str>,
+    context: &Value,
+    options: &TaskOptions,
+) -> Result<(i64, bool), TaskerError> {
+    for (argument, value) in [("namespace", namespace), ("name", name)] {
+        if !template::is_printable_name(value) {
+            return Err(TaskerError::InvalidArgument {
+                argument,
+                reason: format!(
+                    "{:?} must not contain control characters",
+                    value.chars().take(64).collect::<String>()
+                ),
+            });
+        }
+    }
+    let q = schema.quoted();
+    Spi::connect_mut(|client| {
+        crate::store::schema::require_installed_cached(client, schema)?;
+        let stored = find_for_creation(client, schema, namespace, name, version)?;
+        let t = &*stored.template;
+        if let Some(s) = &t.schema {
+            let violations = crate::core::jsonschema::validate(s, context, 10);
+            if !violations.is_empty() {
+                return Err(TaskerError::ContextInvalid {
+                    template: t.full_name(),
+                    violations,
+                });
+            }
+        }
+        let key = options.idempotency_key.as_deref();
+        // the idempotency identity's input: namespace and name length-prefixed, then the key
+        let keyed = key.map(|k| identity_input(namespace, name, k));
+        if let Some(k) = key {
+            if let Some(existing) =
+                legacy_keyed_task(client, schema, stored.named_task_id, namespace, name, k)?
+            {
+                return Ok((existing, false));
+            }
+        }
+        let created: Option<i64> = with_write_plan(
+            client,
+            "create_task",
+            schema.as_str(),
+            &[INT4, TEXT, TEXT, TEXT, JSONB, JSONB, JSONB, TEXT],
+            || {
+                format!(
+                    "INSERT INTO {q}.tasker_tasks (named_task_id, complete, requested_at, initiator, source_system,
+                         reason, bypass_steps, tags, context, identity_hash, created_at, updated_at)
+                     VALUES ($1, false, {NOW}, $2, $3, $4, $5::json, $6, $7,
+                             COALESCE({}, gen_random_uuid()::text), {NOW}, {NOW})
+                     ON CONFLICT (identity_hash) DO NOTHING
+                     RETURNING task_id",
+                    identity_sql("$8")
+                )
+            },
+            |stmt| {
+                let table = client.select(
+                    stmt,
+                    None,
+                    &[
+                        stored.named_task_id.into(),
+                        options.initiator.as_deref().unwrap_or("unknown").into(),
+                        options.source_system.as_deref().unwrap_or("unknown").into(),
+                        options.reason.as_deref().unwrap_or("unknown").into(),
+                        JsonB(options.bypass_steps.clone()).into(),
+                        JsonB(options.tags.clone()).into(),
+                        JsonB(context.clone()).into(),
+                        keyed.as_deref().into(),
+                    ],
+                )?;
+                if table.is_empty() {
+                    Ok(None)
+                } else {
+                    table.first().get_one::<i64>()
+                }
+            },
+        )
+        .map_err(spi)?;
+        let Some(task_id) = created else {
+            // The idempotency key was used before: that task is the answer.
+            // a fresh snapshot: the conflicting task may have committed after this statement began
+            let existing = with_write_plan(
+                client,
+                "task_by_identity",
+                schema.as_str(),
+                &[TEXT],
+                || {
+                    format!(
+                        "SELECT task_id FROM {q}.tasker_tasks WHERE identity_hash = {}",
+                        identity_sql("$1")
+                    )
+                },
+                |stmt| {
+                    client
+                        .select(stmt, Some(1), &[keyed.as_deref().into()])?
+                        .first()
+                        .get_one::<i64>()
+                },
+            )
+            .map_err(spi)?
+            .ok_or_else(|| TaskerError::Internal {
+                context: "idempotency key conflicted but no task holds it".into(),
+            })?;
+            return Ok((existing, false));
+        };
+        if let Some(traceparent) = &options.traceparent {
+            if !crate::store::events::traces_installed() {
+                return Err(TaskerError::InvalidArgument {
+                    argument: "options",
+                    reason: "traceparent needs the SQL of this version: run ALTER EXTENSION tasker_core UPDATE"
+                        .into(),
+                });
+            }
+            // first, so that every event and transition of the task carries it
+            crate::store::events::record_trace(client, task_id, traceparent).map_err(spi)?;
+        }
+        // Each template step's named step, by template position: one index look-up per step
+        // (a LATERAL with LIMIT 1), whatever the statistics. Joined as sets, the generic plan
+        // either walked every named step of the step's system per step (quadratic) or, on
+        // never-analysed tables, hashed the whole catalogue of named steps on every call.
+        let systems: Vec<String> = t.steps.iter().map(|s| s.dependent_system.clone()).collect();
+        let names: Vec<String> = t.steps.iter().map(|s| s.name.clone()).collect();
+        let mut named: Vec<Option<i32>> = vec![None; t.steps.len()];
+        // a write plan for its fresh snapshot, as the statement it replaces had
+        with_write_plan(
+            client,
+            "template_named_steps",
+            schema.as_str(),
+            &[TEXTARRAY, TEXTARRAY],
+            || {
+                format!(
+                    "SELECT s.pos::integer, n.named_step_id
+                     FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS s(system, name, pos)
+                     CROSS JOIN LATERAL (
+                         SELECT ns.named_step_id FROM {q}.tasker_dependent_systems ds
+                         JOIN {q}.tasker_named_steps ns
+                           ON ns.dependent_system_id = ds.dependent_system_id AND ns.name = s.name
+                         WHERE ds.name = s.system LIMIT 1) n"
+                )
+            },
+            |stmt| {
+                for row in
+                    client.select(stmt, None, &[systems.clone().into(), names.clone().into()])?
+                {
+                    let pos = row.get::<i32>(1)?.unwrap_or_default() as usize;
+                    if let Some(slot) = pos.checked_sub(1).and_then(|p| named.get_mut(p)) {
+                        *slot = row.get::<i32>(2)?;
+                    }
+                }
+                Ok(())
+            },
+        )
+        .map_err(spi)?;
+        // Steps without a named step are left out with their edges, as before.
+        let kept: Vec<(usize, i32)> = named
+            .iter()
+            .enumerate()
+            .filter_map(|(i, id)| id.map(|id| (i, id)))
+            .collect();
+        let named_ids: Vec<i32> = kept.iter().map(|&(_, id)| id).collect();
+        let retryable: Vec<bool> = kept
+            .iter()
+            .map(|&(i, _)| t.steps[i].default_retryable)
+            .collect();
+        let limits: Vec<i32> = kept
+            .iter()
+            .map(|&(i, _)| t.steps[i].default_retry_limit)
+            .collect();
+        let skippable: Vec<bool> = kept.iter().map(|&(i, _)| t.steps[i].skippable).collect();
+        let direct = crate::store::maintenance::installed()
+            && crate::store::facts::is_tracked(client, schema).map_err(spi)?;
+        if direct {
+            insert_steps_direct(
+                client,
+                schema,
+                task_id,
+                t,
+                &kept,
+                stored.namespace_id,
+                context,
+            )?;
+        } else {
+            // the steps, in template order (ids ascend with it); workflow step id by named step id
+            // (a template's steps have distinct named steps: names are unique in a template)
+            let by_named: HashMap<i32, i64> = with_write_plan(
+                client,
+                "create_task_steps",
+                schema.as_str(),
+                &[INT8, INT4ARRAY, BOOLARRAY, INT4ARRAY, BOOLARRAY, JSONB],
+                || {
+                    format!(
+                        "INSERT INTO {q}.tasker_workflow_steps (task_id, named_step_id, retryable, retry_limit,
+                             in_process, processed, attempts, inputs, results, skippable, created_at, updated_at)
+                         SELECT $1, s.named_step_id, s.retryable, s.retry_limit, false, false, 0, $6, '{{}}',
+                                s.skippable, {NOW}, {NOW}
+                         FROM unnest($2::integer[], $3::boolean[], $4::integer[], $5::boolean[]) WITH ORDINALITY
+                             AS s(named_step_id, retryable, retry_limit, skippable, pos)
+                         ORDER BY s.pos
+                         RETURNING named_step_id, workflow_step_id"
+                    )
+                },
+                |stmt| {
+                    let mut out = HashMap::with_capacity(named_ids.len());
+                    for row in client.select(
+                        stmt,
+                        None,
+                        &[
+                            task_id.into(),
+                            named_ids.clone().into(),
+                            retryable.clone().into(),
+                            limits.clone().into(),
+                            skippable.clone().into(),
+                            JsonB(context.clone()).into(),
+                        ],
+                    )? {
+                        out.insert(
+                            row.get::<i32>(1)?.unwrap_or_default(),
+                            row.get::<i64>(2)?.unwrap_or_default(),
+                        );
+                    }
+                    Ok(out)
+                },
+            )
+            .map_err(spi)?;
+            // workflow step id by template position
+            let mut step_ids: Vec<Option<i64>> = vec![None; t.steps.len()];
+            for &(i, named_id) in &kept {
+                step_ids[i] = by_named.get(&named_id).copied();
+            }
+            let position: HashMap<&str, usize> = t
+                .steps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.name.as_str(), i))
+                .collect();
+            let mut from_ids: Vec<i64> = Vec::new();
+            let mut to_ids: Vec<i64> = Vec::new();
+            for (i, s) in t.steps.iter().enumerate() {
+                let Some(to) = step_ids[i] else { continue };
+                for d in &s.depends_on {
+                    if let Some(from) = position.get(d.as_str()).and_then(|&p| step_ids[p]) {
+                        from_ids.push(from);
+                        to_ids.push(to);
+                    }
+                }
+            }
+            if !from_ids.is_empty() {
+                with_write_plan(
+                    client,
+                    "create_task_edges",
+                    schema.as_str(),
+                    &[INT8ARRAY, INT8ARRAY],
+                    || {
+                        format!(
+                            "INSERT INTO {q}.tasker_workflow_step_edges (from_step_id, to_step_id, name, created_at, updated_at)
+                             SELECT e.from_step_id, e.to_step_id, 'provides', {NOW}, {NOW}
+                             FROM unnest($1::bigint[], $2::bigint[]) AS e(from_step_id, to_step_id)"
+                        )
+                    },
+                    |stmt| {
+                        client.select(stmt, None, &[from_ids.clone().into(), to_ids.clone().into()])?;
+                        Ok(())
+                    },
+                )
+                .map_err(spi)?;
+            }
+        }
+        for (event, payload) in [
+            (
+                "task.initialize_requested",
+                json!({ "template": t.full_name(), "step_count": t.steps.len() }),
+            ),
+            (
+                "observability.task.enqueue",
+                json!({ "template": t.full_name() }),
+            ),
+        ] {
+            events::emit(
+                client,
+                &NewEvent {
+                    name: event,
+                    task_id: Some(task_id),
+                    step_id: None,
+                    from_state: None,
+                    to_state: Some("pending"),
+                    payload,
+                },
+            )
+            .map_err(spi)?;
+        }
+        crate::store::worker::wake(client, task_id, &t.namespace).map_err(spi)?;
+        Ok((task_id, true))
+    })
+}
+
+/// Inserts a new task's steps and edges and their maintained rows (`step_state`), all in one
+/// statement, the tracking triggers skipped (`store::maintenance`): the step ids are taken from
+/// the steps' sequence first, so each step's parents and children are known before anything is
+/// written. `kept` holds (template position, named step id) of the steps to create, in
+/// template order. Two statements whatever the number of steps and edges.
+fn insert_steps_direct(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    task_id: i64,
+    t: &TaskTemplate,
+    kept: &[(usize, i32)],
+    namespace_id: i64,
+    context: &Value,
+) -> Result<(), TaskerError> {
+    let q = schema.quoted();
+    let ids: Vec<i64> = with_write_plan(
+        client,
+        "create_task_step_ids",
+        schema.as_str(),
+        &[INT4],
+        || {
+            format!(
+                "SELECT nextval(pg_catalog.pg_get_serial_sequence('{}', 'workflow_step_id'))
+                 FROM generate_series(1, $1)",
+                format!("{q}.tasker_workflow_steps").replace('\'', "''")
+            )
+        },
+        |stmt| {
+            let mut out = Vec::with_capacity(kept.len());
+            for row in client.select(stmt, None, &[(kept.len() as i32).into()])? {
+                out.push(row.get::<i64>(1)?.unwrap_or_default());
+            }
+            Ok(out)
+        },
+    )
+    .map_err(spi)?;
+    let mut id_at: Vec<Option<i64>> = vec![None; t.steps.len()];
+    for (&(i, _), &id) in kept.iter().zip(&ids) {
+        id_at[i] = Some(id);
+    }
+    let position: HashMap<&str, usize> = t
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.as_str(), i))
+        .collect();
+    let mut parents: Vec<Vec<i64>> = vec![Vec::new(); t.steps.len()];
+    let mut children: Vec<Vec<i64>> = vec![Vec::new(); t.steps.len()];
+    let (mut from_ids, mut to_ids) = (Vec::new(), Vec::new());
+    for (i, s) in t.steps.iter().enumerate() {
+        let Some(to) = id_at[i] else { continue };
+        for d in &s.depends_on {
+            if let Some(&p) = position.get(d.as_str()) {
+                if let Some(from) = id_at[p] {
+                    from_ids.push(from);
+                    to_ids.push(to);
+                    parents[i].push(from);
+                    children[p].push(to);
+                }
+            }
+        }
+    }
+    let array = |v: &mut Vec<i64>| {
+        v.sort_unstable();
+        let items: Vec<String> = v.iter().map(i64::to_string).collect();
+        format!("{{{}}}", items.join(","))
+    };
+    let mut parent_lits = Vec::with_capacity(kept.len());
+    let mut child_lits = Vec::with_capacity(kept.len());
+    for &(i, _) in kept {
+        parent_lits.push(array(&mut parents[i]));
+        child_lits.push(array(&mut children[i]));
+    }
+    let named_ids: Vec<i32> = kept.iter().map(|&(_, id)| id).collect();
+    let names: Vec<String> = kept.iter().map(|&(i, _)| t.steps[i].name.clone()).collect();
+    let retryable: Vec<bool> = kept
+        .iter()
+        .map(|&(i, _)| t.steps[i].default_retryable)
+        .collect();
+    let limits: Vec<i32> = kept
+        .iter()
+        .map(|&(i, _)| t.steps[i].default_retry_limit)
+        .collect();
+    let skippable: Vec<bool> = kept.iter().map(|&(i, _)| t.steps[i].skippable).collect();
+    let _direct = crate::store::maintenance::Direct::begin();
+    with_write_plan(
+        client,
+        "create_task_steps_direct",
+        schema.as_str(),
+        &[INT8, INT8ARRAY, INT4ARRAY, BOOLARRAY, INT4ARRAY, BOOLARRAY, JSONB, TEXTARRAY, TEXTARRAY,
+          TEXTARRAY, INT8, INT8ARRAY, INT8ARRAY],
+        || {
+            format!(
+                "WITH s AS MATERIALIZED (
+                     SELECT * FROM unnest($2::bigint[], $3::integer[], $4::boolean[], $5::integer[],
+                                          $6::boolean[], $8::text[], $9::text[], $10::text[])
+                         WITH ORDINALITY AS s(id, named_step_id, retryable, retry_limit, skippable,
+                                              name, parents, children, pos)),
+                 steps AS (
+                     INSERT INTO {q}.tasker_workflow_steps (workflow_step_id, task_id, named_step_id,
+                         retryable, retry_limit, in_process, processed, attempts, inputs, results,
+                         skippable, created_at, updated_at)
+                     SELECT s.id, $1, s.named_step_id, s.retryable, s.retry_limit, false, false, 0, $7,
+                            '{{}}', s.skippable, {NOW}, {NOW}
+                     FROM s ORDER BY s.pos),
+                 states AS (
+                     INSERT INTO tasker_core.step_state (workflow_step_id, task_id, named_step_id, name,
+                         transition_count, parent_ids, child_ids, blocked_parents, retryable,
+                         retry_limit, in_process, processed, attempts, created_at, namespace_id)
+                     SELECT s.id, $1, s.named_step_id, s.name, 0, s.parents::bigint[],
+                            s.children::bigint[], cardinality(s.parents::bigint[]), s.retryable,
+                            s.retry_limit, false, false, 0, {NOW}, $11
+                     FROM s)
+                 INSERT INTO {q}.tasker_workflow_step_edges (from_step_id, to_step_id, name, created_at, updated_at)
+                 SELECT e.from_step_id, e.to_step_id, 'provides', {NOW}, {NOW}
+                 FROM unnest($12::bigint[], $13::bigint[]) AS e(from_step_id, to_step_id)"
+            )
+        },
+        |stmt| {
+            client.select(
+                stmt,
+                None,
+                &[
+                    task_id.into(),
+                    ids.clone().into(),
+                    named_ids.into(),
+                    retryable.into(),
+                    limits.into(),
+                    skippable.into(),
+                    JsonB(context.clone()).into(),
+                    names.into(),
+                    parent_lits.into(),
+                    child_lits.into(),
+                    namespace_id.into(),
+                    from_ids.into(),
+                    to_ids.into(),
+                ],
+            )?;
+            Ok(())
+        },
+    )
+    .map_err(spi)
+}
