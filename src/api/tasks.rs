@@ -8,62 +8,18 @@ use crate::store::{self, templates};
 use pgrx::prelude::*;
 use serde_json::Value;
 
-fn string_option(
-    options: &serde_json::Map<String, Value>,
-    key: &'static str,
-    max: usize,
-) -> Result<Option<String>, TaskerError> {
-    match options.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if !s.is_empty() && s.chars().count() <= max => Ok(Some(s.clone())),
-        Some(_) => Err(TaskerError::InvalidArgument {
-            argument: "options",
-            reason: format!("{key} must be a string of 1 to {max} characters"),
-        }),
-    }
-}
-
+/// The options, parsed and checked by the rules crate; the trace context's syntax here.
 fn parse_options(raw: Option<JsonbText>) -> Result<templates::TaskOptions, TaskerError> {
-    let v = JsonbText::parse_or_empty(raw, "options")?;
-    let Value::Object(o) = v else {
-        return Err(TaskerError::InvalidArgument {
-            argument: "options",
-            reason: "expected a JSON object".into(),
-        });
-    };
-    const KNOWN: [&str; 7] = [
-        "initiator",
-        "source_system",
-        "reason",
-        "tags",
-        "bypass_steps",
-        "idempotency_key",
-        "traceparent",
-    ];
-    if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(TaskerError::InvalidArgument {
-            argument: "options",
-            reason: format!("unknown option {k:?} (known: {})", KNOWN.join(", ")),
-        });
-    }
-    let array = |key: &'static str| -> Result<Value, TaskerError> {
-        match o.get(key) {
-            None | Some(Value::Null) => Ok(Value::Array(vec![])),
-            Some(a @ Value::Array(_)) => Ok(a.clone()),
-            Some(_) => Err(TaskerError::InvalidArgument {
-                argument: "options",
-                reason: format!("{key} must be an array"),
-            }),
-        }
-    };
+    let o = crate::core::options::parse(&JsonbText::parse_or_empty(raw, "options")?)?;
     Ok(templates::TaskOptions {
-        initiator: string_option(&o, "initiator", 128)?,
-        source_system: string_option(&o, "source_system", 128)?,
-        reason: string_option(&o, "reason", 128)?,
-        tags: array("tags")?,
-        bypass_steps: array("bypass_steps")?,
-        idempotency_key: string_option(&o, "idempotency_key", 255)?,
-        traceparent: string_option(&o, "traceparent", 55)?
+        initiator: o.initiator,
+        source_system: o.source_system,
+        reason: o.reason,
+        tags: Value::Array(o.tags),
+        bypass_steps: Value::Array(o.bypass_steps),
+        idempotency_key: o.idempotency_key,
+        traceparent: o
+            .traceparent
             .map(|t| valid_traceparent("options", t))
             .transpose()?,
     })

@@ -11,6 +11,7 @@ pub mod ident;
 pub mod interrupt;
 pub mod json;
 pub mod jsonschema;
+pub mod options;
 pub mod outcomes;
 #[cfg(test)]
 mod proptests;
