@@ -1,18 +1,26 @@
-//! The dependency graph of one task's steps, with linear-time analyses.
+//! The dependency graph of one task's steps (or of a template's steps), on petgraph.
 //!
 //! Edges run from parent (provider) to child (dependent), as `tasker_workflow_step_edges`
-//! stores them. Parallel (duplicate) edges are kept: Rails counts them.
+//! stores them. Parallel (duplicate) edges are kept: Rails counts them. The graph is a
+//! petgraph `DiGraph` whose node indexes are the steps' positions; the analyses use
+//! petgraph's non-recursive algorithms (a backend's stack is small and a template may have
+//! 10,000 steps): `toposort` for the order and for finding a cycle, breadth-first walks for
+//! reachability and depths. Every analysis is O(steps + edges). Readiness never walks this
+//! graph: it is a linear pass over maintained counts (`readiness`).
 
 use super::interrupt;
+use petgraph::algo::{toposort, Cycle};
+use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::visit::{EdgeRef, NodeFiltered};
+use petgraph::Direction::{Incoming, Outgoing};
 use std::collections::{HashMap, VecDeque};
 
-/// A directed graph over step ids. Every analysis is O(steps + edges).
+/// A directed graph over step ids.
 #[derive(Debug, Clone, Default)]
 pub struct Dag {
+    graph: DiGraph<i64, ()>,
     ids: Vec<i64>,
     index: HashMap<i64, usize>,
-    parents: Vec<Vec<usize>>,
-    children: Vec<Vec<usize>>,
 }
 
 impl Dag {
@@ -25,17 +33,14 @@ impl Dag {
         for id in steps {
             interrupt::check();
             if let std::collections::hash_map::Entry::Vacant(e) = dag.index.entry(id) {
-                e.insert(dag.ids.len());
+                e.insert(dag.graph.add_node(id).index());
                 dag.ids.push(id);
-                dag.parents.push(Vec::new());
-                dag.children.push(Vec::new());
             }
         }
         for (from, to) in edges {
             interrupt::check();
             if let (Some(&f), Some(&t)) = (dag.index.get(&from), dag.index.get(&to)) {
-                dag.children[f].push(t);
-                dag.parents[t].push(f);
+                dag.graph.add_edge(NodeIndex::new(f), NodeIndex::new(t), ());
             }
         }
         dag
@@ -43,12 +48,12 @@ impl Dag {
 
     /// Number of steps.
     pub fn len(&self) -> usize {
-        self.ids.len()
+        self.graph.node_count()
     }
 
     /// Whether the graph has no steps.
     pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
+        self.graph.node_count() == 0
     }
 
     /// Step ids in the order they were given.
@@ -61,67 +66,79 @@ impl Dag {
         self.index.get(&id).copied()
     }
 
-    /// Parent step ids of the step at `pos` (one entry per edge).
+    /// Parent step ids of the step at `pos` (one entry per edge, in the order the edges were
+    /// given).
     pub fn parent_ids(&self, pos: usize) -> impl Iterator<Item = i64> + '_ {
-        self.parents[pos].iter().map(move |&p| self.ids[p])
+        self.ends(pos, Incoming)
+            .into_iter()
+            .map(move |p| self.graph[NodeIndex::new(p)])
     }
 
-    /// Child step ids of the step at `pos` (one entry per edge).
+    /// Child step ids of the step at `pos` (one entry per edge, in the order the edges were
+    /// given).
     pub fn child_ids(&self, pos: usize) -> impl Iterator<Item = i64> + '_ {
-        self.children[pos].iter().map(move |&c| self.ids[c])
+        self.ends(pos, Outgoing)
+            .into_iter()
+            .map(move |c| self.graph[NodeIndex::new(c)])
     }
 
-    /// Kahn's algorithm. `Ok(order)` lists positions parents-first; `Err(cycle)` names the step
-    /// ids of one cycle, first id repeated at the end.
+    /// Positions at the other end of the edges of `pos` in direction `dir`, in edge order
+    /// (petgraph lists a node's edges newest first).
+    fn ends(&self, pos: usize, dir: petgraph::Direction) -> Vec<usize> {
+        let mut v: Vec<(usize, usize)> = self
+            .graph
+            .edges_directed(NodeIndex::new(pos), dir)
+            .map(|e| {
+                let other = if dir == Outgoing {
+                    e.target()
+                } else {
+                    e.source()
+                };
+                (e.id().index(), other.index())
+            })
+            .collect();
+        v.sort_unstable();
+        v.into_iter().map(|(_, other)| other).collect()
+    }
+
+    /// Positions in an order where parents come first; `Err(cycle)` names the step ids of one
+    /// cycle, first id repeated at the end.
     pub fn topological_order(&self) -> Result<Vec<usize>, Vec<i64>> {
-        let n = self.len();
-        let mut indegree: Vec<usize> = self.parents.iter().map(Vec::len).collect();
-        let mut queue: VecDeque<usize> = (0..n).filter(|&i| indegree[i] == 0).collect();
-        let mut order = Vec::with_capacity(n);
-        while let Some(i) = queue.pop_front() {
+        toposort(&self.graph, None)
+            .map(|order| order.into_iter().map(NodeIndex::index).collect())
+            .map_err(|c| self.cycle_through(c))
+    }
+
+    /// One cycle through the node petgraph found on a cycle: the shortest way back to it (a
+    /// breadth-first walk, which stays inside its strongly connected component).
+    fn cycle_through(&self, found: Cycle<NodeIndex>) -> Vec<i64> {
+        let start = found.node_id();
+        let mut came_from: HashMap<NodeIndex, NodeIndex> = HashMap::new();
+        let mut queue = VecDeque::from([start]);
+        while let Some(v) = queue.pop_front() {
             interrupt::check();
-            order.push(i);
-            for &c in &self.children[i] {
-                indegree[c] -= 1;
-                if indegree[c] == 0 {
+            for c in self.graph.neighbors_directed(v, Outgoing) {
+                if c == start {
+                    // start -> ... -> v -> start
+                    let mut path = vec![v];
+                    let mut cur = v;
+                    while cur != start {
+                        cur = came_from[&cur];
+                        path.push(cur);
+                    }
+                    path.reverse();
+                    let mut cycle: Vec<i64> = path.iter().map(|&n| self.graph[n]).collect();
+                    cycle.push(self.graph[start]);
+                    return cycle;
+                }
+                if let std::collections::hash_map::Entry::Vacant(e) = came_from.entry(c) {
+                    e.insert(v);
                     queue.push_back(c);
                 }
             }
         }
-        if order.len() == n {
-            Ok(order)
-        } else {
-            Err(self.cycle_among(&indegree))
-        }
-    }
-
-    /// Finds one cycle among the nodes Kahn's algorithm could not remove (indegree > 0).
-    fn cycle_among(&self, indegree: &[usize]) -> Vec<i64> {
-        // Every leftover node has a leftover parent: walk parents until a node repeats.
-        let start = match (0..self.len()).find(|&i| indegree[i] > 0) {
-            Some(s) => s,
-            None => return Vec::new(),
-        };
-        let mut seen_at = vec![usize::MAX; self.len()];
-        let mut path = Vec::new();
-        let mut cur = start;
-        while seen_at[cur] == usize::MAX {
-            interrupt::check();
-            seen_at[cur] = path.len();
-            path.push(cur);
-            cur = *self.parents[cur]
-                .iter()
-                .find(|&&p| indegree[p] > 0)
-                .expect("a node left by Kahn's algorithm has a leftover parent");
-        }
-        // path[seen_at[cur]..] walks child -> parent; reverse it to read parent -> child.
-        let mut cycle: Vec<i64> = path[seen_at[cur]..]
-            .iter()
-            .rev()
-            .map(|&i| self.ids[i])
-            .collect();
-        cycle.push(cycle[0]);
-        cycle
+        // (toposort names a node on a cycle, so the walk always returns to it)
+        vec![self.graph[start], self.graph[start]]
     }
 
     /// Longest-path level of every step (roots are 0; a child is one more than its deepest
@@ -131,8 +148,8 @@ impl Dag {
         let mut level = vec![0u32; self.len()];
         for i in order {
             interrupt::check();
-            for &c in &self.children[i] {
-                level[c] = level[c].max(level[i] + 1);
+            for c in self.graph.neighbors_directed(NodeIndex::new(i), Outgoing) {
+                level[c.index()] = level[c.index()].max(level[i] + 1);
             }
         }
         Ok(level)
@@ -142,57 +159,19 @@ impl Dag {
     /// `None` for steps no root reaches. `Err(cycle)` when a cycle is reachable from a root
     /// (where a path-enumerating recursive CTE would never finish).
     pub fn levels_from(&self, roots: &[usize]) -> Result<Vec<Option<u32>>, Vec<i64>> {
-        let n = self.len();
-        let mut reachable = vec![false; n];
-        let mut queue: VecDeque<usize> = VecDeque::new();
+        let reached = self.reached_from(roots);
+        let sub = NodeFiltered::from_fn(&self.graph, |n: NodeIndex| reached[n.index()].is_some());
+        let order = toposort(&sub, None).map_err(|c| self.cycle_through(c))?;
+        let mut level: Vec<Option<u32>> = vec![None; self.len()];
         for &r in roots {
-            if !reachable[r] {
-                reachable[r] = true;
-                queue.push_back(r);
-            }
+            level[r] = Some(0);
         }
-        while let Some(i) = queue.pop_front() {
+        for v in order {
             interrupt::check();
-            for &c in &self.children[i] {
-                if !reachable[c] {
-                    reachable[c] = true;
-                    queue.push_back(c);
-                }
+            let next = level[v.index()].unwrap_or(0) + 1;
+            for c in self.graph.neighbors_directed(v, Outgoing) {
+                level[c.index()] = Some(level[c.index()].map_or(next, |l| l.max(next)));
             }
-        }
-        // Kahn's algorithm on the reachable subgraph.
-        let mut indegree = vec![0usize; n];
-        for i in (0..n).filter(|&i| reachable[i]) {
-            interrupt::check();
-            for &c in &self.children[i] {
-                indegree[c] += 1;
-            }
-        }
-        let mut level: Vec<Option<u32>> = vec![None; n];
-        let mut ready: VecDeque<usize> = (0..n)
-            .filter(|&i| reachable[i] && indegree[i] == 0)
-            .collect();
-        for &i in &ready {
-            level[i] = Some(0);
-        }
-        let mut done = 0;
-        while let Some(i) = ready.pop_front() {
-            interrupt::check();
-            done += 1;
-            let next = level[i].unwrap_or(0) + 1;
-            for &c in &self.children[i] {
-                level[c] = Some(level[c].map_or(next, |l| l.max(next)));
-                indegree[c] -= 1;
-                if indegree[c] == 0 {
-                    ready.push_back(c);
-                }
-            }
-        }
-        if done < reachable.iter().filter(|&&r| r).count() {
-            let leftover: Vec<usize> = (0..n)
-                .map(|i| if reachable[i] { indegree[i] } else { 0 })
-                .collect();
-            return Err(self.cycle_among(&leftover));
         }
         Ok(level)
     }
@@ -200,8 +179,11 @@ impl Dag {
     /// Shortest distance from any root (a step without parents) to each step, by breadth-first
     /// search; `None` for steps no root reaches (possible only with cycles).
     pub fn min_depths(&self) -> Vec<Option<u32>> {
-        let roots: Vec<usize> = (0..self.len())
-            .filter(|&i| self.parents[i].is_empty())
+        let roots: Vec<usize> = self
+            .graph
+            .node_indices()
+            .filter(|&n| self.graph.neighbors_directed(n, Incoming).next().is_none())
+            .map(NodeIndex::index)
             .collect();
         self.min_depths_from(&roots)
     }
@@ -209,20 +191,26 @@ impl Dag {
     /// Shortest distance from any of `roots` (positions) to each step; `None` where no root
     /// reaches.
     pub fn min_depths_from(&self, roots: &[usize]) -> Vec<Option<u32>> {
+        self.reached_from(roots)
+    }
+
+    /// Breadth-first from `roots` at once: each step's distance from the nearest, `None` where
+    /// none reaches.
+    fn reached_from(&self, roots: &[usize]) -> Vec<Option<u32>> {
         let mut depth = vec![None; self.len()];
         let mut queue = VecDeque::new();
         for &i in roots {
             if depth[i].is_none() {
                 depth[i] = Some(0);
-                queue.push_back(i);
+                queue.push_back(NodeIndex::new(i));
             }
         }
-        while let Some(i) = queue.pop_front() {
+        while let Some(v) = queue.pop_front() {
             interrupt::check();
-            let d = depth[i].unwrap_or(0) + 1;
-            for &c in &self.children[i] {
-                if depth[c].is_none() {
-                    depth[c] = Some(d);
+            let d = depth[v.index()].unwrap_or(0) + 1;
+            for c in self.graph.neighbors_directed(v, Outgoing) {
+                if depth[c.index()].is_none() {
+                    depth[c.index()] = Some(d);
                     queue.push_back(c);
                 }
             }

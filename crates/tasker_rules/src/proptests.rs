@@ -134,6 +134,37 @@ proptest! {
         let cycle = dag.topological_order().expect_err("a back edge closes a cycle");
         prop_assert!(cycle.contains(&from) && cycle.contains(&to), "{:?}", cycle);
         prop_assert!(dag.levels().is_err());
+        // the cycle named is a real one: it closes, and each step of it is an edge
+        prop_assert_eq!(cycle.first(), cycle.last());
+        for pair in cycle.windows(2) {
+            prop_assert!(with_back.contains(&(pair[0], pair[1])), "{:?} is not an edge", pair);
+        }
+    }
+
+    #[test]
+    fn levels_and_depths_equal_a_naive_fixpoint((ids, edges) in dag_strategy()) {
+        // The graph analyses (petgraph's topological sort, breadth-first walks) against the
+        // definitions computed the slow way: relax every edge once per step.
+        let dag = Dag::new(ids.iter().copied(), edges.iter().copied());
+        let n = ids.len();
+        let pos = |id: i64| dag.position(id).unwrap();
+        let mut longest = vec![0u32; n];
+        let mut shortest: Vec<Option<u32>> = (0..n)
+            .map(|p| dag.parent_ids(p).next().is_none().then_some(0))
+            .collect();
+        for _ in 0..n {
+            for &(f, t) in &edges {
+                longest[pos(t)] = longest[pos(t)].max(longest[pos(f)] + 1);
+                if let Some(df) = shortest[pos(f)] {
+                    shortest[pos(t)] = Some(shortest[pos(t)].map_or(df + 1, |d| d.min(df + 1)));
+                }
+            }
+        }
+        prop_assert_eq!(dag.levels().unwrap(), longest.clone());
+        prop_assert_eq!(dag.min_depths(), shortest);
+        let roots: Vec<usize> = (0..n).filter(|&p| dag.parent_ids(p).next().is_none()).collect();
+        let from_roots: Vec<Option<u32>> = longest.iter().map(|&l| Some(l)).collect();
+        prop_assert_eq!(dag.levels_from(&roots).unwrap(), from_roots);
     }
 
     #[test]
