@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make test`: every test tasker_core has.
-#   scripts/test.sh            prerequisites, then core, fuzz, pg, regress and integration suites
-#   scripts/test.sh core|fuzz|pg|regress|integration   one suite (prerequisites still checked)
+#   scripts/test.sh            prerequisites, then core, fuzz, pg and integration suites (SQL regress included)
+#   scripts/test.sh core|fuzz|pg|integration   one suite (prerequisites still checked)
 #   FUZZ_SECONDS=N             how long each fuzz target runs (default 30)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -56,20 +56,6 @@ run_pg() {
     cargo pgrx test "pg$PG_MAJOR" "${args[@]}"
 }
 
-# SQL files with expected output (tests/pg_regress: sql/*.sql, expected/*.out), on a fresh
-# database of pgrx's own test cluster: readable by anyone who knows SQL. A new file is
-# bootstrapped with `cargo pgrx regress pg15 --add NAME` (then read expected/NAME.out).
-run_regress() {
-    step "regress: SQL files with expected output (cargo pgrx regress pg$PG_MAJOR)"
-    local args=()
-    if is_root; then
-        mkdir -p "$ROOT/target/pgrx-regress"
-        chown postgres:postgres "$ROOT/target/pgrx-regress"
-        args+=(--runas postgres --pgdata "$ROOT/target/pgrx-regress/data")
-    fi
-    cargo pgrx regress "pg$PG_MAJOR" --resetdb "${args[@]}"
-}
-
 run_integration() {
     step "integration: real cluster, real connections"
     "$ROOT/tests/integration/run.sh"
@@ -79,9 +65,8 @@ case "$what" in
     core) run_core ;;
     fuzz) run_fuzz ;;
     pg) run_pg ;;
-    regress) run_regress ;;
     integration) run_integration ;;
-    all) run_core; run_fuzz; run_pg; run_regress; run_integration ;;
-    *) die "usage: $0 [core|fuzz|pg|regress|integration]" ;;
+    all) run_core; run_fuzz; run_pg; run_integration ;;
+    *) die "usage: $0 [core|fuzz|pg|integration]" ;;
 esac
 step "all requested suites passed"

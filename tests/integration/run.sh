@@ -7,6 +7,7 @@
 #   ruby/*_test.rb       plain Ruby (ActiveRecord, pg) — each file is one program, exit 0 = pass
 #   node/*.test.js       node --test, with `pg` from target/node
 #   clients/{python,node,ruby}  the worker clients' own test suites
+#   ../pg_regress        SQL files with expected output (PostgreSQL's pg_regress)
 #   rust/Cargo.toml      cargo test, if that crate exists
 # Every test gets PGHOST/PGPORT/PGUSER of the cluster and creates its own databases.
 #   tests/integration/run.sh [pytest args...]
@@ -27,6 +28,7 @@ run() {
     if "$@"; then pass=$((pass + 1)); else failed=$((failed + 1)); echo "FAILED: $label" >&2; fi
 }
 
+run "sql regress (pg_regress: tests/pg_regress)" "$ROOT/tests/pg_regress/run.sh"
 run "python (pytest)" "$ROOT/target/venv/bin/pytest" -q -p no:cacheprovider "$HERE/python" "$@"
 # and again with the exact Rails index set in every database install_schema() creates
 run "python (pytest), Rails index profile" env TASKER_INDEX_PROFILE=rails \
