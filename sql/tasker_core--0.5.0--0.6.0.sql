@@ -3,11 +3,11 @@
 --   report_steps and claim_steps in one transaction (one commit per step for a busy worker;
 --   the claim half never waits for a lock).
 -- * create_roles() grants it to tasker_worker.
--- * Tracking: inserts and deletes of steps and step transitions by other writers (Rails) are
---   tracked once per statement through transition tables, like edges (a statement writing N
---   rows costs a fixed number of statements of maintenance); updates stay per row. The
---   triggers of a tracked schema are re-attached at the end of this script; the maintained
---   rows are unchanged, so nothing is rebuilt.
+-- * Tracking: deletes of steps and step transitions by other writers are tracked once per
+--   statement through transition tables, like edges (a statement deleting N rows costs a fixed
+--   number of statements of maintenance); inserts and updates stay per row. The triggers of a
+--   tracked schema are re-attached at the end of this script; the maintained rows are
+--   unchanged, so nothing is rebuilt.
 -- * metrics() escapes newlines in label values (Prometheus' text format), as it did
 --   backslashes and double quotes.
 -- Nothing else changes: the library serves the 0.5.0 SQL as before until this script runs.
@@ -188,27 +188,10 @@ DECLARE
     step_name text;
     ns bigint;
 BEGIN
-    -- inserts and deletes, once per statement: the statement's rows are in changed_steps
+    -- deletes, once per statement: the statement's rows are in changed_steps
     IF TG_LEVEL = 'STATEMENT' THEN
-        IF TG_OP = 'DELETE' THEN
-            DELETE FROM tasker_core.step_state s
-             USING changed_steps o WHERE s.workflow_step_id = o.workflow_step_id;
-            RETURN NULL;
-        END IF;
-        -- a new step has no edges or transitions yet unless they were written first, which
-        -- the foreign keys forbid; its name and its task's namespace come with it
-        EXECUTE format($ins$
-            INSERT INTO tasker_core.step_state (
-                workflow_step_id, task_id, named_step_id, name, retryable, retry_limit, in_process,
-                processed, attempts, last_attempted_at, backoff_request_seconds, created_at, namespace_id)
-            SELECT n.workflow_step_id, n.task_id, n.named_step_id, ns.name::text, n.retryable,
-                   n.retry_limit, n.in_process, n.processed, n.attempts, n.last_attempted_at,
-                   n.backoff_request_seconds, n.created_at, nt.task_namespace_id
-            FROM changed_steps n
-            LEFT JOIN %1$I.tasker_named_steps ns ON ns.named_step_id = n.named_step_id
-            LEFT JOIN %1$I.tasker_tasks t ON t.task_id = n.task_id
-            LEFT JOIN %1$I.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id$ins$,
-            TG_TABLE_SCHEMA);
+        DELETE FROM tasker_core.step_state s
+         USING changed_steps o WHERE s.workflow_step_id = o.workflow_step_id;
         RETURN NULL;
     END IF;
     IF TG_OP = 'DELETE' THEN
@@ -270,64 +253,45 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     kids bigint[];
     deltas integer[];
+    r record;
 BEGIN
-    -- Inserts and deletes, once per statement (the rows are in changed_transitions): the
-    -- maintained rows of the steps concerned are locked in id order, each updated once (its
-    -- current state when its current transition came or went, its count), then the children
-    -- of the steps that started or stopped satisfying a dependency, locked in id order too.
+    -- Deletes, once per statement (the rows are in changed_transitions): the maintained rows
+    -- of the steps concerned are locked in id order, each updated once (its current state
+    -- cleared when its current transition went, its count), then the children of the steps
+    -- that stopped satisfying a dependency, locked in id order too.
     IF TG_LEVEL = 'STATEMENT' THEN
+        SELECT count(*) AS n, min(c.workflow_step_id) AS step, min(c.id) AS id
+          INTO r FROM changed_transitions c;
+        IF r.n = 1 THEN
+            PERFORM tasker_core._set_step_state(r.step, NULL, NULL, NULL, r.id, -1);
+            RETURN NULL;
+        END IF;
         PERFORM 1 FROM tasker_core.step_state s
          WHERE s.workflow_step_id IN (SELECT c.workflow_step_id FROM changed_transitions c)
          ORDER BY s.workflow_step_id FOR UPDATE;
-        IF TG_OP = 'INSERT' THEN
-            WITH per_step AS (
-                SELECT c.workflow_step_id AS id, count(*)::integer AS n,
-                       (array_agg(c.id ORDER BY c.id DESC) FILTER (WHERE c.most_recent))[1] AS current_id
-                FROM changed_transitions c GROUP BY c.workflow_step_id),
-            before AS (
-                SELECT s.workflow_step_id AS id, s.state, s.child_ids
-                FROM tasker_core.step_state s JOIN per_step p ON p.id = s.workflow_step_id),
-            after AS (
-                UPDATE tasker_core.step_state s
-                   SET state = CASE WHEN p.current_id IS NULL THEN s.state ELSE t.to_state END,
-                       state_at = CASE WHEN p.current_id IS NULL THEN s.state_at ELSE t.created_at END,
-                       state_transition_id = COALESCE(p.current_id, s.state_transition_id),
-                       transition_count = s.transition_count + p.n
-                  FROM per_step p LEFT JOIN changed_transitions t ON t.id = p.current_id
-                 WHERE s.workflow_step_id = p.id
-                RETURNING s.workflow_step_id AS id, s.state)
-            SELECT array_agg(d.child ORDER BY d.child), array_agg(d.delta ORDER BY d.child)
-              INTO kids, deltas
-              FROM (SELECT k.child, sum(CASE WHEN tasker_core._satisfies(a.state) THEN -1 ELSE 1 END)::integer AS delta
-                    FROM after a JOIN before b ON b.id = a.id
-                    CROSS JOIN LATERAL unnest(b.child_ids) AS k(child)
-                    WHERE tasker_core._satisfies(a.state) <> tasker_core._satisfies(b.state)
-                    GROUP BY k.child) d;
-        ELSE
-            WITH per_step AS (
-                SELECT c.workflow_step_id AS id, count(*)::integer AS n, array_agg(c.id) AS ids
-                FROM changed_transitions c GROUP BY c.workflow_step_id),
-            before AS (
-                SELECT s.workflow_step_id AS id, s.state, s.child_ids
-                FROM tasker_core.step_state s JOIN per_step p ON p.id = s.workflow_step_id),
-            after AS (
-                UPDATE tasker_core.step_state s
-                   SET state = CASE WHEN s.state_transition_id = ANY (p.ids) THEN NULL ELSE s.state END,
-                       state_at = CASE WHEN s.state_transition_id = ANY (p.ids) THEN NULL ELSE s.state_at END,
-                       state_transition_id = CASE WHEN s.state_transition_id = ANY (p.ids) THEN NULL
-                                                  ELSE s.state_transition_id END,
-                       transition_count = s.transition_count - p.n
-                  FROM per_step p
-                 WHERE s.workflow_step_id = p.id
-                RETURNING s.workflow_step_id AS id, s.state)
-            SELECT array_agg(d.child ORDER BY d.child), array_agg(d.delta ORDER BY d.child)
-              INTO kids, deltas
-              FROM (SELECT k.child, sum(CASE WHEN tasker_core._satisfies(a.state) THEN -1 ELSE 1 END)::integer AS delta
-                    FROM after a JOIN before b ON b.id = a.id
-                    CROSS JOIN LATERAL unnest(b.child_ids) AS k(child)
-                    WHERE tasker_core._satisfies(a.state) <> tasker_core._satisfies(b.state)
-                    GROUP BY k.child) d;
-        END IF;
+        WITH per_step AS (
+            SELECT c.workflow_step_id AS id, count(*)::integer AS n, array_agg(c.id) AS ids
+            FROM changed_transitions c GROUP BY c.workflow_step_id),
+        before AS (
+            SELECT s.workflow_step_id AS id, s.state, s.child_ids
+            FROM tasker_core.step_state s JOIN per_step p ON p.id = s.workflow_step_id),
+        after AS (
+            UPDATE tasker_core.step_state s
+               SET state = CASE WHEN s.state_transition_id = ANY (p.ids) THEN NULL ELSE s.state END,
+                   state_at = CASE WHEN s.state_transition_id = ANY (p.ids) THEN NULL ELSE s.state_at END,
+                   state_transition_id = CASE WHEN s.state_transition_id = ANY (p.ids) THEN NULL
+                                              ELSE s.state_transition_id END,
+                   transition_count = s.transition_count - p.n
+              FROM per_step p
+             WHERE s.workflow_step_id = p.id
+            RETURNING s.workflow_step_id AS id, s.state)
+        SELECT array_agg(d.child ORDER BY d.child), array_agg(d.delta ORDER BY d.child)
+          INTO kids, deltas
+          FROM (SELECT k.child, sum(CASE WHEN tasker_core._satisfies(a.state) THEN -1 ELSE 1 END)::integer AS delta
+                FROM after a JOIN before b ON b.id = a.id
+                CROSS JOIN LATERAL unnest(b.child_ids) AS k(child)
+                WHERE tasker_core._satisfies(a.state) <> tasker_core._satisfies(b.state)
+                GROUP BY k.child) d;
         IF kids IS NOT NULL THEN
             PERFORM 1 FROM tasker_core.step_state s
              WHERE s.workflow_step_id = ANY (kids) ORDER BY s.workflow_step_id FOR UPDATE;
@@ -366,17 +330,13 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     -- The row triggers skip the writes of tasker_core's own worker path, which maintains the
     -- rows itself in the statements that make the changes (tasker_core._self_maintained()).
-    -- Steps and step transitions: inserts and deletes per statement (a transition table needs
-    -- a trigger of its own per event), updates of the columns tracked per row.
-    EXECUTE format('CREATE TRIGGER tasker_core_track AFTER UPDATE OF
-                                 workflow_step_id, task_id, named_step_id, retryable, retry_limit, in_process,
+    -- Steps and step transitions: inserts and updates of the columns tracked per row, deletes
+    -- per statement (a transition table needs a trigger of its own per event).
+    EXECUTE format('CREATE TRIGGER tasker_core_track AFTER INSERT
+                    OR UPDATE OF workflow_step_id, task_id, named_step_id, retryable, retry_limit, in_process,
                                  processed, attempts, last_attempted_at, backoff_request_seconds, created_at
                     ON %I.tasker_workflow_steps
                     FOR EACH ROW WHEN (NOT tasker_core._self_maintained())
-                    EXECUTE FUNCTION tasker_core.track_steps()', target);
-    EXECUTE format('CREATE TRIGGER tasker_core_track_insert AFTER INSERT ON %I.tasker_workflow_steps
-                    REFERENCING NEW TABLE AS changed_steps
-                    FOR EACH STATEMENT WHEN (NOT tasker_core._self_maintained())
                     EXECUTE FUNCTION tasker_core.track_steps()', target);
     EXECUTE format('CREATE TRIGGER tasker_core_track_delete AFTER DELETE ON %I.tasker_workflow_steps
                     REFERENCING OLD TABLE AS changed_steps
@@ -400,13 +360,10 @@ BEGIN
                     REFERENCING OLD TABLE AS changed_edges
                     FOR EACH STATEMENT WHEN (NOT tasker_core._self_maintained())
                     EXECUTE FUNCTION tasker_core.track_edges()', target);
-    EXECUTE format('CREATE TRIGGER tasker_core_track AFTER UPDATE OF workflow_step_id, to_state, most_recent, created_at
+    EXECUTE format('CREATE TRIGGER tasker_core_track AFTER INSERT
+                    OR UPDATE OF workflow_step_id, to_state, most_recent, created_at
                     ON %I.tasker_workflow_step_transitions
                     FOR EACH ROW WHEN (NOT tasker_core._self_maintained())
-                    EXECUTE FUNCTION tasker_core.track_step_transitions()', target);
-    EXECUTE format('CREATE TRIGGER tasker_core_track_insert AFTER INSERT ON %I.tasker_workflow_step_transitions
-                    REFERENCING NEW TABLE AS changed_transitions
-                    FOR EACH STATEMENT WHEN (NOT tasker_core._self_maintained())
                     EXECUTE FUNCTION tasker_core.track_step_transitions()', target);
     EXECUTE format('CREATE TRIGGER tasker_core_track_delete AFTER DELETE ON %I.tasker_workflow_step_transitions
                     REFERENCING OLD TABLE AS changed_transitions

@@ -72,7 +72,7 @@ def test_switch_over_and_back(tasker_db):
     assert signatures(db, "public") == reference()
     assert "tasker_core.step_dag_relationships" in db.scalar(
         "SELECT pg_get_viewdef('public.tasker_step_dag_relationships'::regclass)")
-    assert db.scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'tasker_core_track%%'") == 13
+    assert db.scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'tasker_core_track%%'") == 11
     assert db.scalar("SELECT count(*) FROM tasker_core.step_state") == 6
     # the public names answer as the reference does
     assert db.execute("SELECT * FROM get_step_readiness_status(1) EXCEPT ALL SELECT * FROM tasker_ref.get_step_readiness_status(1)") == []
@@ -167,6 +167,6 @@ def test_switch_back_without_switch_over_is_refused_and_changes_nothing(tasker_d
         db.execute("SELECT tasker_core.switch_back()")
     assert err.value.sqlstate == "55000", (err.value.sqlstate, str(err.value))
     assert "tasker_core is not switched over" in str(err.value)
-    assert db.scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'tasker_core_track%%'") == 13
+    assert db.scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'tasker_core_track%%'") == 11
     assert db.scalar("SELECT count(*) FROM tasker_core.step_state") == 6
     assert db.execute("SELECT * FROM tasker_core.check_tracking()") == []
