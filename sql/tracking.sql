@@ -80,10 +80,6 @@ BEGIN
          USING changed_steps o WHERE s.workflow_step_id = o.workflow_step_id;
         RETURN NULL;
     END IF;
-    IF TG_OP = 'DELETE' THEN
-        DELETE FROM tasker_core.step_state WHERE workflow_step_id = OLD.workflow_step_id;
-        RETURN NULL;
-    END IF;
     IF TG_OP = 'UPDATE' AND OLD.workflow_step_id = NEW.workflow_step_id
        AND OLD.named_step_id = NEW.named_step_id THEN
         IF OLD.task_id IS DISTINCT FROM NEW.task_id THEN
@@ -317,19 +313,12 @@ LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     kids bigint[];
     deltas integer[];
-    r record;
 BEGIN
     -- Deletes, once per statement (the rows are in changed_transitions): the maintained rows
     -- of the steps concerned are locked in id order, each updated once (its current state
     -- cleared when its current transition went, its count), then the children of the steps
     -- that stopped satisfying a dependency, locked in id order too.
     IF TG_LEVEL = 'STATEMENT' THEN
-        SELECT count(*) AS n, min(c.workflow_step_id) AS step, min(c.id) AS id
-          INTO r FROM changed_transitions c;
-        IF r.n = 1 THEN
-            PERFORM tasker_core._set_step_state(r.step, NULL, NULL, NULL, r.id, -1);
-            RETURN NULL;
-        END IF;
         PERFORM 1 FROM tasker_core.step_state s
          WHERE s.workflow_step_id IN (SELECT c.workflow_step_id FROM changed_transitions c)
          ORDER BY s.workflow_step_id FOR UPDATE;
@@ -374,7 +363,7 @@ BEGIN
         END IF;
         RETURN NULL;
     END IF;
-    IF TG_OP IN ('DELETE', 'UPDATE') THEN
+    IF TG_OP = 'UPDATE' THEN
         PERFORM tasker_core._set_step_state(OLD.workflow_step_id, NULL, NULL, NULL, OLD.id, -1);
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN

@@ -35,14 +35,6 @@ pub const fn make_sqlstate(code: &str) -> c_int {
     out
 }
 
-/// Raises `err` as an ERROR with its SQLSTATE. Never returns.
-pub fn raise(err: TaskerError) -> ! {
-    let code = err.sqlstate();
-    let message = err.to_string();
-    drop(err);
-    raise_with(code, message)
-}
-
 /// Raises an ERROR with the given SQLSTATE and message. Never returns.
 pub fn raise_with(sqlstate: &'static str, message: String) -> ! {
     let code = make_sqlstate(sqlstate);
@@ -122,10 +114,7 @@ pub trait OrRaise<T> {
 
 impl<T> OrRaise<T> for Result<T, TaskerError> {
     fn or_raise(self) -> T {
-        match self {
-            Ok(v) => v,
-            Err(e) => raise(e),
-        }
+        self.map_err(Raised::from).or_raise()
     }
 }
 

@@ -189,15 +189,6 @@ pub struct LockSet {
     pub states: Vec<i64>,
 }
 
-/// Locks every row of `set` at once, waiting for holders without holding anything.
-pub fn lock_all(
-    client: &SpiClient<'_>,
-    schema: &SchemaName,
-    set: LockSet,
-) -> Result<(), TaskerError> {
-    with_all_locked(client, schema, set, || Ok(()))
-}
-
 /// Locks every row of `set` at once, waiting for holders without holding anything, then runs
 /// `body` — the writes to those rows — in the same subtransaction. A row locked by one
 /// (sub)transaction id and then written by another of the same transaction gets a MultiXact
