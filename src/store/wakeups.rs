@@ -116,6 +116,18 @@ pub fn init_shared_memory() {
 #[derive(Default)]
 struct Pending {
     wakeups: Vec<(Channel, String, String)>,
+    /// Ready wake-ups that the transaction may still take back: a task's steps that became
+    /// ready and that the same transaction then claimed itself need no worker woken.
+    retractable: Vec<ReadyTask>,
+}
+
+/// A task whose steps became ready in this transaction: its namespace, the payload of its
+/// wake-up and how many of its ready steps no claim of this transaction has taken yet.
+struct ReadyTask {
+    task_id: i64,
+    namespace: String,
+    payload: String,
+    unclaimed: i64,
 }
 
 thread_local! {
@@ -161,6 +173,65 @@ pub fn defer(channel: Channel, key: &str, payload: &serde_json::Value) -> bool {
     true
 }
 
+/// Keeps the wake-up of a task that has `ready` steps ready now, to be sent after commit unless
+/// this transaction claims them all first ([`claimed_by_this_transaction`]). The latest count
+/// of a task replaces the earlier one (it already leaves out what was claimed in between).
+/// Returns false when the notifier does not serve this database (the caller then sends its
+/// NOTIFY in the transaction, which cannot be taken back).
+pub fn defer_ready(namespace: &str, task_id: i64, ready: i64, payload: &serde_json::Value) -> bool {
+    if !notifier_serves_this_database() {
+        return false;
+    }
+    PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        if let Some(t) = p.retractable.iter_mut().find(|t| t.task_id == task_id) {
+            t.unclaimed = ready;
+        } else {
+            p.retractable.push(ReadyTask {
+                task_id,
+                namespace: namespace.to_owned(),
+                payload: payload.to_string(),
+                unclaimed: ready,
+            });
+        }
+    });
+    true
+}
+
+/// Counts steps that this transaction claimed against the ready steps of their tasks (one
+/// task id per claimed step). A task whose ready steps were all claimed here wakes no one.
+pub fn claimed_by_this_transaction(task_ids: impl IntoIterator<Item = i64>) {
+    PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.retractable.is_empty() {
+            return;
+        }
+        for task_id in task_ids {
+            if let Some(t) = p.retractable.iter_mut().find(|t| t.task_id == task_id) {
+                t.unclaimed -= 1;
+            }
+        }
+    });
+}
+
+/// The transaction's wake-ups as they stand at commit: those kept by [`defer`], then one per
+/// namespace of the tasks that still have unclaimed ready steps.
+fn take_pending() -> Vec<(Channel, String, String)> {
+    PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        let mut wakeups = std::mem::take(&mut p.wakeups);
+        for t in std::mem::take(&mut p.retractable) {
+            let sent = wakeups
+                .iter()
+                .any(|(c, k, _)| *c == Channel::Ready && *k == t.namespace);
+            if t.unclaimed > 0 && !sent {
+                wakeups.push((Channel::Ready, t.namespace, t.payload));
+            }
+        }
+        wakeups
+    })
+}
+
 /// Hands the transaction's wake-ups to the notifier (at commit) or forgets them (at abort).
 #[pg_guard]
 unsafe extern "C-unwind" fn at_transaction_end(
@@ -175,7 +246,7 @@ unsafe extern "C-unwind" fn at_transaction_end(
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => false,
         _ => return,
     };
-    let wakeups = PENDING.with(|p| std::mem::take(&mut p.borrow_mut().wakeups));
+    let wakeups = take_pending();
     if handover && !wakeups.is_empty() {
         hand_over(&wakeups);
     }

@@ -324,7 +324,7 @@ pub fn create_task(
             )
             .map_err(spi)?;
         }
-        crate::store::worker::wake(client, task_id, &t.namespace).map_err(spi)?;
+        crate::store::worker::wake(client, task_id, &t.namespace, None).map_err(spi)?;
         Ok((task_id, true))
     })
 }

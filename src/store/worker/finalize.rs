@@ -145,7 +145,7 @@ pub fn finalize(
         }
         Finalization::HasReadySteps => {
             let ns = task_namespace(client, schema, task_id)?;
-            wake(client, task_id, &ns).map_err(spi)?;
+            wake(client, task_id, &ns, Some(c.ready)).map_err(spi)?;
             emit(
                 client,
                 "workflow.viable_steps_discovered",

@@ -110,14 +110,24 @@ pub(super) fn require_tracked(
     }
 }
 
-/// Wakes workers (NOTIFY on `tasker_ready`, once per transaction).
-pub fn wake(client: &SpiClient<'_>, task_id: i64, namespace: &str) -> SpiResult<()> {
-    events::notify_channel_once(
-        client,
-        READY_CHANNEL,
-        namespace,
-        &json!({ "task_id": task_id, "namespace": namespace }),
-    )
+/// Wakes workers (NOTIFY on `tasker_ready`, once per transaction). With the count of the
+/// task's ready steps, the wake-up is taken back when this transaction claims them all itself
+/// (`report_and_claim`; only where the notifier sends wake-ups after commit).
+pub fn wake(
+    client: &SpiClient<'_>,
+    task_id: i64,
+    namespace: &str,
+    ready: Option<i64>,
+) -> SpiResult<()> {
+    let payload = json!({ "task_id": task_id, "namespace": namespace });
+    if let Some(ready) = ready {
+        if crate::store::settings::NOTIFY.get()
+            && crate::store::wakeups::defer_ready(namespace, task_id, ready, &payload)
+        {
+            return Ok(());
+        }
+    }
+    events::notify_channel_once(client, READY_CHANNEL, namespace, &payload)
 }
 
 pub(super) fn emit(

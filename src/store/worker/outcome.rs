@@ -167,8 +167,10 @@ pub fn report_and_claim(
             lease_seconds,
             traceparent,
         )
-    })?;
-    Ok((reported, claimed.unwrap_or_default()))
+    })?
+    .unwrap_or_default();
+    crate::store::wakeups::claimed_by_this_transaction(claimed.iter().map(|c| c.task_id));
+    Ok((reported, claimed))
 }
 
 /// The children of `steps` (each child once per edge), from their maintained rows.

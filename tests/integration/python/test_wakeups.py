@@ -150,6 +150,40 @@ def test_one_transaction_wakes_every_namespace_it_readied(conninfo):
         assert '"namespace":"multi_a"' in payloads and '"namespace":"multi_b"' in payloads, payloads
 
 
+FAN = """{"name": "fan", "namespace_name": "%s", "version": "1.0.0",
+  "step_templates": [{"name": "root", "handler_class": "R"},
+                     {"name": "left", "handler_class": "L", "depends_on_step": "root"},
+                     {"name": "right", "handler_class": "R", "depends_on_step": "root"}]}"""
+
+
+def test_steps_a_transaction_readies_and_claims_itself_wake_nobody(conninfo):
+    with psycopg.connect(dbname="wake_db", **conninfo) as work, \
+            psycopg.connect(dbname="wake_db", **conninfo) as listener:
+        listener.execute("LISTEN tasker_ready")
+        work.execute("SELECT tasker_core.register_task_template(%s::jsonb)", (FAN % "selfclaim",))
+        work.execute("SELECT tasker_core.create_task('selfclaim', 'fan', NULL, '{\"n\": 1}')")
+        root = work.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w', ARRAY['selfclaim'], 1, 60)"
+                            ).fetchone()[0]
+        wakeups(listener, 0.5)                          # drain the creation's
+        # the root's outcome readies two steps; the same call claims both: nobody to wake
+        rows = work.execute("SELECT outcome FROM tasker_core.report_and_claim('w', %s::jsonb, "
+                            "ARRAY['selfclaim'], 2, 60)",
+                            (f'[{{"step_id": {root}}}]',)).fetchall()
+        assert [r[0] for r in rows] == ["completed", "claimed", "claimed"], rows
+        assert wakeups(listener, 1.0) == []
+        # the same again, claiming one of the two: the other still needs a worker
+        work.execute("SELECT tasker_core.create_task('selfclaim', 'fan', NULL, '{\"n\": 2}')")
+        wakeups(listener, 0.5)
+        root = work.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w', ARRAY['selfclaim'], 1, 60)"
+                            ).fetchone()[0]
+        rows = work.execute("SELECT outcome FROM tasker_core.report_and_claim('w', %s::jsonb, "
+                            "ARRAY['selfclaim'], 1, 60)",
+                            (f'[{{"step_id": {root}}}]',)).fetchall()
+        assert [r[0] for r in rows] == ["completed", "claimed"], rows
+        got = wakeups(listener, 1.5)
+        assert len(got) == 1 and '"namespace":"selfclaim"' in got[0].payload.replace(" ", ""), got
+
+
 def test_other_databases_and_a_restarting_notifier_fall_back_to_in_transaction_notify(conninfo):
     # a database the notifier does not serve: each transaction sends its own
     with psycopg.connect(dbname="other_db", **conninfo) as work, \
