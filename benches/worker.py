@@ -186,7 +186,7 @@ def settle():
 
 
 def main():
-    setup(tasks=int(os.environ.get("TASKER_BENCH_WORKER_TASKS", "20000")))
+    setup(tasks=int(os.environ.get("TASKER_BENCH_WORKER_TASKS", "60000")))
     settle()
     throughput(notify=True)                     # warm-up: plans, caches
     # on and off interleaved, twice each: the median of each mode

@@ -447,7 +447,7 @@ class Worker extends EventEmitter {
   // batches grow with the load and an idle worker records at once (plus flushIntervalMs).
   #scheduleFlush() {
     if (this.#flushTimer || this.#flushing || this.#outbox.length === 0) return;
-    this.#flushTimer = setTimeout(async () => {
+    const run = async () => {
       this.#flushTimer = null;
       this.#flushing = true;
       try {
@@ -456,7 +456,9 @@ class Worker extends EventEmitter {
         this.#flushing = false;
         this.#scheduleFlush();
       }
-    }, this.flushIntervalMs);
+    };
+    // setTimeout(0) waits at least a millisecond; setImmediate runs after pending I/O only
+    this.#flushTimer = this.flushIntervalMs > 0 ? setTimeout(run, this.flushIntervalMs) : setImmediate(run);
   }
 
   async #flush() {

@@ -231,15 +231,13 @@ fn fail_step(
         if let Some(r) = retry_after_seconds {
             bounded("retry_after_seconds", r, 0, i32::MAX)?;
         }
-        worker::fail(
-            &store::settings::data_schema()?,
-            step,
-            &w,
-            &error,
+        let failure = worker::Failure {
+            error: &error,
             retryable,
-            retry_after_seconds.map(i64::from),
-        )
-        .map(|b| b.map(|s| s as i32))
+            retry_after: retry_after_seconds.map(i64::from),
+        };
+        worker::fail(&store::settings::data_schema()?, step, &w, failure)
+            .map(|b| b.map(|s| s as i32))
     })
     .or_raise()
 }

@@ -1,7 +1,7 @@
 //! Loading the facts readiness is computed from: from the maintained `tasker_core.step_state`
 //! when the data schema is tracked, otherwise recomputed from the Tasker tables.
 
-use super::plans::{with_plan, INT8, INT8ARRAY, TEXT};
+use super::plans::{all_rows, with_plan, INT8, INT8ARRAY, TEXT};
 use super::rows::{for_each_row, Col, Interner};
 use crate::core::ident::SchemaName;
 use crate::core::readiness::StepFacts;
@@ -253,15 +253,13 @@ pub fn task_heads(
             )
         },
         |stmt| {
-            let mut out = Vec::new();
-            for row in client.select(stmt, None, &[task_ids.to_vec().into()])? {
-                out.push(TaskHead {
+            all_rows(client, stmt, &[task_ids.to_vec().into()], |row| {
+                Ok(TaskHead {
                     task_id: row.get::<i64>(1)?.unwrap_or_default(),
                     named_task_id: row.get::<i32>(2)?.unwrap_or_default(),
                     state: row.get::<String>(3)?,
-                });
-            }
-            Ok(out)
+                })
+            })
         },
     )
 }
@@ -285,14 +283,12 @@ pub fn edges_from(
             )
         },
         |stmt| {
-            let mut out = Vec::new();
-            for row in client.select(stmt, None, &[step_ids.to_vec().into()])? {
-                out.push((
+            all_rows(client, stmt, &[step_ids.to_vec().into()], |row| {
+                Ok((
                     row.get::<i64>(1)?.unwrap_or_default(),
                     row.get::<i64>(2)?.unwrap_or_default(),
-                ));
-            }
-            Ok(out)
+                ))
+            })
         },
     )
 }
@@ -317,14 +313,12 @@ pub fn parent_lists(
             )
         },
         |stmt| {
-            let mut out = Vec::new();
-            for row in client.select(stmt, None, &[step_ids.to_vec().into()])? {
-                out.push((
+            all_rows(client, stmt, &[step_ids.to_vec().into()], |row| {
+                Ok((
                     row.get::<i64>(1)?.unwrap_or_default(),
                     row.get::<Vec<i64>>(2)?.unwrap_or_default(),
-                ));
-            }
-            Ok(out)
+                ))
+            })
         },
     )
 }

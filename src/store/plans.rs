@@ -1,7 +1,8 @@
 //! Prepared statements kept for the life of the backend, one per (query, data schema).
 
+use pgrx::datum::{DatumWithOid, FromDatum, IntoDatum};
 use pgrx::pg_sys::{PgBuiltInOids, PgOid};
-use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult};
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiHeapTupleData, SpiResult, SpiTupleTable};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
@@ -70,6 +71,39 @@ impl Drop for IndexPaths {
         // SAFETY: as above; restores the caller's value.
         unsafe { pgrx::pg_sys::enable_seqscan = self.0 }
     }
+}
+
+/// Runs `stmt` for one row: `None` when it returns none, else what `read` takes from it.
+pub fn one_row<R>(
+    client: &SpiClient<'_>,
+    stmt: &OwnedPreparedStatement,
+    args: &[DatumWithOid<'_>],
+    read: impl FnOnce(&SpiTupleTable<'_>) -> SpiResult<R>,
+) -> SpiResult<Option<R>> {
+    let t = client.select(stmt, Some(1), args)?;
+    if t.is_empty() {
+        return Ok(None);
+    }
+    read(&t.first()).map(Some)
+}
+
+/// Every row `stmt` returns for `args`, each made into an `R` by `read`.
+pub fn all_rows<R, C: FromIterator<R>>(
+    client: &SpiClient<'_>,
+    stmt: &OwnedPreparedStatement,
+    args: &[DatumWithOid<'_>],
+    read: impl FnMut(SpiHeapTupleData<'_>) -> SpiResult<R>,
+) -> SpiResult<C> {
+    client.select(stmt, None, args)?.map(read).collect()
+}
+
+/// The first column of the one row `stmt` returns: `None` without a row or for SQL NULL.
+pub fn one_value<T: FromDatum + IntoDatum>(
+    client: &SpiClient<'_>,
+    stmt: &OwnedPreparedStatement,
+    args: &[DatumWithOid<'_>],
+) -> SpiResult<Option<T>> {
+    one_row(client, stmt, args, |r| r.get::<T>(1)).map(Option::flatten)
 }
 
 thread_local! {

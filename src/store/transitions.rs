@@ -112,69 +112,76 @@ fn guard(
     to: State,
 ) -> SpiResult<Option<String>> {
     let q = schema.quoted();
-    match (entity, to) {
-        (Entity::Step, State::InProgress) => with_keyed_plan(
-            client,
-            "guard_step_parents",
-            schema.as_str(),
-            &[INT8],
-            || {
-                format!(
-                    "SELECT e.from_step_id FROM {q}.tasker_workflow_step_edges e \
-                     LEFT JOIN {q}.tasker_workflow_step_transitions p \
-                            ON p.workflow_step_id = e.from_step_id AND p.most_recent \
-                     WHERE e.to_step_id = $1 \
-                       AND (p.to_state IS NULL OR p.to_state NOT IN ('complete', 'resolved_manually')) \
-                     ORDER BY 1"
+    // Steps not finished (neither complete nor resolved_manually), joined on `$1` by `on`.
+    let unfinished = |from: &str, on: &str, step: &str| {
+        format!(
+            "SELECT {step} FROM {from} \
+             LEFT JOIN {q}.tasker_workflow_step_transitions cur \
+                    ON cur.workflow_step_id = {step} AND cur.most_recent \
+             WHERE {on} = $1 \
+               AND (cur.to_state IS NULL OR cur.to_state NOT IN ('complete', 'resolved_manually')) \
+             ORDER BY 1"
+        )
+    };
+    let open = match (entity, to) {
+        (Entity::Step, State::InProgress) => {
+            let sql = || {
+                unfinished(
+                    &format!("{q}.tasker_workflow_step_edges e"),
+                    "e.to_step_id",
+                    "e.from_step_id",
                 )
-            },
-            |stmt| {
-                let mut waiting = Vec::new();
-                for row in client.select(stmt, None, &[id.into()])? {
-                    waiting.push(row.get::<i64>(1)?.unwrap_or_default().to_string());
-                }
-                waiting.dedup();
-                Ok((!waiting.is_empty()).then(|| {
-                    format!(
-                        "parents not complete or resolved: steps {}",
-                        waiting.join(", ")
-                    )
-                }))
-            },
-        ),
-        (Entity::Task, State::Complete) => with_keyed_plan(
-            client,
-            "guard_task_steps",
-            schema.as_str(),
-            &[INT8],
-            || {
+            };
+            let mut parents = ids_of(client, "guard_step_parents", schema, sql, id)?;
+            parents.dedup();
+            return Ok((!parents.is_empty()).then(|| {
                 format!(
-                    "SELECT ws.workflow_step_id FROM {q}.tasker_workflow_steps ws \
-                     LEFT JOIN {q}.tasker_workflow_step_transitions cur \
-                            ON cur.workflow_step_id = ws.workflow_step_id AND cur.most_recent \
-                     WHERE ws.task_id = $1 \
-                       AND (cur.to_state IS NULL OR cur.to_state NOT IN ('complete', 'resolved_manually')) \
-                     ORDER BY 1"
+                    "parents not complete or resolved: steps {}",
+                    parents
+                        .iter()
+                        .map(i64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )
-            },
-            |stmt| {
-                let mut open = Vec::new();
-                for row in client.select(stmt, None, &[id.into()])? {
-                    open.push(row.get::<i64>(1)?.unwrap_or_default());
-                }
-                Ok((!open.is_empty()).then(|| {
-                    let shown: Vec<String> = open.iter().take(10).map(i64::to_string).collect();
-                    let more = if open.len() > 10 {
-                        format!(" and {} more", open.len() - 10)
-                    } else {
-                        String::new()
-                    };
-                    format!("steps not complete or resolved: {}{more}", shown.join(", "))
-                }))
-            },
-        ),
-        _ => Ok(None),
-    }
+            }));
+        }
+        (Entity::Task, State::Complete) => {
+            let sql = || {
+                unfinished(
+                    &format!("{q}.tasker_workflow_steps ws"),
+                    "ws.task_id",
+                    "ws.workflow_step_id",
+                )
+            };
+            ids_of(client, "guard_task_steps", schema, sql, id)?
+        }
+        _ => return Ok(None),
+    };
+    Ok((!open.is_empty()).then(|| {
+        let shown: Vec<String> = open.iter().take(10).map(i64::to_string).collect();
+        let more = if open.len() > 10 {
+            format!(" and {} more", open.len() - 10)
+        } else {
+            String::new()
+        };
+        format!("steps not complete or resolved: {}{more}", shown.join(", "))
+    }))
+}
+
+/// The ids a guard's statement (one bigint argument, one bigint column) returns.
+fn ids_of(
+    client: &SpiClient<'_>,
+    key: &'static str,
+    schema: &SchemaName,
+    sql: impl FnOnce() -> String,
+    id: i64,
+) -> SpiResult<Vec<i64>> {
+    with_keyed_plan(client, key, schema.as_str(), &[INT8], sql, |stmt| {
+        client
+            .select(stmt, None, &[id.into()])?
+            .map(|row| row.get::<i64>(1).map(Option::unwrap_or_default))
+            .collect()
+    })
 }
 
 /// Clears `most_recent` on the transition the caller read as current. False when it is no
@@ -370,6 +377,28 @@ pub fn transition(
     expected_from: Option<State>,
 ) -> Result<bool, TaskerError> {
     transition_guarded(schema, entity, id, to, metadata, expected_from, true)
+}
+
+/// [`transition`] of a step.
+pub fn step(
+    schema: &SchemaName,
+    id: i64,
+    to: State,
+    metadata: &JsonB,
+    expected_from: Option<State>,
+) -> Result<bool, TaskerError> {
+    transition(schema, Entity::Step, id, to, metadata, expected_from)
+}
+
+/// [`transition`] of a task.
+pub fn task(
+    schema: &SchemaName,
+    id: i64,
+    to: State,
+    metadata: &JsonB,
+    expected_from: Option<State>,
+) -> Result<bool, TaskerError> {
+    transition(schema, Entity::Task, id, to, metadata, expected_from)
 }
 
 /// [`transition`] for a caller that has just established, under the locks it holds, what the

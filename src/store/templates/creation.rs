@@ -7,7 +7,8 @@ use crate::core::ident::SchemaName;
 use crate::core::template::{self, TaskTemplate};
 use crate::store::events::{self, NewEvent};
 use crate::store::plans::{
-    with_write_plan, BOOLARRAY, INT4, INT4ARRAY, INT8, INT8ARRAY, JSONB, NOW, TEXT, TEXTARRAY,
+    all_rows, with_write_plan, BOOLARRAY, INT4, INT4ARRAY, INT8, INT8ARRAY, JSONB, NOW, TEXT,
+    TEXTARRAY,
 };
 use crate::store::spi;
 use pgrx::spi::{Spi, SpiClient};
@@ -193,16 +194,6 @@ pub fn create_task(
             .enumerate()
             .filter_map(|(i, id)| id.map(|id| (i, id)))
             .collect();
-        let named_ids: Vec<i32> = kept.iter().map(|&(_, id)| id).collect();
-        let retryable: Vec<bool> = kept
-            .iter()
-            .map(|&(i, _)| t.steps[i].default_retryable)
-            .collect();
-        let limits: Vec<i32> = kept
-            .iter()
-            .map(|&(i, _)| t.steps[i].default_retry_limit)
-            .collect();
-        let skippable: Vec<bool> = kept.iter().map(|&(i, _)| t.steps[i].skippable).collect();
         let direct = crate::store::maintenance::installed()
             && crate::store::facts::is_tracked(client, schema).map_err(spi)?;
         if direct {
@@ -216,6 +207,13 @@ pub fn create_task(
                 context,
             )?;
         } else {
+            let StepColumns {
+                named_ids,
+                retryable,
+                limits,
+                skippable,
+                ..
+            } = StepColumns::of(t, &kept);
             // the steps, in template order (ids ascend with it); workflow step id by named step id
             // (a template's steps have distinct named steps: names are unique in a template)
             let by_named: HashMap<i32, i64> = with_write_plan(
@@ -263,23 +261,10 @@ pub fn create_task(
             for &(i, named_id) in &kept {
                 step_ids[i] = by_named.get(&named_id).copied();
             }
-            let position: HashMap<&str, usize> = t
-                .steps
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (s.name.as_str(), i))
-                .collect();
-            let mut from_ids: Vec<i64> = Vec::new();
-            let mut to_ids: Vec<i64> = Vec::new();
-            for (i, s) in t.steps.iter().enumerate() {
-                let Some(to) = step_ids[i] else { continue };
-                for d in &s.depends_on {
-                    if let Some(from) = position.get(d.as_str()).and_then(|&p| step_ids[p]) {
-                        from_ids.push(from);
-                        to_ids.push(to);
-                    }
-                }
-            }
+            let (from_ids, to_ids): (Vec<i64>, Vec<i64>) = edge_positions(t, &step_ids)
+                .into_iter()
+                .filter_map(|(p, c)| Some((step_ids[p]?, step_ids[c]?)))
+                .unzip();
             if !from_ids.is_empty() {
                 with_write_plan(
                     client,
@@ -329,6 +314,52 @@ pub fn create_task(
     })
 }
 
+/// The columns of the steps to create, in template order (`kept`: template position and named
+/// step id of each).
+struct StepColumns {
+    named_ids: Vec<i32>,
+    names: Vec<String>,
+    retryable: Vec<bool>,
+    limits: Vec<i32>,
+    skippable: Vec<bool>,
+}
+
+impl StepColumns {
+    fn of(t: &TaskTemplate, kept: &[(usize, i32)]) -> StepColumns {
+        let steps = || kept.iter().map(|&(i, _)| &t.steps[i]);
+        StepColumns {
+            named_ids: kept.iter().map(|&(_, id)| id).collect(),
+            names: steps().map(|s| s.name.clone()).collect(),
+            retryable: steps().map(|s| s.default_retryable).collect(),
+            limits: steps().map(|s| s.default_retry_limit).collect(),
+            skippable: steps().map(|s| s.skippable).collect(),
+        }
+    }
+}
+
+/// The template's dependencies between steps that are created (`id_at` has their ids by
+/// template position), as (parent, child) template positions.
+fn edge_positions(t: &TaskTemplate, id_at: &[Option<i64>]) -> Vec<(usize, usize)> {
+    let position: HashMap<&str, usize> = t
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.as_str(), i))
+        .collect();
+    let mut out = Vec::new();
+    for (c, s) in t.steps.iter().enumerate() {
+        if id_at[c].is_none() {
+            continue;
+        }
+        for d in &s.depends_on {
+            if let Some(&p) = position.get(d.as_str()).filter(|&&p| id_at[p].is_some()) {
+                out.push((p, c));
+            }
+        }
+    }
+    out
+}
+
 /// Inserts a new task's steps and edges and their maintained rows (`step_state`), all in one
 /// statement, the tracking triggers skipped (`store::maintenance`): the step ids are taken from
 /// the steps' sequence first, so each step's parents and children are known before anything is
@@ -357,11 +388,9 @@ fn insert_steps_direct(
             )
         },
         |stmt| {
-            let mut out = Vec::with_capacity(kept.len());
-            for row in client.select(stmt, None, &[(kept.len() as i32).into()])? {
-                out.push(row.get::<i64>(1)?.unwrap_or_default());
-            }
-            Ok(out)
+            all_rows(client, stmt, &[(kept.len() as i32).into()], |row| {
+                Ok(row.get::<i64>(1)?.unwrap_or_default())
+            })
         },
     )
     .map_err(spi)?;
@@ -369,27 +398,17 @@ fn insert_steps_direct(
     for (&(i, _), &id) in kept.iter().zip(&ids) {
         id_at[i] = Some(id);
     }
-    let position: HashMap<&str, usize> = t
-        .steps
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.name.as_str(), i))
-        .collect();
     let mut parents: Vec<Vec<i64>> = vec![Vec::new(); t.steps.len()];
     let mut children: Vec<Vec<i64>> = vec![Vec::new(); t.steps.len()];
     let (mut from_ids, mut to_ids) = (Vec::new(), Vec::new());
-    for (i, s) in t.steps.iter().enumerate() {
-        let Some(to) = id_at[i] else { continue };
-        for d in &s.depends_on {
-            if let Some(&p) = position.get(d.as_str()) {
-                if let Some(from) = id_at[p] {
-                    from_ids.push(from);
-                    to_ids.push(to);
-                    parents[i].push(from);
-                    children[p].push(to);
-                }
-            }
-        }
+    for (p, c) in edge_positions(t, &id_at) {
+        let (Some(from), Some(to)) = (id_at[p], id_at[c]) else {
+            continue;
+        };
+        from_ids.push(from);
+        to_ids.push(to);
+        parents[c].push(from);
+        children[p].push(to);
     }
     let array = |v: &mut Vec<i64>| {
         v.sort_unstable();
@@ -402,17 +421,13 @@ fn insert_steps_direct(
         parent_lits.push(array(&mut parents[i]));
         child_lits.push(array(&mut children[i]));
     }
-    let named_ids: Vec<i32> = kept.iter().map(|&(_, id)| id).collect();
-    let names: Vec<String> = kept.iter().map(|&(i, _)| t.steps[i].name.clone()).collect();
-    let retryable: Vec<bool> = kept
-        .iter()
-        .map(|&(i, _)| t.steps[i].default_retryable)
-        .collect();
-    let limits: Vec<i32> = kept
-        .iter()
-        .map(|&(i, _)| t.steps[i].default_retry_limit)
-        .collect();
-    let skippable: Vec<bool> = kept.iter().map(|&(i, _)| t.steps[i].skippable).collect();
+    let StepColumns {
+        named_ids,
+        names,
+        retryable,
+        limits,
+        skippable,
+    } = StepColumns::of(t, kept);
     let _direct = crate::store::maintenance::Direct::begin();
     with_write_plan(
         client,

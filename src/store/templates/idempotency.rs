@@ -3,7 +3,7 @@
 
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
-use crate::store::plans::{with_plan, INT4, TEXT};
+use crate::store::plans::{one_value, with_plan, INT4, TEXT};
 use crate::store::spi;
 use pgrx::spi::SpiClient;
 
@@ -57,16 +57,11 @@ pub(super) fn legacy_keyed_task(
             )
         },
         |stmt| {
-            let table = client.select(
+            one_value::<i64>(
+                client,
                 stmt,
-                Some(1),
                 &[legacy.as_str().into(), named_task_id.into()],
-            )?;
-            if table.is_empty() {
-                Ok(None)
-            } else {
-                table.first().get_one::<i64>()
-            }
+            )
         },
     )
     .map_err(spi)

@@ -3,7 +3,7 @@
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
 use crate::core::template;
-use crate::store::plans::{with_plan, TEXT};
+use crate::store::plans::{all_rows, with_plan, TEXT};
 use crate::store::spi;
 use pgrx::spi::Spi;
 
@@ -35,19 +35,13 @@ pub fn list(schema: &SchemaName, namespace: Option<&str>) -> Result<Vec<Listed>,
                      ORDER BY 1, 2, 3"
                 )
             },
-            |stmt| {
-                let mut out = Vec::new();
-                for row in client.select(stmt, None, &[namespace.into()])? {
-                    out.push(Listed {
+            |stmt| all_rows(client, stmt, &[namespace.into()], |row| Ok(Listed {
                         namespace: row.get::<String>(1)?.unwrap_or_default(),
                         name: row.get::<String>(2)?.unwrap_or_default(),
                         version: row.get::<String>(3)?.unwrap_or_default(),
                         description: row.get::<String>(4)?,
                         step_count: row.get::<i32>(5)?.unwrap_or_default(),
-                    });
-                }
-                Ok(out)
-            },
+                    })),
         )
         .map_err(spi)
     })

@@ -4,7 +4,7 @@
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
 use crate::core::template::{self, TaskTemplate};
-use crate::store::plans::{with_plan, INT4, TEXT};
+use crate::store::plans::{all_rows, one_value, with_plan, INT4, TEXT};
 use crate::store::spi;
 use pgrx::spi::SpiClient;
 use serde_json::Value;
@@ -55,16 +55,14 @@ fn registered(
             )
         },
         |stmt| {
-            let mut out = Vec::new();
-            for row in client.select(stmt, None, &[namespace.into(), name.into()])? {
-                out.push(Registered {
+            all_rows(client, stmt, &[namespace.into(), name.into()], |row| {
+                Ok(Registered {
                     named_task_id: row.get::<i32>(1)?.unwrap_or_default(),
                     version: row.get::<String>(2)?.unwrap_or_default(),
                     namespace_id: row.get::<i64>(3)?.unwrap_or_default(),
                     row_version: row.get::<String>(4)?.unwrap_or_default(),
-                });
-            }
-            Ok(out)
+                })
+            })
         },
     )
     .map_err(spi)?;
@@ -98,14 +96,7 @@ fn configuration(
                 "SELECT configuration::text FROM {q}.tasker_named_tasks WHERE named_task_id = $1"
             )
         },
-        |stmt| {
-            let t = client.select(stmt, Some(1), &[named_task_id.into()])?;
-            if t.is_empty() {
-                Ok(None)
-            } else {
-                t.first().get_one::<String>()
-            }
-        },
+        |stmt| one_value::<String>(client, stmt, &[named_task_id.into()]),
     )
     .map_err(spi)?;
     crate::core::json::parse(

@@ -59,14 +59,12 @@ pub(super) fn release_expired(
             )
         },
         |stmt| {
-            let mut out = Vec::new();
-            for row in client.select(stmt, None, &[limit.into()])? {
-                out.push((
+            all_rows(client, stmt, &[limit.into()], |row| {
+                Ok((
                     row.get::<i64>(1)?.unwrap_or_default(),
                     row.get::<String>(2)?.unwrap_or_default(),
-                ));
-            }
-            Ok(out)
+                ))
+            })
         },
     )
     .map_err(spi)?;
@@ -124,22 +122,14 @@ pub(super) fn release(
                 format!("{gone} {update} RETURNING task_id")
             }
         },
-        |stmt| {
-            let t = client.select(stmt, Some(1), &[step_id.into(), only_expired.into()])?;
-            if t.is_empty() {
-                Ok(None)
-            } else {
-                t.first().get_one::<i64>()
-            }
-        },
+        |stmt| one_value::<i64>(client, stmt, &[step_id.into(), only_expired.into()]),
     )?;
     let Some(task_id) = task_id else {
         return Ok(None);
     };
     let metadata = JsonB(json!({ "reason": reason, "worker_id": worker }));
-    match transitions::transition(
+    match transitions::step(
         schema,
-        Entity::Step,
         step_id,
         State::Error,
         &metadata,
@@ -228,17 +218,11 @@ pub fn claim(
                      FOR NO KEY UPDATE OF ws SKIP LOCKED"
                 )
             },
-            |stmt| {
-                let mut out = Vec::new();
-                for row in client.select(stmt, None, &[max_steps.into(), namespaces.clone().into()])? {
-                    out.push((
+            |stmt| all_rows(client, stmt, &[max_steps.into(), namespaces.clone().into()], |row| Ok((
                         row.get::<i64>(1)?.unwrap_or_default(),
                         row.get::<i64>(2)?.unwrap_or_default(),
                         row.get::<String>(3)?,
-                    ));
-                }
-                Ok(out)
-            },
+                    ))),
         )
         .map_err(spi)?;
         // The scan's snapshot may be older than a locked row: another worker may have claimed
@@ -259,14 +243,8 @@ pub fn claim(
             // re-validate against the current state and skip the step if it is not claimable.
             if state.as_deref() == Some("error") {
                 let retry = JsonB(json!({ "reason": "retry", "worker_id": worker_id }));
-                match transitions::transition(
-                    schema,
-                    Entity::Step,
-                    step_id,
-                    State::Pending,
-                    &retry,
-                    Some(State::Error),
-                ) {
+                match transitions::step(schema, step_id, State::Pending, &retry, Some(State::Error))
+                {
                     Ok(_) => {}
                     Err(TaskerError::ExpectedFromMismatch { .. })
                     | Err(TaskerError::TransitionNotAllowed { .. }) => continue,
@@ -274,9 +252,8 @@ pub fn claim(
                 }
             }
             let meta = JsonB(json!({ "worker_id": worker_id }));
-            match transitions::transition(
+            match transitions::step(
                 schema,
-                Entity::Step,
                 step_id,
                 State::InProgress,
                 &meta,
@@ -425,26 +402,12 @@ pub(super) fn start_task(
     match task_state(client, schema, task_id)?.as_deref() {
         Some("in_progress") => return Ok(()),
         Some("error") => {
-            transitions::transition(
-                schema,
-                Entity::Task,
-                task_id,
-                State::Pending,
-                &empty,
-                Some(State::Error),
-            )?;
+            transitions::task(schema, task_id, State::Pending, &empty, Some(State::Error))?;
         }
         Some("complete") | Some("cancelled") | Some("resolved_manually") => return Ok(()),
         _ => {}
     }
-    match transitions::transition(
-        schema,
-        Entity::Task,
-        task_id,
-        State::InProgress,
-        &empty,
-        None,
-    ) {
+    match transitions::task(schema, task_id, State::InProgress, &empty, None) {
         Ok(_) | Err(TaskerError::TransitionNotAllowed { .. }) => Ok(()),
         Err(e) => Err(e),
     }
@@ -463,14 +426,7 @@ pub(super) fn task_state(
         schema.as_str(),
         &[INT8],
         || format!("SELECT to_state::text FROM {q}.tasker_task_transitions WHERE task_id = $1 AND most_recent"),
-        |stmt| {
-            let t = client.select(stmt, Some(1), &[task_id.into()])?;
-            if t.is_empty() {
-                Ok(None)
-            } else {
-                t.first().get_one::<String>()
-            }
-        },
+        |stmt| one_value::<String>(client, stmt, &[task_id.into()]),
     )
     .map_err(spi)
 }
@@ -512,10 +468,7 @@ pub(super) fn claimed_rows(
                  ORDER BY ws.workflow_step_id"
             )
         },
-        |stmt| {
-            let mut out = Vec::new();
-            for row in client.select(stmt, None, &[ids.to_vec().into()])? {
-                out.push(Claimed {
+        |stmt| all_rows(client, stmt, &[ids.to_vec().into()], |row| Ok(Claimed {
                     task_id: row.get::<i64>(1)?.unwrap_or_default(),
                     workflow_step_id: row.get::<i64>(2)?.unwrap_or_default(),
                     step_name: row.get::<String>(3)?.unwrap_or_default(),
@@ -530,10 +483,7 @@ pub(super) fn claimed_rows(
                         .get::<pgrx::datum::TimestampWithTimeZone>(11)?
                         .map(pgrx::pg_sys::TimestampTz::from)
                         .unwrap_or_default(),
-                });
-            }
-            Ok(out)
-        },
+                })),
     )
     .map_err(spi)
 }

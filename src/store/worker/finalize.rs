@@ -75,23 +75,9 @@ pub fn finalize(
             let state = task_state(client, schema, task_id)?;
             if matches!(state.as_deref(), None | Some("pending") | Some("error")) {
                 if state.as_deref() == Some("error") {
-                    transitions::transition(
-                        schema,
-                        Entity::Task,
-                        task_id,
-                        State::Pending,
-                        &empty,
-                        None,
-                    )?;
+                    transitions::task(schema, task_id, State::Pending, &empty, None)?;
                 }
-                transitions::transition(
-                    schema,
-                    Entity::Task,
-                    task_id,
-                    State::InProgress,
-                    &empty,
-                    None,
-                )?;
+                transitions::task(schema, task_id, State::InProgress, &empty, None)?;
             }
             with_write_plan(
                 client,
@@ -130,8 +116,7 @@ pub fn finalize(
                 json!({ "execution_status": status, "error_message": "steps_in_error_state",
                                           "failed_steps_count": c.blocked }),
             );
-            match transitions::transition(schema, Entity::Task, task_id, State::Error, &meta, None)
-            {
+            match transitions::task(schema, task_id, State::Error, &meta, None) {
                 Ok(_) | Err(TaskerError::TransitionNotAllowed { .. }) => {}
                 Err(e) => return Err(e),
             }
@@ -220,15 +205,9 @@ pub fn resolve_manually(
                 )
             },
             |stmt| {
-                let t = client.select(stmt, Some(1), &[step_id.into()])?;
-                if t.is_empty() {
-                    return Ok(None);
-                }
-                let r = t.first();
-                Ok(Some((
-                    r.get::<i64>(1)?.unwrap_or_default(),
-                    r.get::<String>(2)?,
-                )))
+                one_row(client, stmt, &[step_id.into()], |r| {
+                    Ok((r.get::<i64>(1)?.unwrap_or_default(), r.get::<String>(2)?))
+                })
             },
         )
         .map_err(spi)?;
@@ -253,14 +232,7 @@ pub fn resolve_manually(
                      WHERE t.task_id = $1"
                 )
             },
-            |stmt| {
-                let t = client.select(stmt, Some(1), &[task_id.into()])?;
-                if t.is_empty() {
-                    Ok(None)
-                } else {
-                    t.first().get_one::<String>()
-                }
-            },
+            |stmt| one_value::<String>(client, stmt, &[task_id.into()]),
         )
         .map_err(spi)?;
         if let Some(state) = finished {
@@ -272,23 +244,15 @@ pub fn resolve_manually(
         }
         let meta = JsonB(json!({ "reason": "resolved by operator" }));
         if state.as_deref() == Some("in_progress") {
-            transitions::transition(
+            transitions::step(
                 schema,
-                Entity::Step,
                 step_id,
                 State::Error,
                 &meta,
                 Some(State::InProgress),
             )?;
         }
-        let changed = transitions::transition(
-            schema,
-            Entity::Step,
-            step_id,
-            State::ResolvedManually,
-            &meta,
-            None,
-        )?;
+        let changed = transitions::step(schema, step_id, State::ResolvedManually, &meta, None)?;
         record_results(client, schema, step_id, results)?;
         finalize(client, schema, task_id)?;
         Ok(changed)

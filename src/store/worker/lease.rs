@@ -111,21 +111,14 @@ pub(super) fn check_lease(
                  FROM tasker_core.step_claims WHERE workflow_step_id = $1 FOR UPDATE"
             )
         },
-        |stmt| {
-            let t = client.select(stmt, Some(1), &[step_id.into()])?;
-            if t.is_empty() {
-                return Ok(None);
-            }
-            let r = t.first();
-            Ok(Some((
+        |stmt| one_row(client, stmt, &[step_id.into()], |r| Ok((
                 r.get::<String>(1)?.unwrap_or_default(),
                 r.get::<bool>(2)?.unwrap_or(false),
                 r.get::<i64>(3)?.unwrap_or_default(),
                 r.get::<i32>(4)?.unwrap_or_default(),
                 r.get::<bool>(5)?.unwrap_or(false),
                 r.get::<String>(6)?.unwrap_or_default(),
-            )))
-        },
+            ))),
     )
     .map_err(spi)?;
     let lost = |detail: String| TaskerError::LeaseLost {

@@ -12,8 +12,8 @@
 use super::events::{self, NewEvent, READY_CHANNEL};
 use super::maintenance;
 use super::plans::{
-    with_keyed_plan, with_plan, with_write_plan, BOOL, INT4, INT8, INT8ARRAY, JSONB, NOW, TEXT,
-    TEXTARRAY,
+    all_rows, one_row, one_value, with_keyed_plan, with_plan, with_write_plan, BOOL, INT4, INT8,
+    INT8ARRAY, JSONB, NOW, TEXT, TEXTARRAY,
 };
 use super::spi;
 use super::transitions;

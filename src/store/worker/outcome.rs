@@ -32,9 +32,8 @@ pub(super) fn complete_held(
     let (task_id, _) = check_lease(client, step_id, worker_id)?;
     record_results(client, schema, step_id, results)?;
     let meta = JsonB(json!({ "worker_id": worker_id }));
-    transitions::transition(
+    transitions::step(
         schema,
-        Entity::Step,
         step_id,
         State::Complete,
         &meta,
@@ -107,16 +106,15 @@ pub(super) fn record_outcomes(
                     error,
                     retryable,
                     retry_after,
-                } => fail_held(
-                    client,
-                    schema,
-                    *step_id,
-                    worker_id,
-                    error,
-                    *retryable,
-                    *retry_after,
-                )
-                .map(|(task, backoff)| (task, Reported::Failed(backoff))),
+                } => {
+                    let failure = Failure {
+                        error,
+                        retryable: *retryable,
+                        retry_after: *retry_after,
+                    };
+                    fail_held(client, schema, *step_id, worker_id, failure)
+                        .map(|(task, backoff)| (task, Reported::Failed(backoff)))
+                }
             };
             match done {
                 Ok((task, reported)) => {
@@ -189,14 +187,21 @@ pub(super) fn children_of(client: &SpiClient<'_>, steps: &[i64]) -> Result<Vec<i
                 .to_owned()
         },
         |stmt| {
-            let mut out = Vec::new();
-            for row in client.select(stmt, None, &[steps.to_vec().into()])? {
-                out.push(row.get::<i64>(1)?.unwrap_or_default());
-            }
-            Ok(out)
+            all_rows(client, stmt, &[steps.to_vec().into()], |row| {
+                Ok(row.get::<i64>(1)?.unwrap_or_default())
+            })
         },
     )
     .map_err(spi)
+}
+
+/// A step's failure as its worker reports it: the error (stored under `error` in the step's
+/// results), whether it may be retried, and the worker's own backoff in seconds.
+#[derive(Clone, Copy)]
+pub struct Failure<'a> {
+    pub error: &'a Value,
+    pub retryable: bool,
+    pub retry_after: Option<i64>,
 }
 
 /// Records a step's failure: error in results, backoff, `in_progress -> error`; a permanent
@@ -206,22 +211,12 @@ pub fn fail(
     schema: &SchemaName,
     step_id: i64,
     worker_id: &str,
-    error: &Value,
-    retryable: bool,
-    retry_after: Option<i64>,
+    failure: Failure<'_>,
 ) -> Result<Option<i64>, TaskerError> {
     Spi::connect_mut(|client| {
         require_tracked(client, schema)?;
         lock_step(client, schema, step_id)?;
-        let (task_id, backoff) = fail_held(
-            client,
-            schema,
-            step_id,
-            worker_id,
-            error,
-            retryable,
-            retry_after,
-        )?;
+        let (task_id, backoff) = fail_held(client, schema, step_id, worker_id, failure)?;
         finalize(client, schema, task_id)?;
         Ok(backoff)
     })
@@ -235,10 +230,13 @@ pub(super) fn fail_held(
     schema: &SchemaName,
     step_id: i64,
     worker_id: &str,
-    error: &Value,
-    retryable: bool,
-    retry_after: Option<i64>,
+    failure: Failure<'_>,
 ) -> Result<(i64, Option<i64>), TaskerError> {
+    let Failure {
+        error,
+        retryable,
+        retry_after,
+    } = failure;
     let q = schema.quoted();
     let (task_id, _) = check_lease(client, step_id, worker_id)?;
     let (attempts, retry_limit, step_retryable): (i32, i32, bool) = with_write_plan(
@@ -303,9 +301,8 @@ pub(super) fn fail_held(
         "worker_id": worker_id, "error": error, "retryable": retryable,
         "backoff_seconds": if will_retry { Some(backoff_secs) } else { None },
     }));
-    transitions::transition(
+    transitions::step(
         schema,
-        Entity::Step,
         step_id,
         State::Error,
         &meta,
