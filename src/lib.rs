@@ -17,11 +17,7 @@ pub mod store;
 // Bootstrap: the extension-owned objects that are plain SQL.
 ::pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
 // Maintained readiness state: tables, triggers and their management functions.
-::pgrx::extension_sql_file!(
-    "../sql/tracking.sql",
-    name = "tracking",
-    requires = ["bootstrap"]
-);
+::pgrx::extension_sql_file!("../sql/tracking.sql", name = "tracking", requires = ["bootstrap"]);
 // The whole-table aggregates of the Rails compatibility surface (set-based SQL over that state).
 ::pgrx::extension_sql_file!(
     "../sql/compat_aggregates.sql",
@@ -29,11 +25,7 @@ pub mod store;
     requires = ["tracking"]
 );
 // The durable event log, its cursor and subscriptions, and the clock.
-::pgrx::extension_sql_file!(
-    "../sql/events.sql",
-    name = "events",
-    requires = ["bootstrap"]
-);
+::pgrx::extension_sql_file!("../sql/events.sql", name = "events", requires = ["bootstrap"]);
 // The worker protocol's leases, timers, operator functions and DAG picture.
 ::pgrx::extension_sql_file!(
     "../sql/worker.sql",

@@ -24,9 +24,7 @@ impl TxnClock {
     fn new() -> TxnClock {
         // SAFETY: reading the transaction start time has no preconditions inside a transaction.
         let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
-        TxnClock {
-            now: pg_sys::Datum::from(now),
-        }
+        TxnClock { now: pg_sys::Datum::from(now) }
     }
 }
 
@@ -210,10 +208,8 @@ fn contexts(listed: Vec<i64>) -> Result<Vec<ContextRow>, Raised> {
         counts.entry(r.task_id).or_default().add(&r);
     }
     let by_id: HashMap<i64, &facts::TaskHead> = heads.iter().map(|h| (h.task_id, h)).collect();
-    let mut occurrences: Vec<i64> = listed
-        .into_iter()
-        .filter(|id| by_id.contains_key(id))
-        .collect();
+    let mut occurrences: Vec<i64> =
+        listed.into_iter().filter(|id| by_id.contains_key(id)).collect();
     occurrences.sort_unstable();
     Ok(occurrences
         .into_iter()
@@ -279,19 +275,11 @@ fn dependency_levels(task_id: Option<i64>) -> Result<Vec<(i64, i32)>, Raised> {
     let steps = Spi::connect(|c| facts::for_task(c, &schema, task_id))?;
     let dag = Dag::new(
         steps.iter().map(|s| s.workflow_step_id),
-        steps
-            .iter()
-            .flat_map(|s| s.parent_ids.iter().map(move |&p| (p, s.workflow_step_id))),
+        steps.iter().flat_map(|s| s.parent_ids.iter().map(move |&p| (p, s.workflow_step_id))),
     );
-    let roots: Vec<usize> = steps
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.parent_ids.is_empty())
-        .map(|(i, _)| i)
-        .collect();
-    let levels = dag
-        .levels_from(&roots)
-        .map_err(|steps| TaskerError::CycleDetected { steps })?;
+    let roots: Vec<usize> =
+        steps.iter().enumerate().filter(|(_, s)| s.parent_ids.is_empty()).map(|(i, _)| i).collect();
+    let levels = dag.levels_from(&roots).map_err(|steps| TaskerError::CycleDetected { steps })?;
     let mut rows: Vec<(i64, i32)> = steps
         .iter()
         .zip(levels)
@@ -309,10 +297,8 @@ fn min_depths_with_ancestors(
     schema: &SchemaName,
     steps: &[StepFacts],
 ) -> Result<Vec<Option<u32>>, Raised> {
-    let mut parents: HashMap<i64, Vec<i64>> = steps
-        .iter()
-        .map(|s| (s.workflow_step_id, s.parent_ids.clone()))
-        .collect();
+    let mut parents: HashMap<i64, Vec<i64>> =
+        steps.iter().map(|s| (s.workflow_step_id, s.parent_ids.clone())).collect();
     let mut frontier: Vec<i64> = readiness::outside_parents(steps);
     let mut layers = 0;
     while !frontier.is_empty() && layers < MAX_DAG_DEPTH {
@@ -332,38 +318,18 @@ fn min_depths_with_ancestors(
     let known: Vec<i64> = parents.keys().copied().collect();
     let dag = Dag::new(
         known.iter().copied(),
-        parents
-            .iter()
-            .flat_map(|(&child, ps)| ps.iter().map(move |&p| (p, child))),
+        parents.iter().flat_map(|(&child, ps)| ps.iter().map(move |&p| (p, child))),
     );
-    let roots: Vec<usize> = known
-        .iter()
-        .enumerate()
-        .filter(|(_, id)| parents[id].is_empty())
-        .map(|(i, _)| i)
-        .collect();
+    let roots: Vec<usize> =
+        known.iter().enumerate().filter(|(_, id)| parents[id].is_empty()).map(|(i, _)| i).collect();
     let depths = dag.min_depths_from(&roots);
-    Ok(steps
-        .iter()
-        .map(|s| dag.position(s.workflow_step_id).and_then(|p| depths[p]))
-        .collect())
+    Ok(steps.iter().map(|s| dag.position(s.workflow_step_id).and_then(|p| depths[p])).collect())
 }
 
 /// Depth cap of the Rails `tasker_step_dag_relationships` view.
 const MAX_DAG_DEPTH: u32 = 50;
 
-type DagRow = (
-    i64,
-    i64,
-    i32,
-    JsonB,
-    JsonB,
-    i64,
-    i64,
-    bool,
-    bool,
-    Option<i32>,
-);
+type DagRow = (i64, i64, i32, JsonB, JsonB, i64, i64, bool, bool, Option<i32>);
 
 #[allow(clippy::type_complexity)]
 /// The rows of `tasker_step_dag_relationships` for one task's steps, in O(steps + edges).
@@ -396,11 +362,7 @@ fn dag_relationships(task_id: Option<i64>) -> Result<Vec<DagRow>, Raised> {
     let (steps, out_edges) = Spi::connect(|c| {
         let steps = facts::for_task(c, &schema, task_id)?;
         let ids: Vec<i64> = steps.iter().map(|s| s.workflow_step_id).collect();
-        let edges = if ids.is_empty() {
-            Vec::new()
-        } else {
-            facts::edges_from(c, &schema, &ids)?
-        };
+        let edges = if ids.is_empty() { Vec::new() } else { facts::edges_from(c, &schema, &ids)? };
         Ok::<_, pgrx::spi::Error>((steps, edges))
     })?;
     let mut children: HashMap<i64, Vec<i64>> = HashMap::default();

@@ -81,28 +81,19 @@ pub struct Raised {
 
 impl From<TaskerError> for Raised {
     fn from(e: TaskerError) -> Raised {
-        Raised {
-            sqlstate: e.sqlstate(),
-            message: e.to_string(),
-        }
+        Raised { sqlstate: e.sqlstate(), message: e.to_string() }
     }
 }
 
 impl From<crate::core::readiness::TimeError> for Raised {
     fn from(e: crate::core::readiness::TimeError) -> Raised {
-        Raised {
-            sqlstate: e.sqlstate(),
-            message: e.to_string(),
-        }
+        Raised { sqlstate: e.sqlstate(), message: e.to_string() }
     }
 }
 
 impl From<pgrx::spi::Error> for Raised {
     fn from(e: pgrx::spi::Error) -> Raised {
-        Raised {
-            sqlstate: "XX000",
-            message: format!("tasker_core: SPI failure: {e}"),
-        }
+        Raised { sqlstate: "XX000", message: format!("tasker_core: SPI failure: {e}") }
     }
 }
 

@@ -29,10 +29,7 @@ impl JsonbText {
 
     /// An optional argument parsed as [`Self::parse`] does, `{}` when it is NULL.
     pub fn parse_or_empty(arg: Option<Self>, argument: &'static str) -> Result<Value, TaskerError> {
-        Ok(arg
-            .map(|j| j.parse(argument))
-            .transpose()?
-            .unwrap_or(Value::Object(Default::default())))
+        Ok(arg.map(|j| j.parse(argument)).transpose()?.unwrap_or(Value::Object(Default::default())))
     }
 }
 

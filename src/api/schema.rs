@@ -19,9 +19,7 @@ fn install_schema_with_profile(
 ) -> bool {
     let (schema, profile) = attempt(move || {
         let schema = target_schema
-            .ok_or(crate::core::error::TaskerError::NullArgument {
-                argument: "target_schema",
-            })
+            .ok_or(crate::core::error::TaskerError::NullArgument { argument: "target_schema" })
             .and_then(|s| SchemaName::parse(&s))?;
         let raw = match index_profile {
             Some(p) => p,
@@ -52,8 +50,5 @@ fn install_schema(target_schema: Option<String>) -> bool {
 /// The schema where tasker_core looks for the Tasker tables (setting `tasker_core.data_schema`).
 #[pg_extern(stable, parallel_safe)]
 fn data_schema() -> String {
-    store::settings::data_schema()
-        .or_raise()
-        .as_str()
-        .to_owned()
+    store::settings::data_schema().or_raise().as_str().to_owned()
 }

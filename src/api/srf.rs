@@ -111,10 +111,7 @@ pub unsafe fn materialize<T>(
     let mut values = vec![Datum::from(0usize); ncols];
     let mut nulls = vec![true; ncols];
     for row in rows {
-        let mut out = RowOut {
-            values: &mut values,
-            nulls: &mut nulls,
-        };
+        let mut out = RowOut { values: &mut values, nulls: &mut nulls };
         fill(&row, &mut out);
         pg_sys::tuplestore_putvalues(store, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
     }

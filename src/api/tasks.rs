@@ -18,10 +18,7 @@ fn parse_options(raw: Option<JsonbText>) -> Result<templates::TaskOptions, Taske
         tags: Value::Array(o.tags),
         bypass_steps: Value::Array(o.bypass_steps),
         idempotency_key: o.idempotency_key,
-        traceparent: o
-            .traceparent
-            .map(|t| valid_traceparent("options", t))
-            .transpose()?,
+        traceparent: o.traceparent.map(|t| valid_traceparent("options", t)).transpose()?,
     })
 }
 

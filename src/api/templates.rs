@@ -56,7 +56,6 @@ fn list_task_templates(
         attempt(move || templates::list(&store::settings::data_schema()?, namespace.as_deref()))
             .or_raise();
     TableIterator::new(
-        rows.into_iter()
-            .map(|l| (l.namespace, l.name, l.version, l.description, l.step_count)),
+        rows.into_iter().map(|l| (l.namespace, l.name, l.version, l.description, l.step_count)),
     )
 }

@@ -37,10 +37,7 @@ pub fn register_background_workers() {
 }
 
 fn database() -> String {
-    TICK_DATABASE
-        .get()
-        .and_then(|c| c.into_string().ok())
-        .unwrap_or_else(|| "postgres".to_owned())
+    TICK_DATABASE.get().and_then(|c| c.into_string().ok()).unwrap_or_else(|| "postgres".to_owned())
 }
 
 /// The shortest time between two rounds of the notifier.

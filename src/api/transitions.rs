@@ -29,13 +29,9 @@ fn transition(
             Entity::Step => "step_id",
         },
     })?;
-    let to_state = to_state.ok_or(TaskerError::NullArgument {
-        argument: "to_state",
-    })?;
+    let to_state = to_state.ok_or(TaskerError::NullArgument { argument: "to_state" })?;
     let to = parse_state(entity, id, &to_state)?;
-    let expected = expected_from
-        .map(|raw| parse_state(entity, id, &raw))
-        .transpose()?;
+    let expected = expected_from.map(|raw| parse_state(entity, id, &raw)).transpose()?;
     let metadata = match metadata.map(|m| m.parse("metadata")).transpose()? {
         None => JsonB(serde_json::json!({})),
         Some(v) if v.is_object() => JsonB(v),

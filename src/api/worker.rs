@@ -111,14 +111,7 @@ fn claim_rows(
     traceparent: Option<String>,
 ) -> ClaimRows {
     let claimed = attempt(move || {
-        let a = claim_args(
-            worker_id,
-            namespaces,
-            max_steps,
-            1,
-            lease_seconds,
-            traceparent,
-        )?;
+        let a = claim_args(worker_id, namespaces, max_steps, 1, lease_seconds, traceparent)?;
         worker::claim(
             &store::settings::data_schema()?,
             &a.worker,
@@ -169,21 +162,14 @@ fn claim_args(
 ) -> Result<ClaimArgs, TaskerError> {
     Ok(ClaimArgs {
         worker: self::worker_id(worker_id)?,
-        max_steps: bounded(
-            "max_steps",
-            required(max_steps, "max_steps")?,
-            min_steps,
-            1000,
-        )?,
+        max_steps: bounded("max_steps", required(max_steps, "max_steps")?, min_steps, 1000)?,
         lease_seconds: bounded(
             "lease_seconds",
             required(lease_seconds, "lease_seconds")?,
             1,
             86_400,
         )?,
-        traceparent: traceparent
-            .map(|t| valid_traceparent("traceparent", t))
-            .transpose()?,
+        traceparent: traceparent.map(|t| valid_traceparent("traceparent", t)).transpose()?,
         namespaces: namespaces.map(|v| v.into_iter().flatten().collect()),
     })
 }
@@ -256,11 +242,7 @@ fn report_steps(
     outcomes: Option<JsonbText>,
 ) -> TableIterator<
     'static,
-    (
-        name!(workflow_step_id, i64),
-        name!(outcome, String),
-        name!(backoff_seconds, Option<i32>),
-    ),
+    (name!(workflow_step_id, i64), name!(outcome, String), name!(backoff_seconds, Option<i32>)),
 > {
     let rows = attempt(move || {
         let w = self::worker_id(worker_id)?;
@@ -311,14 +293,7 @@ fn report_and_claim(
     ),
 > {
     let (reported, claimed) = attempt(move || {
-        let a = claim_args(
-            worker_id,
-            namespaces,
-            max_steps,
-            0,
-            lease_seconds,
-            traceparent,
-        )?;
+        let a = claim_args(worker_id, namespaces, max_steps, 0, lease_seconds, traceparent)?;
         let batch = required(outcomes, "outcomes")?.parse("outcomes")?;
         store::settings::check_payload("bytes of outcomes", &batch)?;
         let parsed = crate::core::outcomes::parse(&batch)?;
@@ -335,9 +310,7 @@ fn report_and_claim(
     .or_raise();
     let reported = reported.into_iter().map(|(step, r)| {
         let (outcome, backoff) = reported_row(r);
-        (
-            outcome, step, backoff, None, None, None, None, None, None, None, None, None, None,
-        )
+        (outcome, step, backoff, None, None, None, None, None, None, None, None, None, None)
     });
     let claimed = claimed.into_iter().map(|c| {
         let (task, step, name, ns, task_name, class, config, inputs, parents, attempt, lease) =

@@ -26,10 +26,7 @@ fn task_steps(
     let graph = store::settings::data_schema()
         .and_then(|schema| store::workflow::load_task_graph(&schema, task_id))
         .or_raise();
-    let dag = Dag::new(
-        graph.steps.iter().map(|s| s.workflow_step_id),
-        graph.edges.iter().copied(),
-    );
+    let dag = Dag::new(graph.steps.iter().map(|s| s.workflow_step_id), graph.edges.iter().copied());
     let levels = dag.levels().ok();
     let mut rows: Vec<TaskStepRow> = graph
         .steps
@@ -39,13 +36,7 @@ fn task_steps(
             let mut parents: Vec<i64> = dag.parent_ids(pos).collect();
             parents.sort_unstable();
             let level = levels.as_ref().map(|l| l[pos] as i32);
-            (
-                step.workflow_step_id,
-                step.name,
-                step.current_state,
-                parents,
-                level,
-            )
+            (step.workflow_step_id, step.name, step.current_state, parents, level)
         })
         .collect();
     rows.sort_by_key(|r| (r.4, r.0));

@@ -47,11 +47,7 @@ pub fn emit(client: &SpiClient<'_>, event: &NewEvent<'_>) -> SpiResult<Option<Re
     let traced = traces_installed();
     let recorded = with_write_plan(
         client,
-        if traced {
-            "emit_event_traced"
-        } else {
-            "emit_event"
-        },
+        if traced { "emit_event_traced" } else { "emit_event" },
         "",
         &[TEXT, INT8, INT8, TEXT, TEXT, JSONB],
         || {
@@ -87,10 +83,7 @@ pub fn emit(client: &SpiClient<'_>, event: &NewEvent<'_>) -> SpiResult<Option<Re
                 .first()
                 .get_two::<i64, String>()?;
             let id = row.0.unwrap_or_default();
-            Ok(Recorded {
-                id,
-                position: format!("{}/{}", row.1.unwrap_or_default(), id),
-            })
+            Ok(Recorded { id, position: format!("{}/{}", row.1.unwrap_or_default(), id) })
         },
     )?;
     notify_once(client, event, &recorded)?;
@@ -211,11 +204,7 @@ pub fn notify_channel_once(
     if super::wakeups::defer(which, key, payload) {
         return Ok(());
     }
-    let slot = if channel == READY_CHANNEL {
-        &NOTIFIED_READY
-    } else {
-        &NOTIFIED_EVENTS
-    };
+    let slot = if channel == READY_CHANNEL { &NOTIFIED_READY } else { &NOTIFIED_EVENTS };
     // SAFETY: asks for (and if needed assigns) the current top-level transaction id.
     let xid = unsafe { pg_sys::GetTopTransactionId() }.into_inner();
     if slot.with(Cell::get) == xid {

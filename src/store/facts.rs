@@ -113,12 +113,7 @@ pub fn is_tracked(client: &SpiClient<'_>, schema: &SchemaName) -> SpiResult<bool
         "",
         &[TEXT],
         || "SELECT 1 FROM tasker_core.tracking WHERE data_schema = $1".to_owned(),
-        |stmt| {
-            Ok(client
-                .select(stmt, Some(1), &[schema.as_str().into()])?
-                .len()
-                == 1)
-        },
+        |stmt| Ok(client.select(stmt, Some(1), &[schema.as_str().into()])?.len() == 1),
     )
 }
 
@@ -284,10 +279,7 @@ pub fn edges_from(
         },
         |stmt| {
             all_rows(client, stmt, &[step_ids.to_vec().into()], |row| {
-                Ok((
-                    row.get::<i64>(1)?.unwrap_or_default(),
-                    row.get::<i64>(2)?.unwrap_or_default(),
-                ))
+                Ok((row.get::<i64>(1)?.unwrap_or_default(), row.get::<i64>(2)?.unwrap_or_default()))
             })
         },
     )

@@ -50,11 +50,7 @@ fn lock(
         (Rows::States, false) => "lock_rows_states",
     };
     // (step_state is the extension's own table: one plan for every data schema)
-    let schema_key = if matches!(rows, Rows::States) {
-        ""
-    } else {
-        schema.as_str()
-    };
+    let schema_key = if matches!(rows, Rows::States) { "" } else { schema.as_str() };
     with_keyed_plan(
         client,
         key,
@@ -159,10 +155,8 @@ fn subtransaction<T>(
 
 /// [`subtransaction`] for a locking statement: whether it was kept.
 fn in_subtransaction(f: impl FnOnce() -> SpiResult<bool>) -> Result<bool, TaskerError> {
-    subtransaction(None, &Cell::new(true), || {
-        f().map(|keep| keep.then_some(())).map_err(spi)
-    })
-    .map(|k| k.is_some())
+    subtransaction(None, &Cell::new(true), || f().map(|keep| keep.then_some(())).map_err(spi))
+        .map(|k| k.is_some())
 }
 
 /// How long the second half of a combined call may wait for one lock before it gives up.
@@ -212,21 +206,13 @@ pub fn with_all_locked<T>(
         let locking = Cell::new(true);
         let done = subtransaction(None, &locking, || {
             lock(client, schema, Rows::Steps, &set.steps, true).map_err(spi)?;
-            lock(
-                client,
-                schema,
-                Rows::CurrentTransitions,
-                &set.transitions_of,
-                true,
-            )
-            .map_err(spi)?;
+            lock(client, schema, Rows::CurrentTransitions, &set.transitions_of, true)
+                .map_err(spi)?;
             lock(client, schema, Rows::States, &set.states, true).map_err(spi)?;
             locking.set(false);
             match body.take() {
                 Some(body) => body().map(Some),
-                None => Err(TaskerError::Internal {
-                    context: "the locked body ran twice".into(),
-                }),
+                None => Err(TaskerError::Internal { context: "the locked body ran twice".into() }),
             }
         })?;
         if let Some(out) = done {
@@ -259,11 +245,7 @@ pub fn lock_step_and_children<T>(
     with_all_locked(
         client,
         schema,
-        LockSet {
-            steps: vec![step],
-            transitions_of: vec![step],
-            states,
-        },
+        LockSet { steps: vec![step], transitions_of: vec![step], states },
         body,
     )
 }

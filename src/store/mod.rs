@@ -21,7 +21,5 @@ use crate::core::error::TaskerError;
 /// the store reports it: `XX000` with SPI's message. The one conversion every store module
 /// uses (`.map_err(spi)`).
 pub(crate) fn spi(e: pgrx::spi::Error) -> TaskerError {
-    TaskerError::Internal {
-        context: format!("SPI failure: {e}"),
-    }
+    TaskerError::Internal { context: format!("SPI failure: {e}") }
 }

@@ -111,45 +111,40 @@ thread_local! {
         RefCell::new(HashMap::new());
 }
 
-/// Runs `f` with the kept read-only plan for `(key, schema)`, preparing `sql()` the first
-/// time. PostgreSQL's plan cache revalidates kept plans when the tables they read change.
-pub fn with_plan<R>(
-    client: &SpiClient<'_>,
-    key: &'static str,
-    schema: &str,
-    arg_types: &[PgOid],
-    sql: impl FnOnce() -> String,
-    f: impl FnOnce(&OwnedPreparedStatement) -> SpiResult<R>,
-) -> SpiResult<R> {
-    kept(client, key, schema, arg_types, false, sql, f)
+/// Defines a function that runs `f` with the kept plan for `(key, schema)`, preparing `sql()`
+/// the first time; the three differ only in how the statement is planned.
+macro_rules! kept_plan_runner {
+    ($(#[$doc:meta])* $name:ident, mutating: $mutating:expr $(, while: $guard:ident)?) => {
+        $(#[$doc])*
+        pub fn $name<R>(
+            client: &SpiClient<'_>,
+            key: &'static str,
+            schema: &str,
+            arg_types: &[PgOid],
+            sql: impl FnOnce() -> String,
+            f: impl FnOnce(&OwnedPreparedStatement) -> SpiResult<R>,
+        ) -> SpiResult<R> {
+            $(let _while = $guard::force();)?
+            kept(client, key, schema, arg_types, $mutating, sql, f)
+        }
+    };
 }
 
-/// Like [`with_plan`], for a statement that writes or locks rows.
-pub fn with_write_plan<R>(
-    client: &SpiClient<'_>,
-    key: &'static str,
-    schema: &str,
-    arg_types: &[PgOid],
-    sql: impl FnOnce() -> String,
-    f: impl FnOnce(&OwnedPreparedStatement) -> SpiResult<R>,
-) -> SpiResult<R> {
-    kept(client, key, schema, arg_types, true, sql, f)
-}
-
-/// Like [`with_write_plan`], for a statement that reaches a few rows of a table by its key
-/// (a step's or a task's transitions, rows to lock): planned without sequential scans
-/// ([`IndexPaths`]), whatever the statistics say about the table's size.
-pub fn with_keyed_plan<R>(
-    client: &SpiClient<'_>,
-    key: &'static str,
-    schema: &str,
-    arg_types: &[PgOid],
-    sql: impl FnOnce() -> String,
-    f: impl FnOnce(&OwnedPreparedStatement) -> SpiResult<R>,
-) -> SpiResult<R> {
-    let _indexes = IndexPaths::force();
-    kept(client, key, schema, arg_types, true, sql, f)
-}
+kept_plan_runner!(
+    /// A read-only statement. PostgreSQL's plan cache revalidates kept plans when the tables
+    /// they read change.
+    with_plan, mutating: false
+);
+kept_plan_runner!(
+    /// Like [`with_plan`], for a statement that writes or locks rows.
+    with_write_plan, mutating: true
+);
+kept_plan_runner!(
+    /// Like [`with_write_plan`], for a statement that reaches a few rows of a table by its key
+    /// (a step's or a task's transitions, rows to lock): planned without sequential scans
+    /// ([`IndexPaths`]), whatever the statistics say about the table's size.
+    with_keyed_plan, mutating: true, while: IndexPaths
+);
 
 fn kept<R>(
     client: &SpiClient<'_>,
@@ -172,9 +167,7 @@ fn kept<R>(
         PLANS.with(|p| p.borrow_mut().insert(cache_key.clone(), stmt));
     }
     // Take the plan out while it runs so a nested call cannot alias the map borrow.
-    let stmt = PLANS
-        .with(|p| p.borrow_mut().remove(&cache_key))
-        .expect("plan was just inserted");
+    let stmt = PLANS.with(|p| p.borrow_mut().remove(&cache_key)).expect("plan was just inserted");
     let result = {
         let _generic = GenericPlans::force();
         f(&stmt)

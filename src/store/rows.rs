@@ -160,9 +160,7 @@ pub unsafe fn for_each_row(cols: &[Col], mut f: impl FnMut(&Row<'_>)) -> SpiResu
     for (i, col) in cols.iter().enumerate() {
         let att = desc.get(i).ok_or(SpiError::InvalidPosition)?;
         if att.atttypid != col.oid() {
-            let name = CStr::from_ptr(att.attname.data.as_ptr())
-                .to_string_lossy()
-                .into_owned();
+            let name = CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned();
             pgrx::error!(
                 "tasker_core: column {name} has type oid {:?}, expected {:?}",
                 att.atttypid,
@@ -177,10 +175,7 @@ pub unsafe fn for_each_row(cols: &[Col], mut f: impl FnMut(&Row<'_>)) -> SpiResu
     for r in 0..n {
         let tuple = *(*table).vals.add(r);
         pg_sys::heap_deform_tuple(tuple, tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
-        f(&Row {
-            values: &values,
-            nulls: &nulls,
-        });
+        f(&Row { values: &values, nulls: &nulls });
     }
     Ok(())
 }

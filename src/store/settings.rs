@@ -225,9 +225,6 @@ pub fn check_payload(what: &'static str, v: &serde_json::Value) -> Result<(), Ta
 /// The configured data schema, validated.
 pub fn data_schema() -> Result<SchemaName, TaskerError> {
     let raw = DATA_SCHEMA.get();
-    let raw = raw
-        .as_ref()
-        .and_then(|c| c.to_str().ok())
-        .unwrap_or("public");
+    let raw = raw.as_ref().and_then(|c| c.to_str().ok()).unwrap_or("public");
     SchemaName::parse(raw)
 }

@@ -137,11 +137,7 @@ fn guard(
             return Ok((!parents.is_empty()).then(|| {
                 format!(
                     "parents not complete or resolved: steps {}",
-                    parents
-                        .iter()
-                        .map(i64::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    parents.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
                 )
             }));
         }
@@ -159,11 +155,8 @@ fn guard(
     };
     Ok((!open.is_empty()).then(|| {
         let shown: Vec<String> = open.iter().take(10).map(i64::to_string).collect();
-        let more = if open.len() > 10 {
-            format!(" and {} more", open.len() - 10)
-        } else {
-            String::new()
-        };
+        let more =
+            if open.len() > 10 { format!(" and {} more", open.len() - 10) } else { String::new() };
         format!("steps not complete or resolved: {}{more}", shown.join(", "))
     }))
 }
@@ -307,12 +300,9 @@ fn insert(
                 return Ok(None);
             }
             let row = table.first();
-            Ok(row.get::<i64>(1)?.map(|id| {
-                (
-                    id,
-                    row.get::<Vec<i64>>(2).ok().flatten().unwrap_or_default(),
-                )
-            }))
+            Ok(row
+                .get::<i64>(1)?
+                .map(|id| (id, row.get::<Vec<i64>>(2).ok().flatten().unwrap_or_default())))
         },
     )
 }
@@ -379,28 +369,6 @@ pub fn transition(
     transition_guarded(schema, entity, id, to, metadata, expected_from, true)
 }
 
-/// [`transition`] of a step.
-pub fn step(
-    schema: &SchemaName,
-    id: i64,
-    to: State,
-    metadata: &JsonB,
-    expected_from: Option<State>,
-) -> Result<bool, TaskerError> {
-    transition(schema, Entity::Step, id, to, metadata, expected_from)
-}
-
-/// [`transition`] of a task.
-pub fn task(
-    schema: &SchemaName,
-    id: i64,
-    to: State,
-    metadata: &JsonB,
-    expected_from: Option<State>,
-) -> Result<bool, TaskerError> {
-    transition(schema, Entity::Task, id, to, metadata, expected_from)
-}
-
 /// [`transition`] for a caller that has just established, under the locks it holds, what the
 /// transition's guard checks (the finalizer counted every step of the task complete).
 pub fn transition_without_guard(
@@ -432,14 +400,8 @@ fn transition_guarded(
         for _ in 0..MAX_ATTEMPTS {
             let cur = lock_current(client, schema, entity, id)
                 .map_err(spi)?
-                .ok_or(TaskerError::NotFound {
-                    entity: entity.as_str(),
-                    id,
-                })?;
-            let from_str = cur
-                .state
-                .clone()
-                .unwrap_or_else(|| State::Pending.as_str().to_owned());
+                .ok_or(TaskerError::NotFound { entity: entity.as_str(), id })?;
+            let from_str = cur.state.clone().unwrap_or_else(|| State::Pending.as_str().to_owned());
             if from_str == to.as_str() {
                 return Ok(false);
             }
@@ -485,10 +447,9 @@ fn transition_guarded(
                 }
             }
             let sort_key = cur.max_sort_key.map_or(10, |k| k.saturating_add(10));
-            let Some((transition_id, children)) = insert(
-                client, schema, entity, id, to, &from_str, metadata, sort_key, direct,
-            )
-            .map_err(spi)?
+            let Some((transition_id, children)) =
+                insert(client, schema, entity, id, to, &from_str, metadata, sort_key, direct)
+                    .map_err(spi)?
             else {
                 if let (true, Some(flipped)) = (direct, cur.transition_id) {
                     clear_flipped(client, id, flipped).map_err(spi)?;

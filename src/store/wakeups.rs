@@ -54,13 +54,8 @@ struct Slot {
     payload: [u8; PAYLOAD_MAX],
 }
 
-const EMPTY_SLOT: Slot = Slot {
-    channel: 0,
-    key_len: 0,
-    payload_len: 0,
-    key: [0; KEY_MAX],
-    payload: [0; PAYLOAD_MAX],
-};
+const EMPTY_SLOT: Slot =
+    Slot { channel: 0, key_len: 0, payload_len: 0, key: [0; KEY_MAX], payload: [0; PAYLOAD_MAX] };
 
 /// The shared state: who the notifier is and what it has yet to send.
 #[derive(Copy, Clone)]
@@ -153,23 +148,15 @@ pub fn notifier_serves_this_database() -> bool {
 /// Returns false when the notifier does not serve this database (the caller then sends its
 /// NOTIFY in the transaction).
 pub fn defer(channel: Channel, key: &str, payload: &serde_json::Value) -> bool {
-    let kept = PENDING.with(|p| {
-        p.borrow()
-            .wakeups
-            .iter()
-            .any(|(c, k, _)| *c == channel && k == key)
-    });
+    let kept =
+        PENDING.with(|p| p.borrow().wakeups.iter().any(|(c, k, _)| *c == channel && k == key));
     if kept {
         return true;
     }
     if !notifier_serves_this_database() {
         return false;
     }
-    PENDING.with(|p| {
-        p.borrow_mut()
-            .wakeups
-            .push((channel, key.to_owned(), payload.to_string()))
-    });
+    PENDING.with(|p| p.borrow_mut().wakeups.push((channel, key.to_owned(), payload.to_string())));
     true
 }
 
@@ -221,9 +208,7 @@ fn take_pending() -> Vec<(Channel, String, String)> {
         let mut p = p.borrow_mut();
         let mut wakeups = std::mem::take(&mut p.wakeups);
         for t in std::mem::take(&mut p.retractable) {
-            let sent = wakeups
-                .iter()
-                .any(|(c, k, _)| *c == Channel::Ready && *k == t.namespace);
+            let sent = wakeups.iter().any(|(c, k, _)| *c == Channel::Ready && *k == t.namespace);
             if t.unclaimed > 0 && !sent {
                 wakeups.push((Channel::Ready, t.namespace, t.payload));
             }
@@ -301,11 +286,8 @@ pub fn take_round() -> Vec<(Channel, String)> {
     let mut s = SHARED.exclusive();
     let mut out = Vec::with_capacity(s.len as usize + 2);
     for slot in &s.slots[..s.len as usize] {
-        let channel = if slot.channel == Channel::Ready as u8 {
-            Channel::Ready
-        } else {
-            Channel::Events
-        };
+        let channel =
+            if slot.channel == Channel::Ready as u8 { Channel::Ready } else { Channel::Events };
         let payload = String::from_utf8_lossy(&slot.payload[..slot.payload_len as usize]);
         out.push((channel, payload.into_owned()));
     }
@@ -352,10 +334,7 @@ pub struct Mode {
 
 pub fn mode() -> Mode {
     if !super::settings::NOTIFY.get() {
-        return Mode {
-            mode: "off",
-            detail: "tasker_core.notify is off: workers must poll".into(),
-        };
+        return Mode { mode: "off", detail: "tasker_core.notify is off: workers must poll".into() };
     }
     if !PRELOADED.load(Ordering::Relaxed) {
         return Mode {

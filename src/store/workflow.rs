@@ -36,10 +36,7 @@ pub fn load_task_graph(schema: &SchemaName, task_id: i64) -> Result<TaskGraph, T
             .len()
             == 1;
         if !exists {
-            return Err(TaskerError::NotFound {
-                entity: "task",
-                id: task_id,
-            });
+            return Err(TaskerError::NotFound { entity: "task", id: task_id });
         }
         let mut graph = TaskGraph::default();
         let steps = client

@@ -85,17 +85,12 @@ mod tests {
                     "attempt {attempt}: {j} vs {base}±{amp}"
                 );
                 assert!(j >= 1);
-                assert_eq!(
-                    j,
-                    backoff_seconds(attempt, None, Some(seed)),
-                    "same seed, same jitter"
-                );
+                assert_eq!(j, backoff_seconds(attempt, None, Some(seed)), "same seed, same jitter");
             }
         }
         // the jitter actually varies
-        let values: std::collections::HashSet<i64> = (0..100u64)
-            .map(|s| backoff_seconds(10, None, Some(s)))
-            .collect();
+        let values: std::collections::HashSet<i64> =
+            (0..100u64).map(|s| backoff_seconds(10, None, Some(s))).collect();
         assert!(values.len() > 10);
     }
 }

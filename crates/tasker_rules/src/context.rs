@@ -96,10 +96,7 @@ mod tests {
     use super::*;
 
     fn counts(total: i64, f: impl FnOnce(&mut StepCounts)) -> StepCounts {
-        let mut c = StepCounts {
-            total,
-            ..Default::default()
-        };
+        let mut c = StepCounts { total, ..Default::default() };
         f(&mut c);
         c
     }
@@ -118,10 +115,7 @@ mod tests {
         });
         assert_eq!(c.execution_status(), ("processing", "wait_for_completion"));
         let c = counts(3, |c| c.permanently_blocked = 1);
-        assert_eq!(
-            c.execution_status(),
-            ("blocked_by_failures", "handle_failures")
-        );
+        assert_eq!(c.execution_status(), ("blocked_by_failures", "handle_failures"));
         let c = counts(3, |c| c.completed = 3);
         assert_eq!(c.execution_status(), ("all_complete", "finalize_task"));
         assert_eq!(
@@ -155,34 +149,13 @@ mod tests {
     #[test]
     fn completion_percentage_rounds_like_numeric() {
         assert_eq!(StepCounts::default().completion_percentage(), "0.0");
-        assert_eq!(
-            counts(3, |c| c.completed = 1).completion_percentage(),
-            "33.33"
-        );
-        assert_eq!(
-            counts(3, |c| c.completed = 2).completion_percentage(),
-            "66.67"
-        );
-        assert_eq!(
-            counts(8, |c| c.completed = 1).completion_percentage(),
-            "12.50"
-        );
-        assert_eq!(
-            counts(1, |c| c.completed = 1).completion_percentage(),
-            "100.00"
-        );
-        assert_eq!(
-            counts(7, |c| c.completed = 0).completion_percentage(),
-            "0.00"
-        );
+        assert_eq!(counts(3, |c| c.completed = 1).completion_percentage(), "33.33");
+        assert_eq!(counts(3, |c| c.completed = 2).completion_percentage(), "66.67");
+        assert_eq!(counts(8, |c| c.completed = 1).completion_percentage(), "12.50");
+        assert_eq!(counts(1, |c| c.completed = 1).completion_percentage(), "100.00");
+        assert_eq!(counts(7, |c| c.completed = 0).completion_percentage(), "0.00");
         // 1/1600 = 0.0625 % -> 0.06; 1/800 = 0.125 % -> 0.13 (half up)
-        assert_eq!(
-            counts(1600, |c| c.completed = 1).completion_percentage(),
-            "0.06"
-        );
-        assert_eq!(
-            counts(800, |c| c.completed = 1).completion_percentage(),
-            "0.13"
-        );
+        assert_eq!(counts(1600, |c| c.completed = 1).completion_percentage(), "0.06");
+        assert_eq!(counts(800, |c| c.completed = 1).completion_percentage(), "0.13");
     }
 }

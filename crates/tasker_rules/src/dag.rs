@@ -69,17 +69,13 @@ impl Dag {
     /// Parent step ids of the step at `pos` (one entry per edge, in the order the edges were
     /// given).
     pub fn parent_ids(&self, pos: usize) -> impl Iterator<Item = i64> + '_ {
-        self.ends(pos, Incoming)
-            .into_iter()
-            .map(move |p| self.graph[NodeIndex::new(p)])
+        self.ends(pos, Incoming).into_iter().map(move |p| self.graph[NodeIndex::new(p)])
     }
 
     /// Child step ids of the step at `pos` (one entry per edge, in the order the edges were
     /// given).
     pub fn child_ids(&self, pos: usize) -> impl Iterator<Item = i64> + '_ {
-        self.ends(pos, Outgoing)
-            .into_iter()
-            .map(move |c| self.graph[NodeIndex::new(c)])
+        self.ends(pos, Outgoing).into_iter().map(move |c| self.graph[NodeIndex::new(c)])
     }
 
     /// Positions at the other end of the edges of `pos` in direction `dir`, in edge order
@@ -89,11 +85,7 @@ impl Dag {
             .graph
             .edges_directed(NodeIndex::new(pos), dir)
             .map(|e| {
-                let other = if dir == Outgoing {
-                    e.target()
-                } else {
-                    e.source()
-                };
+                let other = if dir == Outgoing { e.target() } else { e.source() };
                 (e.id().index(), other.index())
             })
             .collect();
@@ -232,11 +224,8 @@ mod tests {
     fn orders_parents_first() {
         let dag = diamond();
         let order = dag.topological_order().unwrap();
-        let pos: HashMap<i64, usize> = order
-            .iter()
-            .enumerate()
-            .map(|(k, &i)| (dag.ids()[i], k))
-            .collect();
+        let pos: HashMap<i64, usize> =
+            order.iter().enumerate().map(|(k, &i)| (dag.ids()[i], k)).collect();
         for (from, to) in [(1, 2), (1, 3), (2, 4), (3, 4), (4, 5)] {
             assert!(pos[&from] < pos[&to], "{from} must come before {to}");
         }

@@ -11,11 +11,7 @@ use thiserror::Error;
 pub enum TaskerError {
     /// A caller-supplied identifier cannot be used.
     #[error("invalid {what} name {name:?}: {reason}")]
-    InvalidName {
-        what: &'static str,
-        name: String,
-        reason: &'static str,
-    },
+    InvalidName { what: &'static str, name: String, reason: &'static str },
     /// A required argument was NULL or empty.
     #[error("{argument} must not be null")]
     NullArgument { argument: &'static str },
@@ -30,28 +26,13 @@ pub enum TaskerError {
     CycleDetected { steps: Vec<i64> },
     /// A state name that is not one of the six.
     #[error("unknown {entity} state {state:?} for {entity} {id} (states: pending, in_progress, complete, error, cancelled, resolved_manually)")]
-    UnknownState {
-        entity: &'static str,
-        id: i64,
-        state: String,
-    },
+    UnknownState { entity: &'static str, id: i64, state: String },
     /// The state machine has no such edge.
     #[error("{entity} {id} cannot go from {from} to {to}")]
-    TransitionNotAllowed {
-        entity: &'static str,
-        id: i64,
-        from: String,
-        to: String,
-    },
+    TransitionNotAllowed { entity: &'static str, id: i64, from: String, to: String },
     /// The edge exists but its guard refuses it now.
     #[error("{entity} {id} cannot go from {from} to {to}: {reason}")]
-    GuardFailed {
-        entity: &'static str,
-        id: i64,
-        from: String,
-        to: String,
-        reason: String,
-    },
+    GuardFailed { entity: &'static str, id: i64, from: String, to: String, reason: String },
     /// Compare-and-swap failed: the owner is not in the expected state.
     #[error("{entity} {id} is in state {actual}, not {expected}, so it cannot go to {to}")]
     ExpectedFromMismatch {
@@ -63,18 +44,10 @@ pub enum TaskerError {
     },
     /// Concurrent writers kept winning the race for the same owner.
     #[error("{entity} {id} changed concurrently {attempts} times while going to {to}; try again")]
-    TransitionConflict {
-        entity: &'static str,
-        id: i64,
-        to: String,
-        attempts: u32,
-    },
+    TransitionConflict { entity: &'static str, id: i64, to: String, attempts: u32 },
     /// An argument has the right type but an unusable value.
     #[error("invalid {argument}: {reason}")]
-    InvalidArgument {
-        argument: &'static str,
-        reason: String,
-    },
+    InvalidArgument { argument: &'static str, reason: String },
     /// A template that is not a valid task template.
     #[error("invalid task template: {reason}")]
     InvalidTemplate { reason: String },
@@ -95,47 +68,24 @@ pub enum TaskerError {
     MissingHandlerClass { step: String },
     /// No template registered under that name.
     #[error("no task template {namespace}.{name}{}", .version.as_ref().map(|v| format!("@{v}")).unwrap_or_default())]
-    UnknownTemplate {
-        namespace: String,
-        name: String,
-        version: Option<String>,
-    },
+    UnknownTemplate { namespace: String, name: String, version: Option<String> },
     /// The task context does not satisfy the template's JSON schema.
     #[error("task context does not match the schema of {template}: {}", .violations.join("; "))]
-    ContextInvalid {
-        template: String,
-        violations: Vec<String>,
-    },
+    ContextInvalid { template: String, violations: Vec<String> },
     /// A configured limit was exceeded.
     #[error("too many {what}: {actual} (the limit is {limit})")]
-    LimitExceeded {
-        what: &'static str,
-        limit: i64,
-        actual: i64,
-    },
+    LimitExceeded { what: &'static str, limit: i64, actual: i64 },
     /// A worker acted on a step it does not (or no longer) hold the lease of. The message
     /// names the caller's worker id, never the holder's: another login must not learn it.
     #[error("step {step_id} is not leased to worker {worker:?}{}", .detail)]
-    LeaseLost {
-        step_id: i64,
-        worker: String,
-        detail: String,
-    },
+    LeaseLost { step_id: i64, worker: String, detail: String },
     /// An operator call on a step of a task that is finished (complete, cancelled or
     /// resolved): a finished task is final.
     #[error("step {step_id} cannot be resolved manually: task {task_id} is {state}, and a finished task is final")]
-    TaskFinished {
-        step_id: i64,
-        task_id: i64,
-        state: String,
-    },
+    TaskFinished { step_id: i64, task_id: i64, state: String },
     /// A JSON argument nested deeper than tasker_core accepts.
     #[error("{argument} is nested {depth} levels deep (the limit is {limit})")]
-    JsonTooDeep {
-        argument: &'static str,
-        depth: usize,
-        limit: usize,
-    },
+    JsonTooDeep { argument: &'static str, depth: usize, limit: usize },
     /// The maintained state the native surface reads is not enabled for the data schema.
     #[error(
         "tracking is not enabled for data schema {schema:?}: run tasker_core.enable_tracking()"
@@ -150,10 +100,7 @@ pub enum TaskerError {
 }
 
 fn format_ids(ids: &[i64]) -> String {
-    ids.iter()
-        .map(|i| i.to_string())
-        .collect::<Vec<_>>()
-        .join(" -> ")
+    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" -> ")
 }
 
 impl TaskerError {
@@ -220,28 +167,16 @@ mod tests {
     #[test]
     fn sqlstates_are_five_uppercase_alphanumerics() {
         let errors = [
-            TaskerError::InvalidName {
-                what: "schema",
-                name: "x".into(),
-                reason: "r",
-            },
+            TaskerError::InvalidName { what: "schema", name: "x".into(), reason: "r" },
             TaskerError::NullArgument { argument: "a" },
-            TaskerError::SchemaNotInstalled {
-                schema: "s".into(),
-                table: "t",
-            },
-            TaskerError::NotFound {
-                entity: "task",
-                id: 1,
-            },
+            TaskerError::SchemaNotInstalled { schema: "s".into(), table: "t" },
+            TaskerError::NotFound { entity: "task", id: 1 },
             TaskerError::CycleDetected { steps: vec![1, 2] },
         ];
         for e in errors {
             let code = e.sqlstate();
             assert_eq!(code.len(), 5);
-            assert!(code
-                .chars()
-                .all(|c| c.is_ascii_digit() || c.is_ascii_uppercase()));
+            assert!(code.chars().all(|c| c.is_ascii_digit() || c.is_ascii_uppercase()));
         }
     }
 
@@ -256,14 +191,9 @@ mod tests {
 
     #[test]
     fn messages_name_the_values() {
-        let e = TaskerError::CycleDetected {
-            steps: vec![3, 5, 3],
-        };
+        let e = TaskerError::CycleDetected { steps: vec![3, 5, 3] };
         assert_eq!(e.to_string(), "dependency cycle among steps 3 -> 5 -> 3");
-        let e = TaskerError::NotFound {
-            entity: "task",
-            id: 42,
-        };
+        let e = TaskerError::NotFound { entity: "task", id: 42 };
         assert_eq!(e.to_string(), "task 42 not found");
     }
 }

@@ -67,10 +67,7 @@ mod tests {
     use super::*;
 
     fn counts(f: impl FnOnce(&mut TaskCounts)) -> TaskCounts {
-        let mut c = TaskCounts {
-            total: 4,
-            ..TaskCounts::default()
-        };
+        let mut c = TaskCounts { total: 4, ..TaskCounts::default() };
         f(&mut c);
         c
     }
@@ -107,10 +104,7 @@ mod tests {
             c.done = 3;
             c.waiting = 1;
         });
-        assert_eq!(
-            Finalization::decide(&c),
-            Finalization::WaitingForDependencies
-        );
+        assert_eq!(Finalization::decide(&c), Finalization::WaitingForDependencies);
     }
 
     #[test]

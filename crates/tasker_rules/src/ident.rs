@@ -82,10 +82,7 @@ mod tests {
     #[test]
     fn accepts_ordinary_and_odd_names() {
         assert_eq!(SchemaName::parse("public").unwrap().quoted(), "\"public\"");
-        assert_eq!(
-            SchemaName::parse("we\"ird; drop").unwrap().quoted(),
-            "\"we\"\"ird; drop\""
-        );
+        assert_eq!(SchemaName::parse("we\"ird; drop").unwrap().quoted(), "\"we\"\"ird; drop\"");
         assert!(SchemaName::parse(&"a".repeat(63)).is_ok());
     }
 

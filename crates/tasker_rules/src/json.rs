@@ -46,16 +46,10 @@ pub fn depth(text: &str) -> usize {
 pub fn parse(argument: &'static str, text: &str) -> Result<Value, TaskerError> {
     let d = depth(text);
     if d > MAX_DEPTH {
-        return Err(TaskerError::JsonTooDeep {
-            argument,
-            depth: d,
-            limit: MAX_DEPTH,
-        });
+        return Err(TaskerError::JsonTooDeep { argument, depth: d, limit: MAX_DEPTH });
     }
-    serde_json::from_str(text).map_err(|e| TaskerError::InvalidArgument {
-        argument,
-        reason: format!("not JSON: {e}"),
-    })
+    serde_json::from_str(text)
+        .map_err(|e| TaskerError::InvalidArgument { argument, reason: format!("not JSON: {e}") })
 }
 
 #[cfg(test)]

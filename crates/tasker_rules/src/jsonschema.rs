@@ -52,9 +52,7 @@ const ANNOTATIONS: &[&str] = &[
     "writeOnly",
     "deprecated",
 ];
-const TYPES: &[&str] = &[
-    "null", "boolean", "object", "array", "number", "integer", "string",
-];
+const TYPES: &[&str] = &["null", "boolean", "object", "array", "number", "integer", "string"];
 
 /// Checks that `schema` only uses supported keywords, with values of the right shape.
 pub fn check_schema(schema: &Value) -> Result<(), String> {
@@ -80,9 +78,9 @@ fn check_at(schema: &Value, at: &str) -> Result<(), String> {
             "type" => {
                 let ok = match v {
                     Value::String(t) => TYPES.contains(&t.as_str()),
-                    Value::Array(ts) => ts
-                        .iter()
-                        .all(|t| t.as_str().is_some_and(|t| TYPES.contains(&t))),
+                    Value::Array(ts) => {
+                        ts.iter().all(|t| t.as_str().is_some_and(|t| TYPES.contains(&t)))
+                    }
                     _ => false,
                 };
                 if !ok {
@@ -168,30 +166,17 @@ fn validate_at(schema: &Value, v: &Value, at: &str, errors: &mut Vec<String>, li
     if let Some(t) = obj.get("type") {
         let ok = match t {
             Value::String(t) => type_matches(t, v),
-            Value::Array(ts) => ts
-                .iter()
-                .filter_map(Value::as_str)
-                .any(|t| type_matches(t, v)),
+            Value::Array(ts) => ts.iter().filter_map(Value::as_str).any(|t| type_matches(t, v)),
             _ => true,
         };
         if !ok {
-            push(
-                errors,
-                limit,
-                at,
-                format!("expected {}, got {}", t, super::template::kind(v)),
-            );
+            push(errors, limit, at, format!("expected {}, got {}", t, super::template::kind(v)));
             return;
         }
     }
     if let Some(Value::Array(options)) = obj.get("enum") {
         if !options.iter().any(|o| same(o, v)) {
-            push(
-                errors,
-                limit,
-                at,
-                format!("must be one of {}", Value::Array(options.clone())),
-            );
+            push(errors, limit, at, format!("must be one of {}", Value::Array(options.clone())));
         }
     }
     if let Some(c) = obj.get("const") {
@@ -232,12 +217,7 @@ fn validate_at(schema: &Value, v: &Value, at: &str, errors: &mut Vec<String>, li
         let len = s.chars().count() as u64;
         if let Some(m) = obj.get("minLength").and_then(Value::as_u64) {
             if len < m {
-                push(
-                    errors,
-                    limit,
-                    at,
-                    format!("must be at least {m} characters"),
-                );
+                push(errors, limit, at, format!("must be at least {m} characters"));
             }
         }
         if let Some(m) = obj.get("maxLength").and_then(Value::as_u64) {
@@ -271,33 +251,18 @@ fn validate_at(schema: &Value, v: &Value, at: &str, errors: &mut Vec<String>, li
         let n = props.len() as u64;
         if let Some(m) = obj.get("minProperties").and_then(Value::as_u64) {
             if n < m {
-                push(
-                    errors,
-                    limit,
-                    at,
-                    format!("must have at least {m} properties"),
-                );
+                push(errors, limit, at, format!("must have at least {m} properties"));
             }
         }
         if let Some(m) = obj.get("maxProperties").and_then(Value::as_u64) {
             if n > m {
-                push(
-                    errors,
-                    limit,
-                    at,
-                    format!("must have at most {m} properties"),
-                );
+                push(errors, limit, at, format!("must have at most {m} properties"));
             }
         }
         if let Some(Value::Array(required)) = obj.get("required") {
             for r in required.iter().filter_map(Value::as_str) {
                 if !props.contains_key(r) {
-                    push(
-                        errors,
-                        limit,
-                        at,
-                        format!("missing required property {r:?}"),
-                    );
+                    push(errors, limit, at, format!("missing required property {r:?}"));
                 }
             }
         }
@@ -321,12 +286,7 @@ fn validate_at(schema: &Value, v: &Value, at: &str, errors: &mut Vec<String>, li
     }
     if let Some(Value::Array(any)) = obj.get("anyOf") {
         if !any.iter().any(|s| validate(s, v, 1).is_empty()) {
-            push(
-                errors,
-                limit,
-                at,
-                "does not match any schema of anyOf".to_owned(),
-            );
+            push(errors, limit, at, "does not match any schema of anyOf".to_owned());
         }
     }
     if let Some(Value::Array(one)) = obj.get("oneOf") {
@@ -342,12 +302,7 @@ fn validate_at(schema: &Value, v: &Value, at: &str, errors: &mut Vec<String>, li
     }
     if let Some(not) = obj.get("not") {
         if validate(not, v, 1).is_empty() {
-            push(
-                errors,
-                limit,
-                at,
-                "must not match the schema of not".to_owned(),
-            );
+            push(errors, limit, at, "must not match the schema of not".to_owned());
         }
     }
 }
@@ -460,12 +415,8 @@ fn has_duplicate(items: &[Value]) -> bool {
                 slot.insert(i);
             }
             Entry::Occupied(slot) => {
-                let mut earlier = std::iter::once(*slot.get()).chain(
-                    collided
-                        .iter()
-                        .filter(|&&(h, _)| h == hash)
-                        .map(|&(_, j)| j),
-                );
+                let mut earlier = std::iter::once(*slot.get())
+                    .chain(collided.iter().filter(|&&(h, _)| h == hash).map(|&(_, j)| j));
                 if earlier.any(|j| same(item, &items[j])) {
                     return true;
                 }

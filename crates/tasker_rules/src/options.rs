@@ -32,18 +32,15 @@ pub struct CreateOptions {
 }
 
 fn invalid(reason: String) -> TaskerError {
-    TaskerError::InvalidArgument {
-        argument: "options",
-        reason,
-    }
+    TaskerError::InvalidArgument { argument: "options", reason }
 }
 
 /// A string option of 1 to `max` characters.
 fn bounded(key: &str, v: Option<String>, max: usize) -> Result<Option<String>, TaskerError> {
     match v {
-        Some(s) if s.is_empty() || s.chars().count() > max => Err(invalid(format!(
-            "{key} must be a string of 1 to {max} characters"
-        ))),
+        Some(s) if s.is_empty() || s.chars().count() > max => {
+            Err(invalid(format!("{key} must be a string of 1 to {max} characters")))
+        }
         v => Ok(v),
     }
 }

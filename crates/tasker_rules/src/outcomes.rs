@@ -15,14 +15,8 @@ pub const MAX_BATCH: usize = 1000;
 /// What a worker reports for one step.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Complete {
-        results: Value,
-    },
-    Fail {
-        error: Value,
-        retryable: bool,
-        retry_after: Option<i64>,
-    },
+    Complete { results: Value },
+    Fail { error: Value, retryable: bool, retry_after: Option<i64> },
 }
 
 fn invalid(index: usize, reason: impl std::fmt::Display) -> TaskerError {
@@ -72,10 +66,7 @@ pub fn parse(batch: &Value) -> Result<Vec<(i64, Outcome)>, TaskerError> {
         let outcome = match o.get("error") {
             None => {
                 if o.contains_key("retryable") || o.contains_key("retry_after_seconds") {
-                    return Err(invalid(
-                        i,
-                        "retryable and retry_after_seconds go with an error",
-                    ));
+                    return Err(invalid(i, "retryable and retry_after_seconds go with an error"));
                 }
                 Outcome::Complete {
                     results: o
@@ -106,11 +97,7 @@ pub fn parse(batch: &Value) -> Result<Vec<(i64, Outcome)>, TaskerError> {
                         }
                     },
                 };
-                Outcome::Fail {
-                    error: error.clone(),
-                    retryable,
-                    retry_after,
-                }
+                Outcome::Fail { error: error.clone(), retryable, retry_after }
             }
         };
         out.push((step_id, outcome));
@@ -143,28 +130,9 @@ mod tests {
             got,
             vec![
                 (3, Outcome::Complete { results: json!({}) }),
-                (
-                    1,
-                    Outcome::Complete {
-                        results: json!({"n": 1})
-                    }
-                ),
-                (
-                    2,
-                    Outcome::Fail {
-                        error: json!("boom"),
-                        retryable: false,
-                        retry_after: Some(7)
-                    }
-                ),
-                (
-                    4,
-                    Outcome::Fail {
-                        error: json!({"m": 1}),
-                        retryable: true,
-                        retry_after: None
-                    }
-                ),
+                (1, Outcome::Complete { results: json!({"n": 1}) }),
+                (2, Outcome::Fail { error: json!("boom"), retryable: false, retry_after: Some(7) }),
+                (4, Outcome::Fail { error: json!({"m": 1}), retryable: true, retry_after: None }),
             ]
         );
         assert_eq!(parse(&json!([])).unwrap(), vec![]);
@@ -172,10 +140,7 @@ mod tests {
 
     #[test]
     fn bad_batches_are_refused_with_the_element_named() {
-        assert!(matches!(
-            parse(&json!({})),
-            Err(TaskerError::InvalidArgument { .. })
-        ));
+        assert!(matches!(parse(&json!({})), Err(TaskerError::InvalidArgument { .. })));
         assert_eq!(reason(json!([1])), "element 0: expected an object");
         assert_eq!(
             reason(json!([{"step_id": 1}, {"step_id": 1}])),
@@ -189,10 +154,7 @@ mod tests {
             reason(json!([{"step_id": "1"}])),
             "element 0: step_id must be a positive integer"
         );
-        assert_eq!(
-            reason(json!([{"step_id": 1, "eror": 1}])),
-            "element 0: unknown key \"eror\""
-        );
+        assert_eq!(reason(json!([{"step_id": 1, "eror": 1}])), "element 0: unknown key \"eror\"");
         assert_eq!(
             reason(json!([{"step_id": 1, "error": null}])),
             "element 0: error must not be null"
@@ -209,12 +171,7 @@ mod tests {
 
     #[test]
     fn batches_are_bounded() {
-        let big: Vec<Value> = (1..=MAX_BATCH as i64 + 1)
-            .map(|i| json!({"step_id": i}))
-            .collect();
-        assert!(matches!(
-            parse(&Value::Array(big)),
-            Err(TaskerError::LimitExceeded { .. })
-        ));
+        let big: Vec<Value> = (1..=MAX_BATCH as i64 + 1).map(|i| json!({"step_id": i})).collect();
+        assert!(matches!(parse(&Value::Array(big)), Err(TaskerError::LimitExceeded { .. })));
     }
 }

@@ -100,9 +100,7 @@ thread_local! {
 
 /// Whether a most-recent `to_state` satisfies a dependency.
 pub fn state_satisfies(state: Option<&str>) -> bool {
-    state
-        .and_then(State::parse)
-        .is_some_and(State::satisfies_dependency)
+    state.and_then(State::parse).is_some_and(State::satisfies_dependency)
 }
 
 /// One row of `get_step_readiness_status`.
@@ -193,10 +191,7 @@ pub fn failure_backoff_until(step: &StepFacts) -> Result<Option<i64>, TimeError>
 /// Counts a step's parents that satisfy it. `parent_satisfied` answers for a parent id;
 /// parents it does not know count as unsatisfied.
 pub fn completed_parents(step: &StepFacts, parent_satisfied: impl Fn(i64) -> bool) -> i32 {
-    step.parent_ids
-        .iter()
-        .filter(|&&p| parent_satisfied(p))
-        .count() as i32
+    step.parent_ids.iter().filter(|&&p| parent_satisfied(p)).count() as i32
 }
 
 /// Evaluates one step. The order of evaluation follows the Rails SQL, so a step whose
@@ -262,15 +257,11 @@ pub fn evaluate_all(
     outside: &HashMap<i64, Option<Rc<str>>>,
     clock: &dyn Clock,
 ) -> Result<Vec<Readiness>, TimeError> {
-    let satisfied: HashMap<i64, bool> = steps
-        .iter()
-        .map(|s| (s.workflow_step_id, s.satisfies_children()))
-        .collect();
+    let satisfied: HashMap<i64, bool> =
+        steps.iter().map(|s| (s.workflow_step_id, s.satisfies_children())).collect();
     let lookup = |id: i64| match satisfied.get(&id) {
         Some(&b) => b,
-        None => outside
-            .get(&id)
-            .is_some_and(|st| state_satisfies(st.as_deref())),
+        None => outside.get(&id).is_some_and(|st| state_satisfies(st.as_deref())),
     };
     steps
         .iter()
@@ -398,18 +389,9 @@ mod tests {
         assert_eq!(failure_backoff_usecs(Some(5)).unwrap(), 30 * SEC);
         assert_eq!(failure_backoff_usecs(Some(43)).unwrap(), 30 * SEC);
         assert_eq!(failure_backoff_usecs(Some(-1)).unwrap(), SEC / 2);
-        assert_eq!(
-            failure_backoff_usecs(Some(44)),
-            Err(TimeError::IntervalOutOfRange)
-        );
-        assert_eq!(
-            failure_backoff_usecs(Some(1024)),
-            Err(TimeError::FloatOverflow)
-        );
-        assert_eq!(
-            failure_backoff_usecs(Some(-1075)),
-            Err(TimeError::FloatUnderflow)
-        );
+        assert_eq!(failure_backoff_usecs(Some(44)), Err(TimeError::IntervalOutOfRange));
+        assert_eq!(failure_backoff_usecs(Some(1024)), Err(TimeError::FloatOverflow));
+        assert_eq!(failure_backoff_usecs(Some(-1075)), Err(TimeError::FloatUnderflow));
     }
 
     #[test]
@@ -448,10 +430,7 @@ mod tests {
     fn infinite_timestamps_stay_infinite() {
         assert_eq!(timestamp_plus(i64::MAX, SEC), Ok(i64::MAX));
         assert_eq!(timestamp_plus(i64::MIN, SEC), Ok(i64::MIN));
-        assert_eq!(
-            timestamp_plus(END_TIMESTAMP - 1, SEC),
-            Err(TimeError::TimestampOutOfRange)
-        );
+        assert_eq!(timestamp_plus(END_TIMESTAMP - 1, SEC), Err(TimeError::TimestampOutOfRange));
     }
 
     #[test]

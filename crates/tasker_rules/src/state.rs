@@ -156,10 +156,7 @@ mod tests {
             .filter(|&(f, t)| Entity::Step.allows(f, t))
             .collect();
         assert_eq!(step_edges.len(), 9);
-        assert!(
-            !Entity::Step.allows(Error, InProgress),
-            "a retry goes through pending"
-        );
+        assert!(!Entity::Step.allows(Error, InProgress), "a retry goes through pending");
         assert!(Entity::Step.allows(Error, Pending));
         assert!(!Entity::Task.allows(Error, Cancelled));
         assert!(Entity::Task.allows(Complete, Cancelled));
@@ -178,22 +175,10 @@ mod tests {
     #[test]
     fn events_are_from_aware() {
         use State::*;
-        assert_eq!(
-            Entity::Step.transition_event(Error, Pending),
-            "step.retry_requested"
-        );
-        assert_eq!(
-            Entity::Step.transition_event(Pending, InProgress),
-            "step.execution_requested"
-        );
-        assert_eq!(
-            Entity::Task.transition_event(InProgress, Pending),
-            "task.initialize_requested"
-        );
-        assert_eq!(
-            Entity::Task.transition_event(Error, Pending),
-            "task.retry_requested"
-        );
+        assert_eq!(Entity::Step.transition_event(Error, Pending), "step.retry_requested");
+        assert_eq!(Entity::Step.transition_event(Pending, InProgress), "step.execution_requested");
+        assert_eq!(Entity::Task.transition_event(InProgress, Pending), "task.initialize_requested");
+        assert_eq!(Entity::Task.transition_event(Error, Pending), "task.retry_requested");
         for from in State::ALL {
             for to in State::ALL {
                 for entity in [Entity::Task, Entity::Step] {
@@ -207,10 +192,8 @@ mod tests {
 
     #[test]
     fn only_complete_and_resolved_satisfy_dependencies() {
-        let satisfying: Vec<_> = State::ALL
-            .into_iter()
-            .filter(|s| s.satisfies_dependency())
-            .collect();
+        let satisfying: Vec<_> =
+            State::ALL.into_iter().filter(|s| s.satisfies_dependency()).collect();
         assert_eq!(satisfying, vec![State::Complete, State::ResolvedManually]);
     }
 }

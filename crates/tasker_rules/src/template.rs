@@ -50,9 +50,7 @@ enum Rules {
 }
 
 fn invalid(reason: impl Into<String>) -> TaskerError {
-    TaskerError::InvalidTemplate {
-        reason: reason.into(),
-    }
+    TaskerError::InvalidTemplate { reason: reason.into() }
 }
 
 fn string_field(
@@ -66,14 +64,11 @@ fn string_field(
         Some(Value::String(s)) if s.is_empty() => {
             Err(invalid(format!("{what} {key} must not be empty")))
         }
-        Some(Value::String(s)) if s.chars().count() > max_len => Err(invalid(format!(
-            "{what} {key} is longer than {max_len} characters"
-        ))),
+        Some(Value::String(s)) if s.chars().count() > max_len => {
+            Err(invalid(format!("{what} {key} is longer than {max_len} characters")))
+        }
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(invalid(format!(
-            "{what} {key} must be a string, not {}",
-            kind(other)
-        ))),
+        Some(other) => Err(invalid(format!("{what} {key} must be a string, not {}", kind(other)))),
     }
 }
 
@@ -88,9 +83,9 @@ fn name_field(
 ) -> Result<Option<String>, TaskerError> {
     let name = string_field(obj, key, what, max_len)?;
     match &name {
-        Some(n) if rules == Rules::Registration && !is_printable_name(n) => Err(invalid(format!(
-            "{what} {key} {n:?} must not contain control characters"
-        ))),
+        Some(n) if rules == Rules::Registration && !is_printable_name(n) => {
+            Err(invalid(format!("{what} {key} {n:?} must not contain control characters")))
+        }
         _ => Ok(name),
     }
 }
@@ -110,10 +105,9 @@ fn bool_field(
     match obj.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(other) => Err(invalid(format!(
-            "{what} {key} must be true or false, not {}",
-            kind(other)
-        ))),
+        Some(other) => {
+            Err(invalid(format!("{what} {key} must be true or false, not {}", kind(other))))
+        }
     }
 }
 
@@ -151,11 +145,7 @@ fn is_version_form(v: &str) -> bool {
 /// A version as a sortable tuple (for "latest").
 pub fn version_key(v: &str) -> (u64, u64, u64) {
     let mut it = v.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
-    (
-        it.next().unwrap_or(0),
-        it.next().unwrap_or(0),
-        it.next().unwrap_or(0),
-    )
+    (it.next().unwrap_or(0), it.next().unwrap_or(0), it.next().unwrap_or(0))
 }
 
 impl TaskTemplate {
@@ -191,9 +181,7 @@ impl TaskTemplate {
             None | Some(Value::Null) => "0.1.0".to_owned(),
             Some(Value::String(s)) if version_ok(s) => s.clone(),
             Some(Value::String(s)) => {
-                return Err(TaskerError::MalformedVersion {
-                    version: s.chars().take(40).collect(),
-                })
+                return Err(TaskerError::MalformedVersion { version: s.chars().take(40).collect() })
             }
             Some(other) => {
                 return Err(TaskerError::MalformedVersion {
@@ -235,10 +223,7 @@ impl TaskTemplate {
                     .collect::<Result<_, _>>()?,
             ),
             Some(other) => {
-                return Err(invalid(format!(
-                    "named_steps must be an array, not {}",
-                    kind(other)
-                )))
+                return Err(invalid(format!("named_steps must be an array, not {}", kind(other))))
             }
         };
         let raw_steps = match obj.get("step_templates") {
@@ -264,10 +249,7 @@ impl TaskTemplate {
         for (i, raw) in raw_steps.iter().enumerate() {
             interrupt::check();
             let s = raw.as_object().ok_or_else(|| {
-                invalid(format!(
-                    "step_templates[{i}] must be an object, not {}",
-                    kind(raw)
-                ))
+                invalid(format!("step_templates[{i}] must be an object, not {}", kind(raw)))
             })?;
             let where_ = format!("step_templates[{i}]");
             let step_name = name_field(s, "name", &where_, 128, rules)?
@@ -390,20 +372,10 @@ impl TaskTemplate {
                 }
             }
         }
-        let template = TaskTemplate {
-            name,
-            namespace,
-            version,
-            description,
-            schema,
-            steps,
-        };
+        let template = TaskTemplate { name, namespace, version, description, schema, steps };
         if let Err(cycle) = template.dag().topological_order() {
             return Err(TaskerError::TemplateCycle {
-                steps: cycle
-                    .iter()
-                    .map(|&i| template.steps[i as usize].name.clone())
-                    .collect(),
+                steps: cycle.iter().map(|&i| template.steps[i as usize].name.clone()).collect(),
             });
         }
         Ok(template)
@@ -411,19 +383,13 @@ impl TaskTemplate {
 
     /// The dependency graph over step positions (ids are positions).
     pub fn dag(&self) -> Dag {
-        let index: HashMap<&str, i64> = self
-            .steps
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.name.as_str(), i as i64))
-            .collect();
+        let index: HashMap<&str, i64> =
+            self.steps.iter().enumerate().map(|(i, s)| (s.name.as_str(), i as i64)).collect();
         Dag::new(
             0..self.steps.len() as i64,
             self.steps.iter().enumerate().flat_map(|(i, s)| {
                 let index = &index;
-                s.depends_on
-                    .iter()
-                    .map(move |d| (index[d.as_str()], i as i64))
+                s.depends_on.iter().map(move |d| (index[d.as_str()], i as i64))
             }),
         )
     }

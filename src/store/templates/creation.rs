@@ -58,10 +58,7 @@ pub fn create_task(
         if let Some(s) = &t.schema {
             let violations = crate::core::jsonschema::validate(s, context, 10);
             if !violations.is_empty() {
-                return Err(TaskerError::ContextInvalid {
-                    template: t.full_name(),
-                    violations,
-                });
+                return Err(TaskerError::ContextInvalid { template: t.full_name(), violations });
             }
         }
         let key = options.idempotency_key.as_deref();
@@ -189,31 +186,15 @@ pub fn create_task(
         )
         .map_err(spi)?;
         // Steps without a named step are left out with their edges, as before.
-        let kept: Vec<(usize, i32)> = named
-            .iter()
-            .enumerate()
-            .filter_map(|(i, id)| id.map(|id| (i, id)))
-            .collect();
+        let kept: Vec<(usize, i32)> =
+            named.iter().enumerate().filter_map(|(i, id)| id.map(|id| (i, id))).collect();
         let direct = crate::store::maintenance::installed()
             && crate::store::facts::is_tracked(client, schema).map_err(spi)?;
         if direct {
-            insert_steps_direct(
-                client,
-                schema,
-                task_id,
-                t,
-                &kept,
-                stored.namespace_id,
-                context,
-            )?;
+            insert_steps_direct(client, schema, task_id, t, &kept, stored.namespace_id, context)?;
         } else {
-            let StepColumns {
-                named_ids,
-                retryable,
-                limits,
-                skippable,
-                ..
-            } = StepColumns::of(t, &kept);
+            let StepColumns { named_ids, retryable, limits, skippable, .. } =
+                StepColumns::of(t, &kept);
             // the steps, in template order (ids ascend with it); workflow step id by named step id
             // (a template's steps have distinct named steps: names are unique in a template)
             let by_named: HashMap<i32, i64> = with_write_plan(
@@ -291,10 +272,7 @@ pub fn create_task(
                 "task.initialize_requested",
                 json!({ "template": t.full_name(), "step_count": t.steps.len() }),
             ),
-            (
-                "observability.task.enqueue",
-                json!({ "template": t.full_name() }),
-            ),
+            ("observability.task.enqueue", json!({ "template": t.full_name() })),
         ] {
             events::emit(
                 client,
@@ -340,12 +318,8 @@ impl StepColumns {
 /// The template's dependencies between steps that are created (`id_at` has their ids by
 /// template position), as (parent, child) template positions.
 fn edge_positions(t: &TaskTemplate, id_at: &[Option<i64>]) -> Vec<(usize, usize)> {
-    let position: HashMap<&str, usize> = t
-        .steps
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.name.as_str(), i))
-        .collect();
+    let position: HashMap<&str, usize> =
+        t.steps.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
     let mut out = Vec::new();
     for (c, s) in t.steps.iter().enumerate() {
         if id_at[c].is_none() {
@@ -421,13 +395,7 @@ fn insert_steps_direct(
         parent_lits.push(array(&mut parents[i]));
         child_lits.push(array(&mut children[i]));
     }
-    let StepColumns {
-        named_ids,
-        names,
-        retryable,
-        limits,
-        skippable,
-    } = StepColumns::of(t, kept);
+    let StepColumns { named_ids, names, retryable, limits, skippable } = StepColumns::of(t, kept);
     let _direct = crate::store::maintenance::Direct::begin();
     with_write_plan(
         client,

@@ -56,13 +56,7 @@ pub(super) fn legacy_keyed_task(
                  WHERE t.identity_hash = $1 AND mine.named_task_id = $2"
             )
         },
-        |stmt| {
-            one_value::<i64>(
-                client,
-                stmt,
-                &[legacy.as_str().into(), named_task_id.into()],
-            )
-        },
+        |stmt| one_value::<i64>(client, stmt, &[legacy.as_str().into(), named_task_id.into()]),
     )
     .map_err(spi)
 }

@@ -68,9 +68,7 @@ fn registered(
     .map_err(spi)?;
     let chosen = match version {
         Some(v) => rows.into_iter().find(|r| r.version == v),
-        None => rows
-            .into_iter()
-            .max_by_key(|r| template::version_key(&r.version)),
+        None => rows.into_iter().max_by_key(|r| template::version_key(&r.version)),
     };
     chosen.ok_or_else(|| TaskerError::UnknownTemplate {
         namespace: namespace.to_owned(),
@@ -99,10 +97,7 @@ fn configuration(
         |stmt| one_value::<String>(client, stmt, &[named_task_id.into()]),
     )
     .map_err(spi)?;
-    crate::core::json::parse(
-        "stored template configuration",
-        raw.as_deref().unwrap_or("{}"),
-    )
+    crate::core::json::parse("stored template configuration", raw.as_deref().unwrap_or("{}"))
 }
 
 pub fn find(
@@ -153,10 +148,7 @@ pub fn find_for_creation(
     let chosen = registered(client, schema, namespace, name, version)?;
     let key = (schema.as_str().to_owned(), chosen.named_task_id);
     let cached = PARSED.with(|c| {
-        c.borrow()
-            .get(&key)
-            .filter(|(v, _)| *v == chosen.row_version)
-            .map(|(_, t)| t.clone())
+        c.borrow().get(&key).filter(|(v, _)| *v == chosen.row_version).map(|(_, t)| t.clone())
     });
     let template = match cached {
         Some(t) => t,

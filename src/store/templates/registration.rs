@@ -143,10 +143,7 @@ pub fn register(schema: &SchemaName, t: &TaskTemplate, raw: &Value) -> Result<i3
             .iter()
             .map(|s| {
                 system_ids.get(&s.dependent_system).copied().ok_or_else(|| {
-                    internal(format!(
-                        "dependent system {:?} was not stored",
-                        s.dependent_system
-                    ))
+                    internal(format!("dependent system {:?} was not stored", s.dependent_system))
                 })
             })
             .collect::<Result<_, _>>()?;

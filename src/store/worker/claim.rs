@@ -114,10 +114,7 @@ pub(super) fn release(
                      WHERE workflow_step_id = $1 AND (NOT $2 OR lease_expires_at <= tasker_core.now())
                      RETURNING workflow_step_id)";
             if direct {
-                format!(
-                    "{gone}, {} SELECT upd.task_id FROM upd",
-                    mirrored(&update, "task_id, ")
-                )
+                format!("{gone}, {} SELECT upd.task_id FROM upd", mirrored(&update, "task_id, "))
             } else {
                 format!("{gone} {update} RETURNING task_id")
             }
@@ -128,13 +125,7 @@ pub(super) fn release(
         return Ok(None);
     };
     let metadata = JsonB(json!({ "reason": reason, "worker_id": worker }));
-    match transitions::step(
-        schema,
-        step_id,
-        State::Error,
-        &metadata,
-        Some(State::InProgress),
-    ) {
+    match transition(schema, Step, step_id, State::Error, &metadata, Some(State::InProgress)) {
         Ok(_) | Err(TaskerError::ExpectedFromMismatch { .. }) => Ok(Some(task_id)),
         Err(e) => Err(e),
     }
@@ -243,7 +234,7 @@ pub fn claim(
             // re-validate against the current state and skip the step if it is not claimable.
             if state.as_deref() == Some("error") {
                 let retry = JsonB(json!({ "reason": "retry", "worker_id": worker_id }));
-                match transitions::step(schema, step_id, State::Pending, &retry, Some(State::Error))
+                match transition(schema, Step, step_id, State::Pending, &retry, Some(State::Error))
                 {
                     Ok(_) => {}
                     Err(TaskerError::ExpectedFromMismatch { .. })
@@ -252,13 +243,8 @@ pub fn claim(
                 }
             }
             let meta = JsonB(json!({ "worker_id": worker_id }));
-            match transitions::step(
-                schema,
-                step_id,
-                State::InProgress,
-                &meta,
-                Some(State::Pending),
-            ) {
+            match transition(schema, Step, step_id, State::InProgress, &meta, Some(State::Pending))
+            {
                 Ok(true) => {
                     claimed_ids.push(step_id);
                     tasks_started.insert(task_id);
@@ -290,11 +276,7 @@ pub fn claim(
             client,
             schema,
             direct,
-            if logins {
-                "claim_record"
-            } else {
-                "claim_record_0_3"
-            },
+            if logins { "claim_record" } else { "claim_record_0_3" },
             "claim_record_direct",
             &[INT8ARRAY, TEXT, INT4],
             |direct| {
@@ -335,11 +317,7 @@ pub fn claim(
                 client.select(
                     stmt,
                     None,
-                    &[
-                        claimed_ids.clone().into(),
-                        worker_id.into(),
-                        lease_seconds.into(),
-                    ],
+                    &[claimed_ids.clone().into(), worker_id.into(), lease_seconds.into()],
                 )?;
                 Ok(())
             },
@@ -376,10 +354,7 @@ pub(super) fn recheck_claimable(
             let mut out = std::collections::HashMap::new();
             for row in client.select(stmt, None, &[ids.into()])? {
                 if row.get::<bool>(3)?.unwrap_or(false) {
-                    out.insert(
-                        row.get::<i64>(1)?.unwrap_or_default(),
-                        row.get::<String>(2)?,
-                    );
+                    out.insert(row.get::<i64>(1)?.unwrap_or_default(), row.get::<String>(2)?);
                 }
             }
             Ok(out)
@@ -402,12 +377,12 @@ pub(super) fn start_task(
     match task_state(client, schema, task_id)?.as_deref() {
         Some("in_progress") => return Ok(()),
         Some("error") => {
-            transitions::task(schema, task_id, State::Pending, &empty, Some(State::Error))?;
+            transition(schema, Task, task_id, State::Pending, &empty, Some(State::Error))?;
         }
         Some("complete") | Some("cancelled") | Some("resolved_manually") => return Ok(()),
         _ => {}
     }
-    match transitions::task(schema, task_id, State::InProgress, &empty, None) {
+    match transition(schema, Task, task_id, State::InProgress, &empty, None) {
         Ok(_) | Err(TaskerError::TransitionNotAllowed { .. }) => Ok(()),
         Err(e) => Err(e),
     }

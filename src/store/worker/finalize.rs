@@ -75,9 +75,9 @@ pub fn finalize(
             let state = task_state(client, schema, task_id)?;
             if matches!(state.as_deref(), None | Some("pending") | Some("error")) {
                 if state.as_deref() == Some("error") {
-                    transitions::task(schema, task_id, State::Pending, &empty, None)?;
+                    transition(schema, Task, task_id, State::Pending, &empty, None)?;
                 }
-                transitions::task(schema, task_id, State::InProgress, &empty, None)?;
+                transition(schema, Task, task_id, State::InProgress, &empty, None)?;
             }
             with_write_plan(
                 client,
@@ -112,11 +112,10 @@ pub fn finalize(
         Finalization::BlockedByFailures
             if task_state(client, schema, task_id)?.as_deref() != Some("error") =>
         {
-            let meta = JsonB(
-                json!({ "execution_status": status, "error_message": "steps_in_error_state",
-                                          "failed_steps_count": c.blocked }),
-            );
-            match transitions::task(schema, task_id, State::Error, &meta, None) {
+            let meta =
+                JsonB(json!({ "execution_status": status, "error_message": "steps_in_error_state",
+                                          "failed_steps_count": c.blocked }));
+            match transition(schema, Task, task_id, State::Error, &meta, None) {
                 Ok(_) | Err(TaskerError::TransitionNotAllowed { .. }) => {}
                 Err(e) => return Err(e),
             }
@@ -211,10 +210,7 @@ pub fn resolve_manually(
             },
         )
         .map_err(spi)?;
-        let (task_id, state) = row.ok_or(TaskerError::NotFound {
-            entity: "step",
-            id: step_id,
-        })?;
+        let (task_id, state) = row.ok_or(TaskerError::NotFound { entity: "step", id: step_id })?;
         // A finished task is final (cancel_task leaves one alone too). Read after the step's
         // lock: a cancel_task that locked the task's steps first has committed by now.
         let finished: Option<String> = with_write_plan(
@@ -236,23 +232,13 @@ pub fn resolve_manually(
         )
         .map_err(spi)?;
         if let Some(state) = finished {
-            return Err(TaskerError::TaskFinished {
-                step_id,
-                task_id,
-                state,
-            });
+            return Err(TaskerError::TaskFinished { step_id, task_id, state });
         }
         let meta = JsonB(json!({ "reason": "resolved by operator" }));
         if state.as_deref() == Some("in_progress") {
-            transitions::step(
-                schema,
-                step_id,
-                State::Error,
-                &meta,
-                Some(State::InProgress),
-            )?;
+            transition(schema, Step, step_id, State::Error, &meta, Some(State::InProgress))?;
         }
-        let changed = transitions::step(schema, step_id, State::ResolvedManually, &meta, None)?;
+        let changed = transition(schema, Step, step_id, State::ResolvedManually, &meta, None)?;
         record_results(client, schema, step_id, results)?;
         finalize(client, schema, task_id)?;
         Ok(changed)

@@ -121,11 +121,8 @@ pub(super) fn check_lease(
             ))),
     )
     .map_err(spi)?;
-    let lost = |detail: String| TaskerError::LeaseLost {
-        step_id,
-        worker: worker_id.to_owned(),
-        detail,
-    };
+    let lost =
+        |detail: String| TaskerError::LeaseLost { step_id, worker: worker_id.to_owned(), detail };
     match row {
         None => Err(lost(": the step is not claimed".into())),
         Some((holder, same_login, ..)) if holder != worker_id || !same_login => {

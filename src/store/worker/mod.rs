@@ -16,12 +16,13 @@ use super::plans::{
     INT8ARRAY, JSONB, NOW, TEXT, TEXTARRAY,
 };
 use super::spi;
-use super::transitions;
+use super::transitions::{self, transition};
 use crate::core::backoff;
 use crate::core::error::TaskerError;
 use crate::core::finalize::{Finalization, TaskCounts};
 use crate::core::ident::SchemaName;
 use crate::core::outcomes::Outcome;
+use crate::core::state::Entity::{Step, Task};
 use crate::core::state::{Entity, State};
 use pgrx::spi::{Spi, SpiClient, SpiResult};
 use pgrx::JsonB;
@@ -104,9 +105,7 @@ pub(super) fn require_tracked(
     if super::facts::is_tracked(client, schema).map_err(spi)? {
         Ok(())
     } else {
-        Err(TaskerError::TrackingDisabled {
-            schema: schema.as_str().to_owned(),
-        })
+        Err(TaskerError::TrackingDisabled { schema: schema.as_str().to_owned() })
     }
 }
 

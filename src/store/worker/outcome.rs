@@ -32,13 +32,7 @@ pub(super) fn complete_held(
     let (task_id, _) = check_lease(client, step_id, worker_id)?;
     record_results(client, schema, step_id, results)?;
     let meta = JsonB(json!({ "worker_id": worker_id }));
-    transitions::step(
-        schema,
-        step_id,
-        State::Complete,
-        &meta,
-        Some(State::InProgress),
-    )?;
+    transition(schema, Step, step_id, State::Complete, &meta, Some(State::InProgress))?;
     Ok(task_id)
 }
 
@@ -102,16 +96,9 @@ pub(super) fn record_outcomes(
                     complete_held(client, schema, *step_id, worker_id, results)
                         .map(|task| (task, Reported::Completed))
                 }
-                Outcome::Fail {
-                    error,
-                    retryable,
-                    retry_after,
-                } => {
-                    let failure = Failure {
-                        error,
-                        retryable: *retryable,
-                        retry_after: *retry_after,
-                    };
+                Outcome::Fail { error, retryable, retry_after } => {
+                    let failure =
+                        Failure { error, retryable: *retryable, retry_after: *retry_after };
                     fail_held(client, schema, *step_id, worker_id, failure)
                         .map(|(task, backoff)| (task, Reported::Failed(backoff)))
                 }
@@ -157,14 +144,7 @@ pub fn report_and_claim(
         return Ok((reported, Vec::new()));
     }
     let claimed = crate::store::locks::without_waiting(|| {
-        claim(
-            schema,
-            worker_id,
-            namespaces,
-            max_steps,
-            lease_seconds,
-            traceparent,
-        )
+        claim(schema, worker_id, namespaces, max_steps, lease_seconds, traceparent)
     })?
     .unwrap_or_default();
     crate::store::wakeups::claimed_by_this_transaction(claimed.iter().map(|c| c.task_id));
@@ -232,11 +212,7 @@ pub(super) fn fail_held(
     worker_id: &str,
     failure: Failure<'_>,
 ) -> Result<(i64, Option<i64>), TaskerError> {
-    let Failure {
-        error,
-        retryable,
-        retry_after,
-    } = failure;
+    let Failure { error, retryable, retry_after } = failure;
     let q = schema.quoted();
     let (task_id, _) = check_lease(client, step_id, worker_id)?;
     let (attempts, retry_limit, step_retryable): (i32, i32, bool) = with_write_plan(
@@ -301,13 +277,7 @@ pub(super) fn fail_held(
         "worker_id": worker_id, "error": error, "retryable": retryable,
         "backoff_seconds": if will_retry { Some(backoff_secs) } else { None },
     }));
-    transitions::step(
-        schema,
-        step_id,
-        State::Error,
-        &meta,
-        Some(State::InProgress),
-    )?;
+    transition(schema, Step, step_id, State::Error, &meta, Some(State::InProgress))?;
     if will_retry {
         emit(
             client,

@@ -19,18 +19,10 @@ fn accepts_valid_and_lists_violations() {
     let s = order_schema();
     assert!(check_schema(&s).is_ok());
     assert!(validate(&s, &json!({"order_id": 5, "items": [{"sku": "a"}]}), 10).is_empty());
-    let errs = validate(
-        &s,
-        &json!({"order_id": 0, "items": [{}], "priority": "mid", "x": 1}),
-        10,
-    );
+    let errs = validate(&s, &json!({"order_id": 0, "items": [{}], "priority": "mid", "x": 1}), 10);
     assert_eq!(errs.len(), 4, "{errs:?}");
-    assert!(errs
-        .iter()
-        .any(|e| e.starts_with("/order_id: must be at least 1")));
-    assert!(errs
-        .iter()
-        .any(|e| e.starts_with("/items/0: missing required property \"sku\"")));
+    assert!(errs.iter().any(|e| e.starts_with("/order_id: must be at least 1")));
+    assert!(errs.iter().any(|e| e.starts_with("/items/0: missing required property \"sku\"")));
     assert!(errs.iter().any(|e| e.starts_with("/x: not allowed")));
     let errs = validate(&s, &json!([]), 10);
     assert_eq!(errs, vec!["(root): expected \"object\", got an array"]);
@@ -38,15 +30,11 @@ fn accepts_valid_and_lists_violations() {
 
 #[test]
 fn refuses_unsupported_keywords() {
-    assert!(
-        check_schema(&json!({"type": "object", "properties": {"a": {"$ref": "#/x"}}})).is_err()
-    );
+    assert!(check_schema(&json!({"type": "object", "properties": {"a": {"$ref": "#/x"}}})).is_err());
     assert!(check_schema(&json!({"pattern": "^a"})).is_err());
     assert!(check_schema(&json!({"type": "nope"})).is_err());
-    assert!(
-        check_schema(&json!({"title": "t", "description": "d", "type": ["string", "null"]}))
-            .is_ok()
-    );
+    assert!(check_schema(&json!({"title": "t", "description": "d", "type": ["string", "null"]}))
+        .is_ok());
 }
 
 #[test]
@@ -73,15 +61,9 @@ fn numbers_compare_by_value() {
     // jsonb keeps 2.0 as written; JSON Schema says it equals 2
     assert!(validate(&json!({"enum": [1, 2]}), &json!(2.0), 5).is_empty());
     assert!(validate(&json!({"const": {"a": [0]}}), &json!({"a": [0.0]}), 5).is_empty());
-    assert_eq!(
-        validate(&json!({"uniqueItems": true}), &json!([1, 1.0]), 5).len(),
-        1
-    );
+    assert_eq!(validate(&json!({"uniqueItems": true}), &json!([1, 1.0]), 5).len(), 1);
     assert_eq!(validate(&json!({"enum": [1]}), &json!(1.5), 5).len(), 1);
-    assert_eq!(
-        validate(&json!({"const": -1}), &json!(18446744073709551615u64), 5).len(),
-        1
-    );
+    assert_eq!(validate(&json!({"const": -1}), &json!(18446744073709551615u64), 5).len(), 1);
 }
 
 fn unique(items: Value) -> Vec<String> {
@@ -96,15 +78,9 @@ fn unique_items_is_linear() {
     // pairwise comparison took minutes here; hashing takes a fraction of a second
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
     items.push(json!(1.0));
-    assert_eq!(
-        unique(Value::Array(items)),
-        vec!["(root): items must be unique"]
-    );
+    assert_eq!(unique(Value::Array(items)), vec!["(root): items must be unique"]);
     let s = json!({"properties": {"ids": {"uniqueItems": true}}});
-    assert_eq!(
-        validate(&s, &json!({"ids": [1, 1.0]}), 5),
-        vec!["/ids: items must be unique"]
-    );
+    assert_eq!(validate(&s, &json!({"ids": [1, 1.0]}), 5), vec!["/ids: items must be unique"]);
 }
 
 #[test]

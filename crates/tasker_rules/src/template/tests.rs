@@ -31,10 +31,7 @@ fn defaults_follow_rails() {
         10,
     )
     .unwrap();
-    assert_eq!(
-        (t.namespace.as_str(), t.version.as_str()),
-        ("default", "0.1.0")
-    );
+    assert_eq!((t.namespace.as_str(), t.version.as_str()), ("default", "0.1.0"));
     let s = &t.steps[0];
     assert!(s.default_retryable && !s.skippable);
     assert_eq!(s.default_retry_limit, 3);
@@ -47,56 +44,37 @@ fn err(mut v: Value, f: impl FnOnce(&mut Value)) -> TaskerError {
 
 #[test]
 fn each_defect_has_its_own_error() {
-    let e = err(order_template(), |v| {
-        v["step_templates"][3]["depends_on_steps"] = json!(["nope"])
-    });
+    let e = err(order_template(), |v| v["step_templates"][3]["depends_on_steps"] = json!(["nope"]));
     assert_eq!(e.sqlstate(), "TK022");
     assert!(e.to_string().contains("\"nope\""));
-    let e = err(order_template(), |v| {
-        v["step_templates"][1]["name"] = json!("validate")
-    });
+    let e = err(order_template(), |v| v["step_templates"][1]["name"] = json!("validate"));
     assert_eq!(e.sqlstate(), "TK021");
-    let e = err(order_template(), |v| {
-        v["step_templates"][0]["depends_on_step"] = json!("ship")
-    });
+    let e = err(order_template(), |v| v["step_templates"][0]["depends_on_step"] = json!("ship"));
     assert_eq!(e.sqlstate(), "TK006");
     let msg = e.to_string();
     for n in ["validate", "reserve", "ship"] {
-        assert!(
-            msg.contains(n) || n == "reserve" && msg.contains("charge"),
-            "{msg}"
-        );
+        assert!(msg.contains(n) || n == "reserve" && msg.contains("charge"), "{msg}");
     }
     let e = err(order_template(), |v| v["version"] = json!("1.0"));
     assert_eq!(e.sqlstate(), "TK023");
     let e = err(order_template(), |v| {
-        v["step_templates"][2]
-            .as_object_mut()
-            .unwrap()
-            .remove("handler_class")
-            .map(|_| ())
-            .unwrap()
+        v["step_templates"][2].as_object_mut().unwrap().remove("handler_class").map(|_| ()).unwrap()
     });
     assert_eq!(e.sqlstate(), "TK024");
-    let e = err(order_template(), |v| {
-        v["step_templates"][2]["handler_class"] = json!("")
-    });
+    let e = err(order_template(), |v| v["step_templates"][2]["handler_class"] = json!(""));
     assert_eq!(e.sqlstate(), "TK024");
     let e = err(order_template(), |v| v["step_templates"] = json!([]));
     assert_eq!(e.sqlstate(), "TK020");
     let e = err(json!([1]), |_| {});
     assert_eq!(e.sqlstate(), "TK020");
-    let e = err(order_template(), |v| {
-        v["step_templates"][0]["default_retry_limit"] = json!("3")
-    });
+    let e = err(order_template(), |v| v["step_templates"][0]["default_retry_limit"] = json!("3"));
     assert_eq!(e.sqlstate(), "TK020");
 }
 
 #[test]
 fn too_many_steps_is_a_limit() {
-    let steps: Vec<Value> = (0..11)
-        .map(|i| json!({"name": format!("s{i}"), "handler_class": "H"}))
-        .collect();
+    let steps: Vec<Value> =
+        (0..11).map(|i| json!({"name": format!("s{i}"), "handler_class": "H"})).collect();
     let e = TaskTemplate::parse(&json!({"name": "big", "step_templates": steps}), 10).unwrap_err();
     assert_eq!(e.sqlstate(), "54000");
 }
@@ -131,35 +109,20 @@ fn versions_with_leading_zeros_are_refused_at_registration_only() {
     // a template an earlier version stored keeps working
     let mut stored = order_template();
     stored["version"] = json!("01.0.0");
-    assert_eq!(
-        TaskTemplate::parse_stored(&stored).unwrap().version,
-        "01.0.0"
-    );
+    assert_eq!(TaskTemplate::parse_stored(&stored).unwrap().version, "01.0.0");
     stored["version"] = json!("1.0");
-    assert_eq!(
-        TaskTemplate::parse_stored(&stored).unwrap_err().sqlstate(),
-        "TK023"
-    );
+    assert_eq!(TaskTemplate::parse_stored(&stored).unwrap_err().sqlstate(), "TK023");
 }
 
 #[test]
 fn names_must_not_hold_control_characters() {
     assert!(is_printable_name("fulfilment") && is_printable_name("ünïcode name/with.dots"));
-    for bad in [
-        "a\u{1f}b",
-        "tab\there",
-        "new\nline",
-        "nul\0",
-        "del\u{7f}",
-        "c1\u{85}",
-    ] {
+    for bad in ["a\u{1f}b", "tab\there", "new\nline", "nul\0", "del\u{7f}", "c1\u{85}"] {
         assert!(!is_printable_name(bad), "{bad:?}");
     }
     type Edit = fn(&mut Value);
     let cases: [(&str, Edit); 4] = [
-        ("namespace_name", |v| {
-            v["namespace_name"] = json!("a\u{1f}b")
-        }),
+        ("namespace_name", |v| v["namespace_name"] = json!("a\u{1f}b")),
         ("name", |v| v["name"] = json!("process\norder")),
         ("step_templates[1] name", |v| {
             v["step_templates"][1]["name"] = json!("re\tserve");
@@ -173,10 +136,7 @@ fn names_must_not_hold_control_characters() {
         let e = err(order_template(), f);
         assert_eq!(e.sqlstate(), "TK020", "{what}");
         let msg = e.to_string();
-        assert!(
-            msg.contains(what) && msg.contains("must not contain control characters"),
-            "{msg}"
-        );
+        assert!(msg.contains(what) && msg.contains("must not contain control characters"), "{msg}");
     }
     // descriptions may hold line breaks
     let mut v = order_template();
@@ -185,10 +145,7 @@ fn names_must_not_hold_control_characters() {
     assert!(TaskTemplate::parse(&v, 100).is_ok());
     // a template an earlier version stored keeps working
     v["namespace_name"] = json!("a\u{1f}b");
-    assert_eq!(
-        TaskTemplate::parse_stored(&v).unwrap().namespace,
-        "a\u{1f}b"
-    );
+    assert_eq!(TaskTemplate::parse_stored(&v).unwrap().namespace, "a\u{1f}b");
 }
 
 #[test]
