@@ -7,6 +7,14 @@ pub(crate) fn required<T>(v: Option<T>, argument: &'static str) -> Result<T, Tas
     v.ok_or(TaskerError::NullArgument { argument })
 }
 
+/// A template's namespace and name, both required.
+pub(crate) fn template_name(
+    namespace: Option<String>,
+    name: Option<String>,
+) -> Result<(String, String), TaskerError> {
+    Ok((required(namespace, "namespace")?, required(name, "name")?))
+}
+
 pub(crate) fn bounded(
     argument: &'static str,
     v: i32,

@@ -111,6 +111,11 @@ CREATE FUNCTION "get_step_readiness_status"(
     "backoff_request_seconds" integer, "last_attempted_at" timestamp without time zone
 ) STABLE PARALLEL SAFE
 LANGUAGE c AS 'MODULE_PATHNAME', 'get_step_readiness_status_wrapper';
+-- get_step_readiness_status_batch returns the same rows: its result type is read back from get_step_readiness_status.
+DO $batch$ BEGIN EXECUTE pg_catalog.format(
+    'CREATE FUNCTION get_step_readiness_status_batch(input_task_ids bigint[]) RETURNS %s STABLE PARALLEL SAFE LANGUAGE c AS %L, %L',
+    pg_catalog.pg_get_function_result('get_step_readiness_status'::pg_catalog.regproc),
+    'MODULE_PATHNAME', 'get_step_readiness_status_batch_wrapper'); END $batch$;
 "#)]
 fn get_step_readiness_status(fcinfo: pg_sys::FunctionCallInfo) {
     // SAFETY: the SQL declaration above fixes the argument and result types.
@@ -137,21 +142,10 @@ fn tasks_readiness(ids: Vec<i64>) -> Result<Vec<Readiness>, Raised> {
 }
 
 /// Readiness of every step of several tasks, as the Rails batch function.
-#[pg_extern(sql = r#"
-CREATE FUNCTION "get_step_readiness_status_batch"(
-    "input_task_ids" bigint[]
-) RETURNS TABLE (
-    "workflow_step_id" bigint, "task_id" bigint, "named_step_id" integer, "name" text,
-    "current_state" text, "dependencies_satisfied" boolean, "retry_eligible" boolean,
-    "ready_for_execution" boolean, "last_failure_at" timestamp without time zone,
-    "next_retry_at" timestamp without time zone, "total_parents" integer,
-    "completed_parents" integer, "attempts" integer, "retry_limit" integer,
-    "backoff_request_seconds" integer, "last_attempted_at" timestamp without time zone
-) STABLE PARALLEL SAFE
-LANGUAGE c AS 'MODULE_PATHNAME', 'get_step_readiness_status_batch_wrapper';
-"#)]
+#[pg_extern(sql = false)]
 fn get_step_readiness_status_batch(fcinfo: pg_sys::FunctionCallInfo) {
-    // SAFETY: the SQL declaration above fixes the argument and result types.
+    // SAFETY: the SQL declaration (with get_step_readiness_status's) fixes the argument and
+    // result types.
     let ids = task_id_list(unsafe { srf::arg_i64_array(fcinfo, 0) });
     let rows = tasks_readiness(ids).or_raise();
     unsafe { srf::materialize(fcinfo, 16, rows, fill_readiness) };
@@ -231,6 +225,11 @@ CREATE FUNCTION "get_task_execution_context"(
     "recommended_action" text, "completion_percentage" numeric, "health_status" text
 ) STABLE PARALLEL SAFE
 LANGUAGE c AS 'MODULE_PATHNAME', 'get_task_execution_context_wrapper';
+-- get_task_execution_contexts_batch returns the same rows: its result type is read back from get_task_execution_context.
+DO $batch$ BEGIN EXECUTE pg_catalog.format(
+    'CREATE FUNCTION get_task_execution_contexts_batch(input_task_ids bigint[]) RETURNS %s STABLE PARALLEL SAFE LANGUAGE c AS %L, %L',
+    pg_catalog.pg_get_function_result('get_task_execution_context'::pg_catalog.regproc),
+    'MODULE_PATHNAME', 'get_task_execution_contexts_batch_wrapper'); END $batch$;
 "#)]
 fn get_task_execution_context(fcinfo: pg_sys::FunctionCallInfo) {
     // SAFETY: the SQL declaration above fixes the argument and result types.
@@ -240,19 +239,10 @@ fn get_task_execution_context(fcinfo: pg_sys::FunctionCallInfo) {
 }
 
 /// Execution contexts of several tasks: one row per listed id of an existing task.
-#[pg_extern(sql = r#"
-CREATE FUNCTION "get_task_execution_contexts_batch"(
-    "input_task_ids" bigint[]
-) RETURNS TABLE (
-    "task_id" bigint, "named_task_id" integer, "status" text, "total_steps" bigint,
-    "pending_steps" bigint, "in_progress_steps" bigint, "completed_steps" bigint,
-    "failed_steps" bigint, "ready_steps" bigint, "execution_status" text,
-    "recommended_action" text, "completion_percentage" numeric, "health_status" text
-) STABLE PARALLEL SAFE
-LANGUAGE c AS 'MODULE_PATHNAME', 'get_task_execution_contexts_batch_wrapper';
-"#)]
+#[pg_extern(sql = false)]
 fn get_task_execution_contexts_batch(fcinfo: pg_sys::FunctionCallInfo) {
-    // SAFETY: the SQL declaration above fixes the argument and result types.
+    // SAFETY: the SQL declaration (with get_task_execution_context's) fixes the argument and
+    // result types.
     let listed = unsafe { srf::arg_i64_array(fcinfo, 0) }.unwrap_or_default();
     let rows = contexts(listed).or_raise();
     unsafe { srf::materialize(fcinfo, 13, rows, fill_context) };

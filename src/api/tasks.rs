@@ -1,6 +1,6 @@
 //! Starting tasks: `create_task` and its options.
 
-use super::args::{required, valid_traceparent};
+use super::args::{required, template_name, valid_traceparent};
 use super::error::{attempt, OrRaise};
 use super::json::JsonbText;
 use crate::core::error::TaskerError;
@@ -35,8 +35,7 @@ fn create_task(
     options: default!(Option<JsonbText>, "'{}'"),
 ) -> i64 {
     attempt(move || {
-        let ns = required(namespace, "namespace")?;
-        let name = required(name, "name")?;
+        let (namespace, name) = template_name(namespace, name)?;
         let context = required(context, "context")?.parse("context")?;
         store::settings::check_payload("bytes of context", &context)?;
         if !context.is_object() {
@@ -50,8 +49,12 @@ fn create_task(
         }
         let options = parse_options(options)?;
         let schema = store::settings::data_schema()?;
-        templates::create_task(&schema, &ns, &name, version.as_deref(), &context, &options)
-            .map(|(id, _)| id)
+        let wanted = templates::TemplateRef {
+            namespace: &namespace,
+            name: &name,
+            version: version.as_deref(),
+        };
+        templates::create_task(&schema, wanted, &context, &options).map(|(id, _)| id)
     })
     .or_raise()
 }

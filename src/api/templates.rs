@@ -1,6 +1,6 @@
 //! Task templates: registering, reading and listing them.
 
-use super::args::required;
+use super::args::{required, template_name};
 use super::error::{attempt, OrRaise};
 use super::json::JsonbText;
 use crate::core::template::TaskTemplate;
@@ -29,11 +29,14 @@ fn get_task_template(
     version: default!(Option<String>, "NULL"),
 ) -> JsonB {
     attempt(move || {
-        let ns = required(namespace, "namespace")?;
-        let name = required(name, "name")?;
+        let (namespace, name) = template_name(namespace, name)?;
         let schema = store::settings::data_schema()?;
-        Spi::connect(|c| templates::find(c, &schema, &ns, &name, version.as_deref()))
-            .map(|s| JsonB(s.config))
+        let wanted = templates::TemplateRef {
+            namespace: &namespace,
+            name: &name,
+            version: version.as_deref(),
+        };
+        Spi::connect(|c| templates::find(c, &schema, wanted)).map(|s| JsonB(s.config))
     })
     .or_raise()
 }

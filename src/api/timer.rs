@@ -40,6 +40,15 @@ fn database() -> String {
     TICK_DATABASE.get().and_then(|c| c.into_string().ok()).unwrap_or_else(|| "postgres".to_owned())
 }
 
+/// The start of both background workers: signal handlers, then a connection to the database
+/// they serve (returned by name).
+fn connect() -> String {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = database();
+    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    database
+}
+
 /// The shortest time between two rounds of the notifier.
 const ROUND_GAP: Duration = Duration::from_millis(2);
 
@@ -54,9 +63,7 @@ unsafe extern "C-unwind" fn notifier_exit(_code: std::ffi::c_int, _arg: pg_sys::
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn tasker_core_notifier_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = database();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    let database = connect();
     // SAFETY: registers a static function with no argument, run at this process's exit.
     unsafe { pg_sys::before_shmem_exit(Some(notifier_exit), pg_sys::Datum::from(0)) };
     // A wake-up is not data: its transaction need not wait for its commit record to reach
@@ -105,9 +112,7 @@ pub extern "C-unwind" fn tasker_core_notifier_main(_arg: pg_sys::Datum) {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn tasker_core_timer_main(_arg: pg_sys::Datum) {
-    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = database();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    let database = connect();
     log!("tasker_core timer: running tasker_core.tick() in database {database:?}");
     loop {
         let interval = Duration::from_millis(TICK_INTERVAL_MS.get().max(10) as u64);

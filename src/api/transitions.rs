@@ -62,29 +62,32 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
-/// Moves a workflow step to `to_state`, recording the transition (with `from_state`) and its
-/// lifecycle event. Returns false when the step is already in `to_state`. With
-/// `expected_from`, fails unless the step is currently in that state (compare-and-swap).
-#[pg_extern(volatile, parallel_unsafe)]
-fn transition_step(
-    step_id: Option<i64>,
-    to_state: Option<String>,
-    metadata: default!(Option<JsonbText>, "'{}'"),
-    expected_from: default!(Option<String>, "NULL"),
-) -> bool {
-    transition(Entity::Step, step_id, to_state, metadata, expected_from).or_raise()
+/// Declares the SQL function that moves one kind of entity, its id argument named `$id`.
+macro_rules! transition_fn {
+    ($(#[$doc:meta])* $name:ident($id:ident) => $entity:expr) => {
+        $(#[$doc])*
+        #[pg_extern(volatile, parallel_unsafe)]
+        fn $name(
+            $id: Option<i64>,
+            to_state: Option<String>,
+            metadata: default!(Option<JsonbText>, "'{}'"),
+            expected_from: default!(Option<String>, "NULL"),
+        ) -> bool {
+            transition($entity, $id, to_state, metadata, expected_from).or_raise()
+        }
+    };
 }
 
-/// Moves a task to `to_state`; same contract as `transition_step`.
-#[pg_extern(volatile, parallel_unsafe)]
-fn transition_task(
-    task_id: Option<i64>,
-    to_state: Option<String>,
-    metadata: default!(Option<JsonbText>, "'{}'"),
-    expected_from: default!(Option<String>, "NULL"),
-) -> bool {
-    transition(Entity::Task, task_id, to_state, metadata, expected_from).or_raise()
-}
+transition_fn!(
+    /// Moves a workflow step to `to_state`, recording the transition (with `from_state`) and its
+    /// lifecycle event. Returns false when the step is already in `to_state`. With
+    /// `expected_from`, fails unless the step is currently in that state (compare-and-swap).
+    transition_step(step_id) => Entity::Step
+);
+transition_fn!(
+    /// Moves a task to `to_state`; same contract as `transition_step`.
+    transition_task(task_id) => Entity::Task
+);
 
 type CatalogRow = (String, String, String, String);
 

@@ -9,99 +9,71 @@ use crate::store::{self, worker};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 
-type ClaimRow = (
-    i64,
-    i64,
-    String,
-    String,
-    String,
-    Option<String>,
-    Option<JsonbText>,
-    Option<JsonbText>,
-    JsonbText,
-    i32,
-    Option<TimestampWithTimeZone>,
+/// Declares items with the rows of a claim, spelt out once here: the `claim_steps` functions
+/// (pgrx reads a `#[pg_extern]` signature from its tokens, so each must carry the columns
+/// themselves) and the `ClaimRow` and `ClaimRows` types.
+macro_rules! with_claim_columns {
+    (@emit $cols:tt; type $row:ident, $rows:ident) => {
+        type $row = $cols;
+        type $rows = TableIterator<'static, $row>;
+    };
+    (@emit $cols:tt; $(#[$attr:meta])* fn $name:ident($($params:tt)*) $body:block) => {
+        $(#[$attr])*
+        #[allow(clippy::type_complexity)]
+        fn $name($($params)*) -> TableIterator<'static, $cols> $body
+    };
+    ($($item:tt)*) => {
+        with_claim_columns!(@emit (
+            name!(task_id, i64),
+            name!(workflow_step_id, i64),
+            name!(step_name, String),
+            name!(namespace, String),
+            name!(task_name, String),
+            name!(handler_class, Option<String>),
+            name!(handler_config, Option<JsonbText>),
+            name!(inputs, Option<JsonbText>),
+            name!(parent_results, JsonbText),
+            name!(attempt, i32),
+            name!(lease_expires_at, Option<TimestampWithTimeZone>),
+        ); $($item)*);
+    };
+}
+
+with_claim_columns!(type ClaimRow, ClaimRows);
+
+with_claim_columns!(
+    /// Claims up to `max_steps` ready steps (of `namespaces`, all when NULL) for `worker_id`,
+    /// leasing each for `lease_seconds`. Concurrent claimers never get the same step. Each row
+    /// has what the worker needs: ids, names, handler class and config, inputs, the results of
+    /// the step's parents by name, the attempt number and the lease deadline (the task's W3C
+    /// `traceparent`, if any, comes from `task_traceparent(task_id)`). A worker's own
+    /// `traceparent` joins each claimed task that has none to the worker's trace: from this
+    /// claim on, the task's transitions and events carry it.
+    #[pg_extern(volatile, parallel_unsafe, name = "claim_steps")]
+    fn claim_steps_traced(
+        worker_id: Option<String>,
+        namespaces: default!(Option<Vec<Option<String>>>, "NULL"),
+        max_steps: default!(Option<i32>, "1"),
+        lease_seconds: default!(Option<i32>, "60"),
+        traceparent: default!(Option<String>, "NULL"),
+    ) {
+        claim_rows(worker_id, namespaces, max_steps, lease_seconds, traceparent)
+    }
 );
 
-// The rows of claim_steps (the pg_extern signatures spell it out: pgrx reads their tokens).
-type ClaimRows = TableIterator<
-    'static,
-    (
-        name!(task_id, i64),
-        name!(workflow_step_id, i64),
-        name!(step_name, String),
-        name!(namespace, String),
-        name!(task_name, String),
-        name!(handler_class, Option<String>),
-        name!(handler_config, Option<JsonbText>),
-        name!(inputs, Option<JsonbText>),
-        name!(parent_results, JsonbText),
-        name!(attempt, i32),
-        name!(lease_expires_at, Option<TimestampWithTimeZone>),
-    ),
->;
-
-/// Claims up to `max_steps` ready steps (of `namespaces`, all when NULL) for `worker_id`,
-/// leasing each for `lease_seconds`. Concurrent claimers never get the same step. Each row has
-/// what the worker needs: ids, names, handler class and config, inputs, the results of the
-/// step's parents by name, the attempt number and the lease deadline (the task's W3C
-/// `traceparent`, if any, comes from `task_traceparent(task_id)`). A worker's own
-/// `traceparent` joins each claimed task that has none to the worker's trace: from this
-/// claim on, the task's transitions and events carry it.
-#[allow(clippy::type_complexity)]
-#[pg_extern(volatile, parallel_unsafe, name = "claim_steps")]
-fn claim_steps_traced(
-    worker_id: Option<String>,
-    namespaces: default!(Option<Vec<Option<String>>>, "NULL"),
-    max_steps: default!(Option<i32>, "1"),
-    lease_seconds: default!(Option<i32>, "60"),
-    traceparent: default!(Option<String>, "NULL"),
-) -> TableIterator<
-    'static,
-    (
-        name!(task_id, i64),
-        name!(workflow_step_id, i64),
-        name!(step_name, String),
-        name!(namespace, String),
-        name!(task_name, String),
-        name!(handler_class, Option<String>),
-        name!(handler_config, Option<JsonbText>),
-        name!(inputs, Option<JsonbText>),
-        name!(parent_results, JsonbText),
-        name!(attempt, i32),
-        name!(lease_expires_at, Option<TimestampWithTimeZone>),
-    ),
-> {
-    claim_rows(worker_id, namespaces, max_steps, lease_seconds, traceparent)
-}
-
-/// `claim_steps` as the SQL of 0.1.0 and 0.2.0 declares it (no traceparent): the library
-/// serves a database whose SQL objects are not updated yet.
-#[allow(clippy::type_complexity)]
-#[pg_extern(volatile, parallel_unsafe, sql = false)]
-fn claim_steps(
-    worker_id: Option<String>,
-    namespaces: Option<Vec<Option<String>>>,
-    max_steps: Option<i32>,
-    lease_seconds: Option<i32>,
-) -> TableIterator<
-    'static,
-    (
-        name!(task_id, i64),
-        name!(workflow_step_id, i64),
-        name!(step_name, String),
-        name!(namespace, String),
-        name!(task_name, String),
-        name!(handler_class, Option<String>),
-        name!(handler_config, Option<JsonbText>),
-        name!(inputs, Option<JsonbText>),
-        name!(parent_results, JsonbText),
-        name!(attempt, i32),
-        name!(lease_expires_at, Option<TimestampWithTimeZone>),
-    ),
-> {
-    claim_rows(worker_id, namespaces, max_steps, lease_seconds, None)
-}
+with_claim_columns!(
+    /// `claim_steps` as the SQL of 0.1.0 and 0.2.0 declares it (no traceparent): the library
+    /// serves a database whose SQL objects are not updated yet.
+    #[pg_extern(volatile, parallel_unsafe, sql = false)]
+    fn claim_steps(
+        worker_id: Option<String>,
+        namespaces: Option<Vec<Option<String>>>,
+        max_steps: Option<i32>,
+        lease_seconds: Option<i32>,
+    ) {
+        claim_rows(worker_id, namespaces, max_steps, lease_seconds, None)
+    }
+);
 
 fn claim_rows(
     worker_id: Option<String>,

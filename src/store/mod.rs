@@ -20,6 +20,11 @@ use crate::core::error::TaskerError;
 /// An SPI failure (a bug or a broken database, never bad input: that has its own errors) as
 /// the store reports it: `XX000` with SPI's message. The one conversion every store module
 /// uses (`.map_err(spi)`).
+/// An internal error: something tasker_core wrote itself is not as it left it.
+pub(crate) fn internal(context: impl Into<String>) -> TaskerError {
+    TaskerError::Internal { context: context.into() }
+}
+
 pub(crate) fn spi(e: pgrx::spi::Error) -> TaskerError {
     TaskerError::Internal { context: format!("SPI failure: {e}") }
 }

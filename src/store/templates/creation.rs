@@ -1,16 +1,16 @@
 //! Task creation from a template: the task, its steps and edges, and their events.
 
 use super::idempotency::{identity_input, identity_sql, legacy_keyed_task};
-use super::lookup::find_for_creation;
+use super::lookup::{find_for_creation, TemplateRef};
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
 use crate::core::template::{self, TaskTemplate};
 use crate::store::events::{self, NewEvent};
 use crate::store::plans::{
-    all_rows, with_write_plan, BOOLARRAY, INT4, INT4ARRAY, INT8, INT8ARRAY, JSONB, NOW, TEXT,
-    TEXTARRAY,
+    all_rows, one_value, with_write_plan, BOOLARRAY, INT4, INT4ARRAY, INT8, INT8ARRAY, JSONB, NOW,
+    TEXT, TEXTARRAY,
 };
-use crate::store::spi;
+use crate::store::{internal, spi};
 use pgrx::spi::{Spi, SpiClient};
 use pgrx::JsonB;
 use serde_json::{json, Value};
@@ -33,13 +33,11 @@ pub struct TaskOptions {
 /// Returns `(task_id, created)`; with an idempotency key already used, the existing task.
 pub fn create_task(
     schema: &SchemaName,
-    namespace: &str,
-    name: &str,
-    version: Option<&str>,
+    wanted: TemplateRef<'_>,
     context: &Value,
     options: &TaskOptions,
 ) -> Result<(i64, bool), TaskerError> {
-    for (argument, value) in [("namespace", namespace), ("name", name)] {
+    for (argument, value) in [("namespace", wanted.namespace), ("name", wanted.name)] {
         if !template::is_printable_name(value) {
             return Err(TaskerError::InvalidArgument {
                 argument,
@@ -53,7 +51,7 @@ pub fn create_task(
     let q = schema.quoted();
     Spi::connect_mut(|client| {
         crate::store::schema::require_installed_cached(client, schema)?;
-        let stored = find_for_creation(client, schema, namespace, name, version)?;
+        let stored = find_for_creation(client, schema, wanted)?;
         let t = &*stored.template;
         if let Some(s) = &t.schema {
             let violations = crate::core::jsonschema::validate(s, context, 10);
@@ -63,11 +61,16 @@ pub fn create_task(
         }
         let key = options.idempotency_key.as_deref();
         // the idempotency identity's input: namespace and name length-prefixed, then the key
-        let keyed = key.map(|k| identity_input(namespace, name, k));
+        let keyed = key.map(|k| identity_input(wanted.namespace, wanted.name, k));
         if let Some(k) = key {
-            if let Some(existing) =
-                legacy_keyed_task(client, schema, stored.named_task_id, namespace, name, k)?
-            {
+            if let Some(existing) = legacy_keyed_task(
+                client,
+                schema,
+                stored.named_task_id,
+                wanted.namespace,
+                wanted.name,
+                k,
+            )? {
                 return Ok((existing, false));
             }
         }
@@ -88,9 +91,9 @@ pub fn create_task(
                 )
             },
             |stmt| {
-                let table = client.select(
+                one_value::<i64>(
+                    client,
                     stmt,
-                    None,
                     &[
                         stored.named_task_id.into(),
                         options.initiator.as_deref().unwrap_or("unknown").into(),
@@ -101,12 +104,7 @@ pub fn create_task(
                         JsonB(context.clone()).into(),
                         keyed.as_deref().into(),
                     ],
-                )?;
-                if table.is_empty() {
-                    Ok(None)
-                } else {
-                    table.first().get_one::<i64>()
-                }
+                )
             },
         )
         .map_err(spi)?;
@@ -124,17 +122,10 @@ pub fn create_task(
                         identity_sql("$1")
                     )
                 },
-                |stmt| {
-                    client
-                        .select(stmt, Some(1), &[keyed.as_deref().into()])?
-                        .first()
-                        .get_one::<i64>()
-                },
+                |stmt| one_value::<i64>(client, stmt, &[keyed.as_deref().into()]),
             )
             .map_err(spi)?
-            .ok_or_else(|| TaskerError::Internal {
-                context: "idempotency key conflicted but no task holds it".into(),
-            })?;
+            .ok_or_else(|| internal("idempotency key conflicted but no task holds it"))?;
             return Ok((existing, false));
         };
         if let Some(traceparent) = &options.traceparent {

@@ -26,6 +26,14 @@ struct Registered {
     row_version: String,
 }
 
+/// A template as callers name it: namespace, name and version (`None`: the latest).
+#[derive(Clone, Copy, Debug)]
+pub struct TemplateRef<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub version: Option<&'a str>,
+}
+
 /// The version asked for, or the highest one (by [`template::version_key`]) when `version` is
 /// `None`; TK007 when there is none. Only named tasks registered with step templates are
 /// templates. No configuration is read: a configuration written by others past the JSON
@@ -34,10 +42,9 @@ struct Registered {
 fn registered(
     client: &SpiClient<'_>,
     schema: &SchemaName,
-    namespace: &str,
-    name: &str,
-    version: Option<&str>,
+    wanted: TemplateRef<'_>,
 ) -> Result<Registered, TaskerError> {
+    let TemplateRef { namespace, name, version } = wanted;
     let q = schema.quoted();
     let rows: Vec<Registered> = with_plan(
         client,
@@ -103,11 +110,9 @@ fn configuration(
 pub fn find(
     client: &SpiClient<'_>,
     schema: &SchemaName,
-    namespace: &str,
-    name: &str,
-    version: Option<&str>,
+    wanted: TemplateRef<'_>,
 ) -> Result<Stored, TaskerError> {
-    let chosen = registered(client, schema, namespace, name, version)?;
+    let chosen = registered(client, schema, wanted)?;
     Ok(Stored {
         named_task_id: chosen.named_task_id,
         config: configuration(client, schema, chosen.named_task_id)?,
@@ -141,11 +146,9 @@ pub struct ForCreation {
 pub fn find_for_creation(
     client: &SpiClient<'_>,
     schema: &SchemaName,
-    namespace: &str,
-    name: &str,
-    version: Option<&str>,
+    wanted: TemplateRef<'_>,
 ) -> Result<ForCreation, TaskerError> {
-    let chosen = registered(client, schema, namespace, name, version)?;
+    let chosen = registered(client, schema, wanted)?;
     let key = (schema.as_str().to_owned(), chosen.named_task_id);
     let cached = PARSED.with(|c| {
         c.borrow().get(&key).filter(|(v, _)| *v == chosen.row_version).map(|(_, t)| t.clone())
@@ -157,8 +160,8 @@ pub fn find_for_creation(
             let parsed =
                 TaskTemplate::parse_stored(&config).map_err(|e| TaskerError::Internal {
                     context: format!(
-                        "stored template {namespace}.{name}@{} is invalid: {e}",
-                        chosen.version
+                        "stored template {}.{}@{} is invalid: {e}",
+                        wanted.namespace, wanted.name, chosen.version
                     ),
                 })?;
             let parsed = std::rc::Rc::new(parsed);

@@ -10,5 +10,5 @@ mod registration;
 
 pub use creation::{create_task, TaskOptions};
 pub use listing::{list, Listed};
-pub use lookup::{find, find_for_creation, ForCreation, Stored};
+pub use lookup::{find, find_for_creation, ForCreation, Stored, TemplateRef};
 pub use registration::{normalized_json, register};

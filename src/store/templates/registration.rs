@@ -5,9 +5,9 @@ use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
 use crate::core::template::TaskTemplate;
 use crate::store::plans::{
-    with_write_plan, BOOLARRAY, INT4, INT4ARRAY, JSONB, NOW, TEXT, TEXTARRAY,
+    all_rows, with_write_plan, BOOLARRAY, INT4, INT4ARRAY, JSONB, NOW, TEXT, TEXTARRAY,
 };
-use crate::store::spi;
+use crate::store::{internal, spi};
 use pgrx::spi::Spi;
 use pgrx::JsonB;
 use serde_json::{json, Value};
@@ -52,7 +52,6 @@ pub fn normalized_json(t: &TaskTemplate, raw: &Value) -> Value {
 pub fn register(schema: &SchemaName, t: &TaskTemplate, raw: &Value) -> Result<i32, TaskerError> {
     let q = schema.quoted();
     let config = normalized_json(t, raw);
-    let internal = |what: String| TaskerError::Internal { context: what };
     // the template's dependent systems, each once (an upsert may not touch a row twice)
     let mut systems: Vec<String> = Vec::new();
     let mut seen: HashSet<&str> = HashSet::new();
@@ -107,9 +106,7 @@ pub fn register(schema: &SchemaName, t: &TaskTemplate, raw: &Value) -> Result<i3
             },
         )
         .map_err(spi)?
-        .ok_or_else(|| TaskerError::Internal {
-            context: "registering a template returned no named task".into(),
-        })?;
+        .ok_or_else(|| internal("registering a template returned no named task"))?;
         // The steps' rows, one statement per table, each an upsert from arrays without a join
         // (a join of two template-sized sets is planned as a nested loop under the generic
         // plans' estimates: quadratic). Names and ids are matched here, in hash maps.
@@ -127,14 +124,12 @@ pub fn register(schema: &SchemaName, t: &TaskTemplate, raw: &Value) -> Result<i3
                 )
             },
             |stmt| {
-                let mut out = HashMap::with_capacity(systems.len());
-                for row in client.select(stmt, None, &[systems.clone().into()])? {
-                    out.insert(
+                all_rows(client, stmt, &[systems.clone().into()], |row| {
+                    Ok((
                         row.get::<String>(1)?.unwrap_or_default(),
                         row.get::<i32>(2)?.unwrap_or_default(),
-                    );
-                }
-                Ok(out)
+                    ))
+                })
             },
         )
         .map_err(spi)?;
@@ -147,8 +142,8 @@ pub fn register(schema: &SchemaName, t: &TaskTemplate, raw: &Value) -> Result<i3
                 })
             })
             .collect::<Result<_, _>>()?;
-        // named step id by dependent system id, then name
-        let named_step_ids: HashMap<i32, HashMap<String, i32>> = with_write_plan(
+        // named step id by (dependent system id, name)
+        let named_step_ids: HashMap<(i32, String), i32> = with_write_plan(
             client,
             "register_named_steps",
             schema.as_str(),
@@ -163,22 +158,12 @@ pub fn register(schema: &SchemaName, t: &TaskTemplate, raw: &Value) -> Result<i3
                 )
             },
             |stmt| {
-                let mut out: HashMap<i32, HashMap<String, i32>> = HashMap::new();
-                for row in client.select(
-                    stmt,
-                    None,
-                    &[
-                        step_systems.clone().into(),
-                        names.clone().into(),
-                        descriptions.clone().into(),
-                    ],
-                )? {
-                    out.entry(row.get::<i32>(1)?.unwrap_or_default()).or_default().insert(
-                        row.get::<String>(2)?.unwrap_or_default(),
-                        row.get::<i32>(3)?.unwrap_or_default(),
-                    );
-                }
-                Ok(out)
+                let args = [step_systems.clone().into(), names.clone().into(), descriptions.clone().into()];
+                all_rows(client, stmt, &args, |row| {
+                    let system = row.get::<i32>(1)?.unwrap_or_default();
+                    let name = row.get::<String>(2)?.unwrap_or_default();
+                    Ok(((system, name), row.get::<i32>(3)?.unwrap_or_default()))
+                })
             },
         )
         .map_err(spi)?;
@@ -188,8 +173,7 @@ pub fn register(schema: &SchemaName, t: &TaskTemplate, raw: &Value) -> Result<i3
             .zip(&step_systems)
             .map(|(s, system)| {
                 named_step_ids
-                    .get(system)
-                    .and_then(|by_name| by_name.get(s.name.as_str()))
+                    .get(&(*system, s.name.clone()))
                     .copied()
                     .ok_or_else(|| internal(format!("named step {:?} was not stored", s.name)))
             })
