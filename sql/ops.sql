@@ -151,21 +151,16 @@ BEGIN
         GROUP BY s.state ORDER BY s.state LOOP
         out := out || format(E'tasker_steps{state="%s"} %s\n', r.state, r.n);
     END LOOP;
-    SELECT count(*) FILTER (WHERE ready) AS ready,
-           count(*) FILTER (WHERE waiting) AS backoff,
-           EXTRACT(EPOCH FROM now_utc - min(since) FILTER (WHERE ready)) AS oldest
-      INTO r
-      FROM (SELECT (s.last_attempted_at IS NULL OR s.backoff_request_seconds IS NULL
-                    OR s.last_attempted_at + s.backoff_request_seconds * interval '1 second' <= now_utc) AS ready,
-                   (s.last_attempted_at IS NOT NULL AND s.backoff_request_seconds IS NOT NULL
-                    AND s.last_attempted_at + s.backoff_request_seconds * interval '1 second' > now_utc) AS waiting,
-                   COALESCE(s.last_attempted_at + s.backoff_request_seconds * interval '1 second',
-                            s.state_at, s.created_at) AS since
-            FROM tasker_core.step_state s
-            WHERE s.blocked_parents = 0 AND s.processed IS NOT TRUE AND s.in_process IS NOT TRUE
-              AND (s.state IS NULL OR s.state IN ('pending', 'error'))
-              AND COALESCE(s.attempts, 0) < COALESCE(s.retry_limit, 3)
-              AND (COALESCE(s.retryable, true) OR COALESCE(s.attempts, 0) = 0)) c;
+    -- native readiness as the claims see it (tasker_core._readiness_sql), split by backoff
+    EXECUTE format($q$
+        SELECT count(*) FILTER (WHERE ready) AS ready,
+               count(*) FILTER (WHERE waiting) AS backoff,
+               EXTRACT(EPOCH FROM $1 - min(since) FILTER (WHERE ready)) AS oldest
+          FROM (SELECT (%2$s IS NULL OR %2$s <= $1) AS ready, %2$s > $1 AS waiting,
+                       COALESCE(%2$s, s.state_at, s.created_at) AS since
+                FROM tasker_core.step_state s WHERE %1$s) c$q$,
+        tasker_core._readiness_sql('eligible'), tasker_core._readiness_sql('backoff_until'))
+      INTO r USING now_utc;
     out := out || E'# HELP tasker_steps_ready Steps a worker could claim now.\n# TYPE tasker_steps_ready gauge\n'
                || format(E'tasker_steps_ready %s\n', r.ready)
                || E'# HELP tasker_steps_in_backoff Failed steps waiting out their retry backoff.\n# TYPE tasker_steps_in_backoff gauge\n'

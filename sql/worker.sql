@@ -49,15 +49,11 @@ BEGIN
     RETURNING (SELECT last_tick_at FROM tasker_core.tick_state) INTO since;
     since := COALESCE(since, now_ts - interval '1 hour');
     expired := tasker_core._expire_leases(1000);
-    SELECT count(*) INTO woke
-      FROM tasker_core.step_state s
-     WHERE s.blocked_parents = 0 AND s.processed IS NOT TRUE AND s.in_process IS NOT TRUE
-       AND s.state = 'error' AND s.backoff_request_seconds IS NOT NULL AND s.last_attempted_at IS NOT NULL
-       AND COALESCE(s.retryable, true) AND COALESCE(s.attempts, 0) < COALESCE(s.retry_limit, 3)
-       AND s.last_attempted_at + s.backoff_request_seconds * interval '1 second'
-           > (since AT TIME ZONE 'UTC')
-       AND s.last_attempted_at + s.backoff_request_seconds * interval '1 second'
-           <= (now_ts AT TIME ZONE 'UTC');
+    -- failed steps whose backoff ended since the last tick (readiness as the claims see it)
+    EXECUTE format($q$SELECT count(*) FROM tasker_core.step_state s
+                      WHERE %1$s AND s.state = 'error' AND %2$s > $1 AND %2$s <= $2$q$,
+                   tasker_core._readiness_sql('eligible'), tasker_core._readiness_sql('backoff_until'))
+      INTO woke USING since AT TIME ZONE 'UTC', now_ts AT TIME ZONE 'UTC';
     IF expired + woke > 0 AND current_setting('tasker_core.notify', true) IS DISTINCT FROM 'off' THEN
         PERFORM pg_notify('tasker_ready', json_build_object('reason', 'tick', 'steps', expired + woke)::text);
     END IF;

@@ -66,3 +66,23 @@ fn expire_leases(max_steps: i32) -> i32 {
 fn max_subscriptions_per_login() -> i32 {
     store::settings::MAX_SUBSCRIPTIONS_PER_LOGIN.get()
 }
+
+/// A part of native readiness as SQL over a `tasker_core.step_state` row aliased `s`, for the
+/// SQL functions that count ready steps (`metrics()`, `tick()`): `eligible` (claimable but
+/// for its backoff) or `backoff_until` (when its explicit backoff ends, UTC; NULL without
+/// one). The claims use the same text: readiness is written once, in `store::worker`.
+#[pg_extern(immutable, parallel_safe, name = "_readiness_sql")]
+fn readiness_sql(part: Option<String>) -> &'static str {
+    attempt(move || match required(part, "part")?.as_str() {
+        "eligible" => Ok(worker::ELIGIBLE),
+        "backoff_until" => Ok(worker::BACKOFF_UNTIL),
+        other => Err(TaskerError::InvalidArgument {
+            argument: "part",
+            reason: format!(
+                "expected eligible or backoff_until, got {:?}",
+                other.chars().take(64).collect::<String>()
+            ),
+        }),
+    })
+    .or_raise()
+}

@@ -39,15 +39,36 @@ pub use finalize::*;
 pub use lease::*;
 pub use outcome::*;
 
-/// Native readiness of a `tasker_core.step_state` row `s` (see the module comment).
-pub(super) const CLAIMABLE: &str =
-    "s.blocked_parents = 0 AND s.processed IS NOT TRUE AND s.in_process IS NOT TRUE
-    AND (s.state IS NULL OR s.state IN ('pending', 'error'))
-    AND COALESCE(s.attempts, 0) < COALESCE(s.retry_limit, 3)
-    AND (COALESCE(s.retryable, true) OR COALESCE(s.attempts, 0) = 0)
-    AND (s.backoff_request_seconds IS NULL OR s.last_attempted_at IS NULL
-         OR s.last_attempted_at + s.backoff_request_seconds * interval '1 second'
-            <= (tasker_core.now() AT TIME ZONE 'UTC'))";
+// Native readiness (see the module comment), written once: the claim and the finalizer use
+// CLAIMABLE; metrics() and tick(), in SQL, read the two parts through
+// `tasker_core._readiness_sql` and build their statements with them.
+macro_rules! eligible {
+    () => {
+        "(s.blocked_parents = 0 AND s.processed IS NOT TRUE AND s.in_process IS NOT TRUE
+          AND (s.state IS NULL OR s.state IN ('pending', 'error'))
+          AND COALESCE(s.attempts, 0) < COALESCE(s.retry_limit, 3)
+          AND (COALESCE(s.retryable, true) OR COALESCE(s.attempts, 0) = 0))"
+    };
+}
+macro_rules! backoff_until {
+    () => {
+        "(s.last_attempted_at + s.backoff_request_seconds * interval '1 second')"
+    };
+}
+
+/// Whether a `tasker_core.step_state` row `s` could be claimed but for its backoff.
+pub const ELIGIBLE: &str = eligible!();
+/// When the explicit backoff of row `s` ends (UTC), NULL without one.
+pub const BACKOFF_UNTIL: &str = backoff_until!();
+/// Whether row `s` can be claimed now.
+pub(super) const CLAIMABLE: &str = concat!(
+    eligible!(),
+    " AND (",
+    backoff_until!(),
+    " IS NULL OR ",
+    backoff_until!(),
+    " <= (tasker_core.now() AT TIME ZONE 'UTC'))"
+);
 
 /// The columns of a step that `step_state` mirrors and the worker protocol changes: the
 /// RETURNING list of a self-maintained update of `tasker_workflow_steps` (see
