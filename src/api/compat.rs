@@ -111,11 +111,6 @@ CREATE FUNCTION "get_step_readiness_status"(
     "backoff_request_seconds" integer, "last_attempted_at" timestamp without time zone
 ) STABLE PARALLEL SAFE
 LANGUAGE c AS 'MODULE_PATHNAME', 'get_step_readiness_status_wrapper';
--- get_step_readiness_status_batch returns the same rows: its result type is read back from get_step_readiness_status.
-DO $batch$ BEGIN EXECUTE pg_catalog.format(
-    'CREATE FUNCTION get_step_readiness_status_batch(input_task_ids bigint[]) RETURNS %s STABLE PARALLEL SAFE LANGUAGE c AS %L, %L',
-    pg_catalog.pg_get_function_result('get_step_readiness_status'::pg_catalog.regproc),
-    'MODULE_PATHNAME', 'get_step_readiness_status_batch_wrapper'); END $batch$;
 "#)]
 fn get_step_readiness_status(fcinfo: pg_sys::FunctionCallInfo) {
     // SAFETY: the SQL declaration above fixes the argument and result types.
@@ -144,7 +139,7 @@ fn tasks_readiness(ids: Vec<i64>) -> Result<Vec<Readiness>, Raised> {
 /// Readiness of every step of several tasks, as the Rails batch function.
 #[pg_extern(sql = false)]
 fn get_step_readiness_status_batch(fcinfo: pg_sys::FunctionCallInfo) {
-    // SAFETY: the SQL declaration (with get_step_readiness_status's) fixes the argument and
+    // SAFETY: the SQL declaration (with get_task_execution_context's) fixes the argument and
     // result types.
     let ids = task_id_list(unsafe { srf::arg_i64_array(fcinfo, 0) });
     let rows = tasks_readiness(ids).or_raise();
@@ -215,7 +210,7 @@ fn contexts(listed: Vec<i64>) -> Result<Vec<ContextRow>, Raised> {
 }
 
 /// Step counts, execution status, recommended action and health of one task.
-#[pg_extern(sql = r#"
+#[pg_extern(requires = [get_step_readiness_status], sql = r#"
 CREATE FUNCTION "get_task_execution_context"(
     "input_task_id" bigint
 ) RETURNS TABLE (
@@ -225,11 +220,15 @@ CREATE FUNCTION "get_task_execution_context"(
     "recommended_action" text, "completion_percentage" numeric, "health_status" text
 ) STABLE PARALLEL SAFE
 LANGUAGE c AS 'MODULE_PATHNAME', 'get_task_execution_context_wrapper';
--- get_task_execution_contexts_batch returns the same rows: its result type is read back from get_task_execution_context.
-DO $batch$ BEGIN EXECUTE pg_catalog.format(
-    'CREATE FUNCTION get_task_execution_contexts_batch(input_task_ids bigint[]) RETURNS %s STABLE PARALLEL SAFE LANGUAGE c AS %L, %L',
-    pg_catalog.pg_get_function_result('get_task_execution_context'::pg_catalog.regproc),
-    'MODULE_PATHNAME', 'get_task_execution_contexts_batch_wrapper'); END $batch$;
+-- The batch functions return the rows of the single ones: their result types are read back.
+DO $batch$ DECLARE b record; BEGIN
+    FOR b IN SELECT * FROM (VALUES ('get_step_readiness_status_batch', 'get_step_readiness_status'),
+                                   ('get_task_execution_contexts_batch', 'get_task_execution_context')) v(batch, single) LOOP
+        EXECUTE pg_catalog.format('CREATE FUNCTION %I(input_task_ids bigint[]) RETURNS %s STABLE PARALLEL SAFE LANGUAGE c AS %L, %L',
+                                  b.batch, pg_catalog.pg_get_function_result(b.single::pg_catalog.regproc),
+                                  'MODULE_PATHNAME', b.batch || '_wrapper');
+    END LOOP;
+END $batch$;
 "#)]
 fn get_task_execution_context(fcinfo: pg_sys::FunctionCallInfo) {
     // SAFETY: the SQL declaration above fixes the argument and result types.
