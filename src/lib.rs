@@ -54,6 +54,7 @@ pub extern "C-unwind" fn _PG_init() {
     store::events::register_callbacks();
     store::wakeups::register_callbacks();
     store::maintenance::register_callbacks();
+    store::direct::register_callbacks();
     // SAFETY: a plain global flag PostgreSQL sets while preloading libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         store::settings::register_preload_gucs();

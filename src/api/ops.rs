@@ -86,3 +86,10 @@ fn readiness_sql(part: Option<String>) -> &'static str {
     })
     .or_raise()
 }
+
+/// How many reads of the maintained state this backend made without SPI (see
+/// `store::direct`); for tests that must know which path a readiness call took.
+#[pg_extern(volatile, parallel_safe, name = "_direct_reads")]
+fn direct_reads() -> i64 {
+    store::direct::reads()
+}

@@ -2,7 +2,7 @@
 //! when the data schema is tracked, otherwise recomputed from the Tasker tables.
 
 use super::plans::{all_rows, with_plan, INT8, INT8ARRAY, TEXT};
-use super::rows::{for_each_row, Col, Interner};
+use super::rows::{for_each_row, Col, Interner, Row};
 use crate::core::ident::SchemaName;
 use crate::core::readiness::StepFacts;
 use pgrx::spi::{SpiClient, SpiResult, SpiTupleTable};
@@ -30,8 +30,26 @@ fn recompute_sql(schema: &str, filter: &str) -> String {
     )
 }
 
+/// The `step_state` columns of the facts, in order (the direct reads look them up by name).
+pub(super) const FACT_COLUMNS: [&str; 14] = [
+    "workflow_step_id",
+    "task_id",
+    "named_step_id",
+    "name",
+    "state",
+    "state_at",
+    "parent_ids",
+    "retryable",
+    "retry_limit",
+    "in_process",
+    "processed",
+    "attempts",
+    "last_attempted_at",
+    "backoff_request_seconds",
+];
+
 /// Column types of every facts query, in order.
-const FACT_TYPES: [Col; 14] = [
+pub(super) const FACT_TYPES: [Col; 14] = [
     Col::Int8,
     Col::Int8,
     Col::Int4,
@@ -48,29 +66,32 @@ const FACT_TYPES: [Col; 14] = [
     Col::Int4,
 ];
 
+/// The facts of one row with the columns of `FACT_COLUMNS`.
+pub(super) fn fact_of_row(row: &Row<'_>, names: &mut Interner) -> StepFacts {
+    StepFacts {
+        workflow_step_id: row.i64(0).unwrap_or_default(),
+        task_id: row.i64(1).unwrap_or_default(),
+        named_step_id: row.i32(2).unwrap_or_default(),
+        name: row.text_interned(3, names).unwrap_or_else(|| names.get("")),
+        state: row.text_interned(4, names),
+        state_at: row.i64(5),
+        parent_ids: row.i64_array(6),
+        retryable: row.bool(7),
+        retry_limit: row.i32(8),
+        in_process: row.bool(9),
+        processed: row.bool(10),
+        attempts: row.i32(11),
+        last_attempted_at: row.i64(12),
+        backoff_request_seconds: row.i32(13),
+    }
+}
+
 /// Appends the facts of the SPI result just produced to `out`.
 ///
 /// # Safety
 /// Call right after the query, while its result is alive.
 unsafe fn append_facts(out: &mut Vec<StepFacts>, names: &mut Interner) -> SpiResult<()> {
-    for_each_row(&FACT_TYPES, |row| {
-        out.push(StepFacts {
-            workflow_step_id: row.i64(0).unwrap_or_default(),
-            task_id: row.i64(1).unwrap_or_default(),
-            named_step_id: row.i32(2).unwrap_or_default(),
-            name: row.text_interned(3, names).unwrap_or_else(|| names.get("")),
-            state: row.text_interned(4, names),
-            state_at: row.i64(5),
-            parent_ids: row.i64_array(6),
-            retryable: row.bool(7),
-            retry_limit: row.i32(8),
-            in_process: row.bool(9),
-            processed: row.bool(10),
-            attempts: row.i32(11),
-            last_attempted_at: row.i64(12),
-            backoff_request_seconds: row.i32(13),
-        })
-    })
+    for_each_row(&FACT_TYPES, |row| out.push(fact_of_row(row, names)))
 }
 
 /// Reads the facts query result just produced.
@@ -123,6 +144,10 @@ pub fn for_task(
     schema: &SchemaName,
     task_id: i64,
 ) -> SpiResult<Vec<StepFacts>> {
+    let mut direct = Vec::new();
+    if super::direct::facts_for_tasks(schema.as_str(), &[task_id], &mut direct).is_some() {
+        return Ok(direct);
+    }
     let q = schema.quoted();
     // The tracked read returns rows only when `schema` is the tracked one.
     let rows = with_plan(
@@ -157,6 +182,10 @@ pub fn for_tasks(
     schema: &SchemaName,
     task_ids: &[i64],
 ) -> SpiResult<Vec<StepFacts>> {
+    let mut direct = Vec::new();
+    if super::direct::facts_for_tasks(schema.as_str(), task_ids, &mut direct).is_some() {
+        return Ok(direct);
+    }
     if is_tracked(client, schema)? {
         return with_plan(
             client,

@@ -1,6 +1,7 @@
 //! Reads and writes of the Tasker tables through SPI. This is the only module that knows
 //! table and column names.
 
+pub mod direct;
 pub mod events;
 pub mod facts;
 pub mod locks;

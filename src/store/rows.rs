@@ -23,7 +23,7 @@ pub enum Col {
 }
 
 impl Col {
-    fn oid(self) -> Oid {
+    pub fn oid(self) -> Oid {
         match self {
             Col::Int8 => BuiltinOid::INT8OID.value(),
             Col::Int4 => BuiltinOid::INT4OID.value(),
@@ -57,7 +57,13 @@ pub struct Row<'a> {
     nulls: &'a [bool],
 }
 
-impl Row<'_> {
+impl<'a> Row<'a> {
+    /// A row of the given datums (each a value of the type its reader expects, alive while
+    /// the row is read).
+    pub fn new(values: &'a [Datum], nulls: &'a [bool]) -> Row<'a> {
+        Row { values, nulls }
+    }
+
     /// An `int8` or `timestamp` column (0-based).
     pub fn i64(&self, i: usize) -> Option<i64> {
         (!self.nulls[i]).then(|| self.values[i].value() as i64)
@@ -89,7 +95,7 @@ impl Row<'_> {
             return None;
         }
         // SAFETY: the column was checked to be text; detoasting a packed varlena returns a
-        // pointer valid for the life of the SPI result's memory context.
+        // pointer valid while the row's datums are (an SPI result, a scanned buffer).
         unsafe {
             let v = pg_sys::pg_detoast_datum_packed(self.values[i].cast_mut_ptr());
             let len = pgrx::varlena::varsize_any_exhdr(v);
@@ -107,8 +113,8 @@ impl Row<'_> {
         if self.nulls[i] {
             return Vec::new();
         }
-        // SAFETY: the column was checked to be int8[]; the detoasted array lives in the SPI
-        // result's memory context while we copy it out.
+        // SAFETY: the column was checked to be int8[]; the detoasted array lives while the
+        // row's datums do, and is copied out here.
         unsafe {
             let ptr =
                 pg_sys::pg_detoast_datum(self.values[i].cast_mut_ptr()) as *mut pg_sys::ArrayType;

@@ -17,6 +17,11 @@ pub static NOTIFY: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Off loses events for subscribers; it exists for bulk loads and for measuring its cost.
 pub static EVENT_LOG: GucSetting<bool> = GucSetting::<bool>::new(true);
 
+/// `tasker_core.direct_reads`: read the maintained state for the readiness functions straight
+/// from its table and index (`store::direct`) instead of through SPI (default on). Off gives
+/// the same rows the slower way; it exists to compare the two.
+pub static DIRECT_READS: GucSetting<bool> = GucSetting::<bool>::new(true);
+
 /// `tasker_core.backoff_jitter`: add ±10 % jitter to computed backoffs (default on).
 pub static BACKOFF_JITTER: GucSetting<bool> = GucSetting::<bool>::new(true);
 
@@ -70,6 +75,14 @@ pub fn jitter_seed(step_id: i64, attempt: i32) -> Option<u64> {
 
 /// Registers the extension's settings. Called once per backend from `_PG_init`.
 pub fn register_gucs() {
+    GucRegistry::define_bool_guc(
+        c"tasker_core.direct_reads",
+        c"Read maintained readiness state without SPI.",
+        c"Off reads the same rows through SPI (for comparisons).",
+        &DIRECT_READS,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_bool_guc(
         c"tasker_core.backoff_jitter",
         c"Add up to 10% jitter to computed retry backoffs.",

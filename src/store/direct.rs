@@ -1,0 +1,259 @@
+//! Reads of the maintained state without SPI: the readiness functions' hot path.
+//!
+//! Through SPI, a read of `tasker_core.step_state` runs the executor (start-up, plan checks),
+//! copies every row into an SPI result and only then hands it over. Here the rows of the
+//! requested tasks are read straight from the table through its `(task_id, workflow_step_id)`
+//! index with PostgreSQL's index access method, one descent per task, under the snapshot of
+//! the calling query, and each row is deformed once into the facts readiness needs.
+//!
+//! The table, the index and the column numbers are looked up once per backend and forgotten
+//! whenever PostgreSQL invalidates any relation cache entry (an `ALTER TABLE`, a `DROP` and
+//! `CREATE`, a `REINDEX`, `VACUUM FULL`, the triggers `enable_tracking` creates …): the next
+//! read looks them up again. Whenever anything is not as expected — the extension's SQL is
+//! older, a column has another type, the index is missing or different, no snapshot is
+//! active — the caller falls back to its SPI query, so this is only ever a faster way to the
+//! same rows. All unsafe code of these reads is in this module.
+
+use super::facts::{fact_of_row, FACT_COLUMNS, FACT_TYPES};
+use super::rows::{Interner, Row};
+use crate::core::readiness::StepFacts;
+use pgrx::pg_sys::{self, Datum, Oid};
+use std::cell::Cell;
+use std::ffi::CString;
+
+/// What a read needs, looked up once (see the module comment).
+#[derive(Clone, Copy)]
+struct Maintained {
+    step_state: Oid,
+    /// `step_state_task_idx`: `(task_id, workflow_step_id)`, btree.
+    by_task: Oid,
+    tracking: Oid,
+    /// The `step_state` attribute number of each fact column, in `FACT_COLUMNS` order.
+    columns: [pg_sys::AttrNumber; FACT_COLUMNS.len()],
+    /// The attribute number of `tracking.data_schema`.
+    data_schema: pg_sys::AttrNumber,
+}
+
+thread_local! {
+    static MAINTAINED: Cell<Option<Maintained>> = const { Cell::new(None) };
+    /// Direct reads made by this backend (`tasker_core._direct_reads()`: tests check that the
+    /// path they mean to exercise is the one taken).
+    static READS: Cell<i64> = const { Cell::new(0) };
+}
+
+/// How many direct reads this backend has made.
+pub fn reads() -> i64 {
+    READS.with(Cell::get)
+}
+
+/// Forgets the lookup on any relation cache invalidation (`relid` 0: all of them).
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn forget(_arg: Datum, _relid: Oid) {
+    MAINTAINED.with(|m| m.set(None));
+}
+
+/// Registers the invalidation callback (once per backend, from `_PG_init`).
+pub fn register_callbacks() {
+    // SAFETY: registers a static function that only clears a thread-local cell (it cannot
+    // raise); PostgreSQL calls it on the backend's main thread.
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget), Datum::from(0usize)) }
+}
+
+fn relation_oid(namespace: Oid, name: &str) -> Option<Oid> {
+    let name = CString::new(name).ok()?;
+    // SAFETY: a syscache lookup by name; returns InvalidOid when there is no such relation.
+    let oid = unsafe { pg_sys::get_relname_relid(name.as_ptr(), namespace) };
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}
+
+/// The attribute number of column `name` of `relid` if it has type `type_oid`.
+fn column(relid: Oid, name: &str, type_oid: Oid) -> Option<pg_sys::AttrNumber> {
+    let name = CString::new(name).ok()?;
+    // SAFETY: syscache lookups by relation and name / number; InvalidAttrNumber and
+    // InvalidOid stand for "missing" (a dropped column is missing).
+    unsafe {
+        let attnum = pg_sys::get_attnum(relid, name.as_ptr());
+        (attnum > 0 && pg_sys::get_atttype(relid, attnum) == type_oid).then_some(attnum)
+    }
+}
+
+fn look_up() -> Option<Maintained> {
+    let schema = CString::new("tasker_core").ok()?;
+    // SAFETY: a syscache lookup by name; InvalidOid when the schema does not exist.
+    let namespace = unsafe { pg_sys::get_namespace_oid(schema.as_ptr(), true) };
+    if namespace == pg_sys::InvalidOid {
+        return None;
+    }
+    let step_state = relation_oid(namespace, "step_state")?;
+    let by_task = relation_oid(namespace, "step_state_task_idx")?;
+    let tracking = relation_oid(namespace, "tracking")?;
+    let mut columns = [0; FACT_COLUMNS.len()];
+    for (slot, (name, col)) in columns.iter_mut().zip(FACT_COLUMNS.iter().zip(FACT_TYPES)) {
+        *slot = column(step_state, name, col.oid())?;
+    }
+    let data_schema = column(tracking, "data_schema", pg_sys::NAMEOID)?;
+    Some(Maintained { step_state, by_task, tracking, columns, data_schema })
+}
+
+fn maintained() -> Option<Maintained> {
+    if !super::settings::DIRECT_READS.get() {
+        return None;
+    }
+    MAINTAINED.with(|m| {
+        if m.get().is_none() {
+            m.set(look_up());
+        }
+        m.get()
+    })
+}
+
+/// A relation opened (and locked `AccessShareLock` until the transaction ends, as the
+/// executor does) for the length of one read.
+struct Opened(pg_sys::Relation);
+
+impl Opened {
+    /// Opens `relid` if it still exists and is of kind `kind`.
+    fn open(relid: Oid, kind: u8) -> Option<Opened> {
+        // SAFETY: try_relation_open returns NULL instead of raising when the relation is gone;
+        // a non-NULL result is a valid, locked, reference-counted relation until closed.
+        unsafe {
+            let rel = pg_sys::try_relation_open(relid, pg_sys::AccessShareLock as i32);
+            if rel.is_null() {
+                return None;
+            }
+            let opened = Opened(rel);
+            ((*(*rel).rd_rel).relkind as u8 == kind).then_some(opened)
+        }
+    }
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        // SAFETY: the relation was opened by `open`; the lock stays until the transaction
+        // ends (NoLock releases only the reference).
+        unsafe { pg_sys::relation_close(self.0, pg_sys::NoLock as i32) }
+    }
+}
+
+/// Whether `index` is a valid, plain btree index of `heap` whose first key column is
+/// `task_id` (attribute `task_col` of the heap).
+///
+/// # Safety
+/// Both relations must be open.
+unsafe fn usable_index(index: &Opened, heap: &Opened, task_col: pg_sys::AttrNumber) -> bool {
+    let rel = index.0;
+    let form = (*rel).rd_index;
+    if form.is_null()
+        || (*(*rel).rd_rel).relam != pg_sys::BTREE_AM_OID
+        || (*form).indrelid != (*heap.0).rd_id
+        || !(*form).indisvalid
+        || !(*form).indisready
+        || (*form).indnkeyatts < 1
+    {
+        return false;
+    }
+    // a partial index would not hold every row
+    if !pg_sys::RelationGetIndexPredicate(rel).is_null() {
+        return false;
+    }
+    (*form).indkey.values.as_slice(1)[0] == task_col
+}
+
+/// The tracked data schema, read from `tasker_core.tracking` (one row at most).
+///
+/// # Safety
+/// `rel` must be the open tracking table; `snapshot` the active snapshot.
+unsafe fn tracked_schema(
+    rel: &Opened,
+    snapshot: pg_sys::Snapshot,
+    column: pg_sys::AttrNumber,
+) -> Option<String> {
+    let scan = pg_sys::systable_beginscan(
+        rel.0,
+        pg_sys::InvalidOid,
+        false,
+        snapshot,
+        0,
+        std::ptr::null_mut(),
+    );
+    let tuple = pg_sys::systable_getnext(scan);
+    let mut found = None;
+    if !tuple.is_null() {
+        let desc = (*rel.0).rd_att;
+        let natts = (*desc).natts as usize;
+        let mut values = vec![Datum::from(0usize); natts];
+        let mut nulls = vec![true; natts];
+        pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        let i = column as usize - 1;
+        if !nulls[i] {
+            // a `name` is a fixed-size, NUL-terminated buffer inside the tuple
+            let name = values[i].cast_mut_ptr::<std::ffi::c_char>();
+            found = Some(std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned());
+        }
+    }
+    pg_sys::systable_endscan(scan);
+    found
+}
+
+/// The facts of the steps of `task_ids` (each id once), read directly from `step_state`,
+/// appended to `out` in task and step id order; `None` (and nothing appended) when a direct
+/// read is not possible or `schema` is not the tracked schema: the caller then runs its SPI
+/// query.
+pub fn facts_for_tasks(schema: &str, task_ids: &[i64], out: &mut Vec<StepFacts>) -> Option<()> {
+    let m = maintained()?;
+    // SAFETY: a read-only scan under the calling query's active snapshot. Every relation is
+    // opened (and locked) before it is read and closed by `Opened`'s drop; the index is
+    // checked to be a btree of this table led by task_id; the scan key compares an int8
+    // column with int8 equality; slot values are read only up to the attribute numbers looked
+    // up (and type-checked) for this very table, and copied out before the slot moves on.
+    // PostgreSQL errors raised inside (out of memory, a cancel) unwind through pgrx's guards.
+    unsafe {
+        let snapshot = pg_sys::GetActiveSnapshot();
+        if snapshot.is_null() {
+            return None;
+        }
+        let tracking = Opened::open(m.tracking, pg_sys::RELKIND_RELATION as u8)?;
+        if tracked_schema(&tracking, snapshot, m.data_schema).as_deref() != Some(schema) {
+            return None;
+        }
+        let heap = Opened::open(m.step_state, pg_sys::RELKIND_RELATION as u8)?;
+        let index = Opened::open(m.by_task, pg_sys::RELKIND_INDEX as u8)?;
+        if !usable_index(&index, &heap, m.columns[1]) {
+            return None;
+        }
+        let scan = pg_sys::index_beginscan(heap.0, index.0, snapshot, 1, 0);
+        let slot = pg_sys::table_slot_create(heap.0, std::ptr::null_mut());
+        let last = *m.columns.iter().max().unwrap_or(&1) as i32;
+        let mut values = [Datum::from(0usize); FACT_COLUMNS.len()];
+        let mut nulls = [true; FACT_COLUMNS.len()];
+        let mut names = Interner::default();
+        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+        for (n, &task_id) in task_ids.iter().enumerate() {
+            if n % 64 == 63 {
+                pgrx::check_for_interrupts!();
+            }
+            pg_sys::ScanKeyInit(
+                &mut key,
+                1,
+                pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+                pg_sys::F_INT8EQ.into(),
+                Datum::from(task_id),
+            );
+            pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
+            while pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot)
+            {
+                pg_sys::slot_getsomeattrs(slot, last);
+                for (i, &attnum) in m.columns.iter().enumerate() {
+                    let a = attnum as usize - 1;
+                    values[i] = *(*slot).tts_values.add(a);
+                    nulls[i] = *(*slot).tts_isnull.add(a);
+                }
+                out.push(fact_of_row(&Row::new(&values, &nulls), &mut names));
+            }
+        }
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        pg_sys::index_endscan(scan);
+    }
+    READS.with(|r| r.set(r.get() + 1));
+    Some(())
+}

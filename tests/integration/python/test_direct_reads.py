@@ -1,0 +1,156 @@
+"""Direct reads of the maintained state (store::direct): the readiness functions read
+tasker_core.step_state through its index without SPI, with the relations looked up once per
+backend and forgotten on every relation cache invalidation. One connection (one backend)
+runs each scenario, so a stale lookup would show: after every change below, the rows are
+those of the SPI path (tasker_core.direct_reads = off), and _direct_reads() says which path
+was taken."""
+import json
+
+import pytest
+
+TEMPLATE = {"name": "direct", "namespace_name": "direct", "version": "1.0.0",
+            "step_templates": [{"name": "a", "handler_class": "A"},
+                               {"name": "b", "handler_class": "B", "depends_on_step": "a"},
+                               {"name": "c", "handler_class": "C", "depends_on_step": "a"},
+                               {"name": "d", "handler_class": "D", "depends_on_steps": ["b", "c"]}]}
+
+READINESS = "SELECT * FROM tasker_core.get_step_readiness_status(%s) ORDER BY workflow_step_id"
+BATCH = "SELECT * FROM tasker_core.get_step_readiness_status_batch(%s) ORDER BY workflow_step_id"
+CONTEXT = "SELECT * FROM tasker_core.get_task_execution_context(%s)"
+
+
+@pytest.fixture
+def conn(tasker_db):
+    with tasker_db.connect() as c:
+        c.execute("SELECT tasker_core.enable_tracking()")
+        c.execute("SELECT tasker_core.register_task_template(%s::jsonb)", (json.dumps(TEMPLATE),))
+        tasks = [c.execute("SELECT tasker_core.create_task('direct', 'direct', NULL, %s::jsonb)",
+                           (json.dumps({"i": i}),)).fetchone()[0] for i in range(3)]
+        # some history: the first task's root done, the second's failed once
+        (a,) = c.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w', NULL, 1, 60)").fetchone()
+        c.execute("SELECT tasker_core.complete_step(%s, 'w', '{}')", (a,))
+        (b,) = c.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w', NULL, 1, 60)").fetchone()
+        c.execute("SELECT tasker_core.fail_step(%s, 'w', '\"boom\"')", (b,))
+        c.tasks = tasks
+        yield c
+
+
+def reads(c):
+    return c.execute("SELECT tasker_core._direct_reads()").fetchone()[0]
+
+
+def answers(c):
+    """Every readiness answer for the fixture's tasks, and how many direct reads they took."""
+    before = reads(c)
+    out = [c.execute(READINESS, (t,)).fetchall() for t in c.tasks]
+    out.append(c.execute(BATCH, (c.tasks,)).fetchall())
+    out.extend(c.execute(CONTEXT, (t,)).fetchall() for t in c.tasks)
+    return out, reads(c) - before
+
+
+def spi_answers(c):
+    c.execute("SET tasker_core.direct_reads = off")
+    try:
+        out, direct = answers(c)
+        assert direct == 0
+        return out
+    finally:
+        c.execute("RESET tasker_core.direct_reads")
+
+
+def check(c, direct_expected):
+    got, direct = answers(c)
+    assert got == spi_answers(c)
+    assert all(got), got                     # every answer has rows
+    if direct_expected:
+        assert direct == 7, direct           # 3 single, 1 batch, 3 contexts
+    else:
+        assert direct == 0, direct
+
+
+def test_direct_and_spi_reads_agree(conn):
+    check(conn, True)
+    # a step changes: the next read sees it (same backend, same lookup)
+    (s,) = conn.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w', NULL, 1, 60)").fetchone()
+    conn.execute("SELECT tasker_core.complete_step(%s, 'w', '{}')", (s,))
+    check(conn, True)
+    # in an open transaction, the read sees the transaction's own writes
+    with conn.transaction():
+        (s,) = conn.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w', NULL, 1, 60)").fetchone()
+        check(conn, True)
+
+
+def test_rewritten_table_and_index(conn):
+    check(conn, True)
+    conn.execute("VACUUM FULL tasker_core.step_state")      # new files, same relations
+    check(conn, True)
+    conn.execute("REINDEX INDEX tasker_core.step_state_task_idx")
+    check(conn, True)
+    conn.execute("SELECT tasker_core.rebuild_tracking()")
+    check(conn, True)
+
+
+def test_altered_table(conn):
+    check(conn, True)
+    conn.execute("ALTER TABLE tasker_core.step_state ADD COLUMN extra integer DEFAULT 7")
+    check(conn, True)
+    conn.execute("ALTER TABLE tasker_core.step_state DROP COLUMN extra")
+    check(conn, True)
+    # a column of another type than the reads expect: not read directly, and the SPI path
+    # (which checks the types too) refuses rather than misread
+    with conn.transaction(force_rollback=True):
+        conn.execute("ALTER TABLE tasker_core.step_state ALTER COLUMN attempts TYPE bigint")
+        before = reads(conn)
+        with pytest.raises(Exception, match="attempts"):
+            conn.execute(READINESS, (conn.tasks[0],))
+    assert reads(conn) == before
+    check(conn, True)
+
+
+def test_index_gone_or_different(conn):
+    check(conn, True)
+    with conn.transaction(force_rollback=True):
+        conn.execute("DROP INDEX tasker_core.step_state_task_idx")
+        check(conn, False)                                     # no index: SPI
+    check(conn, True)
+    with conn.transaction(force_rollback=True):
+        # an index of that name led by another column: not used
+        conn.execute("DROP INDEX tasker_core.step_state_task_idx")
+        conn.execute("CREATE INDEX step_state_task_idx ON tasker_core.step_state (workflow_step_id)")
+        check(conn, False)
+    with conn.transaction(force_rollback=True):
+        # a partial one: not every row is in it
+        conn.execute("DROP INDEX tasker_core.step_state_task_idx")
+        conn.execute("CREATE INDEX step_state_task_idx ON tasker_core.step_state (task_id) WHERE attempts > 0")
+        check(conn, False)
+    check(conn, True)
+
+
+def test_table_dropped_and_created_again(conn):
+    check(conn, True)
+    with conn.transaction(force_rollback=True):
+        # the maintained table replaced by a new relation of the same name (another OID)
+        conn.execute("ALTER TABLE tasker_core.step_state RENAME TO step_state_old")
+        conn.execute("ALTER INDEX tasker_core.step_state_task_idx RENAME TO step_state_old_task_idx")
+        conn.execute("CREATE TABLE tasker_core.step_state (LIKE tasker_core.step_state_old INCLUDING ALL)")
+        conn.execute("INSERT INTO tasker_core.step_state SELECT * FROM tasker_core.step_state_old")
+        conn.execute("ALTER TABLE tasker_core.step_state_old RENAME TO step_state_older")
+        # its index has another name: SPI reads the new table
+        check(conn, False)
+        idx = conn.execute("SELECT indexrelid::regclass::text FROM pg_index "
+                           "WHERE indrelid = 'tasker_core.step_state'::regclass "
+                           "AND pg_get_indexdef(indexrelid) LIKE '%(task_id, workflow_step_id)%'").fetchone()[0]
+        conn.execute(f"ALTER INDEX {idx} RENAME TO step_state_task_idx")
+        check(conn, True)                                      # the new table, directly
+        # rows only in the new table are seen: the lookup follows the new relation
+        conn.execute("UPDATE tasker_core.step_state SET attempts = 2 WHERE task_id = %s", (conn.tasks[2],))
+        rows = conn.execute(READINESS, (conn.tasks[2],)).fetchall()
+        assert {r[12] for r in rows} == {2}
+    check(conn, True)
+
+
+def test_untracked_schema_is_not_read_directly(conn):
+    check(conn, True)
+    with conn.transaction(force_rollback=True):
+        conn.execute("SELECT tasker_core.disable_tracking()")
+        check(conn, False)                                     # recomputed from the Tasker tables
