@@ -8,6 +8,9 @@ use pgrx::pg_sys::{self, Datum};
 pub struct RowOut<'a> {
     values: &'a mut [Datum],
     nulls: &'a mut [bool],
+    /// Per column, the buffer of its `text` value for this row: a varlena built in Rust
+    /// memory, read (copied) by `tuplestore_putvalues` before the next row reuses it.
+    texts: &'a mut [Vec<u32>],
 }
 
 impl RowOut<'_> {
@@ -42,9 +45,20 @@ impl RowOut<'_> {
     }
 
     pub fn text(&mut self, col: usize, v: &str) {
-        // SAFETY: copies the bytes into a new text value in the current memory context.
-        let t = unsafe { pg_sys::cstring_to_text_with_len(v.as_ptr().cast(), v.len() as i32) };
-        self.values[col] = Datum::from(t as usize);
+        // A 4-byte-header varlena in this column's buffer (u32 words: aligned as `text`
+        // needs), instead of a palloc'd copy per value through a foreign call.
+        let len = v.len() + 4;
+        let buf = &mut self.texts[col];
+        buf.clear();
+        buf.resize(len.div_ceil(4), 0);
+        let ptr = buf.as_mut_ptr().cast::<u8>();
+        // SAFETY: the buffer holds at least `len` bytes; the header is written by pgrx's
+        // SET_VARSIZE for a 4-byte header and the bytes follow it.
+        unsafe {
+            pgrx::varlena::set_varsize_4b(ptr.cast(), len as i32);
+            std::ptr::copy_nonoverlapping(v.as_ptr(), ptr.add(4), v.len());
+        }
+        self.values[col] = Datum::from(ptr);
         self.nulls[col] = false;
     }
 
@@ -110,8 +124,9 @@ pub unsafe fn materialize<T>(
 
     let mut values = vec![Datum::from(0usize); ncols];
     let mut nulls = vec![true; ncols];
+    let mut texts = vec![Vec::new(); ncols];
     for row in rows {
-        let mut out = RowOut { values: &mut values, nulls: &mut nulls };
+        let mut out = RowOut { values: &mut values, nulls: &mut nulls, texts: &mut texts };
         fill(&row, &mut out);
         pg_sys::tuplestore_putvalues(store, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
     }

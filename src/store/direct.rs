@@ -212,12 +212,12 @@ pub fn facts_for_tasks(schema: &str, task_ids: &[i64], out: &mut Vec<StepFacts>)
         if snapshot.is_null() {
             return None;
         }
-        let tracking = Opened::open(m.tracking, pg_sys::RELKIND_RELATION as u8)?;
+        let tracking = Opened::open(m.tracking, pg_sys::RELKIND_RELATION)?;
         if tracked_schema(&tracking, snapshot, m.data_schema).as_deref() != Some(schema) {
             return None;
         }
-        let heap = Opened::open(m.step_state, pg_sys::RELKIND_RELATION as u8)?;
-        let index = Opened::open(m.by_task, pg_sys::RELKIND_INDEX as u8)?;
+        let heap = Opened::open(m.step_state, pg_sys::RELKIND_RELATION)?;
+        let index = Opened::open(m.by_task, pg_sys::RELKIND_INDEX)?;
         if !usable_index(&index, &heap, m.columns[1]) {
             return None;
         }
@@ -240,8 +240,11 @@ pub fn facts_for_tasks(schema: &str, task_ids: &[i64], out: &mut Vec<StepFacts>)
                 Datum::from(task_id),
             );
             pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
-            while pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot)
-            {
+            while pg_sys::index_getnext_slot(
+                scan,
+                pg_sys::ScanDirection::ForwardScanDirection,
+                slot,
+            ) {
                 pg_sys::slot_getsomeattrs(slot, last);
                 for (i, &attnum) in m.columns.iter().enumerate() {
                     let a = attnum as usize - 1;

@@ -72,7 +72,8 @@ pub(super) fn fact_of_row(row: &Row<'_>, names: &mut Interner) -> StepFacts {
         workflow_step_id: row.i64(0).unwrap_or_default(),
         task_id: row.i64(1).unwrap_or_default(),
         named_step_id: row.i32(2).unwrap_or_default(),
-        name: row.text_interned(3, names).unwrap_or_else(|| names.get("")),
+        // (names differ from step to step: copied, not interned)
+        name: row.with_text(3, |s| Rc::from(s)).unwrap_or_else(|| names.get("")),
         state: row.text_interned(4, names),
         state_at: row.i64(5),
         parent_ids: row.i64_array(6),

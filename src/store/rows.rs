@@ -94,10 +94,16 @@ impl<'a> Row<'a> {
         if self.nulls[i] {
             return None;
         }
-        // SAFETY: the column was checked to be text; detoasting a packed varlena returns a
-        // pointer valid while the row's datums are (an SPI result, a scanned buffer).
+        // SAFETY: the column was checked to be text. A value stored inline and uncompressed
+        // (the usual case) is read where it is; otherwise detoasting returns a copy. Either
+        // pointer is valid while the row's datums are (an SPI result, a scanned buffer).
         unsafe {
-            let v = pg_sys::pg_detoast_datum_packed(self.values[i].cast_mut_ptr());
+            let raw = self.values[i].cast_mut_ptr::<pg_sys::varlena>();
+            let v = if pgrx::varlena::varatt_is_1b_e(raw) || pgrx::varlena::varatt_is_4b_c(raw) {
+                pg_sys::pg_detoast_datum_packed(raw)
+            } else {
+                raw
+            };
             let len = pgrx::varlena::varsize_any_exhdr(v);
             let data = pgrx::varlena::vardata_any(v) as *const u8;
             let bytes = std::slice::from_raw_parts(data, len);
