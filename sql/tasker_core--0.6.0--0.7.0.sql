@@ -4,8 +4,14 @@
 -- * get_step_readiness_status_batch and get_task_execution_contexts_batch are declared with
 --   the result type of get_step_readiness_status and get_task_execution_context (the same
 --   columns as before: nothing to change here).
+-- * _direct_reads(): how many readiness reads this backend made without SPI (tests).
+-- * tasker_core.step_state is vacuumed after 5,000 dead rows, unthrottled (the head of the
+--   claimable index fills with the entries of claimed steps until a vacuum).
 -- Nothing else changes: the library serves the 0.6.0 SQL as before until this script runs.
 \echo Use "ALTER EXTENSION tasker_core UPDATE TO '0.7.0'" to load this file. \quit
+
+ALTER TABLE tasker_core.step_state SET (autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 5000, autovacuum_vacuum_cost_delay = 0);
 
 CREATE FUNCTION tasker_core."_readiness_sql"(
 	"part" TEXT
@@ -14,6 +20,12 @@ IMMUTABLE PARALLEL SAFE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'readiness_sql_wrapper';
 REVOKE ALL ON FUNCTION tasker_core._readiness_sql(text) FROM PUBLIC;
+
+CREATE FUNCTION tasker_core."_direct_reads"() RETURNS bigint
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'direct_reads_wrapper';
+REVOKE ALL ON FUNCTION tasker_core._direct_reads() FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION tasker_core.metrics() RETURNS text
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$

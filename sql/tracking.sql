@@ -54,7 +54,14 @@ CREATE TABLE tasker_core.step_state (
     -- task_namespace_id of the step's task (through its named task), for claims filtered by
     -- namespace; set when the step is tracked or moves to another task
     namespace_id bigint
-) WITH (fillfactor = 80);
+) WITH (fillfactor = 80,
+      -- A claim walks the claimable index from the oldest ready step; the entries of steps
+      -- claimed since the last vacuum stay at its head (dead, skipped one by one) until a
+      -- vacuum removes them. Vacuum after a fixed number of dead rows, not a fifth of the
+      -- table, and without throttling (measured: a claim's scan of the ready queue took
+      -- 2.3 ms before and 0.14 ms after a vacuum, 60,000 tasks queued).
+      autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000,
+      autovacuum_vacuum_cost_delay = 0);
 CREATE INDEX step_state_task_idx ON tasker_core.step_state (task_id, workflow_step_id);
 CREATE INDEX step_state_named_step_idx ON tasker_core.step_state (named_step_id);
 -- The steps a worker could claim (unblocked, unprocessed, pending or in error), per

@@ -12,7 +12,7 @@ TEMPLATE = {"name": "up", "namespace_name": "upgrade", "version": "1.0.0",
                                {"name": "b", "handler_class": "B", "depends_on_step": "a"}]}
 
 # Everything the extension defines, without oids: functions (with their security, settings,
-# privileges and bodies), relations and columns, indexes, constraints, membership.
+# privileges and bodies), relations and columns, indexes, constraints, membership, reloptions.
 CATALOG = {
     "functions": """
         SELECT p.proname, pg_get_function_identity_arguments(p.oid), pg_get_function_result(p.oid),
@@ -38,6 +38,10 @@ CATALOG = {
         WHERE refobjid = (SELECT oid FROM pg_extension WHERE extname = 'tasker_core') AND deptype = 'e'
         GROUP BY 1 ORDER BY 1""",
     "schema": "SELECT nspacl::text FROM pg_namespace WHERE nspname = 'tasker_core'",
+    # storage and autovacuum settings of the extension's tables
+    "reloptions": """
+        SELECT relname, reloptions::text FROM pg_class
+        WHERE relnamespace = 'tasker_core'::regnamespace AND reloptions IS NOT NULL ORDER BY 1""",
     # the tracking triggers on the data schema (0.5.0 re-attaches them with their condition)
     "triggers": """
         SELECT tgrelid::regclass::text, tgname, pg_get_triggerdef(oid) FROM pg_trigger
