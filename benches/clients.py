@@ -246,13 +246,13 @@ def main():
     created_tps, create_ms = creation_tps()
     with connect() as conn:
         settings = dict(conn.execute("SELECT name, setting FROM pg_settings WHERE name IN "
-                                     "('fsync', 'synchronous_commit')").fetchall())
+                                     "('fsync', 'synchronous_commit', 'autovacuum_naptime')").fetchall())
         mode = conn.execute("SELECT detail FROM tasker_core.health() WHERE check_name = 'wakeups'").fetchone()[0]
         problems = conn.execute("SELECT count(*) FROM tasker_core.verify()").fetchone()[0]
         drift = conn.execute("SELECT count(*) FROM tasker_core.check_tracking()").fetchone()[0]
     print(f"\n**W1: the clients, {WORKERS} worker processes each (4 steps in flight per process), "
           f"{TASKS:,} five-step diamond tasks, no-op handlers; fsync={settings['fsync']}, "
-          f"synchronous_commit={settings['synchronous_commit']}, wake-ups: {mode.split(':')[0]}**\n")
+          f"synchronous_commit={settings['synchronous_commit']}, autovacuum_naptime={settings['autovacuum_naptime']} s, wake-ups: {mode.split(':')[0]}**\n")
     print("| client | floor: pgbench -N tps ÷ 2 | steps/s, wake-ups on | vs floor | wake-ups off | vs floor | on ÷ off |")
     print("|---|---|---|---|---|---|---|")
     for lang, rate, off, _, _ in rows:

@@ -209,11 +209,12 @@ def main():
     floor = floor_tps()
     with connect() as conn:
         settings = dict(conn.execute("SELECT name, setting FROM pg_settings WHERE name IN "
-                                     "('fsync', 'synchronous_commit', 'shared_preload_libraries')").fetchall())
+                                     "('fsync', 'synchronous_commit', 'shared_preload_libraries', 'autovacuum_naptime')").fetchall())
         mode = conn.execute("SELECT detail FROM tasker_core.health() WHERE check_name = 'wakeups'").fetchone()[0]
     print(f"\n**end-to-end steps per second, {CLIENTS} SQL workers (pgbench: claim_steps then complete_step, "
           f"each its own transaction), {SECONDS} s per run, mean of two runs per mode; "
-          f"fsync={settings.get('fsync')}, synchronous_commit={settings.get('synchronous_commit')}; "
+          f"fsync={settings.get('fsync')}, synchronous_commit={settings.get('synchronous_commit')}, "
+          f"autovacuum_naptime={settings.get('autovacuum_naptime')} s; "
           f"wake-ups: {mode.split(':')[0]}**\n")
     print("| tasker_core.notify | floor: pgbench -N tps ÷ 2 | tasker_core steps/s | vs floor | avg claim | avg complete |")
     print("|---|---|---|---|---|---|")
