@@ -154,3 +154,20 @@ def test_untracked_schema_is_not_read_directly(conn):
     with conn.transaction(force_rollback=True):
         conn.execute("SELECT tasker_core.disable_tracking()")
         check(conn, False)                                     # recomputed from the Tasker tables
+
+
+def test_batches_dense_and_sparse(conn):
+    # ten more tasks: a dense batch (one pass over the id range, rows of other tasks in the
+    # range skipped) and a sparse one (one descent per task) read the same rows as SPI
+    more = [conn.execute("SELECT tasker_core.create_task('direct', 'direct', NULL, %s::jsonb)",
+                         (json.dumps({"more": i}),)).fetchone()[0] for i in range(10)]
+    every = sorted(conn.tasks + more)
+    for ids in (every, every[::2], [every[0], every[-1]], [every[-1]], [], [every[0], 10**12]):
+        before = reads(conn)
+        got = conn.execute(BATCH, (ids,)).fetchall()
+        assert reads(conn) - before == (1 if ids else 0)
+        conn.execute("SET tasker_core.direct_reads = off")
+        want = conn.execute(BATCH, (ids,)).fetchall()
+        conn.execute("RESET tasker_core.direct_reads")
+        assert got == want
+        assert {r[1] for r in got} == set(ids) - {10**12}
