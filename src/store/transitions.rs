@@ -111,48 +111,23 @@ fn guard(
     id: i64,
     to: State,
 ) -> SpiResult<Option<String>> {
-    let q = schema.quoted();
-    // Steps not finished (neither complete nor resolved_manually), joined on `$1` by `on`.
-    let unfinished = |from: &str, on: &str, step: &str| {
-        format!(
-            "SELECT {step} FROM {from} \
-             LEFT JOIN {q}.tasker_workflow_step_transitions cur \
-                    ON cur.workflow_step_id = {step} AND cur.most_recent \
-             WHERE {on} = $1 \
-               AND (cur.to_state IS NULL OR cur.to_state NOT IN ('complete', 'resolved_manually')) \
-             ORDER BY 1"
-        )
-    };
-    let open = match (entity, to) {
+    // (key, rows to look at, how they join `$1`, the step column)
+    let (key, from, on, step) = match (entity, to) {
         (Entity::Step, State::InProgress) => {
-            let sql = || {
-                unfinished(
-                    &format!("{q}.tasker_workflow_step_edges e"),
-                    "e.to_step_id",
-                    "e.from_step_id",
-                )
-            };
-            let mut parents = ids_of(client, "guard_step_parents", schema, sql, id)?;
-            parents.dedup();
-            return Ok((!parents.is_empty()).then(|| {
-                format!(
-                    "parents not complete or resolved: steps {}",
-                    parents.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
-                )
-            }));
+            ("guard_step_parents", "tasker_workflow_step_edges e", "e.to_step_id", "e.from_step_id")
         }
         (Entity::Task, State::Complete) => {
-            let sql = || {
-                unfinished(
-                    &format!("{q}.tasker_workflow_steps ws"),
-                    "ws.task_id",
-                    "ws.workflow_step_id",
-                )
-            };
-            ids_of(client, "guard_task_steps", schema, sql, id)?
+            ("guard_task_steps", "tasker_workflow_steps ws", "ws.task_id", "ws.workflow_step_id")
         }
         _ => return Ok(None),
     };
+    let mut open = unfinished_steps(client, key, schema, (from, on, step), id)?;
+    if entity == Entity::Step {
+        open.dedup();
+        let parents: Vec<String> = open.iter().map(i64::to_string).collect();
+        return Ok((!open.is_empty())
+            .then(|| format!("parents not complete or resolved: steps {}", parents.join(", "))));
+    }
     Ok((!open.is_empty()).then(|| {
         let shown: Vec<String> = open.iter().take(10).map(i64::to_string).collect();
         let more =
@@ -161,14 +136,26 @@ fn guard(
     }))
 }
 
-/// The ids a guard's statement (one bigint argument, one bigint column) returns.
-fn ids_of(
+/// The steps (column `step` of `from`, joined to `$1` by `on`) that are neither complete nor
+/// resolved_manually, in id order.
+fn unfinished_steps(
     client: &SpiClient<'_>,
     key: &'static str,
     schema: &SchemaName,
-    sql: impl FnOnce() -> String,
+    (from, on, step): (&str, &str, &str),
     id: i64,
 ) -> SpiResult<Vec<i64>> {
+    let q = schema.quoted();
+    let sql = || {
+        format!(
+            "SELECT {step} FROM {q}.{from} \
+             LEFT JOIN {q}.tasker_workflow_step_transitions cur \
+                    ON cur.workflow_step_id = {step} AND cur.most_recent \
+             WHERE {on} = $1 \
+               AND (cur.to_state IS NULL OR cur.to_state NOT IN ('complete', 'resolved_manually')) \
+             ORDER BY 1"
+        )
+    };
     with_keyed_plan(client, key, schema.as_str(), &[INT8], sql, |stmt| {
         client
             .select(stmt, None, &[id.into()])?
