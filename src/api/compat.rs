@@ -322,24 +322,15 @@ type DagRow = (i64, i64, i32, JsonB, JsonB, i64, i64, bool, bool, Option<i32>);
 
 #[allow(clippy::type_complexity)]
 /// The rows of `tasker_step_dag_relationships` for one task's steps, in O(steps + edges).
+#[rustfmt::skip] // the view's columns, as the view lists them
 #[pg_extern(stable, parallel_safe)]
-fn step_dag_relationships(
-    task_id: Option<i64>,
-) -> TableIterator<
-    'static,
-    (
-        name!(workflow_step_id, i64),
-        name!(task_id, i64),
-        name!(named_step_id, i32),
-        name!(parent_step_ids, JsonB),
-        name!(child_step_ids, JsonB),
-        name!(parent_count, i64),
-        name!(child_count, i64),
-        name!(is_root_step, bool),
-        name!(is_leaf_step, bool),
-        name!(min_depth_from_root, Option<i32>),
-    ),
-> {
+fn step_dag_relationships(task_id: Option<i64>) -> TableIterator<'static, (
+    name!(workflow_step_id, i64), name!(task_id, i64), name!(named_step_id, i32),
+    name!(parent_step_ids, JsonB), name!(child_step_ids, JsonB),
+    name!(parent_count, i64), name!(child_count, i64),
+    name!(is_root_step, bool), name!(is_leaf_step, bool),
+    name!(min_depth_from_root, Option<i32>),
+)> {
     TableIterator::new(dag_relationships(task_id).or_raise())
 }
 

@@ -176,27 +176,18 @@ fn flip(
     // (self-maintained: the insert that follows sets the step's maintained state; should it
     // not happen, `clear_flipped` does what the trigger would have done)
     let _direct = direct.then(maintenance::Direct::begin);
-    let t = tables(entity);
-    let q = schema.quoted();
-    let key = match entity {
-        Entity::Task => "flip_task",
-        Entity::Step => "flip_step",
+    let (q, tr) = (schema.quoted(), tables(entity).transitions);
+    let sql = || {
+        format!(
+            "UPDATE {q}.{tr} SET most_recent = false, \
+                    updated_at = (tasker_core.now() AT TIME ZONE 'UTC') \
+             WHERE id = $1 AND most_recent RETURNING id"
+        )
     };
-    with_keyed_plan(
-        client,
-        key,
-        schema.as_str(),
-        &[INT8],
-        || {
-            format!(
-                "UPDATE {q}.{tr} SET most_recent = false, \
-                        updated_at = (tasker_core.now() AT TIME ZONE 'UTC') \
-                 WHERE id = $1 AND most_recent RETURNING id",
-                tr = t.transitions
-            )
-        },
-        |stmt| Ok(client.select(stmt, None, &[transition_id.into()])?.len() == 1),
-    )
+    let key = if entity == Entity::Task { "flip_task" } else { "flip_step" };
+    with_keyed_plan(client, key, schema.as_str(), &[INT8], sql, |stmt| {
+        Ok(client.select(stmt, None, &[transition_id.into()])?.len() == 1)
+    })
 }
 
 /// Inserts the new current transition; `None` when a concurrent writer took the sort key or
@@ -353,7 +344,7 @@ pub fn transition(
     metadata: &JsonB,
     expected_from: Option<State>,
 ) -> Result<bool, TaskerError> {
-    transition_guarded(schema, entity, id, to, metadata, expected_from, true)
+    transition_guarded(schema, (entity, id), to, metadata, expected_from, true)
 }
 
 /// [`transition`] for a caller that has just established, under the locks it holds, what the
@@ -365,13 +356,12 @@ pub fn transition_without_guard(
     to: State,
     metadata: &JsonB,
 ) -> Result<bool, TaskerError> {
-    transition_guarded(schema, entity, id, to, metadata, None, false)
+    transition_guarded(schema, (entity, id), to, metadata, None, false)
 }
 
 fn transition_guarded(
     schema: &SchemaName,
-    entity: Entity,
-    id: i64,
+    (entity, id): (Entity, i64),
     to: State,
     metadata: &JsonB,
     expected_from: Option<State>,

@@ -206,25 +206,18 @@ pub fn create_task(
                     )
                 },
                 |stmt| {
-                    let mut out = HashMap::with_capacity(named_ids.len());
-                    for row in client.select(
-                        stmt,
-                        None,
-                        &[
-                            task_id.into(),
-                            named_ids.clone().into(),
-                            retryable.clone().into(),
-                            limits.clone().into(),
-                            skippable.clone().into(),
-                            JsonB(context.clone()).into(),
-                        ],
-                    )? {
-                        out.insert(
-                            row.get::<i32>(1)?.unwrap_or_default(),
-                            row.get::<i64>(2)?.unwrap_or_default(),
-                        );
-                    }
-                    Ok(out)
+                    let args = [
+                        task_id.into(),
+                        named_ids.into(),
+                        retryable.into(),
+                        limits.into(),
+                        skippable.into(),
+                        JsonB(context.clone()).into(),
+                    ];
+                    all_rows(client, stmt, &args, |row| {
+                        let named = row.get::<i32>(1)?.unwrap_or_default();
+                        Ok((named, row.get::<i64>(2)?.unwrap_or_default()))
+                    })
                 },
             )
             .map_err(spi)?;
@@ -340,25 +333,20 @@ fn insert_steps_direct(
     context: &Value,
 ) -> Result<(), TaskerError> {
     let q = schema.quoted();
-    let ids: Vec<i64> = with_write_plan(
-        client,
-        "create_task_step_ids",
-        schema.as_str(),
-        &[INT4],
-        || {
-            format!(
-                "SELECT nextval(pg_catalog.pg_get_serial_sequence('{}', 'workflow_step_id'))
-                 FROM generate_series(1, $1)",
-                format!("{q}.tasker_workflow_steps").replace('\'', "''")
-            )
-        },
-        |stmt| {
-            all_rows(client, stmt, &[(kept.len() as i32).into()], |row| {
-                Ok(row.get::<i64>(1)?.unwrap_or_default())
-            })
-        },
-    )
-    .map_err(spi)?;
+    // the step ids first, from the steps' sequence
+    let steps = format!("{q}.tasker_workflow_steps").replace('\'', "''");
+    let sql = || {
+        format!(
+            "SELECT nextval(pg_catalog.pg_get_serial_sequence('{steps}', 'workflow_step_id'))
+             FROM generate_series(1, $1)"
+        )
+    };
+    let n = kept.len() as i32;
+    let ids: Vec<i64> =
+        with_write_plan(client, "create_task_step_ids", schema.as_str(), &[INT4], sql, |stmt| {
+            all_rows(client, stmt, &[n.into()], |row| Ok(row.get::<i64>(1)?.unwrap_or_default()))
+        })
+        .map_err(spi)?;
     let mut id_at: Vec<Option<i64>> = vec![None; t.steps.len()];
     for (&(i, _), &id) in kept.iter().zip(&ids) {
         id_at[i] = Some(id);

@@ -112,12 +112,8 @@ pub fn find(
     schema: &SchemaName,
     wanted: TemplateRef<'_>,
 ) -> Result<Stored, TaskerError> {
-    let chosen = registered(client, schema, wanted)?;
-    Ok(Stored {
-        named_task_id: chosen.named_task_id,
-        config: configuration(client, schema, chosen.named_task_id)?,
-        version: chosen.version,
-    })
+    let Registered { named_task_id, version, .. } = registered(client, schema, wanted)?;
+    Ok(Stored { named_task_id, config: configuration(client, schema, named_task_id)?, version })
 }
 
 /// Parsed templates by (data schema, named task id), with the version of the row they were

@@ -27,10 +27,8 @@ pub fn expire_leases(
     limit: i32,
 ) -> Result<Vec<i64>, TaskerError> {
     let (ids, tasks) = release_expired(client, schema, limit)?;
-    for task_id in tasks {
-        // The lost attempt may have been the last one: the task may now have failed.
-        finalize(client, schema, task_id)?;
-    }
+    // The lost attempt may have been the last one: the task may now have failed.
+    tasks.into_iter().try_for_each(|task_id| finalize(client, schema, task_id).map(drop))?;
     Ok(ids)
 }
 
@@ -394,15 +392,13 @@ pub(super) fn task_state(
     task_id: i64,
 ) -> Result<Option<String>, TaskerError> {
     let q = schema.quoted();
+    let sql = || {
+        format!("SELECT to_state::text FROM {q}.tasker_task_transitions WHERE task_id = $1 AND most_recent")
+    };
     // a fresh snapshot: the state another finalizer committed while this one waited
-    with_keyed_plan(
-        client,
-        "task_state",
-        schema.as_str(),
-        &[INT8],
-        || format!("SELECT to_state::text FROM {q}.tasker_task_transitions WHERE task_id = $1 AND most_recent"),
-        |stmt| one_value::<String>(client, stmt, &[task_id.into()]),
-    )
+    with_keyed_plan(client, "task_state", schema.as_str(), &[INT8], sql, |stmt| {
+        one_value::<String>(client, stmt, &[task_id.into()])
+    })
     .map_err(spi)
 }
 
