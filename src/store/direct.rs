@@ -204,6 +204,22 @@ unsafe fn tracked_schema(
     found
 }
 
+/// Whether `schema` is the tracked data schema, read from `tasker_core.tracking` under the
+/// active snapshot; `None` when a direct read is not possible (the caller asks SPI).
+pub fn is_tracked(schema: &str) -> Option<bool> {
+    let m = maintained()?;
+    // SAFETY: a read-only scan of the tracking table (opened and locked by `Opened`, closed
+    // by its drop) under the calling query's active snapshot.
+    unsafe {
+        let snapshot = pg_sys::GetActiveSnapshot();
+        if snapshot.is_null() {
+            return None;
+        }
+        let tracking = Opened::open(m.tracking, pg_sys::RELKIND_RELATION)?;
+        Some(tracked_schema(&tracking, snapshot, m.data_schema).as_deref() == Some(schema))
+    }
+}
+
 /// The facts of the steps of `task_ids` (ascending, each id once), read directly from `step_state`,
 /// appended to `out` in task and step id order; `None` (and nothing appended) when a direct
 /// read is not possible or `schema` is not the tracked schema: the caller then runs its SPI

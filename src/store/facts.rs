@@ -127,8 +127,12 @@ fn read_facts_chunked(mut cursor: pgrx::spi::SpiCursor<'_>) -> SpiResult<Vec<Ste
     }
 }
 
-/// Whether `schema` is the tracked data schema.
+/// Whether `schema` is the tracked data schema: read directly (`store::direct`) when it can
+/// be, through SPI otherwise. Every claim and outcome asks.
 pub fn is_tracked(client: &SpiClient<'_>, schema: &SchemaName) -> SpiResult<bool> {
+    if let Some(tracked) = super::direct::is_tracked(schema.as_str()) {
+        return Ok(tracked);
+    }
     with_plan(
         client,
         "is_tracked",
