@@ -11,8 +11,9 @@
 //! `CREATE`, a `REINDEX`, `VACUUM FULL`, the triggers `enable_tracking` creates …): the next
 //! read looks them up again. Whenever anything is not as expected — the extension's SQL is
 //! older, a column has another type, the index is missing or different, no snapshot is
-//! active — the caller falls back to its SPI query, so this is only ever a faster way to the
-//! same rows. All unsafe code of these reads is in this module.
+//! active, the caller may not SELECT from the table or it has row-level security — the caller
+//! falls back to its SPI query, so this is only ever a faster way to the same rows, never a
+//! way around a privilege. All unsafe code of these reads is in this module.
 
 use super::facts::{fact_of_row, FACT_COLUMNS, FACT_TYPES};
 use super::rows::{Interner, Row};
@@ -125,6 +126,27 @@ impl Opened {
             ((*(*rel).rd_rel).relkind as u8 == kind).then_some(opened)
         }
     }
+
+    /// Opens table `relid` for a read as the current user would make it through SQL: only
+    /// when the user may SELECT from it and it has no row-level security. Otherwise `None`,
+    /// and the SPI path runs the query, with PostgreSQL's own checks and errors (the
+    /// compatibility functions run as their caller: a direct read must not read what the
+    /// caller could not).
+    fn open_readable(relid: Oid) -> Option<Opened> {
+        // SAFETY: an ACL check by OID for the current user (no lock needed, nothing raised
+        // for a missing relation: it reports no privilege).
+        let allowed = unsafe {
+            pg_sys::pg_class_aclcheck(relid, pg_sys::GetUserId(), pg_sys::ACL_SELECT)
+                == pg_sys::AclResult::ACLCHECK_OK
+        };
+        if !allowed {
+            return None;
+        }
+        let opened = Opened::open(relid, pg_sys::RELKIND_RELATION)?;
+        // SAFETY: `rd_rel` of an open relation is its pg_class row.
+        let secured = unsafe { (*(*opened.0).rd_rel).relrowsecurity };
+        (!secured).then_some(opened)
+    }
 }
 
 impl Drop for Opened {
@@ -215,7 +237,7 @@ pub fn is_tracked(schema: &str) -> Option<bool> {
         if snapshot.is_null() {
             return None;
         }
-        let tracking = Opened::open(m.tracking, pg_sys::RELKIND_RELATION)?;
+        let tracking = Opened::open_readable(m.tracking)?;
         Some(tracked_schema(&tracking, snapshot, m.data_schema).as_deref() == Some(schema))
     }
 }
@@ -241,11 +263,11 @@ pub fn facts_for_tasks(schema: &str, task_ids: &[i64], out: &mut Vec<StepFacts>)
         if snapshot.is_null() {
             return None;
         }
-        let tracking = Opened::open(m.tracking, pg_sys::RELKIND_RELATION)?;
+        let tracking = Opened::open_readable(m.tracking)?;
         if tracked_schema(&tracking, snapshot, m.data_schema).as_deref() != Some(schema) {
             return None;
         }
-        let heap = Opened::open(m.step_state, pg_sys::RELKIND_RELATION)?;
+        let heap = Opened::open_readable(m.step_state)?;
         let index = Opened::open(m.by_task, pg_sys::RELKIND_INDEX)?;
         if !usable_index(&index, &heap, m.columns[1]) {
             return None;

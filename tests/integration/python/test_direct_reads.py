@@ -6,6 +6,7 @@ those of the SPI path (tasker_core.direct_reads = off), and _direct_reads() says
 was taken."""
 import json
 
+import psycopg
 import pytest
 
 TEMPLATE = {"name": "direct", "namespace_name": "direct", "version": "1.0.0",
@@ -171,3 +172,41 @@ def test_batches_dense_and_sparse(conn):
         conn.execute("RESET tasker_core.direct_reads")
         assert got == want
         assert {r[1] for r in got} == set(ids) - {10**12}
+
+
+def test_privileges_and_row_security_are_those_of_sql(conn):
+    # the compatibility functions run as their caller: a direct read must not show what the
+    # caller could not SELECT
+    conn.execute("SELECT tasker_core.create_roles()")
+    conn.execute("DROP ROLE IF EXISTS direct_no_select")
+    conn.execute("CREATE ROLE direct_no_select NOLOGIN")
+    try:
+        conn.execute("GRANT USAGE ON SCHEMA tasker_core TO direct_no_select")
+        conn.execute("GRANT EXECUTE ON FUNCTION tasker_core.get_step_readiness_status(bigint, bigint[]), "
+                     "tasker_core.data_schema(), tasker_core._data_schema() TO direct_no_select")
+        want = conn.execute(READINESS, (conn.tasks[0],)).fetchall()
+        before = reads(conn)
+        conn.execute("SET ROLE direct_no_select")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(READINESS, (conn.tasks[0],))
+        conn.execute("RESET ROLE")
+        assert reads(conn) == before
+        # a role that may read the maintained state reads it directly
+        conn.execute("SET ROLE tasker_reader")
+        assert conn.execute(READINESS, (conn.tasks[0],)).fetchall() == want
+        conn.execute("RESET ROLE")
+        assert reads(conn) == before + 1
+        # row-level security: SQL's answer (filtered by the policy), never the whole table
+        with conn.transaction(force_rollback=True):
+            conn.execute("ALTER TABLE tasker_core.step_state ENABLE ROW LEVEL SECURITY")
+            conn.execute("CREATE POLICY only_first ON tasker_core.step_state FOR SELECT TO tasker_reader "
+                         "USING (task_id = %s)" % conn.tasks[0])
+            conn.execute("SET ROLE tasker_reader")
+            assert conn.execute(READINESS, (conn.tasks[1],)).fetchall() == []
+            assert conn.execute(READINESS, (conn.tasks[0],)).fetchall() == want
+            conn.execute("RESET ROLE")
+            assert reads(conn) == before + 1
+    finally:
+        conn.execute("RESET ROLE")
+        conn.execute("DROP OWNED BY direct_no_select")
+        conn.execute("DROP ROLE direct_no_select")
