@@ -15,11 +15,11 @@
 //! falls back to its SPI query, so this is only ever a faster way to the same rows, never a
 //! way around a privilege. All unsafe code of these reads is in this module.
 
-use super::facts::{fact_of_row, FACT_COLUMNS, FACT_TYPES};
+use super::facts::{fact_of_row, TaskHead, FACT_COLUMNS, FACT_TYPES};
 use super::rows::{Interner, Row};
 use crate::core::readiness::StepFacts;
 use pgrx::pg_sys::{self, Datum, Oid};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::ffi::CString;
 
 /// What a read needs, looked up once (see the module comment).
@@ -35,8 +35,21 @@ struct Maintained {
     data_schema: pg_sys::AttrNumber,
 }
 
+/// The data schema's task tables, looked up once per schema (see the module comment).
+#[derive(Clone)]
+struct TaskTables {
+    schema: String,
+    tasks: Oid,
+    /// `tasker_tasks`: `task_id`, `named_task_id`
+    task_cols: [pg_sys::AttrNumber; 2],
+    transitions: Oid,
+    /// `tasker_task_transitions`: `task_id`, `most_recent`, `to_state`
+    transition_cols: [pg_sys::AttrNumber; 3],
+}
+
 thread_local! {
     static MAINTAINED: Cell<Option<Maintained>> = const { Cell::new(None) };
+    static TASK_TABLES: RefCell<Option<TaskTables>> = const { RefCell::new(None) };
     /// Direct reads made by this backend (`tasker_core._direct_reads()`: tests check that the
     /// path they mean to exercise is the one taken).
     static READS: Cell<i64> = const { Cell::new(0) };
@@ -51,6 +64,12 @@ pub fn reads() -> i64 {
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn forget(_arg: Datum, _relid: Oid) {
     MAINTAINED.with(|m| m.set(None));
+    // (try_borrow_mut: never panics, even were a lookup in progress)
+    TASK_TABLES.with(|t| {
+        if let Ok(mut t) = t.try_borrow_mut() {
+            *t = None;
+        }
+    });
 }
 
 /// Registers the invalidation callback (once per backend, from `_PG_init`).
@@ -78,13 +97,46 @@ fn column(relid: Oid, name: &str, type_oid: Oid) -> Option<pg_sys::AttrNumber> {
     }
 }
 
-fn look_up() -> Option<Maintained> {
-    let schema = CString::new("tasker_core").ok()?;
+fn namespace_oid(schema: &str) -> Option<Oid> {
+    let schema = CString::new(schema).ok()?;
     // SAFETY: a syscache lookup by name; InvalidOid when the schema does not exist.
     let namespace = unsafe { pg_sys::get_namespace_oid(schema.as_ptr(), true) };
-    if namespace == pg_sys::InvalidOid {
+    (namespace != pg_sys::InvalidOid).then_some(namespace)
+}
+
+fn look_up_task_tables(schema: &str) -> Option<TaskTables> {
+    let namespace = namespace_oid(schema)?;
+    let tasks = relation_oid(namespace, "tasker_tasks")?;
+    let transitions = relation_oid(namespace, "tasker_task_transitions")?;
+    let task_cols = [
+        column(tasks, "task_id", pg_sys::INT8OID)?,
+        column(tasks, "named_task_id", pg_sys::INT4OID)?,
+    ];
+    let state = column(transitions, "to_state", pg_sys::VARCHAROID)
+        .or_else(|| column(transitions, "to_state", pg_sys::TEXTOID))?;
+    let transition_cols = [
+        column(transitions, "task_id", pg_sys::INT8OID)?,
+        column(transitions, "most_recent", pg_sys::BOOLOID)?,
+        state,
+    ];
+    Some(TaskTables { schema: schema.to_owned(), tasks, task_cols, transitions, transition_cols })
+}
+
+fn task_tables(schema: &str) -> Option<TaskTables> {
+    if !super::settings::DIRECT_READS.get() {
         return None;
     }
+    let cached = TASK_TABLES.with(|t| t.borrow().clone().filter(|t| t.schema == schema));
+    if cached.is_some() {
+        return cached;
+    }
+    let found = look_up_task_tables(schema)?;
+    TASK_TABLES.with(|t| *t.borrow_mut() = Some(found.clone()));
+    Some(found)
+}
+
+fn look_up() -> Option<Maintained> {
+    let namespace = namespace_oid("tasker_core")?;
     let step_state = relation_oid(namespace, "step_state")?;
     let by_task = relation_oid(namespace, "step_state_task_idx")?;
     let tracking = relation_oid(namespace, "tracking")?;
@@ -157,12 +209,12 @@ impl Drop for Opened {
     }
 }
 
-/// Whether `index` is a valid, plain btree index of `heap` whose first key column is
-/// `task_id` (attribute `task_col` of the heap).
+/// Whether `index` is a valid, plain (not partial, no expression) btree index of `heap` whose
+/// first key column is attribute `col` of the heap.
 ///
 /// # Safety
 /// Both relations must be open.
-unsafe fn usable_index(index: &Opened, heap: &Opened, task_col: pg_sys::AttrNumber) -> bool {
+unsafe fn usable_index(index: &Opened, heap: &Opened, col: pg_sys::AttrNumber) -> bool {
     let rel = index.0;
     let form = (*rel).rd_index;
     if form.is_null()
@@ -178,7 +230,27 @@ unsafe fn usable_index(index: &Opened, heap: &Opened, task_col: pg_sys::AttrNumb
     if !pg_sys::RelationGetIndexPredicate(rel).is_null() {
         return false;
     }
-    (*form).indkey.values.as_slice(1)[0] == task_col
+    (*form).indkey.values.as_slice(1)[0] == col
+}
+
+/// An index of `heap` usable for `col = value` look-ups (see [`usable_index`]), opened.
+///
+/// # Safety
+/// `heap` must be open.
+unsafe fn index_on(heap: &Opened, col: pg_sys::AttrNumber) -> Option<Opened> {
+    let list = pg_sys::RelationGetIndexList(heap.0);
+    if list.is_null() {
+        return None;
+    }
+    for i in 0..(*list).length as usize {
+        let oid = (*(*list).elements.add(i)).oid_value;
+        if let Some(index) = Opened::open(oid, pg_sys::RELKIND_INDEX) {
+            if usable_index(&index, heap, col) {
+                return Some(index);
+            }
+        }
+    }
+    None
 }
 
 /// The scan key `task_id = v` on the index's first column (int8 equality, btree strategy).
@@ -258,13 +330,12 @@ pub fn facts_for_tasks(schema: &str, task_ids: &[i64], out: &mut Vec<StepFacts>)
     // column with int8 equality; slot values are read only up to the attribute numbers looked
     // up (and type-checked) for this very table, and copied out before the slot moves on.
     // PostgreSQL errors raised inside (out of memory, a cancel) unwind through pgrx's guards.
+    if is_tracked(schema) != Some(true) {
+        return None;
+    }
     unsafe {
         let snapshot = pg_sys::GetActiveSnapshot();
         if snapshot.is_null() {
-            return None;
-        }
-        let tracking = Opened::open_readable(m.tracking)?;
-        if tracked_schema(&tracking, snapshot, m.data_schema).as_deref() != Some(schema) {
             return None;
         }
         let heap = Opened::open_readable(m.step_state)?;
@@ -309,4 +380,69 @@ pub fn facts_for_tasks(schema: &str, task_ids: &[i64], out: &mut Vec<StepFacts>)
     }
     READS.with(|r| r.set(r.get() + 1));
     Some(())
+}
+
+/// The heads of the tasks `task_ids` (ascending, each once) of data schema `schema` that
+/// exist, as `facts::task_heads` returns them — one per `most_recent` task transition, or one
+/// without a state when there is none — read directly through an index led by `task_id` of
+/// each table; `None` when a direct read is not possible (the caller runs its SPI query).
+pub fn task_heads(schema: &str, task_ids: &[i64]) -> Option<Vec<TaskHead>> {
+    let t = task_tables(schema)?;
+    let mut out = Vec::with_capacity(task_ids.len());
+    // SAFETY: as for `facts_for_tasks`: read-only scans under the calling query's snapshot,
+    // of relations opened (privileges checked) and closed by `Opened`, through indexes checked
+    // to be led by the int8 `task_id` column, reading only the type-checked attributes looked
+    // up for these relations, copied out before each slot moves on.
+    unsafe {
+        let snapshot = pg_sys::GetActiveSnapshot();
+        if snapshot.is_null() {
+            return None;
+        }
+        let tasks = Opened::open_readable(t.tasks)?;
+        let transitions = Opened::open_readable(t.transitions)?;
+        let tasks_index = index_on(&tasks, t.task_cols[0])?;
+        let transitions_index = index_on(&transitions, t.transition_cols[0])?;
+        let task_scan = pg_sys::index_beginscan(tasks.0, tasks_index.0, snapshot, 1, 0);
+        let task_slot = pg_sys::table_slot_create(tasks.0, std::ptr::null_mut());
+        let tr_scan = pg_sys::index_beginscan(transitions.0, transitions_index.0, snapshot, 1, 0);
+        let tr_slot = pg_sys::table_slot_create(transitions.0, std::ptr::null_mut());
+        let task_last = *t.task_cols.iter().max().unwrap_or(&1) as i32;
+        let tr_last = *t.transition_cols.iter().max().unwrap_or(&1) as i32;
+        let at = |slot: *mut pg_sys::TupleTableSlot, attnum: pg_sys::AttrNumber| {
+            let a = attnum as usize - 1;
+            (*(*slot).tts_values.add(a), *(*slot).tts_isnull.add(a))
+        };
+        let forward = pg_sys::ScanDirection::ForwardScanDirection;
+        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+        for &task_id in task_ids {
+            task_eq_key(&mut key, task_id);
+            pg_sys::index_rescan(task_scan, &mut key, 1, std::ptr::null_mut(), 0);
+            while pg_sys::index_getnext_slot(task_scan, forward, task_slot) {
+                pg_sys::slot_getsomeattrs(task_slot, task_last);
+                let (named, null) = at(task_slot, t.task_cols[1]);
+                let named_task_id = if null { 0 } else { named.value() as i32 };
+                let before = out.len();
+                pg_sys::index_rescan(tr_scan, &mut key, 1, std::ptr::null_mut(), 0);
+                while pg_sys::index_getnext_slot(tr_scan, forward, tr_slot) {
+                    pg_sys::slot_getsomeattrs(tr_slot, tr_last);
+                    let (recent, null) = at(tr_slot, t.transition_cols[1]);
+                    if null || recent.value() == 0 {
+                        continue;
+                    }
+                    let (state, null) = at(tr_slot, t.transition_cols[2]);
+                    let state = Row::new(&[state], &[null]).text(0);
+                    out.push(TaskHead { task_id, named_task_id, state });
+                }
+                if out.len() == before {
+                    out.push(TaskHead { task_id, named_task_id, state: None });
+                }
+            }
+        }
+        pg_sys::ExecDropSingleTupleTableSlot(tr_slot);
+        pg_sys::index_endscan(tr_scan);
+        pg_sys::ExecDropSingleTupleTableSlot(task_slot);
+        pg_sys::index_endscan(task_scan);
+    }
+    READS.with(|r| r.set(r.get() + 1));
+    Some(out)
 }

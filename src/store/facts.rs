@@ -268,29 +268,26 @@ pub fn task_heads(
     schema: &SchemaName,
     task_ids: &[i64],
 ) -> SpiResult<Vec<TaskHead>> {
+    if let Some(heads) = super::direct::task_heads(schema.as_str(), task_ids) {
+        return Ok(heads);
+    }
     let q = schema.quoted();
-    with_plan(
-        client,
-        "task_heads",
-        schema.as_str(),
-        &[INT8ARRAY],
-        || {
-            format!(
-                "SELECT t.task_id, t.named_task_id, tt.to_state::text FROM {q}.tasker_tasks t \
-                 LEFT JOIN {q}.tasker_task_transitions tt ON tt.task_id = t.task_id AND tt.most_recent \
-                 WHERE t.task_id = ANY($1) ORDER BY t.task_id"
-            )
-        },
-        |stmt| {
-            all_rows(client, stmt, &[task_ids.to_vec().into()], |row| {
-                Ok(TaskHead {
-                    task_id: row.get::<i64>(1)?.unwrap_or_default(),
-                    named_task_id: row.get::<i32>(2)?.unwrap_or_default(),
-                    state: row.get::<String>(3)?,
-                })
+    let sql = || {
+        format!(
+            "SELECT t.task_id, t.named_task_id, tt.to_state::text FROM {q}.tasker_tasks t \
+             LEFT JOIN {q}.tasker_task_transitions tt ON tt.task_id = t.task_id AND tt.most_recent \
+             WHERE t.task_id = ANY($1) ORDER BY t.task_id"
+        )
+    };
+    with_plan(client, "task_heads", schema.as_str(), &[INT8ARRAY], sql, |stmt| {
+        all_rows(client, stmt, &[task_ids.to_vec().into()], |row| {
+            Ok(TaskHead {
+                task_id: row.get::<i64>(1)?.unwrap_or_default(),
+                named_task_id: row.get::<i32>(2)?.unwrap_or_default(),
+                state: row.get::<String>(3)?,
             })
-        },
-    )
+        })
+    })
 }
 
 /// Edges leaving the given steps, as (from, to).

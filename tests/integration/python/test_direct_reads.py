@@ -61,12 +61,14 @@ def spi_answers(c):
 
 def check(c, direct_expected):
     got, direct = answers(c)
-    assert got == spi_answers(c)
+    assert got == spi_answers(c), "direct and SPI reads differ"
     assert all(got), got                     # every answer has rows
+    # each context also reads its task's head (tasker_tasks and its current transition)
+    # directly, whatever happens to step_state
     if direct_expected:
-        assert direct == 7, direct           # 3 single, 1 batch, 3 contexts
+        assert direct == 10, direct          # 3 single, 1 batch, 3 contexts × 2
     else:
-        assert direct == 0, direct
+        assert direct == 3, direct           # the 3 contexts' heads only
 
 
 def test_direct_and_spi_reads_agree(conn):
@@ -210,3 +212,27 @@ def test_privileges_and_row_security_are_those_of_sql(conn):
         conn.execute("RESET ROLE")
         conn.execute("DROP OWNED BY direct_no_select")
         conn.execute("DROP ROLE direct_no_select")
+
+
+def test_task_heads_read_directly_or_through_spi(conn):
+    check(conn, True)
+    # no index led by task_id on the transitions: SPI for the heads
+    with conn.transaction(force_rollback=True):
+        for (idx,) in conn.execute("SELECT indexrelid::regclass::text FROM pg_index "
+                                   "WHERE indrelid = 'tasker_task_transitions'::regclass "
+                                   "AND indkey[0] = (SELECT attnum FROM pg_attribute WHERE attname = 'task_id' "
+                                   "AND attrelid = 'tasker_task_transitions'::regclass)").fetchall():
+            conn.execute(f"DROP INDEX {idx}")
+        before = reads(conn)
+        want = [conn.execute(CONTEXT, (t,)).fetchall() for t in conn.tasks]
+        assert reads(conn) - before == 3                          # the steps only
+        conn.execute("SET tasker_core.direct_reads = off")
+        assert [conn.execute(CONTEXT, (t,)).fetchall() for t in conn.tasks] == want
+        conn.execute("RESET tasker_core.direct_reads")
+    # row-level security on the tasks: SPI
+    with conn.transaction(force_rollback=True):
+        conn.execute("ALTER TABLE tasker_tasks ENABLE ROW LEVEL SECURITY")
+        before = reads(conn)
+        conn.execute(CONTEXT, (conn.tasks[0],)).fetchall()
+        assert reads(conn) - before == 1
+    check(conn, True)
