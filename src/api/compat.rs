@@ -88,7 +88,7 @@ fn task_readiness(
         return Ok(Vec::new());
     };
     let schema = schema()?;
-    let steps = Spi::connect(|c| facts::for_task(c, &schema, task_id))?;
+    let steps = facts::read(&schema, &[task_id])?;
     let mut rows = evaluate(&schema, &steps)?;
     if let Some(ids) = step_ids {
         let wanted: HashSet<i64> = ids.into_iter().collect();
@@ -132,7 +132,7 @@ fn tasks_readiness(ids: Vec<i64>) -> Result<Vec<Readiness>, Raised> {
         return Ok(Vec::new());
     }
     let schema = schema()?;
-    let steps = Spi::connect(|c| facts::for_tasks(c, &schema, &ids))?;
+    let steps = facts::read(&schema, &ids)?;
     evaluate(&schema, &steps)
 }
 

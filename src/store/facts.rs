@@ -143,6 +143,19 @@ pub fn is_tracked(client: &SpiClient<'_>, schema: &SchemaName) -> SpiResult<bool
     )
 }
 
+/// The facts of the steps of `task_ids` (ascending, each once): read directly when possible
+/// (`store::direct`), through SPI otherwise — connecting to SPI only then.
+pub fn read(schema: &SchemaName, task_ids: &[i64]) -> SpiResult<Vec<StepFacts>> {
+    let mut direct = Vec::new();
+    if super::direct::facts_for_tasks(schema.as_str(), task_ids, &mut direct).is_some() {
+        return Ok(direct);
+    }
+    pgrx::spi::Spi::connect(|c| match task_ids {
+        [one] => for_task(c, schema, *one),
+        many => for_tasks(c, schema, many),
+    })
+}
+
 /// The facts of the steps of one task, in no particular order.
 pub fn for_task(
     client: &SpiClient<'_>,
