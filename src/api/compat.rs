@@ -182,16 +182,11 @@ fn contexts(listed: Vec<i64>) -> Result<Vec<ContextRow>, Raised> {
         return Ok(Vec::new());
     }
     let schema = schema()?;
-    let (heads, steps) = Spi::connect(|c| {
-        let heads = facts::task_heads(c, &schema, &ids)?;
-        let existing: Vec<i64> = heads.iter().map(|h| h.task_id).collect();
-        let steps = match existing.as_slice() {
-            [] => Vec::new(),
-            [one] => facts::for_task(c, &schema, *one)?,
-            many => facts::for_tasks(c, &schema, many)?,
-        };
-        Ok::<_, pgrx::spi::Error>((heads, steps))
-    })?;
+    let heads = Spi::connect(|c| facts::task_heads(c, &schema, &ids))?;
+    // (a task with several current transitions has several heads: its steps are read once)
+    let mut existing: Vec<i64> = heads.iter().map(|h| h.task_id).collect();
+    existing.dedup();
+    let steps = if existing.is_empty() { Vec::new() } else { facts::read(&schema, &existing)? };
     let mut counts: HashMap<i64, StepCounts> = HashMap::default();
     for r in evaluate(&schema, &steps)? {
         counts.entry(r.task_id).or_default().add(&r);
@@ -261,7 +256,7 @@ fn dependency_levels(task_id: Option<i64>) -> Result<Vec<(i64, i32)>, Raised> {
         return Ok(Vec::new());
     };
     let schema = schema()?;
-    let steps = Spi::connect(|c| facts::for_task(c, &schema, task_id))?;
+    let steps = facts::read(&schema, &[task_id])?;
     let dag = Dag::new(
         steps.iter().map(|s| s.workflow_step_id),
         steps.iter().flat_map(|s| s.parent_ids.iter().map(move |&p| (p, s.workflow_step_id))),
@@ -339,12 +334,13 @@ fn dag_relationships(task_id: Option<i64>) -> Result<Vec<DagRow>, Raised> {
         return Ok(Vec::new());
     };
     let schema = schema()?;
-    let (steps, out_edges) = Spi::connect(|c| {
-        let steps = facts::for_task(c, &schema, task_id)?;
-        let ids: Vec<i64> = steps.iter().map(|s| s.workflow_step_id).collect();
-        let edges = if ids.is_empty() { Vec::new() } else { facts::edges_from(c, &schema, &ids)? };
-        Ok::<_, pgrx::spi::Error>((steps, edges))
-    })?;
+    let steps = facts::read(&schema, &[task_id])?;
+    let ids: Vec<i64> = steps.iter().map(|s| s.workflow_step_id).collect();
+    let out_edges = if ids.is_empty() {
+        Vec::new()
+    } else {
+        Spi::connect(|c| facts::edges_from(c, &schema, &ids))?
+    };
     let mut children: HashMap<i64, Vec<i64>> = HashMap::default();
     for (from, to) in out_edges {
         children.entry(from).or_default().push(to);

@@ -144,7 +144,8 @@ pub fn is_tracked(client: &SpiClient<'_>, schema: &SchemaName) -> SpiResult<bool
 }
 
 /// The facts of the steps of `task_ids` (ascending, each once): read directly when possible
-/// (`store::direct`), through SPI otherwise — connecting to SPI only then.
+/// (`store::direct`), through SPI otherwise — connecting to SPI only then. The one way in:
+/// the SPI reads below do not try the direct read again.
 pub fn read(schema: &SchemaName, task_ids: &[i64]) -> SpiResult<Vec<StepFacts>> {
     let mut direct = Vec::new();
     if super::direct::facts_for_tasks(schema.as_str(), task_ids, &mut direct).is_some() {
@@ -156,16 +157,12 @@ pub fn read(schema: &SchemaName, task_ids: &[i64]) -> SpiResult<Vec<StepFacts>> 
     })
 }
 
-/// The facts of the steps of one task, in no particular order.
-pub fn for_task(
+/// [`read`] of one task through SPI, in no particular order.
+fn for_task(
     client: &SpiClient<'_>,
     schema: &SchemaName,
     task_id: i64,
 ) -> SpiResult<Vec<StepFacts>> {
-    let mut direct = Vec::new();
-    if super::direct::facts_for_tasks(schema.as_str(), &[task_id], &mut direct).is_some() {
-        return Ok(direct);
-    }
     let q = schema.quoted();
     // The tracked read returns rows only when `schema` is the tracked one.
     let rows = with_plan(
@@ -194,16 +191,12 @@ pub fn for_task(
     )
 }
 
-/// The facts of the steps of several tasks, in no particular order.
-pub fn for_tasks(
+/// [`read`] of several tasks through SPI, in no particular order.
+fn for_tasks(
     client: &SpiClient<'_>,
     schema: &SchemaName,
     task_ids: &[i64],
 ) -> SpiResult<Vec<StepFacts>> {
-    let mut direct = Vec::new();
-    if super::direct::facts_for_tasks(schema.as_str(), task_ids, &mut direct).is_some() {
-        return Ok(direct);
-    }
     if is_tracked(client, schema)? {
         return with_plan(
             client,
