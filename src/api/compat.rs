@@ -9,7 +9,7 @@ use crate::core::dag::Dag;
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
 use crate::core::readiness::{self, Clock, Readiness, StepFacts};
-use crate::store::{self, facts};
+use crate::store::{self, facts, spare};
 use pgrx::datum::AnyNumeric;
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -48,15 +48,29 @@ fn schema() -> Result<SchemaName, Raised> {
     Ok(store::settings::data_schema()?)
 }
 
-/// Readiness rows of the given steps, with parents outside them looked up.
-fn evaluate(schema: &SchemaName, steps: &[StepFacts]) -> Result<Vec<Readiness>, Raised> {
-    let outside_ids = readiness::outside_parents(steps);
+/// Readiness rows of the given steps, with parents outside them looked up, in a spare
+/// vector (`store::spare`) the caller gives back. The facts are given back here.
+fn evaluate(schema: &SchemaName, steps: Vec<StepFacts>) -> Result<Vec<Readiness>, Raised> {
+    let outside_ids = readiness::outside_parents(&steps);
     let outside = if outside_ids.is_empty() {
         HashMap::default()
     } else {
         Spi::connect(|c| facts::states_of(c, schema, &outside_ids))?
     };
-    Ok(readiness::evaluate_all(steps, &outside, &TxnClock::new())?)
+    let mut rows = spare::take();
+    let evaluated = readiness::evaluate_into(&steps, &outside, &TxnClock::new(), &mut rows);
+    spare::give_back(steps);
+    evaluated?;
+    Ok(rows)
+}
+
+/// Returns readiness rows from a set-returning call, then keeps their vector for the next.
+///
+/// # Safety
+/// As [`srf::materialize`], for the 16 columns of `get_step_readiness_status`.
+unsafe fn return_readiness(fcinfo: pg_sys::FunctionCallInfo, rows: Vec<Readiness>) {
+    srf::materialize(fcinfo, 16, rows.iter(), |r, o| fill_readiness(r, o));
+    spare::give_back(rows);
 }
 
 /// Writes one readiness row (the 16 columns of `get_step_readiness_status`).
@@ -89,7 +103,7 @@ fn task_readiness(
     };
     let schema = schema()?;
     let steps = facts::read(&schema, &[task_id])?;
-    let mut rows = evaluate(&schema, &steps)?;
+    let mut rows = evaluate(&schema, steps)?;
     if let Some(ids) = step_ids {
         let wanted: HashSet<i64> = ids.into_iter().collect();
         rows.retain(|r| wanted.contains(&r.workflow_step_id));
@@ -116,7 +130,7 @@ fn get_step_readiness_status(fcinfo: pg_sys::FunctionCallInfo) {
     // SAFETY: the SQL declaration above fixes the argument and result types.
     let (task_id, step_ids) = unsafe { (srf::arg_i64(fcinfo, 0), srf::arg_i64_array(fcinfo, 1)) };
     let rows = task_readiness(task_id, step_ids).or_raise();
-    unsafe { srf::materialize(fcinfo, 16, rows, fill_readiness) };
+    unsafe { return_readiness(fcinfo, rows) };
 }
 
 fn task_id_list(ids: Option<Vec<i64>>) -> Vec<i64> {
@@ -133,7 +147,7 @@ fn tasks_readiness(ids: Vec<i64>) -> Result<Vec<Readiness>, Raised> {
     }
     let schema = schema()?;
     let steps = facts::read(&schema, &ids)?;
-    evaluate(&schema, &steps)
+    evaluate(&schema, steps)
 }
 
 /// Readiness of every step of several tasks, as the Rails batch function.
@@ -143,7 +157,7 @@ fn get_step_readiness_status_batch(fcinfo: pg_sys::FunctionCallInfo) {
     // result types.
     let ids = task_id_list(unsafe { srf::arg_i64_array(fcinfo, 0) });
     let rows = tasks_readiness(ids).or_raise();
-    unsafe { srf::materialize(fcinfo, 16, rows, fill_readiness) };
+    unsafe { return_readiness(fcinfo, rows) };
 }
 
 /// One task's figures for `get_task_execution_context`.
@@ -188,9 +202,11 @@ fn contexts(listed: Vec<i64>) -> Result<Vec<ContextRow>, Raised> {
     existing.dedup();
     let steps = if existing.is_empty() { Vec::new() } else { facts::read(&schema, &existing)? };
     let mut counts: HashMap<i64, StepCounts> = HashMap::default();
-    for r in evaluate(&schema, &steps)? {
-        counts.entry(r.task_id).or_default().add(&r);
+    let rows = evaluate(&schema, steps)?;
+    for r in &rows {
+        counts.entry(r.task_id).or_default().add(r);
     }
+    spare::give_back(rows);
     let by_id: HashMap<i64, &facts::TaskHead> = heads.iter().map(|h| (h.task_id, h)).collect();
     let mut occurrences: Vec<i64> =
         listed.into_iter().filter(|id| by_id.contains_key(id)).collect();
@@ -282,7 +298,7 @@ fn min_depths_with_ancestors(
     steps: &[StepFacts],
 ) -> Result<Vec<Option<u32>>, Raised> {
     let mut parents: HashMap<i64, Vec<i64>> =
-        steps.iter().map(|s| (s.workflow_step_id, s.parent_ids.clone())).collect();
+        steps.iter().map(|s| (s.workflow_step_id, s.parent_ids.to_vec())).collect();
     let mut frontier: Vec<i64> = readiness::outside_parents(steps);
     let mut layers = 0;
     while !frontier.is_empty() && layers < MAX_DAG_DEPTH {
@@ -350,7 +366,7 @@ fn dag_relationships(task_id: Option<i64>) -> Result<Vec<DagRow>, Raised> {
         .iter()
         .zip(depths)
         .map(|(s, depth)| {
-            let mut parents = s.parent_ids.clone();
+            let mut parents = s.parent_ids.to_vec();
             parents.sort_unstable();
             let mut kids = children.remove(&s.workflow_step_id).unwrap_or_default();
             kids.sort_unstable();

@@ -4,7 +4,7 @@
 use super::plans::{all_rows, with_plan, INT8, INT8ARRAY, TEXT};
 use super::rows::{for_each_row, Col, Interner, Row};
 use crate::core::ident::SchemaName;
-use crate::core::readiness::StepFacts;
+use crate::core::readiness::{SmolStr, StepFacts};
 use pgrx::spi::{SpiClient, SpiResult, SpiTupleTable};
 use rustc_hash::FxHashMap as HashMap;
 use std::rc::Rc;
@@ -72,8 +72,8 @@ pub(super) fn fact_of_row(row: &Row<'_>, names: &mut Interner) -> StepFacts {
         workflow_step_id: row.i64(0).unwrap_or_default(),
         task_id: row.i64(1).unwrap_or_default(),
         named_step_id: row.i32(2).unwrap_or_default(),
-        // (names differ from step to step: copied, not interned)
-        name: row.with_text(3, |s| Rc::from(s)).unwrap_or_else(|| names.get("")),
+        // (names differ from step to step: kept inline, not interned)
+        name: row.with_text(3, |s| SmolStr::new(s)).unwrap_or_default(),
         state: row.text_interned(4, names),
         state_at: row.i64(5),
         parent_ids: row.i64_array(6),
@@ -145,12 +145,14 @@ pub fn is_tracked(client: &SpiClient<'_>, schema: &SchemaName) -> SpiResult<bool
 
 /// The facts of the steps of `task_ids` (ascending, each once): read directly when possible
 /// (`store::direct`), through SPI otherwise — connecting to SPI only then. The one way in:
-/// the SPI reads below do not try the direct read again.
+/// the SPI reads below do not try the direct read again. Give the vector back
+/// (`store::spare::give_back`) when done with it.
 pub fn read(schema: &SchemaName, task_ids: &[i64]) -> SpiResult<Vec<StepFacts>> {
-    let mut direct = Vec::new();
+    let mut direct = super::spare::take();
     if super::direct::facts_for_tasks(schema.as_str(), task_ids, &mut direct).is_some() {
         return Ok(direct);
     }
+    super::spare::give_back(direct);
     pgrx::spi::Spi::connect(|c| match task_ids {
         [one] => for_task(c, schema, *one),
         many => for_tasks(c, schema, many),

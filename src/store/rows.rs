@@ -5,6 +5,7 @@
 //! tuple once (`heap_deform_tuple`) and converts the datums directly, after checking once per
 //! result that the column types are the ones the query promises.
 
+use crate::core::readiness::ParentIds;
 use pgrx::pg_sys::{self, BuiltinOid, Datum, Oid};
 use pgrx::spi::{SpiError, SpiResult};
 use rustc_hash::FxHashMap;
@@ -114,30 +115,39 @@ impl<'a> Row<'a> {
         }
     }
 
-    /// An `int8[]` column without NULL elements (NULL elements are skipped).
-    pub fn i64_array(&self, i: usize) -> Vec<i64> {
+    /// An `int8[]` column without NULL elements (NULL elements are skipped), in element order.
+    pub fn i64_array(&self, i: usize) -> ParentIds {
+        let mut out = ParentIds::new();
         if self.nulls[i] {
-            return Vec::new();
+            return out;
         }
-        // SAFETY: the column was checked to be int8[]; the detoasted array lives while the
-        // row's datums do, and is copied out here.
+        // SAFETY: the column was checked to be int8[] and its datum is alive while the row is
+        // read. An array stored inline and uncompressed (the usual case) is read where it
+        // is, each element copied out; otherwise (or should its header not be the plain
+        // one-dimensional form the bounds below check) detoasting returns a copy to read.
         unsafe {
-            let ptr =
-                pg_sys::pg_detoast_datum(self.values[i].cast_mut_ptr()) as *mut pg_sys::ArrayType;
+            let raw = self.values[i].cast_mut_ptr::<pg_sys::varlena>();
+            if !pgrx::varlena::varatt_is_1b_e(raw)
+                && !pgrx::varlena::varatt_is_4b_c(raw)
+                && read_inline_int8_array(raw, &mut out)
+            {
+                return out;
+            }
+            out.clear();
+            let ptr = pg_sys::pg_detoast_datum(raw) as *mut pg_sys::ArrayType;
             let Some(nn) = std::ptr::NonNull::new(ptr) else {
-                return Vec::new();
+                return out;
             };
             let mut raw = pgrx::array::RawArray::from_ptr(nn);
             if raw.len() == 0 {
-                return Vec::new();
+                return out;
             }
             let data: &[i64] = raw.data::<i64>().as_ref();
             match raw.nulls_bitslice() {
-                None => data.to_vec(),
+                None => out.extend_from_slice(data),
                 Some(bits) => {
                     // NULL elements take no space in the data area.
                     let bits = bits.as_ref();
-                    let mut out = Vec::with_capacity(data.len());
                     let mut next = 0;
                     for k in 0..raw.len() {
                         if bits[k] {
@@ -145,11 +155,74 @@ impl<'a> Row<'a> {
                             next += 1;
                         }
                     }
-                    out
                 }
             }
+            out
         }
     }
+}
+
+/// Reads the elements of an inline, uncompressed `int8[]` varlena (1- or 4-byte header)
+/// without copying or aligning it first; `false` (with `out` partly filled) when it is not a
+/// one-dimensional array whose parts lie within its length — the caller then detoasts it.
+///
+/// The layout is PostgreSQL's `ArrayType` (array.h) after a 4-byte header: `ndim`,
+/// `dataoffset` (0 without a NULL bitmap), `elemtype`, then per dimension its length and
+/// lower bound, the NULL bitmap, and the elements at `dataoffset` or else at
+/// `ARR_OVERHEAD_NONULLS(ndim)`. Offsets below are from the start of that 4-byte form; a
+/// 1-byte header shifts everything by 3 bytes, so every read is unaligned.
+///
+/// # Safety
+/// `raw` must point to a valid inline, uncompressed varlena of type `int8[]`.
+unsafe fn read_inline_int8_array(raw: *const pg_sys::varlena, out: &mut ParentIds) -> bool {
+    let (base, total) = if pgrx::varlena::varatt_is_1b(raw) {
+        // the 4-byte form's field at offset k is at raw + 1 + (k - 4)
+        ((raw as *const u8).wrapping_sub(3), pgrx::varlena::varsize_1b(raw) + 3)
+    } else {
+        (raw as *const u8, pgrx::varlena::varsize_4b(raw))
+    };
+    let at = |offset: usize| (base.wrapping_add(offset) as *const i32).read_unaligned();
+    // header: 16 bytes; one dimension: + 8
+    if total < 16 {
+        return false;
+    }
+    let ndim = at(4);
+    if ndim == 0 {
+        return true;
+    }
+    if ndim != 1 || total < 24 {
+        return false;
+    }
+    let dataoffset = at(8);
+    let n = at(16);
+    if n < 0 {
+        return false;
+    }
+    let n = n as usize;
+    let bitmap = (dataoffset != 0).then_some(24usize);
+    // ARR_OVERHEAD_NONULLS(1) = MAXALIGN(16 + 8) = 24
+    let data = if dataoffset != 0 { dataoffset as usize } else { 24 };
+    if let Some(b) = bitmap {
+        if b + n.div_ceil(8) > data {
+            return false;
+        }
+    }
+    let present = |k: usize| match bitmap {
+        None => true,
+        Some(b) => *base.wrapping_add(b + k / 8) & (1 << (k % 8)) != 0,
+    };
+    let stored = (0..n).filter(|&k| present(k)).count();
+    if data + 8 * stored > total {
+        return false;
+    }
+    let mut next = 0;
+    for k in 0..n {
+        if present(k) {
+            out.push((base.wrapping_add(data + 8 * next) as *const i64).read_unaligned());
+            next += 1;
+        }
+    }
+    true
 }
 
 /// Calls `f` for every row of the SPI result just produced (`SPI_tuptable`), after checking

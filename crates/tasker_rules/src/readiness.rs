@@ -8,6 +8,8 @@
 use super::interrupt;
 use super::state::State;
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+pub use smallvec::SmallVec;
+pub use smol_str::SmolStr;
 use std::rc::Rc;
 use thiserror::Error;
 
@@ -44,19 +46,23 @@ impl TimeError {
     }
 }
 
+/// A step's parent ids: most steps have a few, kept inline without an allocation.
+pub type ParentIds = SmallVec<[i64; 4]>;
+
 /// What is stored about one step: its own columns, its current state and its parents.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepFacts {
     pub workflow_step_id: i64,
     pub task_id: i64,
     pub named_step_id: i32,
-    pub name: Rc<str>,
+    /// Names are short: kept inline, no allocation per step (the hot read makes thousands).
+    pub name: SmolStr,
     /// `to_state` of the most_recent transition; `None` when there is none.
     pub state: Option<Rc<str>>,
     /// `created_at` of the most_recent transition.
     pub state_at: Option<i64>,
     /// `from_step_id` of every edge into the step (duplicates kept).
-    pub parent_ids: Vec<i64>,
+    pub parent_ids: ParentIds,
     pub retryable: Option<bool>,
     pub retry_limit: Option<i32>,
     pub in_process: Option<bool>,
@@ -109,7 +115,7 @@ pub struct Readiness {
     pub workflow_step_id: i64,
     pub task_id: i64,
     pub named_step_id: i32,
-    pub name: Rc<str>,
+    pub name: SmolStr,
     pub current_state: Rc<str>,
     pub dependencies_satisfied: bool,
     pub retry_eligible: bool,
@@ -257,19 +263,30 @@ pub fn evaluate_all(
     outside: &HashMap<i64, Option<Rc<str>>>,
     clock: &dyn Clock,
 ) -> Result<Vec<Readiness>, TimeError> {
+    let mut out = Vec::with_capacity(steps.len());
+    evaluate_into(steps, outside, clock, &mut out)?;
+    Ok(out)
+}
+
+/// [`evaluate_all`] appending to `out` (a vector the caller reuses from call to call).
+pub fn evaluate_into(
+    steps: &[StepFacts],
+    outside: &HashMap<i64, Option<Rc<str>>>,
+    clock: &dyn Clock,
+    out: &mut Vec<Readiness>,
+) -> Result<(), TimeError> {
     let satisfied: HashMap<i64, bool> =
         steps.iter().map(|s| (s.workflow_step_id, s.satisfies_children())).collect();
     let lookup = |id: i64| match satisfied.get(&id) {
         Some(&b) => b,
         None => outside.get(&id).is_some_and(|st| state_satisfies(st.as_deref())),
     };
-    steps
-        .iter()
-        .map(|s| {
-            interrupt::check();
-            evaluate(s, completed_parents(s, lookup), clock)
-        })
-        .collect()
+    out.reserve(steps.len());
+    for s in steps {
+        interrupt::check();
+        out.push(evaluate(s, completed_parents(s, lookup), clock)?);
+    }
+    Ok(())
 }
 
 /// Parent ids that are not among `steps` (their states must be fetched separately).
@@ -308,7 +325,7 @@ mod tests {
             name: format!("s{id}").into(),
             state: None,
             state_at: None,
-            parent_ids: vec![],
+            parent_ids: ParentIds::new(),
             retryable: Some(true),
             retry_limit: Some(3),
             in_process: Some(false),
@@ -334,7 +351,7 @@ mod tests {
     #[test]
     fn children_wait_for_every_parent() {
         let mut s = step(2);
-        s.parent_ids = vec![1, 1, 3];
+        s.parent_ids = ParentIds::from_slice(&[1, 1, 3]);
         assert!(!eval(&s, 2).ready_for_execution);
         let r = eval(&s, 3);
         assert!(r.ready_for_execution);
@@ -448,7 +465,7 @@ mod tests {
     #[test]
     fn parents_outside_the_task_are_looked_up() {
         let mut child = step(2);
-        child.parent_ids = vec![1, 99];
+        child.parent_ids = ParentIds::from_slice(&[1, 99]);
         let mut parent = step(1);
         parent.state = Some("complete".into());
         let steps = vec![parent, child];

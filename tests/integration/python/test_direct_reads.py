@@ -236,3 +236,39 @@ def test_task_heads_read_directly_or_through_spi(conn):
         conn.execute(CONTEXT, (conn.tasks[0],)).fetchall()
         assert reads(conn) - before == 1
     check(conn, True)
+
+
+def test_parent_arrays_and_names_in_every_stored_form(conn):
+    # Fan-ins of 3, 100 and 300 parents: their parent_ids are stored with a 1-byte header, a
+    # 4-byte header, and compressed; the direct read parses the first two where they lie and
+    # detoasts the third. The step names are long and not ASCII (a 4-byte header in the result
+    # row). Ground truth: the edges themselves.
+    widths = {"ü" * 100: 3, "join_" + "é" * 60: 100, "wide": 300}
+    roots = [{"name": f"r{i}", "handler_class": "R"} for i in range(300)]
+    joins = [{"name": name, "handler_class": "J", "depends_on_steps": [f"r{i}" for i in range(w)]}
+             for name, w in widths.items()]
+    template = {"name": "fanins", "namespace_name": "direct", "version": "1.0.0",
+                "step_templates": roots + joins}
+    conn.execute("SELECT tasker_core.register_task_template(%s::jsonb)", (json.dumps(template),))
+    task = conn.execute("SELECT tasker_core.create_task('direct', 'fanins', NULL, '{}')").fetchone()[0]
+    forms = dict(conn.execute(
+        "SELECT name, pg_column_compression(parent_ids) IS NOT NULL FROM tasker_core.step_state "
+        "WHERE task_id = %s AND cardinality(parent_ids) > 2", (task,)).fetchall())
+    assert forms == {"ü" * 100: False, "join_" + "é" * 60: False, "wide": True}, forms
+    edges = dict(conn.execute(
+        "SELECT ws.workflow_step_id, array_agg(e.from_step_id ORDER BY e.from_step_id) "
+        "FROM tasker_workflow_steps ws JOIN tasker_workflow_step_edges e ON e.to_step_id = ws.workflow_step_id "
+        "WHERE ws.task_id = %s GROUP BY 1", (task,)).fetchall())
+    before = reads(conn)
+    dag = conn.execute("SELECT workflow_step_id, parent_step_ids FROM tasker_core.step_dag_relationships(%s)",
+                       (task,)).fetchall()
+    ready = conn.execute(READINESS, (task,)).fetchall()
+    assert reads(conn) - before == 2
+    assert {s: sorted(p) for s, p in dag if p} == edges
+    by_name = {r[3]: r for r in ready}
+    for name, w in widths.items():
+        assert by_name[name][10] == w                          # total_parents
+        assert by_name[name][11] == 0                          # completed_parents
+    conn.execute("SET tasker_core.direct_reads = off")
+    assert conn.execute(READINESS, (task,)).fetchall() == ready
+    conn.execute("RESET tasker_core.direct_reads")
