@@ -3,13 +3,13 @@
 //! the maintained step state; the whole-table aggregates live in `sql/compat_aggregates.sql`.
 
 use super::error::{OrRaise, Raised};
-use super::srf::{self, RowOut};
+use super::srf::{self, Materializer, RowOut};
 use crate::core::context::StepCounts;
 use crate::core::dag::Dag;
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
-use crate::core::readiness::{self, Clock, Readiness, StepFacts};
-use crate::store::{self, facts, spare};
+use crate::core::readiness::{self, Clock, Inputs, StepFacts, Verdict};
+use crate::store::{self, direct, facts};
 use pgrx::datum::AnyNumeric;
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -48,67 +48,107 @@ fn schema() -> Result<SchemaName, Raised> {
     Ok(store::settings::data_schema()?)
 }
 
-/// Readiness rows of the given steps, with parents outside them looked up, in a spare
-/// vector (`store::spare`) the caller gives back. The facts are given back here.
-fn evaluate(schema: &SchemaName, steps: Vec<StepFacts>) -> Result<Vec<Readiness>, Raised> {
+/// One readiness row, borrowed: the step's identity, name and state as stored, what the
+/// rules read and what they decided.
+struct Judged<'a> {
+    workflow_step_id: i64,
+    task_id: i64,
+    named_step_id: i32,
+    name: &'a [u8],
+    inputs: Inputs<'a>,
+    verdict: Verdict,
+}
+
+/// Judges the steps of `task_ids` (ascending, each once) — only those in `wanted` when given
+/// — calling `each` with every row. The maintained rows are read and judged one by one, each
+/// handed on before the next is read (`store::direct::visit`); when a direct read is not
+/// possible, they are read through SPI first.
+fn judge_steps(
+    schema: &SchemaName,
+    task_ids: &[i64],
+    wanted: Option<&HashSet<i64>>,
+    mut each: impl FnMut(&Judged<'_>),
+) -> Result<(), Raised> {
+    let clock = TxnClock::new();
+    let skip = |id: i64| wanted.is_some_and(|w| !w.contains(&id));
+    let mut failed = None;
+    let direct = direct::visit(schema.as_str(), task_ids, |row| {
+        let workflow_step_id = row.workflow_step_id();
+        if skip(workflow_step_id) {
+            return true;
+        }
+        let inputs = row.inputs();
+        match readiness::judge(&inputs, &clock) {
+            Ok(verdict) => {
+                let (task_id, named_step_id, name) =
+                    (row.task_id(), row.named_step_id(), row.name());
+                each(&Judged { workflow_step_id, task_id, named_step_id, name, inputs, verdict });
+                true
+            }
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        }
+    });
+    if direct.is_some() {
+        return failed.map_or(Ok(()), |e| Err(e.into()));
+    }
+    let steps = facts::read_through_spi(schema, task_ids)?;
     let outside_ids = readiness::outside_parents(&steps);
     let outside = if outside_ids.is_empty() {
         HashMap::default()
     } else {
         Spi::connect(|c| facts::states_of(c, schema, &outside_ids))?
     };
-    let mut rows = spare::take();
-    let evaluated = readiness::evaluate_into(&steps, &outside, &TxnClock::new(), &mut rows);
-    spare::give_back(steps);
-    evaluated?;
-    Ok(rows)
-}
-
-/// Returns readiness rows from a set-returning call, then keeps their vector for the next.
-///
-/// # Safety
-/// As [`srf::materialize`], for the 16 columns of `get_step_readiness_status`.
-unsafe fn return_readiness(fcinfo: pg_sys::FunctionCallInfo, rows: Vec<Readiness>) {
-    srf::materialize(fcinfo, 16, rows.iter(), |r, o| fill_readiness(r, o));
-    spare::give_back(rows);
+    let parents = readiness::ParentStates::new(&steps, &outside);
+    for s in steps.iter().filter(|s| !skip(s.workflow_step_id)) {
+        let inputs = s.inputs(parents.completed(s));
+        let verdict = readiness::judge(&inputs, &clock)?;
+        each(&Judged {
+            workflow_step_id: s.workflow_step_id,
+            task_id: s.task_id,
+            named_step_id: s.named_step_id,
+            name: s.name.as_bytes(),
+            inputs,
+            verdict,
+        });
+    }
+    Ok(())
 }
 
 /// Writes one readiness row (the 16 columns of `get_step_readiness_status`).
-fn fill_readiness(r: &Readiness, o: &mut RowOut<'_>) {
+fn fill_readiness(r: &Judged<'_>, o: &mut RowOut<'_>) {
+    let (i, v) = (&r.inputs, &r.verdict);
     o.i64(0, r.workflow_step_id);
     o.i64(1, r.task_id);
     o.i32(2, r.named_step_id);
-    o.text(3, &r.name);
-    o.text(4, &r.current_state);
-    o.bool(5, r.dependencies_satisfied);
-    o.bool(6, r.retry_eligible);
-    o.bool(7, r.ready_for_execution);
-    o.timestamp(8, r.last_failure_at);
-    o.timestamp(9, r.next_retry_at);
-    o.i32(10, r.total_parents);
-    o.i32(11, r.completed_parents);
-    o.i32(12, r.attempts);
-    o.i32(13, r.retry_limit);
-    o.opt_i32(14, r.backoff_request_seconds);
-    o.timestamp(15, r.last_attempted_at);
+    o.text_bytes(3, r.name);
+    o.text(4, i.current_state());
+    o.bool(5, v.dependencies_satisfied);
+    o.bool(6, v.retry_eligible);
+    o.bool(7, v.ready_for_execution);
+    o.timestamp(8, v.last_failure_at);
+    o.timestamp(9, v.next_retry_at);
+    o.i32(10, i.total_parents);
+    o.i32(11, i.completed_parents);
+    o.i32(12, v.attempts);
+    o.i32(13, v.retry_limit);
+    o.opt_i32(14, i.backoff_request_seconds);
+    o.timestamp(15, i.last_attempted_at);
 }
 
-/// Readiness rows of one task, optionally only the steps in `step_ids`.
-fn task_readiness(
-    task_id: Option<i64>,
-    step_ids: Option<Vec<i64>>,
-) -> Result<Vec<Readiness>, Raised> {
-    let Some(task_id) = task_id else {
-        return Ok(Vec::new());
-    };
-    let schema = schema()?;
-    let steps = facts::read(&schema, &[task_id])?;
-    let mut rows = evaluate(&schema, steps)?;
-    if let Some(ids) = step_ids {
-        let wanted: HashSet<i64> = ids.into_iter().collect();
-        rows.retain(|r| wanted.contains(&r.workflow_step_id));
+/// Readiness rows of the tasks `task_ids` (ascending, each once), only of `wanted` steps
+/// when given, written to `out` as they are judged.
+fn readiness_rows(
+    out: &mut Materializer,
+    task_ids: &[i64],
+    wanted: Option<&HashSet<i64>>,
+) -> Result<(), Raised> {
+    if task_ids.is_empty() {
+        return Ok(());
     }
-    Ok(rows)
+    judge_steps(&schema()?, task_ids, wanted, |r| out.row(|o| fill_readiness(r, o)))
 }
 
 /// Readiness of each step of a task (optionally only `step_ids`), as the Rails function.
@@ -129,8 +169,12 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'get_step_readiness_status_wrapper';
 fn get_step_readiness_status(fcinfo: pg_sys::FunctionCallInfo) {
     // SAFETY: the SQL declaration above fixes the argument and result types.
     let (task_id, step_ids) = unsafe { (srf::arg_i64(fcinfo, 0), srf::arg_i64_array(fcinfo, 1)) };
-    let rows = task_readiness(task_id, step_ids).or_raise();
-    unsafe { return_readiness(fcinfo, rows) };
+    let wanted: Option<HashSet<i64>> = step_ids.map(|ids| ids.into_iter().collect());
+    // SAFETY: as above; `out` lives only during this call.
+    let mut out = unsafe { Materializer::begin(fcinfo, 16) };
+    let done = readiness_rows(&mut out, task_id.as_slice(), wanted.as_ref());
+    drop((out, wanted));
+    done.or_raise();
 }
 
 fn task_id_list(ids: Option<Vec<i64>>) -> Vec<i64> {
@@ -140,24 +184,17 @@ fn task_id_list(ids: Option<Vec<i64>>) -> Vec<i64> {
     v
 }
 
-/// Readiness rows of every step of the given tasks.
-fn tasks_readiness(ids: Vec<i64>) -> Result<Vec<Readiness>, Raised> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
-    let schema = schema()?;
-    let steps = facts::read(&schema, &ids)?;
-    evaluate(&schema, steps)
-}
-
 /// Readiness of every step of several tasks, as the Rails batch function.
 #[pg_extern(sql = false)]
 fn get_step_readiness_status_batch(fcinfo: pg_sys::FunctionCallInfo) {
     // SAFETY: the SQL declaration (with get_task_execution_context's) fixes the argument and
     // result types.
     let ids = task_id_list(unsafe { srf::arg_i64_array(fcinfo, 0) });
-    let rows = tasks_readiness(ids).or_raise();
-    unsafe { return_readiness(fcinfo, rows) };
+    // SAFETY: as above; `out` lives only during this call.
+    let mut out = unsafe { Materializer::begin(fcinfo, 16) };
+    let done = readiness_rows(&mut out, &ids, None);
+    drop((out, ids));
+    done.or_raise();
 }
 
 /// One task's figures for `get_task_execution_context`.
@@ -200,13 +237,18 @@ fn contexts(listed: Vec<i64>) -> Result<Vec<ContextRow>, Raised> {
     // (a task with several current transitions has several heads: its steps are read once)
     let mut existing: Vec<i64> = heads.iter().map(|h| h.task_id).collect();
     existing.dedup();
-    let steps = if existing.is_empty() { Vec::new() } else { facts::read(&schema, &existing)? };
     let mut counts: HashMap<i64, StepCounts> = HashMap::default();
-    let rows = evaluate(&schema, steps)?;
-    for r in &rows {
-        counts.entry(r.task_id).or_default().add(r);
+    if !existing.is_empty() {
+        judge_steps(&schema, &existing, None, |r| {
+            let (i, v) = (&r.inputs, &r.verdict);
+            counts.entry(r.task_id).or_default().add_step(
+                i.current_state(),
+                v.attempts,
+                v.retry_limit,
+                v.ready_for_execution,
+            );
+        })?;
     }
-    spare::give_back(rows);
     let by_id: HashMap<i64, &facts::TaskHead> = heads.iter().map(|h| (h.task_id, h)).collect();
     let mut occurrences: Vec<i64> =
         listed.into_iter().filter(|id| by_id.contains_key(id)).collect();

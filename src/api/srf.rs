@@ -146,24 +146,21 @@ impl RowOut<'_> {
         self.varlena(col, v.as_bytes());
     }
 
+    /// A `text` value given as its bytes in the server's encoding (as read from a table).
+    #[inline]
+    pub fn text_bytes(&mut self, col: usize, v: &[u8]) {
+        self.varlena(col, v);
+    }
+
     /// A varlena datum (a `numeric`, say), or NULL.
     pub fn datum(&mut self, col: usize, v: Option<Datum>) {
         let Some(d) = v else {
             return self.null(col);
         };
         // SAFETY: a non-NULL varlena datum of the column's type, made by the caller in this
-        // call; it is detoasted (a copy) only when it is not a plain inline value.
-        unsafe {
-            let raw = d.cast_mut_ptr::<pg_sys::varlena>();
-            let v = if pgrx::varlena::varatt_is_1b_e(raw) || pgrx::varlena::varatt_is_4b_c(raw) {
-                pg_sys::pg_detoast_datum_packed(raw)
-            } else {
-                raw
-            };
-            let len = pgrx::varlena::varsize_any_exhdr(v);
-            let data = pgrx::varlena::vardata_any(v) as *const u8;
-            self.varlena(col, std::slice::from_raw_parts(data, len));
-        }
+        // call and alive during it.
+        let bytes = unsafe { crate::store::rows::varlena_bytes(d) };
+        self.varlena(col, bytes);
     }
 
     #[inline]
@@ -175,93 +172,129 @@ impl RowOut<'_> {
     }
 }
 
+/// The result of one set-returning call in materialize mode, being filled row by row.
+pub struct Materializer {
+    store: *mut pg_sys::Tuplestorestate,
+    layout: Vec<Layout>,
+    /// The header and NULL bitmap every row starts from.
+    header: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl Materializer {
+    /// Starts the result of the set-returning function called through `fcinfo`, with the
+    /// result row type the function declares (which must have `ncols` columns).
+    ///
+    /// # Safety
+    /// `fcinfo` must be the call info of a function declared to return a set of a composite
+    /// type with `ncols` columns whose types match what the rows write (by-value widths and
+    /// varlenas are checked; a `text` column must be given text, a `numeric` one a numeric
+    /// datum), and the materializer must be used only during this call.
+    pub unsafe fn begin(fcinfo: pg_sys::FunctionCallInfo, ncols: usize) -> Materializer {
+        let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
+        if rsinfo.is_null()
+            || (*rsinfo).type_ != pg_sys::NodeTag::T_ReturnSetInfo
+            || ((*rsinfo).allowedModes & pg_sys::SetFunctionReturnMode::SFRM_Materialize as i32)
+                == 0
+        {
+            pgrx::error!(
+                "tasker_core: set-valued function called in a context that cannot accept a set"
+            );
+        }
+        // The row type the calling query expects (a FROM clause builds it once, at plan
+        // start-up); else the declared one, built from the catalog on every call.
+        let mut tupdesc: pg_sys::TupleDesc = (*rsinfo).expectedDesc;
+        if tupdesc.is_null() {
+            let kind = pg_sys::get_call_result_type(fcinfo, std::ptr::null_mut(), &mut tupdesc);
+            if kind != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE || tupdesc.is_null() {
+                pgrx::error!("tasker_core: the function's result type is not a row type");
+            }
+        }
+        if (*tupdesc).natts as usize != ncols {
+            pgrx::error!(
+                "tasker_core: the function is declared with {} result columns, expected {ncols}",
+                (*tupdesc).natts
+            );
+        }
+        let layout: Vec<Layout> = (*tupdesc)
+            .attrs
+            .as_slice(ncols)
+            .iter()
+            .map(|a| Layout {
+                len: if a.attisdropped || (!a.attbyval && a.attlen != -1) { 0 } else { a.attlen },
+                align: match a.attalign as u8 {
+                    b'd' => 8,
+                    b'i' => 4,
+                    b's' => 2,
+                    _ => 1,
+                },
+                packable: a.attstorage as u8 != b'p',
+            })
+            .collect();
+        let per_query = (*(*rsinfo).econtext).ecxt_per_query_memory;
+        let old = pg_sys::MemoryContextSwitchTo(per_query);
+        let desc = pg_sys::CreateTupleDescCopy(tupdesc);
+        let random = ((*rsinfo).allowedModes
+            & pg_sys::SetFunctionReturnMode::SFRM_Materialize_Random as i32)
+            != 0;
+        let store = pg_sys::tuplestore_begin_heap(random, false, pg_sys::work_mem);
+        (*rsinfo).returnMode = pg_sys::SetFunctionReturnMode::SFRM_Materialize;
+        (*rsinfo).setResult = store;
+        (*rsinfo).setDesc = desc;
+        pg_sys::MemoryContextSwitchTo(old);
+
+        // header and bitmap, data max-aligned after them (as heap_form_tuple computes t_hoff)
+        let hoff = (BITS + ncols.div_ceil(8)).next_multiple_of(8);
+        let mut header = vec![0u8; hoff];
+        header[INFOMASK2..INFOMASK2 + 2].copy_from_slice(&(ncols as u16).to_ne_bytes());
+        let mut infomask = pg_sys::HEAP_HASNULL as u16;
+        if layout.iter().any(|l| l.len == -1) {
+            infomask |= pg_sys::HEAP_HASVARWIDTH as u16;
+        }
+        header[INFOMASK..INFOMASK + 2].copy_from_slice(&infomask.to_ne_bytes());
+        header[HOFF] = hoff as u8;
+        Materializer { store, layout, header, buf: Vec::with_capacity(hoff + 256) }
+    }
+
+    /// Adds one row: `fill` sets every column, in order.
+    pub fn row(&mut self, fill: impl FnOnce(&mut RowOut<'_>)) {
+        self.buf.clear();
+        self.buf.extend_from_slice(&self.header);
+        let hoff = self.header.len();
+        let mut out = RowOut { layout: &self.layout, buf: &mut self.buf, hoff, next: 0 };
+        fill(&mut out);
+        if out.next != self.layout.len() {
+            pgrx::error!("tasker_core: a result row was left with unwritten columns");
+        }
+        // SAFETY: `store` is the tuplestore `begin` created for this call (the materializer is
+        // used only during it); the tuple in `buf` is laid out as heap_fill_tuple lays out a
+        // row of the declared type, and the tuplestore copies it (from its header's
+        // t_infomask2 on) into its own memory.
+        unsafe {
+            let mut tuple = pg_sys::HeapTupleData {
+                t_len: self.buf.len() as u32,
+                t_data: self.buf.as_mut_ptr().cast(),
+                ..std::mem::zeroed()
+            };
+            pg_sys::tuplestore_puttuple(self.store, &mut tuple);
+        }
+    }
+}
+
 /// Returns `rows` from the set-returning function called through `fcinfo`, in materialize
-/// mode, with the result row type declared by the function. `fill` sets every column of a row,
-/// in order.
+/// mode. `fill` sets every column of a row, in order.
 ///
 /// # Safety
-/// `fcinfo` must be the call info of a function declared to return a set of a composite type
-/// with `ncols` columns whose types match what `fill` writes (by-value widths and varlenas
-/// are checked; a `text` column must be given text, a `numeric` one a numeric datum).
+/// As [`Materializer::begin`].
 pub unsafe fn materialize<T>(
     fcinfo: pg_sys::FunctionCallInfo,
     ncols: usize,
     rows: impl IntoIterator<Item = T>,
     mut fill: impl FnMut(&T, &mut RowOut<'_>),
 ) {
-    let rsinfo = (*fcinfo).resultinfo as *mut pg_sys::ReturnSetInfo;
-    if rsinfo.is_null()
-        || (*rsinfo).type_ != pg_sys::NodeTag::T_ReturnSetInfo
-        || ((*rsinfo).allowedModes & pg_sys::SetFunctionReturnMode::SFRM_Materialize as i32) == 0
-    {
-        pgrx::error!(
-            "tasker_core: set-valued function called in a context that cannot accept a set"
-        );
-    }
-    let mut tupdesc: pg_sys::TupleDesc = std::ptr::null_mut();
-    let kind = pg_sys::get_call_result_type(fcinfo, std::ptr::null_mut(), &mut tupdesc);
-    if kind != pg_sys::TypeFuncClass::TYPEFUNC_COMPOSITE || tupdesc.is_null() {
-        pgrx::error!("tasker_core: the function's result type is not a row type");
-    }
-    if (*tupdesc).natts as usize != ncols {
-        pgrx::error!(
-            "tasker_core: the function is declared with {} result columns, expected {ncols}",
-            (*tupdesc).natts
-        );
-    }
-    let layout: Vec<Layout> = (*tupdesc)
-        .attrs
-        .as_slice(ncols)
-        .iter()
-        .map(|a| Layout {
-            len: if a.attisdropped || (!a.attbyval && a.attlen != -1) { 0 } else { a.attlen },
-            align: match a.attalign as u8 {
-                b'd' => 8,
-                b'i' => 4,
-                b's' => 2,
-                _ => 1,
-            },
-            packable: a.attstorage as u8 != b'p',
-        })
-        .collect();
-    let per_query = (*(*rsinfo).econtext).ecxt_per_query_memory;
-    let old = pg_sys::MemoryContextSwitchTo(per_query);
-    let desc = pg_sys::CreateTupleDescCopy(tupdesc);
-    let random = ((*rsinfo).allowedModes
-        & pg_sys::SetFunctionReturnMode::SFRM_Materialize_Random as i32)
-        != 0;
-    let store = pg_sys::tuplestore_begin_heap(random, false, pg_sys::work_mem);
-    (*rsinfo).returnMode = pg_sys::SetFunctionReturnMode::SFRM_Materialize;
-    (*rsinfo).setResult = store;
-    (*rsinfo).setDesc = desc;
-    pg_sys::MemoryContextSwitchTo(old);
-
-    // header and bitmap, data max-aligned after them (as heap_form_tuple computes t_hoff)
-    let hoff = (BITS + ncols.div_ceil(8)).next_multiple_of(8);
-    let mut header = vec![0u8; hoff];
-    header[INFOMASK2..INFOMASK2 + 2].copy_from_slice(&(ncols as u16).to_ne_bytes());
-    let mut infomask = pg_sys::HEAP_HASNULL as u16;
-    if layout.iter().any(|l| l.len == -1) {
-        infomask |= pg_sys::HEAP_HASVARWIDTH as u16;
-    }
-    header[INFOMASK..INFOMASK + 2].copy_from_slice(&infomask.to_ne_bytes());
-    header[HOFF] = hoff as u8;
-    let mut buf: Vec<u8> = Vec::with_capacity(hoff + 256);
+    let mut out = Materializer::begin(fcinfo, ncols);
     for row in rows {
-        buf.clear();
-        buf.extend_from_slice(&header);
-        let mut out = RowOut { layout: &layout, buf: &mut buf, hoff, next: 0 };
-        fill(&row, &mut out);
-        if out.next != ncols {
-            pgrx::error!("tasker_core: a result row was left with unwritten columns");
-        }
-        // the tuplestore copies the tuple (from its header's t_infomask2 on) into its memory
-        let mut tuple = pg_sys::HeapTupleData {
-            t_len: buf.len() as u32,
-            t_data: buf.as_mut_ptr().cast(),
-            ..std::mem::zeroed()
-        };
-        pg_sys::tuplestore_puttuple(store, &mut tuple);
+        out.row(|o| fill(&row, o));
     }
 }
 

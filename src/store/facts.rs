@@ -4,7 +4,7 @@
 use super::plans::{all_rows, with_plan, INT8, INT8ARRAY, TEXT};
 use super::rows::{for_each_row, Col, Interner, Row};
 use crate::core::ident::SchemaName;
-use crate::core::readiness::{SmolStr, StepFacts};
+use crate::core::readiness::{Inputs, SmolStr, StepFacts};
 use pgrx::spi::{SpiClient, SpiResult, SpiTupleTable};
 use rustc_hash::FxHashMap as HashMap;
 use std::rc::Rc;
@@ -87,6 +87,65 @@ pub(super) fn fact_of_row(row: &Row<'_>, names: &mut Interner) -> StepFacts {
     }
 }
 
+/// One `step_state` row during a direct read (`store::direct::visit`): the fact columns (in
+/// `FACT_COLUMNS` order) and then `blocked_parents`, valid only during the visit's callback.
+pub struct StateRow<'a>(pub(super) Row<'a>);
+
+/// The column of `blocked_parents` in a [`StateRow`].
+pub(super) const BLOCKED_PARENTS: usize = FACT_COLUMNS.len();
+
+impl<'a> StateRow<'a> {
+    pub fn workflow_step_id(&self) -> i64 {
+        self.0.i64(0).unwrap_or_default()
+    }
+
+    pub fn task_id(&self) -> i64 {
+        self.0.i64(1).unwrap_or_default()
+    }
+
+    pub fn named_step_id(&self) -> i32 {
+        self.0.i32(2).unwrap_or_default()
+    }
+
+    /// The step's name as stored (server encoding).
+    pub fn name(&self) -> &'a [u8] {
+        self.0.text_bytes(3).unwrap_or_default()
+    }
+
+    /// The current state as stored; `None` when the step has none (pending).
+    pub fn state(&self) -> Option<&'a [u8]> {
+        self.0.text_bytes(4)
+    }
+
+    /// What the readiness rules read. The parents that satisfy the step are counted from the
+    /// maintained `blocked_parents` (the parents that do not), which tracking keeps exactly
+    /// (`check_tracking` recomputes it; the claims rely on it too), so no parent is looked up.
+    pub fn inputs(&self) -> Inputs<'a> {
+        let r = &self.0;
+        let total = r.i64_array(6).len() as i32;
+        let blocked = r.i32(BLOCKED_PARENTS).unwrap_or_default();
+        Inputs {
+            // (a state that is not UTF-8 is neither pending nor error: the rules need no more)
+            state: self.state().map(|b| std::str::from_utf8(b).unwrap_or("")),
+            state_at: r.i64(5),
+            total_parents: total,
+            completed_parents: total - blocked,
+            retryable: r.bool(7),
+            retry_limit: r.i32(8),
+            in_process: r.bool(9),
+            processed: r.bool(10),
+            attempts: r.i32(11),
+            last_attempted_at: r.i64(12),
+            backoff_request_seconds: r.i32(13),
+        }
+    }
+
+    /// The facts of this row, copied out.
+    pub fn facts(&self, names: &mut Interner) -> StepFacts {
+        fact_of_row(&self.0, names)
+    }
+}
+
 /// Appends the facts of the SPI result just produced to `out`.
 ///
 /// # Safety
@@ -153,6 +212,11 @@ pub fn read(schema: &SchemaName, task_ids: &[i64]) -> SpiResult<Vec<StepFacts>> 
         return Ok(direct);
     }
     super::spare::give_back(direct);
+    read_through_spi(schema, task_ids)
+}
+
+/// [`read`] through SPI only: for a caller whose direct read was not possible.
+pub fn read_through_spi(schema: &SchemaName, task_ids: &[i64]) -> SpiResult<Vec<StepFacts>> {
     pgrx::spi::Spi::connect(|c| match task_ids {
         [one] => for_task(c, schema, *one),
         many => for_tasks(c, schema, many),

@@ -92,27 +92,21 @@ impl<'a> Row<'a> {
 
     /// Calls `f` with a `text` column's value, borrowed.
     pub fn with_text<R>(&self, i: usize, f: impl FnOnce(&str) -> R) -> Option<R> {
+        let bytes = self.text_bytes(i)?;
+        Some(match std::str::from_utf8(bytes) {
+            Ok(s) => f(s),
+            Err(_) => f(&String::from_utf8_lossy(bytes)),
+        })
+    }
+
+    /// A `text` column's bytes as stored (in the server's encoding), borrowed.
+    pub fn text_bytes(&self, i: usize) -> Option<&'a [u8]> {
         if self.nulls[i] {
             return None;
         }
-        // SAFETY: the column was checked to be text. A value stored inline and uncompressed
-        // (the usual case) is read where it is; otherwise detoasting returns a copy. Either
-        // pointer is valid while the row's datums are (an SPI result, a scanned buffer).
-        unsafe {
-            let raw = self.values[i].cast_mut_ptr::<pg_sys::varlena>();
-            let v = if pgrx::varlena::varatt_is_1b_e(raw) || pgrx::varlena::varatt_is_4b_c(raw) {
-                pg_sys::pg_detoast_datum_packed(raw)
-            } else {
-                raw
-            };
-            let len = pgrx::varlena::varsize_any_exhdr(v);
-            let data = pgrx::varlena::vardata_any(v) as *const u8;
-            let bytes = std::slice::from_raw_parts(data, len);
-            Some(match std::str::from_utf8(bytes) {
-                Ok(s) => f(s),
-                Err(_) => f(&String::from_utf8_lossy(bytes)),
-            })
-        }
+        // SAFETY: the column was checked to be text, a varlena; its datum is valid while the
+        // row's datums are (an SPI result, a scanned buffer).
+        Some(unsafe { varlena_bytes(self.values[i]) })
     }
 
     /// An `int8[]` column without NULL elements (NULL elements are skipped), in element order.
@@ -160,6 +154,22 @@ impl<'a> Row<'a> {
             out
         }
     }
+}
+
+/// The contents of a varlena datum, borrowed: read where it lies when stored inline and
+/// uncompressed (the usual case), else detoasted into a copy in the current memory context.
+///
+/// # Safety
+/// `d` must be a non-NULL varlena datum, valid for `'a`.
+pub unsafe fn varlena_bytes<'a>(d: Datum) -> &'a [u8] {
+    let raw = d.cast_mut_ptr::<pg_sys::varlena>();
+    let v = if pgrx::varlena::varatt_is_1b_e(raw) || pgrx::varlena::varatt_is_4b_c(raw) {
+        pg_sys::pg_detoast_datum_packed(raw)
+    } else {
+        raw
+    };
+    let len = pgrx::varlena::varsize_any_exhdr(v);
+    std::slice::from_raw_parts(pgrx::varlena::vardata_any(v) as *const u8, len)
 }
 
 /// Reads the elements of an inline, uncompressed `int8[]` varlena (1- or 4-byte header)

@@ -1,10 +1,10 @@
-//! Vectors kept from one call to the next. A readiness call over thousands of steps fills
-//! vectors of hundreds of kilobytes; allocated afresh on every call they cost the allocator's
+//! Vectors kept from one call to the next. A call reading the facts of thousands of steps
+//! fills vectors of hundreds of kilobytes; allocated afresh on every call they cost the allocator's
 //! growth copies and the kernel's page faults on fresh memory (a fifth of a 1,000-step call
 //! under `perf`). Each backend keeps one spare vector per element type: handed out empty,
 //! given back after use, and dropped instead of kept when it grew beyond `KEPT`.
 
-use crate::core::readiness::{Readiness, StepFacts};
+use crate::core::readiness::StepFacts;
 use std::cell::RefCell;
 use std::thread::LocalKey;
 
@@ -18,18 +18,11 @@ pub trait Spare: Sized + 'static {
 
 thread_local! {
     static FACTS: RefCell<Vec<StepFacts>> = const { RefCell::new(Vec::new()) };
-    static READINESS: RefCell<Vec<Readiness>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Spare for StepFacts {
     fn slot() -> &'static LocalKey<RefCell<Vec<Self>>> {
         &FACTS
-    }
-}
-
-impl Spare for Readiness {
-    fn slot() -> &'static LocalKey<RefCell<Vec<Self>>> {
-        &READINESS
     }
 }
 

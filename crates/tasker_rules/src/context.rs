@@ -21,20 +21,26 @@ pub struct StepCounts {
 impl StepCounts {
     /// Adds one readiness row.
     pub fn add(&mut self, r: &Readiness) {
+        self.add_step(&r.current_state, r.attempts, r.retry_limit, r.ready_for_execution);
+    }
+
+    /// Adds one step: its current state, attempts and retry limit (as readiness reports
+    /// them), and whether it is ready for execution.
+    pub fn add_step(&mut self, state: &str, attempts: i32, retry_limit: i32, ready: bool) {
         self.total += 1;
-        match &*r.current_state {
+        match state {
             "pending" => self.pending += 1,
             "in_progress" => self.in_progress += 1,
             "complete" | "resolved_manually" => self.completed += 1,
             "error" => {
                 self.failed += 1;
-                if r.attempts >= r.retry_limit {
+                if attempts >= retry_limit {
                     self.permanently_blocked += 1;
                 }
             }
             _ => {}
         }
-        if r.ready_for_execution {
+        if ready {
             self.ready += 1;
         }
     }

@@ -93,10 +93,7 @@ impl StepFacts {
 
     /// `created_at` of the current transition when the step is currently in error.
     pub fn last_failure_at(&self) -> Option<i64> {
-        match self.state.as_deref() {
-            Some("error") => self.state_at,
-            _ => None,
-        }
+        self.inputs(0).last_failure_at()
     }
 }
 
@@ -175,8 +172,72 @@ pub fn failure_backoff_usecs(attempts: Option<i32>) -> Result<i64, TimeError> {
     Ok(span.min(FAILURE_BACKOFF_CAP_SECONDS * 1_000_000))
 }
 
+/// What the rules read of one step: its own facts, borrowed, and how many of its parents
+/// there are and satisfy it. Built from [`StepFacts`] or straight from a stored row.
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a> {
+    /// `to_state` of the most_recent transition; `None` when there is none.
+    pub state: Option<&'a str>,
+    pub state_at: Option<i64>,
+    pub total_parents: i32,
+    pub completed_parents: i32,
+    pub retryable: Option<bool>,
+    pub retry_limit: Option<i32>,
+    pub in_process: Option<bool>,
+    pub processed: Option<bool>,
+    pub attempts: Option<i32>,
+    pub last_attempted_at: Option<i64>,
+    pub backoff_request_seconds: Option<i32>,
+}
+
+impl Inputs<'_> {
+    /// `COALESCE(state, 'pending')`.
+    pub fn current_state(&self) -> &str {
+        self.state.unwrap_or(State::Pending.as_str())
+    }
+
+    /// `created_at` of the current transition when the step is currently in error.
+    pub fn last_failure_at(&self) -> Option<i64> {
+        match self.state {
+            Some("error") => self.state_at,
+            _ => None,
+        }
+    }
+}
+
+impl StepFacts {
+    /// The rules' inputs for this step, `completed` of its parents satisfying it.
+    pub fn inputs(&self, completed: i32) -> Inputs<'_> {
+        Inputs {
+            state: self.state.as_deref(),
+            state_at: self.state_at,
+            total_parents: self.parent_ids.len() as i32,
+            completed_parents: completed,
+            retryable: self.retryable,
+            retry_limit: self.retry_limit,
+            in_process: self.in_process,
+            processed: self.processed,
+            attempts: self.attempts,
+            last_attempted_at: self.last_attempted_at,
+            backoff_request_seconds: self.backoff_request_seconds,
+        }
+    }
+}
+
+/// What the rules decide for one step (the computed columns of a readiness row).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Verdict {
+    pub dependencies_satisfied: bool,
+    pub retry_eligible: bool,
+    pub ready_for_execution: bool,
+    pub last_failure_at: Option<i64>,
+    pub next_retry_at: Option<i64>,
+    pub attempts: i32,
+    pub retry_limit: i32,
+}
+
 /// When an explicit backoff applies: `last_attempted_at + backoff_request_seconds * 1s`.
-pub fn explicit_backoff_until(step: &StepFacts) -> Result<Option<i64>, TimeError> {
+pub fn explicit_backoff_until(step: &Inputs<'_>) -> Result<Option<i64>, TimeError> {
     match (step.backoff_request_seconds, step.last_attempted_at) {
         (Some(secs), Some(at)) => {
             let span = interval_mul(1_000_000, secs as f64)?;
@@ -187,7 +248,7 @@ pub fn explicit_backoff_until(step: &StepFacts) -> Result<Option<i64>, TimeError
 }
 
 /// When a failure backoff applies: `last_failure_at + failure backoff`.
-pub fn failure_backoff_until(step: &StepFacts) -> Result<Option<i64>, TimeError> {
+pub fn failure_backoff_until(step: &Inputs<'_>) -> Result<Option<i64>, TimeError> {
     match step.last_failure_at() {
         Some(at) => timestamp_plus(at, failure_backoff_usecs(step.attempts)?).map(Some),
         None => Ok(None),
@@ -200,14 +261,10 @@ pub fn completed_parents(step: &StepFacts, parent_satisfied: impl Fn(i64) -> boo
     step.parent_ids.iter().filter(|&&p| parent_satisfied(p)).count() as i32
 }
 
-/// Evaluates one step. The order of evaluation follows the Rails SQL, so a step whose
-/// arithmetic overflows fails where the Rails function would fail.
-pub fn evaluate(
-    step: &StepFacts,
-    completed: i32,
-    clock: &dyn Clock,
-) -> Result<Readiness, TimeError> {
-    let total = step.parent_ids.len() as i32;
+/// Judges one step: the rules of the Rails function. The order of evaluation follows the
+/// Rails SQL, so a step whose arithmetic overflows fails where the Rails function would fail.
+pub fn judge(step: &Inputs<'_>, clock: &dyn Clock) -> Result<Verdict, TimeError> {
+    let (total, completed) = (step.total_parents, step.completed_parents);
     let current_state = step.current_state();
     let dependencies_satisfied = total == 0 || completed == total;
     let attempts = step.attempts.unwrap_or(0);
@@ -236,24 +293,65 @@ pub fn evaluate(
         None => failure_backoff_until(step)?,
     };
 
+    Ok(Verdict {
+        dependencies_satisfied,
+        retry_eligible,
+        ready_for_execution,
+        last_failure_at,
+        next_retry_at,
+        attempts,
+        retry_limit,
+    })
+}
+
+/// Evaluates one step into its readiness row ([`judge`] with the step's identity).
+pub fn evaluate(
+    step: &StepFacts,
+    completed: i32,
+    clock: &dyn Clock,
+) -> Result<Readiness, TimeError> {
+    let v = judge(&step.inputs(completed), clock)?;
     Ok(Readiness {
         workflow_step_id: step.workflow_step_id,
         task_id: step.task_id,
         named_step_id: step.named_step_id,
         name: step.name.clone(),
         current_state: step.current_state_rc(),
-        dependencies_satisfied,
-        retry_eligible,
-        ready_for_execution,
-        last_failure_at,
-        next_retry_at,
-        total_parents: total,
+        dependencies_satisfied: v.dependencies_satisfied,
+        retry_eligible: v.retry_eligible,
+        ready_for_execution: v.ready_for_execution,
+        last_failure_at: v.last_failure_at,
+        next_retry_at: v.next_retry_at,
+        total_parents: step.parent_ids.len() as i32,
         completed_parents: completed,
-        attempts,
-        retry_limit,
+        attempts: v.attempts,
+        retry_limit: v.retry_limit,
         backoff_request_seconds: step.backoff_request_seconds,
         last_attempted_at: step.last_attempted_at,
     })
+}
+
+/// Whether each parent satisfies its children: the states of `steps` first, then of
+/// `outside` (states of parents that belong to other tasks).
+pub struct ParentStates<'a> {
+    satisfied: HashMap<i64, bool>,
+    outside: &'a HashMap<i64, Option<Rc<str>>>,
+}
+
+impl<'a> ParentStates<'a> {
+    pub fn new(steps: &[StepFacts], outside: &'a HashMap<i64, Option<Rc<str>>>) -> Self {
+        let satisfied =
+            steps.iter().map(|s| (s.workflow_step_id, s.satisfies_children())).collect();
+        ParentStates { satisfied, outside }
+    }
+
+    /// How many of `step`'s parents satisfy it (parents known to neither count as not).
+    pub fn completed(&self, step: &StepFacts) -> i32 {
+        completed_parents(step, |id| match self.satisfied.get(&id) {
+            Some(&b) => b,
+            None => self.outside.get(&id).is_some_and(|st| state_satisfies(st.as_deref())),
+        })
+    }
 }
 
 /// Evaluates every step in `steps`. Parents are looked up among `steps` first, then in
@@ -263,30 +361,14 @@ pub fn evaluate_all(
     outside: &HashMap<i64, Option<Rc<str>>>,
     clock: &dyn Clock,
 ) -> Result<Vec<Readiness>, TimeError> {
-    let mut out = Vec::with_capacity(steps.len());
-    evaluate_into(steps, outside, clock, &mut out)?;
-    Ok(out)
-}
-
-/// [`evaluate_all`] appending to `out` (a vector the caller reuses from call to call).
-pub fn evaluate_into(
-    steps: &[StepFacts],
-    outside: &HashMap<i64, Option<Rc<str>>>,
-    clock: &dyn Clock,
-    out: &mut Vec<Readiness>,
-) -> Result<(), TimeError> {
-    let satisfied: HashMap<i64, bool> =
-        steps.iter().map(|s| (s.workflow_step_id, s.satisfies_children())).collect();
-    let lookup = |id: i64| match satisfied.get(&id) {
-        Some(&b) => b,
-        None => outside.get(&id).is_some_and(|st| state_satisfies(st.as_deref())),
-    };
-    out.reserve(steps.len());
-    for s in steps {
-        interrupt::check();
-        out.push(evaluate(s, completed_parents(s, lookup), clock)?);
-    }
-    Ok(())
+    let parents = ParentStates::new(steps, outside);
+    steps
+        .iter()
+        .map(|s| {
+            interrupt::check();
+            evaluate(s, parents.completed(s), clock)
+        })
+        .collect()
 }
 
 /// Parent ids that are not among `steps` (their states must be fetched separately).
