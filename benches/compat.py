@@ -33,6 +33,16 @@ def timed(conn, fn, what, arg, max_calls=2000):
     return conn.execute(f"SELECT bench.{fn}(%s, %s, %s)", (what, arg, n)).fetchone()[0]
 
 
+def verdict(got, target):
+    """'met', or by how much a speed-up falls short of its target."""
+    return "met" if got >= target else f"short by {(1 - got / target) * 100:.0f} %"
+
+
+def floor_verdict(ratio, target=2.5):
+    """'met', or by how much a ratio to the floor exceeds its target (×)."""
+    return "met" if ratio <= target else f"{ratio / target:.1f}× over"
+
+
 def fmt_us(us):
     if us >= 1e6:
         return f"{us / 1e6:.2f} s"
@@ -105,11 +115,12 @@ def main():
             floor_base = timed(conn, "time_call", "floor_base", tid)
             floor_state = timed(conn, "time_call", "floor_state", tid)
             rows.append([shape, size, fmt_us(ref), fmt_us(spi), fmt_us(rust), f"**{ref / rust:.1f}×**",
-                         f"≥ {READY_TARGET[size]}×", fmt_us(floor_base), f"{floor_base / rust:.1f}×",
-                         fmt_us(floor_state), f"{rust / floor_state:.1f}×"])
+                         f"≥ {READY_TARGET[size]}×", verdict(ref / rust, READY_TARGET[size]),
+                         fmt_us(floor_base), f"{floor_base / rust:.1f}×", fmt_us(floor_state),
+                         f"{rust / floor_state:.1f}×" + (f" ({floor_verdict(rust / floor_state)})" if size == 1000 else "")])
     table("get_step_readiness_status(task) — per call",
           ["shape", "steps", "PL/pgSQL reference", "tasker_core, SPI reads", "tasker_core", "speed-up", "target",
-           "floor: bare reads of the tables", "tasker_core vs that floor",
+           "verdict", "floor: bare reads of the tables", "tasker_core vs that floor",
            "floor: bare read of step_state (index only)", "tasker_core / that floor (target ≤ 2.5× at 1,000)"], rows)
 
     rows = []
@@ -118,10 +129,10 @@ def main():
         ref = timed(conn, "time_call", "ctx_ref", tid)
         spi, rust = spi_and_direct("time_call", "ctx_rust", tid)
         rows.append(["random", size, fmt_us(ref), fmt_us(spi), fmt_us(rust), f"**{ref / rust:.1f}×**",
-                     f"≥ {READY_TARGET[size]}×"])
+                     f"≥ {READY_TARGET[size]}×", verdict(ref / rust, READY_TARGET[size])])
     table("get_task_execution_context(task) — per call",
-          ["shape", "steps", "PL/pgSQL reference", "tasker_core, SPI reads", "tasker_core", "speed-up", "target"],
-          rows)
+          ["shape", "steps", "PL/pgSQL reference", "tasker_core, SPI reads", "tasker_core", "speed-up", "target",
+           "verdict"], rows)
 
     rows = []
     for what, label in [("ready", "get_step_readiness_status_batch"), ("ctx", "get_task_execution_contexts_batch")]:
@@ -129,10 +140,10 @@ def main():
         spi, rust = spi_and_direct("time_batch", f"{what}_rust", batch_ids, 200)
         floor_state = timed(conn, "time_batch", "floor_state", batch_ids, 200)
         rows.append([label, "1,000 tasks × 10 steps", fmt_us(ref), fmt_us(spi), fmt_us(rust),
-                     f"**{ref / rust:.1f}×**", "≥ 10×", fmt_us(floor_state)])
+                     f"**{ref / rust:.1f}×**", "≥ 10×", verdict(ref / rust, 10), fmt_us(floor_state)])
     table("batch functions — per call",
           ["function", "input", "PL/pgSQL reference", "tasker_core, SPI reads", "tasker_core", "speed-up", "target",
-           "floor: bare read of step_state"], rows)
+           "verdict", "floor: bare read of step_state"], rows)
 
     rows = []
     for size in SIZES:

@@ -75,8 +75,20 @@ impl RowOut<'_> {
     #[inline]
     fn by_value<const N: usize>(&mut self, col: usize, bytes: [u8; N]) {
         let layout = self.start(col, N as i16);
-        self.pad(layout.align);
-        self.buf.extend_from_slice(&bytes);
+        let at = self.buf.len();
+        let data = at - self.hoff;
+        let start = self.hoff + ((data + layout.align - 1) & !(layout.align - 1));
+        // room for the padding (under 8 bytes), the value, and one 8-byte zeroing store
+        self.buf.reserve((start + N).max(at + 8) - at);
+        // SAFETY: the buffer has room for `at + 8` and `start + N` bytes (reserved just
+        // above); the padding is zeroed (by one unaligned store covering it) and the value
+        // copied before the length covers them.
+        unsafe {
+            let p = self.buf.as_mut_ptr();
+            p.add(at).cast::<u64>().write_unaligned(0);
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), p.add(start), N);
+            self.buf.set_len(start + N);
+        }
     }
 
     #[inline]

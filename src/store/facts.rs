@@ -122,7 +122,7 @@ impl<'a> StateRow<'a> {
     /// (`check_tracking` recomputes it; the claims rely on it too), so no parent is looked up.
     pub fn inputs(&self) -> Inputs<'a> {
         let r = &self.0;
-        let total = r.i64_array(6).len() as i32;
+        let total = r.i64_array_len(6) as i32;
         let blocked = r.i32(BLOCKED_PARENTS).unwrap_or_default();
         Inputs {
             // (a state that is not UTF-8 is neither pending nor error: the rules need no more)

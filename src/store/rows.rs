@@ -109,6 +109,25 @@ impl<'a> Row<'a> {
         Some(unsafe { varlena_bytes(self.values[i]) })
     }
 
+    /// The number of non-NULL elements of an `int8[]` column (0 when NULL), read from its
+    /// header and NULL bitmap when it is stored inline.
+    pub fn i64_array_len(&self, i: usize) -> usize {
+        if self.nulls[i] {
+            return 0;
+        }
+        // SAFETY: the column was checked to be int8[] and its datum is alive while the row is
+        // read; only an inline, uncompressed value is read in place.
+        let inline = unsafe {
+            let raw = self.values[i].cast_mut_ptr::<pg_sys::varlena>();
+            if pgrx::varlena::varatt_is_1b_e(raw) || pgrx::varlena::varatt_is_4b_c(raw) {
+                None
+            } else {
+                read_inline_int8_array(raw, None)
+            }
+        };
+        inline.unwrap_or_else(|| self.i64_array(i).len())
+    }
+
     /// An `int8[]` column without NULL elements (NULL elements are skipped), in element order.
     pub fn i64_array(&self, i: usize) -> ParentIds {
         let mut out = ParentIds::new();
@@ -123,11 +142,10 @@ impl<'a> Row<'a> {
             let raw = self.values[i].cast_mut_ptr::<pg_sys::varlena>();
             if !pgrx::varlena::varatt_is_1b_e(raw)
                 && !pgrx::varlena::varatt_is_4b_c(raw)
-                && read_inline_int8_array(raw, &mut out)
+                && read_inline_int8_array(raw, Some(&mut out)).is_some()
             {
                 return out;
             }
-            out.clear();
             let ptr = pg_sys::pg_detoast_datum(raw) as *mut pg_sys::ArrayType;
             let Some(nn) = std::ptr::NonNull::new(ptr) else {
                 return out;
@@ -173,8 +191,9 @@ pub unsafe fn varlena_bytes<'a>(d: Datum) -> &'a [u8] {
 }
 
 /// Reads the elements of an inline, uncompressed `int8[]` varlena (1- or 4-byte header)
-/// without copying or aligning it first; `false` (with `out` partly filled) when it is not a
-/// one-dimensional array whose parts lie within its length — the caller then detoasts it.
+/// without copying or aligning it first, into `out` when given; the number of (non-NULL)
+/// elements, or `None` (nothing read) when it is not a one-dimensional array whose parts lie
+/// within its length — the caller then detoasts it.
 ///
 /// The layout is PostgreSQL's `ArrayType` (array.h) after a 4-byte header: `ndim`,
 /// `dataoffset` (0 without a NULL bitmap), `elemtype`, then per dimension its length and
@@ -184,7 +203,10 @@ pub unsafe fn varlena_bytes<'a>(d: Datum) -> &'a [u8] {
 ///
 /// # Safety
 /// `raw` must point to a valid inline, uncompressed varlena of type `int8[]`.
-unsafe fn read_inline_int8_array(raw: *const pg_sys::varlena, out: &mut ParentIds) -> bool {
+unsafe fn read_inline_int8_array(
+    raw: *const pg_sys::varlena,
+    out: Option<&mut ParentIds>,
+) -> Option<usize> {
     let (base, total) = if pgrx::varlena::varatt_is_1b(raw) {
         // the 4-byte form's field at offset k is at raw + 1 + (k - 4)
         ((raw as *const u8).wrapping_sub(3), pgrx::varlena::varsize_1b(raw) + 3)
@@ -194,19 +216,19 @@ unsafe fn read_inline_int8_array(raw: *const pg_sys::varlena, out: &mut ParentId
     let at = |offset: usize| (base.wrapping_add(offset) as *const i32).read_unaligned();
     // header: 16 bytes; one dimension: + 8
     if total < 16 {
-        return false;
+        return None;
     }
     let ndim = at(4);
     if ndim == 0 {
-        return true;
+        return Some(0);
     }
     if ndim != 1 || total < 24 {
-        return false;
+        return None;
     }
     let dataoffset = at(8);
     let n = at(16);
     if n < 0 {
-        return false;
+        return None;
     }
     let n = n as usize;
     let bitmap = (dataoffset != 0).then_some(24usize);
@@ -214,7 +236,7 @@ unsafe fn read_inline_int8_array(raw: *const pg_sys::varlena, out: &mut ParentId
     let data = if dataoffset != 0 { dataoffset as usize } else { 24 };
     if let Some(b) = bitmap {
         if b + n.div_ceil(8) > data {
-            return false;
+            return None;
         }
     }
     let present = |k: usize| match bitmap {
@@ -223,16 +245,14 @@ unsafe fn read_inline_int8_array(raw: *const pg_sys::varlena, out: &mut ParentId
     };
     let stored = (0..n).filter(|&k| present(k)).count();
     if data + 8 * stored > total {
-        return false;
+        return None;
     }
-    let mut next = 0;
-    for k in 0..n {
-        if present(k) {
-            out.push((base.wrapping_add(data + 8 * next) as *const i64).read_unaligned());
-            next += 1;
-        }
+    if let Some(out) = out {
+        out.extend(
+            (0..stored).map(|k| (base.wrapping_add(data + 8 * k) as *const i64).read_unaligned()),
+        );
     }
-    true
+    Some(stored)
 }
 
 /// Calls `f` for every row of the SPI result just produced (`SPI_tuptable`), after checking
