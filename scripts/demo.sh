@@ -100,6 +100,16 @@ JOIN tasker_named_steps ns ON ns.named_step_id = ws.named_step_id
 WHERE ws.task_id = 1 AND ns.name = 'charge_payment' ORDER BY t.sort_key;
 SELECT tasker_core.task_graph_dot(1) AS dag_of_task_1 \gset
 \echo :dag_of_task_1
+\echo 'Why is it not running? A fourth order whose validation failed with a 60 s backoff, explained:'
+SELECT tasker_core.create_task('shop', 'order_fulfilment', NULL,
+         '{"order_id": 4, "amount_cents": 4000, "items": ["pen"]}', '{"initiator": "demo"}') AS task_4 \gset
+SELECT tasker_core.fail_step(workflow_step_id, 'demo-operator', '"address not found"', true, 60) AS backoff_seconds
+FROM tasker_core.claim_steps('demo-operator', NULL, 1, 30);
+SELECT workflow_step_id AS step, step_name, code, reason FROM tasker_core.explain_task(:task_4);
+\echo 'the same for the failed step alone: explain_step'
+SELECT code, reason, at FROM tasker_core.explain_step(
+    (SELECT workflow_step_id FROM tasker_core.step_state WHERE task_id = :task_4 AND state = 'error'));
+SELECT tasker_core.cancel_task(:task_4, 'demo over') AS steps_cancelled;
 SQL
 mkdir -p "$ROOT/target/demo"
 psql -X -At -c "SELECT tasker_core.task_graph_dot(1)" > "$ROOT/target/demo/task_1.dot"

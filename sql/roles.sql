@@ -27,7 +27,7 @@ BEGIN
               'task_traceparent',
               -- reader
               'get_task_template', 'list_task_templates', 'task_graph_dot', 'metrics', 'health',
-              'verify', 'check_tracking',
+              'verify', 'check_tracking', 'explain_task', 'explain_step',
               -- admin
               'register_task_template', 'create_task', 'cancel_task', 'retry_task',
               'resolve_step_manually', 'tick', 'prune_events', 'transition_step', 'transition_task',
@@ -49,7 +49,7 @@ GRANT EXECUTE ON FUNCTION tasker_core._self_maintained() TO PUBLIC;
 --                  a task's traceparent
 --   tasker_reader  the Rails compatibility functions (and SELECT on the Tasker tables of the
 --                  data schema and the maintained state they read), templates, the DAG
---                  picture, metrics, health, verify, events
+--                  picture, metrics, health, verify, events, explain
 --   tasker_admin   tasker_reader, plus templates, task creation, cancel, retry, manual
 --                  resolution, tick, event pruning, transitions
 -- Run it as a role that may create roles and owns the extension (a superuser, usually); run
@@ -71,7 +71,8 @@ DECLARE
                                '_data_schema', '_step_source',
                                'get_task_template', 'list_task_templates', 'task_graph_dot', 'metrics',
                                'health', 'verify', 'check_tracking', 'events_after', 'event_horizon',
-                               'event_catalog', 'backoff_seconds', 'task_traceparent'];
+                               'event_catalog', 'backoff_seconds', 'task_traceparent', 'explain_task',
+                               'explain_step'];
     admin_fns text[] := ARRAY['register_task_template', 'create_task', 'cancel_task', 'retry_task',
                               'resolve_step_manually', 'tick', 'prune_events', 'transition_step',
                               'transition_task'];

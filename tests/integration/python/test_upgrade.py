@@ -1,4 +1,4 @@
-"""Upgrades: install an earlier version (0.1.0 to 0.6.0), load data and run part of a workload,
+"""Upgrades: install an earlier version (0.1.0 to 0.7.0), load data and run part of a workload,
 then ALTER EXTENSION tasker_core UPDATE; the catalog must equal a fresh install of the new
 version, and the workload must finish on the upgraded database."""
 import json
@@ -68,14 +68,14 @@ def old_and_new():
     drop_database(new)
 
 
-CURRENT = "0.7.0"
+CURRENT = "0.8.0"
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-@pytest.mark.parametrize("start", ["0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0"])
+@pytest.mark.parametrize("start", ["0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0"])
 def test_update_from_an_earlier_version_equals_a_fresh_install(old_and_new, start):
     old, new = old_and_new
-    assert {"0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0", CURRENT} <= set(versions(new)), versions(new)
+    assert {"0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0", CURRENT} <= set(versions(new)), versions(new)
     old.execute(f"CREATE EXTENSION tasker_core VERSION '{start}'")
     old.execute("SELECT tasker_core.install_schema()")
     old.execute("SELECT tasker_core.enable_tracking()")
@@ -150,3 +150,8 @@ def test_update_from_an_earlier_version_equals_a_fresh_install(old_and_new, star
     assert "tasker_steps_ready " in old.scalar("SELECT tasker_core.metrics()")
     assert old.scalar("SELECT tasker_core.tick()") >= 0
     assert old.execute("SELECT * FROM tasker_core.check_tracking()") == []
+    # and what 0.8.0 added: explain, for readers too
+    assert old.execute("SELECT code FROM tasker_core.explain_task(%s)", (task,)) != []
+    if start != "0.1.0":
+        assert old.scalar("SELECT has_function_privilege('tasker_reader', "
+                          "'tasker_core.explain_step(bigint)', 'EXECUTE')")
