@@ -1,6 +1,6 @@
 -- tasker_core 0.7.0 -> 0.8.0
 -- * explain_task(task_id) and explain_step(step_id): why a step is not running (readers).
--- * create_roles() grants them to tasker_reader; an existing tasker_reader gets them here.
+-- * create_roles() grants them to tasker_reader; where it ran before, tasker_reader gets them here.
 -- The readiness functions' library changes (rows judged as they are read) need no SQL.
 \echo Use "ALTER EXTENSION tasker_core UPDATE TO '0.8.0'" to load this file. \quit
 
@@ -242,7 +242,9 @@ $$;
 
 DO $grant$
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'tasker_reader') THEN
+    -- only where create_roles() ran in this database (the roles themselves are cluster-wide)
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'tasker_reader')
+       AND pg_catalog.has_function_privilege('tasker_reader', 'tasker_core.task_graph_dot(bigint)', 'EXECUTE') THEN
         GRANT EXECUTE ON FUNCTION tasker_core.explain_task(bigint), tasker_core.explain_step(bigint)
             TO tasker_reader;
     END IF;
