@@ -20,6 +20,8 @@
 --   retries_exhausted  attempts reached the retry limit (N of N)
 --   not_retryable      it failed and is not retryable
 --   backoff            it waits out its backoff until T
+--   scheduled          its task is scheduled to start at T (a root step; claims and tick()
+--                      start it when T has passed)
 --   tracking           the maintained state disagrees with the tables (run check_tracking())
 --   ready              none of the above: claimable since T
 --
@@ -87,7 +89,9 @@ BEGIN
     END IF;
     RETURN QUERY EXECUTE format($q$
         WITH s AS (
-            SELECT s.*, %1$s AS backoff_until
+            SELECT s.*, %1$s AS backoff_until,
+                   (SELECT o.run_at FROM tasker_core.task_options o
+                    WHERE o.task_id = s.task_id AND cardinality(s.parent_ids) = 0) AS run_at
             FROM tasker_core.step_state s
             WHERE s.task_id = $1 AND ($2::bigint IS NULL OR s.workflow_step_id = $2)),
         why AS (
@@ -155,14 +159,18 @@ BEGIN
           UNION ALL
             SELECT s.workflow_step_id, 'backoff', format('backoff until %%s', s.backoff_until AT TIME ZONE 'UTC'),
                    NULL, s.backoff_until
-            FROM s WHERE s.backoff_until > $5)
+            FROM s WHERE s.backoff_until > $5
+          UNION ALL
+            SELECT s.workflow_step_id, 'scheduled', format('its task is scheduled for %%s', s.not_before AT TIME ZONE 'UTC'),
+                   NULL, s.not_before
+            FROM s WHERE s.not_before > $5)
         SELECT s.workflow_step_id, s.name, w.code, w.reason, w.related, w.at AT TIME ZONE 'UTC'
         FROM why w JOIN s USING (workflow_step_id)
       UNION ALL
         SELECT s.workflow_step_id, s.name, 'ready',
                format('ready since %%s', r.since AT TIME ZONE 'UTC'), NULL, r.since AT TIME ZONE 'UTC'
         FROM s CROSS JOIN LATERAL (
-            SELECT GREATEST(s.created_at, s.state_at, s.backoff_until,
+            SELECT GREATEST(s.created_at, s.state_at, s.backoff_until, s.run_at,
                             (SELECT max(p.state_at) FROM unnest(s.parent_ids) AS e(parent_id)
                              JOIN tasker_core.step_state p ON p.workflow_step_id = e.parent_id)) AS since) r
         WHERE NOT EXISTS (SELECT 1 FROM why w WHERE w.workflow_step_id = s.workflow_step_id)

@@ -1,8 +1,219 @@
 -- tasker_core 0.7.0 -> 0.8.0
+-- * Priorities and scheduled starts (create_task options priority, run_at, delay_seconds):
+--   tasker_core.task_options holds them; step_state gains priority and not_before; the
+--   claimable index is ordered by priority (rebuilt here: on a large step_state this takes
+--   a while and blocks writes to it); a scheduled index; claims and tick() promote due steps.
 -- * explain_task(task_id) and explain_step(step_id): why a step is not running (readers).
 -- * create_roles() grants them to tasker_reader; where it ran before, tasker_reader gets them here.
 -- The readiness functions' library changes (rows judged as they are read) need no SQL.
 \echo Use "ALTER EXTENSION tasker_core UPDATE TO '0.8.0'" to load this file. \quit
+
+ALTER TABLE tasker_core.step_state
+    ADD COLUMN priority integer NOT NULL DEFAULT 0,
+    ADD COLUMN not_before timestamp without time zone;
+DROP INDEX tasker_core.step_state_claimable_ns_idx;
+-- The steps a worker could claim (unblocked, unprocessed, pending or in error, not scheduled
+-- for later), per namespace: a claim walks the ready queue of each namespace it works on,
+-- highest priority first and within a priority oldest first, and never the ready steps of
+-- other namespaces.
+CREATE INDEX step_state_claimable_ns_idx
+    ON tasker_core.step_state (namespace_id, priority DESC, workflow_step_id)
+    WHERE blocked_parents = 0 AND processed IS NOT TRUE AND in_process IS NOT TRUE
+      AND (state IS NULL OR state IN ('pending', 'error')) AND not_before IS NULL;
+-- Root steps of tasks scheduled to start later, by start time: claims and tick() promote the
+-- due ones into the ready queue.
+CREATE INDEX step_state_scheduled_idx ON tasker_core.step_state (not_before)
+    WHERE not_before IS NOT NULL;
+
+-- Options of tasks created through create_task that differ from the defaults: the source of
+-- step_state.priority and step_state.not_before (a rebuild of the maintained state reads
+-- them here). run_at is UTC.
+CREATE TABLE tasker_core.task_options (
+    task_id bigint PRIMARY KEY,
+    priority integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -1000 AND 1000),
+    run_at timestamp without time zone
+);
+SELECT pg_catalog.pg_extension_config_dump('tasker_core.task_options', '');
+
+CREATE FUNCTION tasker_core._task_priority(task bigint) RETURNS integer
+LANGUAGE sql STABLE AS $$
+    SELECT COALESCE((SELECT o.priority FROM tasker_core.task_options o WHERE o.task_id = task), 0)
+$$;
+
+CREATE OR REPLACE FUNCTION tasker_core.track_steps() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    step_name text;
+    ns bigint;
+BEGIN
+    -- deletes, once per statement: the statement's rows are in changed_steps
+    IF TG_LEVEL = 'STATEMENT' THEN
+        DELETE FROM tasker_core.step_state s
+         USING changed_steps o WHERE s.workflow_step_id = o.workflow_step_id;
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'UPDATE' AND OLD.workflow_step_id = NEW.workflow_step_id
+       AND OLD.named_step_id = NEW.named_step_id THEN
+        IF OLD.task_id IS DISTINCT FROM NEW.task_id THEN
+            EXECUTE format('SELECT nt.task_namespace_id FROM %1$I.tasker_tasks t
+                            JOIN %1$I.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
+                            WHERE t.task_id = $1', TG_TABLE_SCHEMA)
+                INTO ns USING NEW.task_id;
+        END IF;
+        UPDATE tasker_core.step_state SET
+            task_id = NEW.task_id,
+            retryable = NEW.retryable, retry_limit = NEW.retry_limit,
+            in_process = NEW.in_process, processed = NEW.processed,
+            attempts = NEW.attempts, last_attempted_at = NEW.last_attempted_at,
+            backoff_request_seconds = NEW.backoff_request_seconds, created_at = NEW.created_at,
+            namespace_id = CASE WHEN OLD.task_id IS DISTINCT FROM NEW.task_id THEN ns ELSE namespace_id END,
+            priority = CASE WHEN OLD.task_id IS DISTINCT FROM NEW.task_id
+                            THEN tasker_core._task_priority(NEW.task_id) ELSE priority END
+        WHERE workflow_step_id = NEW.workflow_step_id;
+        RETURN NULL;
+    END IF;
+    -- the step's name and its task's namespace, in one statement
+    EXECUTE format('SELECT (SELECT name::text FROM %1$I.tasker_named_steps WHERE named_step_id = $1),
+                           (SELECT nt.task_namespace_id FROM %1$I.tasker_tasks t
+                            JOIN %1$I.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
+                            WHERE t.task_id = $2)', TG_TABLE_SCHEMA)
+        INTO step_name, ns USING NEW.named_step_id, NEW.task_id;
+    IF TG_OP = 'UPDATE' THEN
+        UPDATE tasker_core.step_state SET
+            workflow_step_id = NEW.workflow_step_id, task_id = NEW.task_id,
+            named_step_id = NEW.named_step_id, name = step_name,
+            retryable = NEW.retryable, retry_limit = NEW.retry_limit,
+            in_process = NEW.in_process, processed = NEW.processed,
+            attempts = NEW.attempts, last_attempted_at = NEW.last_attempted_at,
+            backoff_request_seconds = NEW.backoff_request_seconds, created_at = NEW.created_at,
+            namespace_id = ns, priority = tasker_core._task_priority(NEW.task_id)
+        WHERE workflow_step_id = OLD.workflow_step_id;
+        RETURN NULL;
+    END IF;
+    -- INSERT: a new step has no edges or transitions yet unless they were written first,
+    -- which the foreign keys forbid.
+    INSERT INTO tasker_core.step_state (
+        workflow_step_id, task_id, named_step_id, name, retryable, retry_limit, in_process,
+        processed, attempts, last_attempted_at, backoff_request_seconds, created_at, namespace_id,
+        priority)
+    VALUES (
+        NEW.workflow_step_id, NEW.task_id, NEW.named_step_id, step_name, NEW.retryable,
+        NEW.retry_limit, NEW.in_process, NEW.processed, NEW.attempts, NEW.last_attempted_at,
+        NEW.backoff_request_seconds, NEW.created_at, ns, tasker_core._task_priority(NEW.task_id));
+    RETURN NULL;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION tasker_core._recomputed_step_state(data_schema name)
+RETURNS SETOF tasker_core.step_state
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY EXECUTE format($q$
+        SELECT ws.workflow_step_id, ws.task_id, ws.named_step_id, ns.name::text,
+               cur.to_state::text, cur.created_at, cur.id,
+               COALESCE(tc.n, 0)::integer,
+               COALESCE(pe.ids, '{}'::bigint[]),
+               COALESCE(ce.ids, '{}'::bigint[]),
+               COALESCE(pe.blocked, 0)::integer,
+               ws.retryable, ws.retry_limit, ws.in_process, ws.processed, ws.attempts,
+               ws.last_attempted_at, ws.backoff_request_seconds, ws.created_at,
+               nt.task_namespace_id, COALESCE(o.priority, 0),
+               CASE WHEN pe.to_step_id IS NULL AND o.run_at > (tasker_core.now() AT TIME ZONE 'UTC')
+                    THEN o.run_at END
+        FROM %1$I.tasker_workflow_steps ws
+        LEFT JOIN tasker_core.task_options o ON o.task_id = ws.task_id
+        LEFT JOIN %1$I.tasker_named_steps ns ON ns.named_step_id = ws.named_step_id
+        LEFT JOIN %1$I.tasker_tasks t ON t.task_id = ws.task_id
+        LEFT JOIN %1$I.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
+        LEFT JOIN %1$I.tasker_workflow_step_transitions cur
+               ON cur.workflow_step_id = ws.workflow_step_id AND cur.most_recent
+        LEFT JOIN (SELECT workflow_step_id, count(*) AS n
+                   FROM %1$I.tasker_workflow_step_transitions GROUP BY workflow_step_id) tc
+               ON tc.workflow_step_id = ws.workflow_step_id
+        LEFT JOIN (SELECT e.to_step_id, array_agg(e.from_step_id ORDER BY e.from_step_id) AS ids,
+                          count(*) FILTER (WHERE p.to_state IS NULL
+                                           OR p.to_state NOT IN ('complete', 'resolved_manually')) AS blocked
+                   FROM %1$I.tasker_workflow_step_edges e
+                   LEFT JOIN %1$I.tasker_workflow_step_transitions p
+                          ON p.workflow_step_id = e.from_step_id AND p.most_recent
+                   GROUP BY e.to_step_id) pe
+               ON pe.to_step_id = ws.workflow_step_id
+        LEFT JOIN (SELECT from_step_id, array_agg(to_step_id ORDER BY to_step_id) AS ids
+                   FROM %1$I.tasker_workflow_step_edges GROUP BY from_step_id) ce
+               ON ce.from_step_id = ws.workflow_step_id
+    $q$, data_schema);
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION tasker_core.check_tracking()
+RETURNS TABLE(workflow_step_id bigint, problem text, maintained text, recomputed text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    tracked name;
+BEGIN
+    SELECT t.data_schema INTO tracked FROM tasker_core.tracking t;
+    IF tracked IS NULL THEN
+        RAISE EXCEPTION 'tracking is not enabled: run tasker_core.enable_tracking()'
+            USING ERRCODE = 'TK011';
+    END IF;
+    RETURN QUERY
+    SELECT COALESCE(m.workflow_step_id, r.workflow_step_id),
+           CASE WHEN m.workflow_step_id IS NULL THEN 'missing'
+                WHEN r.workflow_step_id IS NULL THEN 'extra'
+                ELSE 'differs' END,
+           to_jsonb(m)::text, to_jsonb(r)::text
+    FROM tasker_core.step_state m
+    FULL JOIN tasker_core._recomputed_step_state(tracked) r USING (workflow_step_id)
+    -- a scheduled step that is due may wait for a claim or tick() to promote it: the same
+    WHERE (to_jsonb(m) - 'not_before') IS DISTINCT FROM (to_jsonb(r) - 'not_before')
+       OR (CASE WHEN m.not_before > (tasker_core.now() AT TIME ZONE 'UTC') THEN m.not_before END)
+          IS DISTINCT FROM r.not_before
+    ORDER BY 1;
+END;
+$$;
+
+CREATE FUNCTION tasker_core._promote_scheduled(max_steps integer) RETURNS integer
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    WITH due AS (
+        SELECT s.workflow_step_id FROM tasker_core.step_state s
+        WHERE s.not_before IS NOT NULL AND s.not_before <= (tasker_core.now() AT TIME ZONE 'UTC')
+        ORDER BY s.not_before LIMIT max_steps
+        FOR UPDATE SKIP LOCKED),
+    promoted AS (
+        UPDATE tasker_core.step_state s SET not_before = NULL FROM due
+        WHERE s.workflow_step_id = due.workflow_step_id RETURNING 1)
+    SELECT count(*)::integer FROM promoted
+$$;
+
+CREATE OR REPLACE FUNCTION tasker_core.tick() RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ds name := tasker_core._data_schema();
+    since timestamptz;
+    now_ts timestamptz := tasker_core.now();
+    expired integer := 0;
+    woke integer := 0;
+    r record;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM tasker_core.tracking t WHERE t.data_schema = ds) THEN
+        RETURN 0;
+    END IF;
+    INSERT INTO tasker_core.tick_state AS t (last_tick_at) VALUES (now_ts)
+    ON CONFLICT (singleton) DO UPDATE SET last_tick_at = excluded.last_tick_at
+    RETURNING (SELECT last_tick_at FROM tasker_core.tick_state) INTO since;
+    since := COALESCE(since, now_ts - interval '1 hour');
+    expired := tasker_core._expire_leases(1000) + tasker_core._promote_scheduled(1000);
+    -- failed steps whose backoff ended since the last tick (readiness as the claims see it)
+    EXECUTE format($q$SELECT count(*) FROM tasker_core.step_state s
+                      WHERE %1$s AND s.state = 'error' AND %2$s > $1 AND %2$s <= $2$q$,
+                   tasker_core._readiness_sql('eligible'), tasker_core._readiness_sql('backoff_until'))
+      INTO woke USING since AT TIME ZONE 'UTC', now_ts AT TIME ZONE 'UTC';
+    IF expired + woke > 0 AND current_setting('tasker_core.notify', true) IS DISTINCT FROM 'off' THEN
+        PERFORM pg_notify('tasker_ready', json_build_object('reason', 'tick', 'steps', expired + woke)::text);
+    END IF;
+    RETURN expired + woke;
+END;
+$$;
 
 -- "Why is this step not running?" in SQL.
 --
@@ -26,6 +237,8 @@
 --   retries_exhausted  attempts reached the retry limit (N of N)
 --   not_retryable      it failed and is not retryable
 --   backoff            it waits out its backoff until T
+--   scheduled          its task is scheduled to start at T (a root step; claims and tick()
+--                      start it when T has passed)
 --   tracking           the maintained state disagrees with the tables (run check_tracking())
 --   ready              none of the above: claimable since T
 --
@@ -93,7 +306,9 @@ BEGIN
     END IF;
     RETURN QUERY EXECUTE format($q$
         WITH s AS (
-            SELECT s.*, %1$s AS backoff_until
+            SELECT s.*, %1$s AS backoff_until,
+                   (SELECT o.run_at FROM tasker_core.task_options o
+                    WHERE o.task_id = s.task_id AND cardinality(s.parent_ids) = 0) AS run_at
             FROM tasker_core.step_state s
             WHERE s.task_id = $1 AND ($2::bigint IS NULL OR s.workflow_step_id = $2)),
         why AS (
@@ -161,14 +376,18 @@ BEGIN
           UNION ALL
             SELECT s.workflow_step_id, 'backoff', format('backoff until %%s', s.backoff_until AT TIME ZONE 'UTC'),
                    NULL, s.backoff_until
-            FROM s WHERE s.backoff_until > $5)
+            FROM s WHERE s.backoff_until > $5
+          UNION ALL
+            SELECT s.workflow_step_id, 'scheduled', format('its task is scheduled for %%s', s.not_before AT TIME ZONE 'UTC'),
+                   NULL, s.not_before
+            FROM s WHERE s.not_before > $5)
         SELECT s.workflow_step_id, s.name, w.code, w.reason, w.related, w.at AT TIME ZONE 'UTC'
         FROM why w JOIN s USING (workflow_step_id)
       UNION ALL
         SELECT s.workflow_step_id, s.name, 'ready',
                format('ready since %%s', r.since AT TIME ZONE 'UTC'), NULL, r.since AT TIME ZONE 'UTC'
         FROM s CROSS JOIN LATERAL (
-            SELECT GREATEST(s.created_at, s.state_at, s.backoff_until,
+            SELECT GREATEST(s.created_at, s.state_at, s.backoff_until, s.run_at,
                             (SELECT max(p.state_at) FROM unnest(s.parent_ids) AS e(parent_id)
                              JOIN tasker_core.step_state p ON p.workflow_step_id = e.parent_id)) AS since) r
         WHERE NOT EXISTS (SELECT 1 FROM why w WHERE w.workflow_step_id = s.workflow_step_id)
@@ -178,11 +397,19 @@ BEGIN
 END;
 $$;
 
-ALTER FUNCTION tasker_core.explain_task(bigint) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
-ALTER FUNCTION tasker_core.explain_step(bigint) SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
-REVOKE ALL ON FUNCTION tasker_core.explain_task(bigint) FROM PUBLIC;
-REVOKE ALL ON FUNCTION tasker_core.explain_step(bigint) FROM PUBLIC;
-REVOKE ALL ON FUNCTION tasker_core._explain(bigint, bigint) FROM PUBLIC;
+DO $secdef$
+DECLARE
+    f text;
+BEGIN
+    FOREACH f IN ARRAY ARRAY['tasker_core.track_steps()', 'tasker_core.check_tracking()', 'tasker_core.tick()',
+                             'tasker_core.explain_task(bigint)', 'tasker_core.explain_step(bigint)'] LOOP
+        EXECUTE pg_catalog.format('ALTER FUNCTION %s SECURITY DEFINER SET search_path = pg_catalog, pg_temp', f);
+    END LOOP;
+END;
+$secdef$;
+REVOKE ALL ON FUNCTION tasker_core.explain_task(bigint), tasker_core.explain_step(bigint),
+    tasker_core._explain(bigint, bigint), tasker_core._task_priority(bigint),
+    tasker_core._promote_scheduled(integer) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION tasker_core.create_roles() RETURNS SETOF text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$

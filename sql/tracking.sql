@@ -53,7 +53,12 @@ CREATE TABLE tasker_core.step_state (
     created_at timestamp without time zone,
     -- task_namespace_id of the step's task (through its named task), for claims filtered by
     -- namespace; set when the step is tracked or moves to another task
-    namespace_id bigint
+    namespace_id bigint,
+    -- the task's priority (tasker_core.task_options; 0 without): claims take higher first
+    priority integer NOT NULL DEFAULT 0,
+    -- a root step of a task scheduled to start later: not claimable before this time (UTC);
+    -- NULL once it is due and promoted into the ready queue (by a claim or tick())
+    not_before timestamp without time zone
 ) WITH (fillfactor = 80,
       -- A claim walks the claimable index from the oldest ready step; the entries of steps
       -- claimed since the last vacuum stay at its head (dead, skipped one by one) until a
@@ -64,15 +69,38 @@ CREATE TABLE tasker_core.step_state (
       autovacuum_vacuum_cost_delay = 0);
 CREATE INDEX step_state_task_idx ON tasker_core.step_state (task_id, workflow_step_id);
 CREATE INDEX step_state_named_step_idx ON tasker_core.step_state (named_step_id);
--- The steps a worker could claim (unblocked, unprocessed, pending or in error), per
--- namespace: a claim walks the ready queue of each namespace it works on, oldest first, and
--- never the ready steps of other namespaces.
-CREATE INDEX step_state_claimable_ns_idx ON tasker_core.step_state (namespace_id, workflow_step_id)
+-- The steps a worker could claim (unblocked, unprocessed, pending or in error, not scheduled
+-- for later), per namespace: a claim walks the ready queue of each namespace it works on,
+-- highest priority first and within a priority oldest first, and never the ready steps of
+-- other namespaces.
+CREATE INDEX step_state_claimable_ns_idx
+    ON tasker_core.step_state (namespace_id, priority DESC, workflow_step_id)
     WHERE blocked_parents = 0 AND processed IS NOT TRUE AND in_process IS NOT TRUE
-      AND (state IS NULL OR state IN ('pending', 'error'));
+      AND (state IS NULL OR state IN ('pending', 'error')) AND not_before IS NULL;
+-- Root steps of tasks scheduled to start later, by start time: claims and tick() promote the
+-- due ones into the ready queue.
+CREATE INDEX step_state_scheduled_idx ON tasker_core.step_state (not_before)
+    WHERE not_before IS NOT NULL;
+
+-- Options of tasks created through create_task that differ from the defaults: the source of
+-- step_state.priority and step_state.not_before (a rebuild of the maintained state reads
+-- them here). run_at is UTC.
+CREATE TABLE tasker_core.task_options (
+    task_id bigint PRIMARY KEY,
+    priority integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -1000 AND 1000),
+    run_at timestamp without time zone
+);
 
 SELECT pg_catalog.pg_extension_config_dump('tasker_core.tracking', '');
 SELECT pg_catalog.pg_extension_config_dump('tasker_core.step_state', '');
+SELECT pg_catalog.pg_extension_config_dump('tasker_core.task_options', '');
+
+-- A task's priority (tasker_core.task_options), 0 without options.
+-- (No SET clause: the tracking triggers inline it; they pin their search_path themselves.)
+CREATE FUNCTION tasker_core._task_priority(task bigint) RETURNS integer
+LANGUAGE sql STABLE AS $$
+    SELECT COALESCE((SELECT o.priority FROM tasker_core.task_options o WHERE o.task_id = task), 0)
+$$;
 
 -- tasker_workflow_steps: a row per step.
 CREATE FUNCTION tasker_core.track_steps() RETURNS trigger
@@ -101,7 +129,9 @@ BEGIN
             in_process = NEW.in_process, processed = NEW.processed,
             attempts = NEW.attempts, last_attempted_at = NEW.last_attempted_at,
             backoff_request_seconds = NEW.backoff_request_seconds, created_at = NEW.created_at,
-            namespace_id = CASE WHEN OLD.task_id IS DISTINCT FROM NEW.task_id THEN ns ELSE namespace_id END
+            namespace_id = CASE WHEN OLD.task_id IS DISTINCT FROM NEW.task_id THEN ns ELSE namespace_id END,
+            priority = CASE WHEN OLD.task_id IS DISTINCT FROM NEW.task_id
+                            THEN tasker_core._task_priority(NEW.task_id) ELSE priority END
         WHERE workflow_step_id = NEW.workflow_step_id;
         RETURN NULL;
     END IF;
@@ -119,7 +149,7 @@ BEGIN
             in_process = NEW.in_process, processed = NEW.processed,
             attempts = NEW.attempts, last_attempted_at = NEW.last_attempted_at,
             backoff_request_seconds = NEW.backoff_request_seconds, created_at = NEW.created_at,
-            namespace_id = ns
+            namespace_id = ns, priority = tasker_core._task_priority(NEW.task_id)
         WHERE workflow_step_id = OLD.workflow_step_id;
         RETURN NULL;
     END IF;
@@ -127,11 +157,12 @@ BEGIN
     -- which the foreign keys forbid.
     INSERT INTO tasker_core.step_state (
         workflow_step_id, task_id, named_step_id, name, retryable, retry_limit, in_process,
-        processed, attempts, last_attempted_at, backoff_request_seconds, created_at, namespace_id)
+        processed, attempts, last_attempted_at, backoff_request_seconds, created_at, namespace_id,
+        priority)
     VALUES (
         NEW.workflow_step_id, NEW.task_id, NEW.named_step_id, step_name, NEW.retryable,
         NEW.retry_limit, NEW.in_process, NEW.processed, NEW.attempts, NEW.last_attempted_at,
-        NEW.backoff_request_seconds, NEW.created_at, ns);
+        NEW.backoff_request_seconds, NEW.created_at, ns, tasker_core._task_priority(NEW.task_id));
     RETURN NULL;
 END;
 $$;
@@ -418,8 +449,11 @@ BEGIN
                COALESCE(pe.blocked, 0)::integer,
                ws.retryable, ws.retry_limit, ws.in_process, ws.processed, ws.attempts,
                ws.last_attempted_at, ws.backoff_request_seconds, ws.created_at,
-               nt.task_namespace_id
+               nt.task_namespace_id, COALESCE(o.priority, 0),
+               CASE WHEN pe.to_step_id IS NULL AND o.run_at > (tasker_core.now() AT TIME ZONE 'UTC')
+                    THEN o.run_at END
         FROM %1$I.tasker_workflow_steps ws
+        LEFT JOIN tasker_core.task_options o ON o.task_id = ws.task_id
         LEFT JOIN %1$I.tasker_named_steps ns ON ns.named_step_id = ws.named_step_id
         LEFT JOIN %1$I.tasker_tasks t ON t.task_id = ws.task_id
         LEFT JOIN %1$I.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
@@ -483,7 +517,10 @@ BEGIN
            to_jsonb(m)::text, to_jsonb(r)::text
     FROM tasker_core.step_state m
     FULL JOIN tasker_core._recomputed_step_state(tracked) r USING (workflow_step_id)
-    WHERE m IS DISTINCT FROM r
+    -- a scheduled step that is due may wait for a claim or tick() to promote it: the same
+    WHERE (to_jsonb(m) - 'not_before') IS DISTINCT FROM (to_jsonb(r) - 'not_before')
+       OR (CASE WHEN m.not_before > (tasker_core.now() AT TIME ZONE 'UTC') THEN m.not_before END)
+          IS DISTINCT FROM r.not_before
     ORDER BY 1;
 END;
 $$;

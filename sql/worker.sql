@@ -25,9 +25,24 @@ CREATE TABLE tasker_core.tick_state (
 );
 SELECT pg_catalog.pg_extension_config_dump('tasker_core.tick_state', '');
 
+-- Promotes up to max_steps root steps of scheduled tasks that are due into the ready queue
+-- (rows another transaction holds are left to it); returns how many. Claims and tick() call it.
+CREATE FUNCTION tasker_core._promote_scheduled(max_steps integer) RETURNS integer
+LANGUAGE sql SET search_path = pg_catalog, pg_temp AS $$
+    WITH due AS (
+        SELECT s.workflow_step_id FROM tasker_core.step_state s
+        WHERE s.not_before IS NOT NULL AND s.not_before <= (tasker_core.now() AT TIME ZONE 'UTC')
+        ORDER BY s.not_before LIMIT max_steps
+        FOR UPDATE SKIP LOCKED),
+    promoted AS (
+        UPDATE tasker_core.step_state s SET not_before = NULL FROM due
+        WHERE s.workflow_step_id = due.workflow_step_id RETURNING 1)
+    SELECT count(*)::integer FROM promoted
+$$;
+
 -- Timers, without clients polling the tables: fails steps whose lease expired (so they can be
 -- claimed again) and wakes workers (NOTIFY tasker_ready) when a backoff ended or a lease
--- expired since the last tick. Run it every second or so: from pg_cron
+-- expired since the last tick, and when a scheduled task became due. Run it every second or so: from pg_cron
 -- (SELECT cron.schedule('tasker-tick', '1 second', 'SELECT tasker_core.tick()')), from the
 -- background worker (tasker_core in shared_preload_libraries), or from any client.
 -- Returns the number of steps it made claimable or announced.
@@ -48,7 +63,7 @@ BEGIN
     ON CONFLICT (singleton) DO UPDATE SET last_tick_at = excluded.last_tick_at
     RETURNING (SELECT last_tick_at FROM tasker_core.tick_state) INTO since;
     since := COALESCE(since, now_ts - interval '1 hour');
-    expired := tasker_core._expire_leases(1000);
+    expired := tasker_core._expire_leases(1000) + tasker_core._promote_scheduled(1000);
     -- failed steps whose backoff ended since the last tick (readiness as the claims see it)
     EXECUTE format($q$SELECT count(*) FROM tasker_core.step_state s
                       WHERE %1$s AND s.state = 'error' AND %2$s > $1 AND %2$s <= $2$q$,

@@ -74,7 +74,7 @@ fn max_subscriptions_per_login() -> i32 {
 #[pg_extern(immutable, parallel_safe, name = "_readiness_sql")]
 fn readiness_sql(part: Option<String>) -> &'static str {
     attempt(move || match required(part, "part")?.as_str() {
-        "eligible" => Ok(worker::ELIGIBLE),
+        "eligible" => Ok(worker::eligible()),
         "backoff_until" => Ok(worker::BACKOFF_UNTIL),
         other => Err(TaskerError::InvalidArgument {
             argument: "part",

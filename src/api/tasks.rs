@@ -19,13 +19,16 @@ fn parse_options(raw: Option<JsonbText>) -> Result<templates::TaskOptions, Taske
         bypass_steps: Value::Array(o.bypass_steps),
         idempotency_key: o.idempotency_key,
         traceparent: o.traceparent.map(|t| valid_traceparent("options", t)).transpose()?,
+        priority: o.priority,
+        start: o.start,
     })
 }
 
 /// Creates a task of a registered template — the task, its steps and edges — and wakes
 /// workers. `version` NULL means the latest. The context is validated against the template's
 /// JSON schema. `options`: initiator, source_system, reason, tags, bypass_steps,
-/// idempotency_key (a key used before returns that task's id and creates nothing).
+/// idempotency_key (a key used before returns that task's id and creates nothing), priority
+/// (-1000 to 1000, higher first), run_at (a timestamptz) or delay_seconds (a later start).
 #[pg_extern(volatile, parallel_unsafe)]
 fn create_task(
     namespace: Option<String>,

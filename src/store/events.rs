@@ -131,7 +131,7 @@ pub fn traces_installed() -> bool {
 }
 
 /// Whether relation `tasker_core.<rel>` has column `column` (three catalog cache lookups).
-fn own_column(rel: &std::ffi::CStr, column: &std::ffi::CStr) -> bool {
+pub(super) fn own_column(rel: &std::ffi::CStr, column: &std::ffi::CStr) -> bool {
     own_relation(rel).is_some_and(|rel| {
         // SAFETY: a catalog cache lookup by name; a missing column gives InvalidAttrNumber.
         unsafe { pg_sys::get_attnum(rel, column.as_ptr()) != pg_sys::InvalidAttrNumber as i16 }

@@ -16,6 +16,7 @@ pub const INT8ARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID);
 pub const TEXT: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
 pub const TEXTARRAY: PgOid = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
 pub const JSONB: PgOid = PgOid::BuiltIn(PgBuiltInOids::JSONBOID);
+pub const FLOAT8: PgOid = PgOid::BuiltIn(PgBuiltInOids::FLOAT8OID);
 
 /// The statements' clock: `tasker_core.now()` as the UTC timestamp the Rails columns hold.
 pub const NOW: &str = "(tasker_core.now() AT TIME ZONE 'UTC')";

@@ -4,11 +4,12 @@ use super::idempotency::{identity_input, identity_sql, legacy_keyed_task};
 use super::lookup::{find_for_creation, TemplateRef};
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
+use crate::core::options::Start;
 use crate::core::template::{self, TaskTemplate};
 use crate::store::events::{self, NewEvent};
 use crate::store::plans::{
-    all_rows, one_value, with_write_plan, BOOLARRAY, INT4, INT4ARRAY, INT8, INT8ARRAY, JSONB, NOW,
-    TEXT, TEXTARRAY,
+    all_rows, one_value, with_write_plan, BOOLARRAY, FLOAT8, INT4, INT4ARRAY, INT8, INT8ARRAY,
+    JSONB, NOW, TEXT, TEXTARRAY,
 };
 use crate::store::{internal, spi};
 use pgrx::spi::{Spi, SpiClient};
@@ -27,6 +28,10 @@ pub struct TaskOptions {
     pub idempotency_key: Option<String>,
     /// W3C `traceparent` of the caller's trace: carried by the task's events, transitions and claims.
     pub traceparent: Option<String>,
+    /// Higher is claimed first; 0 by default.
+    pub priority: i32,
+    /// When the task's root steps may start; `None`: at once.
+    pub start: Option<Start>,
 }
 
 /// Creates a task from a template: the task, its steps and edges, in one statement per table.
@@ -271,9 +276,69 @@ pub fn create_task(
             )
             .map_err(spi)?;
         }
-        crate::store::worker::wake(client, task_id, &t.namespace, None).map_err(spi)?;
+        let scheduled = if options.priority != 0 || options.start.is_some() {
+            set_options(client, task_id, options)?
+        } else {
+            false
+        };
+        if !scheduled {
+            crate::store::worker::wake(client, task_id, &t.namespace, None).map_err(spi)?;
+        }
         Ok((task_id, true))
     })
+}
+
+/// Records a new task's priority and scheduled start (`tasker_core.task_options`) and gives
+/// its maintained rows the priority, and its root steps the start when it is later than now.
+/// Returns whether the task is scheduled for later (no worker is woken for it now: claims or
+/// `tick()` promote it when it is due). A `run_at` PostgreSQL cannot read as a `timestamptz`
+/// raises its own error (`22007`, `22008`), and the whole call changes nothing.
+fn set_options(
+    client: &SpiClient<'_>,
+    task_id: i64,
+    options: &TaskOptions,
+) -> Result<bool, TaskerError> {
+    if !crate::store::worker::scheduling_installed() {
+        return Err(TaskerError::InvalidArgument {
+            argument: "options",
+            reason: "priority, run_at and delay_seconds need the SQL of this version: run ALTER EXTENSION tasker_core UPDATE".into(),
+        });
+    }
+    let (at, delay) = match &options.start {
+        Some(Start::At(at)) => (Some(at.clone()), None),
+        Some(Start::After(d)) => (None, Some(*d)),
+        None => (None, None),
+    };
+    with_write_plan(
+        client,
+        "create_task_options",
+        "",
+        &[INT8, INT4, TEXT, FLOAT8],
+        || {
+            format!(
+                "WITH o AS (
+                     INSERT INTO tasker_core.task_options (task_id, priority, run_at)
+                     VALUES ($1, $2, CASE WHEN $3::text IS NOT NULL THEN $3::text::timestamptz AT TIME ZONE 'UTC'
+                                          WHEN $4::float8 IS NOT NULL THEN {NOW} + $4 * interval '1 second' END)
+                     RETURNING priority, CASE WHEN run_at > {NOW} THEN run_at END AS not_before),
+                 s AS (
+                     UPDATE tasker_core.step_state s
+                        SET priority = o.priority,
+                            not_before = CASE WHEN cardinality(s.parent_ids) = 0 THEN o.not_before END
+                       FROM o WHERE s.task_id = $1)
+                 SELECT o.not_before IS NOT NULL FROM o"
+            )
+        },
+        |stmt| {
+            one_value::<bool>(
+                client,
+                stmt,
+                &[task_id.into(), options.priority.into(), at.clone().into(), delay.into()],
+            )
+        },
+    )
+    .map(Option::unwrap_or_default)
+    .map_err(spi)
 }
 
 /// The columns of the steps to create, in template order (`kept`: template position and named

@@ -129,6 +129,29 @@ pub(super) fn release(
     }
 }
 
+/// Promotes the root steps of scheduled tasks that are due into the ready queue, when there
+/// are any (one probe of the scheduled index otherwise): claims do not depend on `tick()`
+/// running to start a scheduled task.
+fn promote_due(client: &SpiClient<'_>) -> Result<(), TaskerError> {
+    with_write_plan(
+        client,
+        "promote_due",
+        "",
+        &[],
+        || {
+            // the head of the scheduled index (ORDER BY and LIMIT: an index probe whatever
+            // the statistics, never a scan of step_state)
+            format!(
+                "SELECT CASE WHEN (SELECT s.not_before FROM tasker_core.step_state s
+                                   WHERE s.not_before IS NOT NULL ORDER BY s.not_before LIMIT 1) <= {NOW}
+                             THEN tasker_core._promote_scheduled(1000) ELSE 0 END"
+            )
+        },
+        |stmt| one_value::<i32>(client, stmt, &[]).map(|_| ()),
+    )
+    .map_err(spi)
+}
+
 /// Claims up to `max_steps` ready steps of the given namespaces (all when `None`) for
 /// `worker_id`, under a lease of `lease_seconds`. With a `traceparent`, each claimed task that
 /// has no trace of its own joins the worker's.
@@ -149,12 +172,21 @@ pub fn claim(
         // then locked by id (an index probe each: a join there let the generic plan merge-join
         // the whole step table to reach them).
         let per_namespace = events::step_namespaces_installed();
+        let (claimable, variant) = super::claimable();
+        let scheduling = variant.is_empty();
+        if scheduling {
+            promote_due(client)?;
+        }
+        // highest priority first, then oldest (the SQL of 0.8.0 on has priorities)
+        let order = if scheduling { "s.priority DESC, " } else { "" };
+        let outer_order = if scheduling { "x.priority DESC, " } else { "" };
         let candidates: Vec<(i64, i64, Option<String>)> = with_write_plan(
             client,
-            if per_namespace {
-                "claim_candidates_ns"
-            } else {
-                "claim_candidates"
+            match (per_namespace, scheduling) {
+                (true, true) => "claim_candidates_ns",
+                (true, false) => "claim_candidates_ns_07",
+                (false, true) => "claim_candidates",
+                (false, false) => "claim_candidates_07",
             },
             schema.as_str(),
             &[INT4, TEXTARRAY],
@@ -168,19 +200,20 @@ pub fn claim(
                         "SELECT x.workflow_step_id
                          FROM {q}.tasker_task_namespaces tn
                          CROSS JOIN LATERAL (
-                             SELECT s.workflow_step_id
+                             SELECT s.workflow_step_id{priority}
                              FROM tasker_core.step_state s
                              JOIN {q}.tasker_tasks t ON t.task_id = s.task_id
                              JOIN {q}.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
                              WHERE s.namespace_id = tn.task_namespace_id
                                AND nt.task_namespace_id = tn.task_namespace_id
-                               AND {CLAIMABLE}
+                               AND {claimable}
                                AND t.complete IS NOT TRUE
-                             ORDER BY s.namespace_id, s.workflow_step_id
+                             ORDER BY s.namespace_id, {order}s.workflow_step_id
                              LIMIT $1 + 32) x
                          WHERE ($2::text[] IS NULL OR tn.name = ANY ($2))
-                         ORDER BY x.workflow_step_id
-                         LIMIT $1 + 32"
+                         ORDER BY {outer_order}x.workflow_step_id
+                         LIMIT $1 + 32",
+                        priority = if scheduling { ", s.priority" } else { "" },
                     )
                 } else {
                     // the SQL of 0.2.0 and before: one ready queue for all namespaces
@@ -190,21 +223,28 @@ pub fn claim(
                          JOIN {q}.tasker_tasks t ON t.task_id = s.task_id
                          JOIN {q}.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id
                          JOIN {q}.tasker_task_namespaces tn ON tn.task_namespace_id = nt.task_namespace_id
-                         WHERE {CLAIMABLE}
+                         WHERE {claimable}
                            AND t.complete IS NOT TRUE
                            AND ($2::text[] IS NULL OR tn.name = ANY ($2))
-                         ORDER BY s.workflow_step_id
+                         ORDER BY {order}s.workflow_step_id
                          LIMIT $1 + 32"
                     )
                 };
                 format!(
-                    "WITH c AS MATERIALIZED ({ready})
+                    "WITH c AS MATERIALIZED ({ready}),
+                          ids AS MATERIALIZED (SELECT ARRAY(SELECT c.workflow_step_id FROM c) AS a)
                      SELECT ws.workflow_step_id, ws.task_id, NULL::text
-                     FROM {q}.tasker_workflow_steps ws
-                     WHERE ws.workflow_step_id = ANY (ARRAY(SELECT c.workflow_step_id FROM c))
-                     ORDER BY ws.workflow_step_id
+                     FROM {q}.tasker_workflow_steps ws, ids
+                     WHERE ws.workflow_step_id = ANY (ids.a)
+                     ORDER BY {locked_order}
                      LIMIT $1
-                     FOR NO KEY UPDATE OF ws SKIP LOCKED"
+                     FOR NO KEY UPDATE OF ws SKIP LOCKED",
+                    // in the ready queue's order: by priority, then oldest
+                    locked_order = if scheduling {
+                        "array_position(ids.a, ws.workflow_step_id)"
+                    } else {
+                        "ws.workflow_step_id"
+                    }
                 )
             },
             |stmt| all_rows(client, stmt, &[max_steps.into(), namespaces.clone().into()], |row| Ok((
@@ -333,9 +373,10 @@ pub(super) fn recheck_claimable(
         return Ok(candidates);
     }
     let ids: Vec<i64> = candidates.iter().map(|c| c.0).collect();
+    let (claimable, variant) = super::claimable();
     let still: std::collections::HashMap<i64, Option<String>> = with_write_plan(
         client,
-        "claim_recheck",
+        if variant.is_empty() { "claim_recheck" } else { "claim_recheck_07" },
         "",
         &[INT8ARRAY],
         || {
@@ -344,7 +385,7 @@ pub(super) fn recheck_claimable(
             // the whole ready index (its predicate matched) and filtered it by id — 4,000 rows
             // read per claim with 2,000 tasks queued.
             format!(
-                "SELECT s.workflow_step_id, s.state, COALESCE({CLAIMABLE}, false)
+                "SELECT s.workflow_step_id, s.state, COALESCE({claimable}, false)
                  FROM tasker_core.step_state s WHERE s.workflow_step_id = ANY ($1)"
             )
         },

@@ -18,9 +18,10 @@ pub(super) fn native_counts(
     client: &SpiClient<'_>,
     task_id: i64,
 ) -> Result<TaskCounts, TaskerError> {
+    let (claimable, variant) = super::claimable();
     with_write_plan(
         client,
-        "native_counts",
+        if variant.is_empty() { "native_counts" } else { "native_counts_07" },
         "",
         &[INT8],
         || {
@@ -28,7 +29,7 @@ pub(super) fn native_counts(
                 "SELECT count(*),
                         count(*) FILTER (WHERE s.state IN ('complete', 'resolved_manually')),
                         count(*) FILTER (WHERE s.state = 'in_progress'),
-                        count(*) FILTER (WHERE {CLAIMABLE}),
+                        count(*) FILTER (WHERE {claimable}),
                         count(*) FILTER (WHERE s.state = 'error' AND COALESCE(s.attempts, 0) < COALESCE(s.retry_limit, 3)
                                            AND COALESCE(s.retryable, true)),
                         count(*) FILTER (WHERE s.state = 'error' AND (COALESCE(s.attempts, 0) >= COALESCE(s.retry_limit, 3)

@@ -41,8 +41,11 @@ pub use outcome::*;
 
 // Native readiness (see the module comment), written once: the claim and the finalizer use
 // CLAIMABLE; metrics() and tick(), in SQL, read the two parts through
-// `tasker_core._readiness_sql` and build their statements with them.
-macro_rules! eligible {
+// `tasker_core._readiness_sql` and build their statements with them. From the SQL of 0.8.0
+// on, a root step of a task scheduled for later is not eligible until it is promoted
+// (`not_before` cleared); the SQL of earlier versions has no such column, and a library
+// serves it until `ALTER EXTENSION tasker_core UPDATE`: the `_07` texts are for it.
+macro_rules! eligible_07 {
     () => {
         "(s.blocked_parents = 0 AND s.processed IS NOT TRUE AND s.in_process IS NOT TRUE
           AND (s.state IS NULL OR s.state IN ('pending', 'error'))
@@ -50,25 +53,61 @@ macro_rules! eligible {
           AND (COALESCE(s.retryable, true) OR COALESCE(s.attempts, 0) = 0))"
     };
 }
+macro_rules! eligible {
+    () => {
+        concat!("(", eligible_07!(), " AND s.not_before IS NULL)")
+    };
+}
 macro_rules! backoff_until {
     () => {
         "(s.last_attempted_at + s.backoff_request_seconds * interval '1 second')"
     };
 }
+macro_rules! claimable {
+    ($eligible:expr) => {
+        concat!(
+            $eligible,
+            " AND (",
+            backoff_until!(),
+            " IS NULL OR ",
+            backoff_until!(),
+            " <= (tasker_core.now() AT TIME ZONE 'UTC'))"
+        )
+    };
+}
 
 /// Whether a `tasker_core.step_state` row `s` could be claimed but for its backoff.
-pub const ELIGIBLE: &str = eligible!();
+const ELIGIBLE: &str = eligible!();
+const ELIGIBLE_07: &str = eligible_07!();
 /// When the explicit backoff of row `s` ends (UTC), NULL without one.
 pub const BACKOFF_UNTIL: &str = backoff_until!();
 /// Whether row `s` can be claimed now.
-pub(super) const CLAIMABLE: &str = concat!(
-    eligible!(),
-    " AND (",
-    backoff_until!(),
-    " IS NULL OR ",
-    backoff_until!(),
-    " <= (tasker_core.now() AT TIME ZONE 'UTC'))"
-);
+const CLAIMABLE: &str = claimable!(eligible!());
+const CLAIMABLE_07: &str = claimable!(eligible_07!());
+
+/// Whether `tasker_core.step_state` has the scheduling columns (`priority`, `not_before`: the
+/// SQL of 0.8.0 on).
+pub fn scheduling_installed() -> bool {
+    super::events::own_column(c"step_state", c"not_before")
+}
+
+/// [`ELIGIBLE`] for the installed SQL.
+pub fn eligible() -> &'static str {
+    if scheduling_installed() {
+        ELIGIBLE
+    } else {
+        ELIGIBLE_07
+    }
+}
+
+/// [`CLAIMABLE`] for the installed SQL, and a suffix for the keys of the plans built with it.
+pub(super) fn claimable() -> (&'static str, &'static str) {
+    if scheduling_installed() {
+        (CLAIMABLE, "")
+    } else {
+        (CLAIMABLE_07, "_07")
+    }
+}
 
 /// The columns of a step that `step_state` mirrors and the worker protocol changes: the
 /// RETURNING list of a self-maintained update of `tasker_workflow_steps` (see

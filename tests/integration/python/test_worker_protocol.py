@@ -516,7 +516,7 @@ BAD_CREATES = [
     ("context misses a required key", (NS, "process_order", None, {"x": 1}, {}), "TK025"),
     ("context of the wrong type", (NS, "process_order", None, {"order_id": "7"}, {}), "TK025"),
     ("context below the minimum", (NS, "process_order", None, {"order_id": 0}, {}), "TK025"),
-    ("unknown option", (NS, "process_order", None, {"order_id": 1}, {"priority": 1}), "22023"),
+    ("unknown option", (NS, "process_order", None, {"order_id": 1}, {"priorty": 1}), "22023"),
     ("options an array", (NS, "process_order", None, {"order_id": 1}, [1]), "22023"),
     ("initiator a number", (NS, "process_order", None, {"order_id": 1}, {"initiator": 5}), "22023"),
     ("empty idempotency key", (NS, "process_order", None, {"order_id": 1}, {"idempotency_key": ""}), "22023"),
