@@ -179,8 +179,14 @@ class Worker extends EventEmitter {
     return rows[0].id;
   }
 
-  /** tasker_core.create_task: starts a task; options as in the SQL function plus `version`. */
-  async createTask(namespace, name, context = {}, { version = null, ...options } = {}) {
+  /**
+   * tasker_core.create_task: starts a task; options as in the SQL function plus `version`, with
+   * `priority` (-1000..1000, higher first) and a later start: `runAt` (a Date or a timestamptz
+   * string) or `delaySeconds` (the SQL names run_at and delay_seconds work too).
+   */
+  async createTask(namespace, name, context = {}, { version = null, runAt, delaySeconds, ...options } = {}) {
+    if (runAt !== undefined) options.run_at = runAt instanceof Date ? runAt.toISOString() : runAt;
+    if (delaySeconds !== undefined) options.delay_seconds = delaySeconds;
     const { rows } = await this.pool.query(
       'SELECT tasker_core.create_task($1, $2, $3, $4::jsonb, $5::jsonb) AS id',
       [namespace, name, version, JSON.stringify(context), JSON.stringify(options)],

@@ -502,3 +502,21 @@ test('example.js runs as written', async () => {
     assert.equal(await t.taskState(1), 'complete');
   });
 });
+
+test('createTask takes a priority and a later start (runAt as a Date, or delaySeconds)', async () => {
+  await withDatabase(async (t) => {
+    await t.template(single('node_sched', 'Sched::Only'));
+    const w = t.worker();
+    const later = new Date(Date.UTC(2099, 0, 1, 12, 0, 0));
+    const scheduled = await w.createTask('node_sched', 'single', {}, { priority: 7, runAt: later });
+    const delayed = await w.createTask('node_sched', 'single', {}, { delaySeconds: 3600 });
+    const urgent = await w.createTask('node_sched', 'single', {}, { priority: 9, initiator: 'node' });
+    const rows = await t.query('SELECT task_id::int AS id, priority, run_at FROM tasker_core.task_options ORDER BY 1');
+    assert.deepEqual(rows.map((r) => [r.id, r.priority]), [[scheduled, 7], [delayed, 0], [urgent, 9]]);
+    assert.equal((await t.query("SELECT to_char(run_at, 'YYYY-MM-DD HH24:MI') AS at FROM tasker_core.task_options WHERE task_id = $1", [scheduled]))[0].at, '2099-01-01 12:00');
+    // only the urgent task can start now
+    const claimed = await t.query("SELECT task_id::int AS id FROM tasker_core.claim_steps('probe', NULL, 10, 60)");
+    assert.deepEqual(claimed.map((r) => r.id), [urgent]);
+    await w.stop({ graceMs: 0 });
+  });
+});

@@ -10,9 +10,9 @@
 
     worker.run()   # until SIGTERM / SIGINT / worker.stop()
 """
-from .worker import PermanentError, RetryableError, Step, Worker
+from .worker import PermanentError, RetryableError, Step, Worker, create_task
 
-__all__ = ["Worker", "Step", "RetryableError", "PermanentError"]
+__all__ = ["Worker", "Step", "RetryableError", "PermanentError", "create_task"]
 __version__ = "0.1.0"
 
 # Error classes are recorded by name in the step's error; name them by the public module.

@@ -38,6 +38,24 @@ from psycopg_pool import ConnectionPool
 log = logging.getLogger("tasker_worker")
 
 LEASE_LOST = "TK030"  # SQLSTATE: the worker no longer holds the step's lease
+
+
+def create_task(conn: psycopg.Connection, namespace: str, name: str, context: Optional[dict] = None, *,
+                version: Optional[str] = None, priority: Optional[int] = None,
+                run_at: Any = None, delay_seconds: Optional[float] = None, **options: Any) -> int:
+    """tasker_core.create_task on `conn`: starts a task of a registered template and returns its
+    id. `priority` (-1000..1000, higher is claimed first), `run_at` (a timezone-aware datetime or
+    a timestamptz string) or `delay_seconds` (a later start); other options (initiator, tags,
+    idempotency_key, traceparent, ...) as the SQL function takes them."""
+    if priority is not None:
+        options["priority"] = priority
+    if run_at is not None:
+        options["run_at"] = run_at.isoformat() if hasattr(run_at, "isoformat") else run_at
+    if delay_seconds is not None:
+        options["delay_seconds"] = delay_seconds
+    row = conn.execute("SELECT tasker_core.create_task(%s, %s, %s, %s::jsonb, %s::jsonb)",
+                       (namespace, name, version, json.dumps(context or {}), json.dumps(options))).fetchone()
+    return row[0]
 CHANNEL = "tasker_ready"
 TRACEBACK_CHARS = 2000
 

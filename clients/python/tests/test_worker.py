@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import PACKAGE_ROOT, running
-from tasker_worker import PermanentError, RetryableError, Step, Worker
+from tasker_worker import PermanentError, RetryableError, Step, Worker, create_task
 
 NS = "pytest"
 
@@ -420,3 +420,19 @@ def test_sigterm_at_any_moment_stops_the_worker_promptly(db):
         assert proc.returncode == 0 and "exited" in out, (i, err[-2000:])
     # nothing is left claimed
     assert db.scalar("SELECT count(*) FROM tasker_core.step_claims") == 0
+
+
+def test_create_task_with_priority_and_a_later_start(db):
+    import datetime as dt
+    db.register(FAN)
+    with db.connect() as conn:
+        later = dt.datetime(2099, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+        scheduled = create_task(conn, NS, "fan", {"n": 1}, priority=7, run_at=later, initiator="pytest")
+        delayed = create_task(conn, NS, "fan", {"n": 2}, delay_seconds=3600)
+        urgent = create_task(conn, NS, "fan", {"n": 3}, priority=9)
+    assert db.rows("SELECT task_id, priority, run_at FROM tasker_core.task_options ORDER BY 1")[0] == \
+        (scheduled, 7, dt.datetime(2099, 1, 1, 12, 0))
+    assert db.scalar("SELECT initiator FROM tasker_tasks WHERE task_id = %s", [scheduled]) == "pytest"
+    # only the urgent task can start now
+    assert [r[0] for r in db.rows("SELECT task_id FROM tasker_core.claim_steps('w', NULL, 10, 60)")] == [urgent]
+    assert delayed != urgent

@@ -9,6 +9,7 @@
 require "active_record"
 require "pg"
 require "json"
+require "time"
 require "logger"
 
 require_relative "tasker_core/errors"
@@ -36,8 +37,11 @@ module TaskerCore
     end
 
     # Creates a task of a registered template; returns its id. Options: initiator,
-    # source_system, reason, tags, bypass_steps, idempotency_key.
+    # source_system, reason, tags, bypass_steps, idempotency_key, traceparent, priority
+    # (-1000..1000, higher is claimed first), and a later start: run_at (a Time or a timestamptz
+    # string) or delay_seconds.
     def create_task(namespace, name, context, version: nil, **options)
+      options[:run_at] = options[:run_at].utc.iso8601(6) if options[:run_at].respond_to?(:iso8601)
       SQL.value("SELECT tasker_core.create_task($1, $2, $3, $4::jsonb, $5::jsonb)",
                 [namespace, name, version, JSON.generate(context), JSON.generate(options)])
     end

@@ -242,4 +242,19 @@ class WorkerTest < Minitest::Test
     w.stop
     thread&.join
   end
+
+  def test_create_task_takes_a_priority_and_a_later_start
+    name = template("sched", [["only", "Sched::Only"]])
+    later = Time.utc(2099, 1, 1, 12, 0, 0)
+    scheduled = TaskerCore.create_task(namespace, name, {}, priority: 7, run_at: later)
+    delayed = TaskerCore.create_task(namespace, name, {}, delay_seconds: 3600)
+    urgent = TaskerCore.create_task(namespace, name, {}, priority: 9, initiator: "ruby")
+    rows = conn.select_rows("SELECT task_id, priority, to_char(run_at, 'YYYY-MM-DD HH24:MI') FROM tasker_core.task_options " \
+                            "WHERE task_id IN (#{[scheduled, delayed, urgent].join(", ")}) ORDER BY 1")
+    assert_equal [[scheduled, 7, "2099-01-01 12:00"], [urgent, 9, nil]], rows.values_at(0, 2)
+    assert_equal delayed, rows[1][0]
+    # only the urgent task can start now
+    claimed = TaskerCore::SQL.claim_steps("probe", namespaces: [namespace], max_steps: 10)
+    assert_equal [urgent], claimed.map(&:task_id)
+  end
 end

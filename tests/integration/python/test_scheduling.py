@@ -147,15 +147,18 @@ def test_bad_options_have_their_own_sqlstate_and_change_nothing(conn, options, s
 # idempotency key is the tick's time truncated to the schedule's unit, so a tick that fires
 # twice (a retry, two schedulers) creates one task.
 RECIPE = """SELECT tasker_core.create_task('sched', 'job', NULL, '{}',
-                jsonb_build_object('idempotency_key',
-                                   'sched.job@' || to_char(date_trunc('minute', now()), 'YYYY-MM-DD"T"HH24:MI')))"""
+      jsonb_build_object('idempotency_key',
+                         'sched.job@' || to_char(date_trunc('minute', now() AT TIME ZONE 'UTC'),
+                                                 'YYYY-MM-DD"T"HH24:MI')))"""
 
 
 def test_the_recurring_recipe_creates_one_task_per_tick(conn):
+    # (the test clock instead of now(): two runs of one tick, then the next minute's)
+    recipe = RECIPE.replace("now()", "tasker_core.now()")
     conn.execute("SELECT set_config('tasker_core.fake_now', '2026-11-30 03:00:00+00', false)")
-    with conn.transaction():
-        conn.execute("SET LOCAL timezone = 'UTC'")
-        first = conn.execute(RECIPE.replace("now()", "tasker_core.now()")).fetchone()[0]
-        twice = conn.execute(RECIPE.replace("now()", "tasker_core.now()")).fetchone()[0]
-    assert first == twice
-    assert conn.execute("SELECT count(*) FROM tasker_tasks").fetchone()[0] == 1
+    first = conn.execute(recipe).fetchone()[0]
+    conn.execute("SELECT set_config('tasker_core.fake_now', '2026-11-30 03:00:40+00', false)")
+    assert conn.execute(recipe).fetchone()[0] == first
+    conn.execute("SELECT set_config('tasker_core.fake_now', '2026-11-30 03:01:00+00', false)")
+    assert conn.execute(recipe).fetchone()[0] != first
+    assert conn.execute("SELECT count(*) FROM tasker_tasks").fetchone()[0] == 2
