@@ -31,6 +31,7 @@ BEGIN
               -- admin
               'register_task_template', 'create_task', 'cancel_task', 'retry_task',
               'resolve_step_manually', 'tick', 'prune_events', 'transition_step', 'transition_task',
+              '_archive_batch',
               -- triggers
               'track_steps', 'track_named_steps', 'track_edges', 'track_step_transitions', 'track_truncate'])
     LOOP
@@ -40,6 +41,7 @@ END;
 $roles$;
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA tasker_core FROM PUBLIC;
+REVOKE ALL ON ALL PROCEDURES IN SCHEMA tasker_core FROM PUBLIC;
 -- The condition of the tracking row triggers runs as whichever role writes the Tasker tables.
 GRANT EXECUTE ON FUNCTION tasker_core._self_maintained() TO PUBLIC;
 
@@ -51,7 +53,7 @@ GRANT EXECUTE ON FUNCTION tasker_core._self_maintained() TO PUBLIC;
 --                  data schema and the maintained state they read), templates, the DAG
 --                  picture, metrics, health, verify, events, explain
 --   tasker_admin   tasker_reader, plus templates, task creation, cancel, retry, manual
---                  resolution, tick, event pruning, transitions
+--                  resolution, tick, event pruning, transitions, archive_tasks
 -- Run it as a role that may create roles and owns the extension (a superuser, usually); run
 -- it again after install_schema() into another schema. Returns what it did, one line each.
 CREATE FUNCTION tasker_core.create_roles() RETURNS SETOF text
@@ -75,7 +77,7 @@ DECLARE
                                'explain_step'];
     admin_fns text[] := ARRAY['register_task_template', 'create_task', 'cancel_task', 'retry_task',
                               'resolve_step_manually', 'tick', 'prune_events', 'transition_step',
-                              'transition_task'];
+                              'transition_task', 'archive_tasks', '_archive_batch'];
     grants record;
 BEGIN
     FOREACH r IN ARRAY ARRAY['tasker_worker', 'tasker_reader', 'tasker_admin'] LOOP
@@ -93,7 +95,7 @@ BEGIN
         JOIN pg_proc p ON p.pronamespace = 'tasker_core'::regnamespace AND p.proname = ANY (g.fns)
         ORDER BY 1, 2::text
     LOOP
-        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', grants.fn, grants.role);
+        EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO %I', grants.fn, grants.role);
     END LOOP;
     -- The compatibility functions run as their caller and read the maintained state.
     GRANT SELECT ON tasker_core.step_state, tasker_core.tracking TO tasker_reader;

@@ -4,6 +4,7 @@
 --   claimable index is ordered by priority (rebuilt here: on a large step_state this takes
 --   a while and blocks writes to it); a scheduled index; claims and tick() promote due steps.
 -- * explain_task(task_id) and explain_step(step_id): why a step is not running (readers).
+-- * CALL archive_tasks(finished_before, max_tasks): retention of finished tasks (admins).
 -- * create_roles() grants them to tasker_reader; where it ran before, tasker_reader gets them here.
 -- The readiness functions' library changes (rows judged as they are read) need no SQL.
 \echo Use "ALTER EXTENSION tasker_core UPDATE TO '0.8.0'" to load this file. \quit
@@ -397,19 +398,137 @@ BEGIN
 END;
 $$;
 
+-- Retention: finished tasks leave the tables.
+--
+-- CALL tasker_core.archive_tasks(finished_before, max_tasks [, batch_size]) deletes up to
+-- max_tasks tasks that are finished — their current state complete, cancelled or
+-- resolved_manually, or flagged complete — and whose last task transition is older than
+-- finished_before, with everything of theirs: steps, edges, step and task transitions,
+-- annotations, claims, maintained state (the tracking triggers), options, traces, and the
+-- events of the tasks that every subscription has acknowledged (the others stay until
+-- prune_events). Batches of batch_size tasks, each its own transaction (COMMIT after each):
+-- CALL it outside a transaction block, as pg_cron does. Safe while workers work: a finished
+-- task is final, nothing can claim its steps, and each batch locks a task's steps and then
+-- the task — the order workers take them in — skipping tasks another transaction holds.
+-- Decision: deleted, not moved to archive tables: the event log (with a subscription) or a
+-- dump before the nightly run is the archive for those who need one. Returns how many tasks
+-- it deleted (the INOUT `archived`).
+
+-- One batch (the procedure's unit of work; runs as the extension's owner).
+CREATE FUNCTION tasker_core._archive_batch(finished_before interval, batch_size integer) RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ds name := tasker_core._data_schema();
+    cutoff timestamp := (tasker_core.now() - finished_before) AT TIME ZONE 'UTC';
+    candidates bigint[];
+    ids bigint[] := '{}';
+    steps bigint[];
+    tid bigint;
+    held bigint;
+    locked bigint;
+    total bigint;
+BEGIN
+    PERFORM tasker_core._require_tables(ds, ARRAY['tasker_tasks', 'tasker_task_transitions',
+        'tasker_workflow_steps', 'tasker_workflow_step_edges', 'tasker_workflow_step_transitions',
+        'tasker_task_annotations']);
+    -- oldest first, by the task's primary key: a batch reads little more than what it deletes
+    EXECUTE format($q$
+        SELECT array_agg(x.task_id ORDER BY x.task_id) FROM (
+            SELECT t.task_id FROM %1$I.tasker_tasks t
+            LEFT JOIN %1$I.tasker_task_transitions tt ON tt.task_id = t.task_id AND tt.most_recent
+            WHERE (tt.to_state IN ('complete', 'cancelled', 'resolved_manually') OR t.complete)
+              AND COALESCE(tt.created_at, t.updated_at) < $1
+            ORDER BY t.task_id LIMIT $2) x$q$, ds)
+        INTO candidates USING cutoff, batch_size;
+    IF candidates IS NULL THEN
+        RETURN 0;
+    END IF;
+    -- each task's steps, then the task (the workers' order), skipping a task of which another
+    -- transaction holds anything; the task is read again under the locks (finished is final,
+    -- but it may be gone)
+    FOREACH tid IN ARRAY candidates LOOP
+        EXECUTE format('SELECT (SELECT count(*) FROM (SELECT 1 FROM %1$I.tasker_workflow_steps WHERE task_id = $1
+                                                      ORDER BY workflow_step_id FOR UPDATE SKIP LOCKED) x),
+                               (SELECT count(*) FROM %1$I.tasker_workflow_steps WHERE task_id = $1)', ds)
+            INTO locked, total USING tid;
+        CONTINUE WHEN locked < total;
+        EXECUTE format($q$SELECT t.task_id FROM %1$I.tasker_tasks t
+                          LEFT JOIN %1$I.tasker_task_transitions tt ON tt.task_id = t.task_id AND tt.most_recent
+                          WHERE t.task_id = $1
+                            AND (tt.to_state IN ('complete', 'cancelled', 'resolved_manually') OR t.complete)
+                          FOR UPDATE OF t SKIP LOCKED$q$, ds)
+            INTO held USING tid;
+        IF held IS NOT NULL THEN
+            ids := ids || held;
+        END IF;
+    END LOOP;
+    IF cardinality(ids) = 0 THEN
+        RETURN 0;
+    END IF;
+    EXECUTE format('SELECT COALESCE(array_agg(workflow_step_id), ''{}'') FROM %I.tasker_workflow_steps
+                    WHERE task_id = ANY ($1)', ds) INTO steps USING ids;
+    DELETE FROM tasker_core.step_claims c WHERE c.task_id = ANY (ids);
+    EXECUTE format('DELETE FROM %I.tasker_workflow_step_transitions WHERE workflow_step_id = ANY ($1)', ds) USING steps;
+    EXECUTE format('DELETE FROM %I.tasker_workflow_step_edges WHERE from_step_id = ANY ($1) OR to_step_id = ANY ($1)', ds)
+        USING steps;
+    EXECUTE format('DELETE FROM %I.tasker_workflow_steps WHERE task_id = ANY ($1)', ds) USING ids;
+    EXECUTE format('DELETE FROM %I.tasker_task_transitions WHERE task_id = ANY ($1)', ds) USING ids;
+    EXECUTE format('DELETE FROM %I.tasker_task_annotations WHERE task_id = ANY ($1)', ds) USING ids;
+    EXECUTE format('DELETE FROM %I.tasker_tasks WHERE task_id = ANY ($1)', ds) USING ids;
+    DELETE FROM tasker_core.task_options o WHERE o.task_id = ANY (ids);
+    DELETE FROM tasker_core.task_traces tr WHERE tr.task_id = ANY (ids);
+    DELETE FROM tasker_core.events e
+    WHERE e.task_id = ANY (ids)
+      AND NOT EXISTS (SELECT 1 FROM tasker_core.subscriptions s
+                      WHERE (s.cursor_xid, s.cursor_id) < (e.xid, e.id));
+    RETURN cardinality(ids);
+END;
+$$;
+
+-- (A procedure, so that each batch commits; no SET clause and not SECURITY DEFINER, which
+-- would forbid the COMMIT: every name in it is qualified, and the batches run as the owner.)
+CREATE PROCEDURE tasker_core.archive_tasks(finished_before interval, max_tasks integer,
+                                           batch_size integer DEFAULT 100, INOUT archived bigint DEFAULT 0)
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    IF finished_before IS NULL OR max_tasks IS NULL OR batch_size IS NULL THEN
+        RAISE EXCEPTION 'finished_before, max_tasks and batch_size must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF finished_before < interval '0' THEN
+        RAISE EXCEPTION 'invalid finished_before %: expected a non-negative interval', finished_before
+            USING ERRCODE = '22023';
+    END IF;
+    IF max_tasks < 1 OR batch_size < 1 OR batch_size > 10000 THEN
+        RAISE EXCEPTION 'invalid max_tasks % or batch_size %: max_tasks at least 1, batch_size 1 to 10000',
+            max_tasks, batch_size USING ERRCODE = '22023';
+    END IF;
+    archived := 0;
+    LOOP
+        n := tasker_core._archive_batch(finished_before, LEAST(batch_size, max_tasks - archived)::integer);
+        archived := archived + n;
+        COMMIT;
+        EXIT WHEN n = 0 OR archived >= max_tasks;
+    END LOOP;
+END;
+$$;
+
 DO $secdef$
 DECLARE
     f text;
 BEGIN
     FOREACH f IN ARRAY ARRAY['tasker_core.track_steps()', 'tasker_core.check_tracking()', 'tasker_core.tick()',
-                             'tasker_core.explain_task(bigint)', 'tasker_core.explain_step(bigint)'] LOOP
+                             'tasker_core.explain_task(bigint)', 'tasker_core.explain_step(bigint)',
+                             'tasker_core._archive_batch(interval,integer)'] LOOP
         EXECUTE pg_catalog.format('ALTER FUNCTION %s SECURITY DEFINER SET search_path = pg_catalog, pg_temp', f);
     END LOOP;
 END;
 $secdef$;
 REVOKE ALL ON FUNCTION tasker_core.explain_task(bigint), tasker_core.explain_step(bigint),
     tasker_core._explain(bigint, bigint), tasker_core._task_priority(bigint),
-    tasker_core._promote_scheduled(integer) FROM PUBLIC;
+    tasker_core._promote_scheduled(integer), tasker_core._archive_batch(interval, integer) FROM PUBLIC;
+REVOKE ALL ON PROCEDURE tasker_core.archive_tasks(interval, integer, integer, bigint) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION tasker_core.create_roles() RETURNS SETOF text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -432,7 +551,7 @@ DECLARE
                                'explain_step'];
     admin_fns text[] := ARRAY['register_task_template', 'create_task', 'cancel_task', 'retry_task',
                               'resolve_step_manually', 'tick', 'prune_events', 'transition_step',
-                              'transition_task'];
+                              'transition_task', 'archive_tasks', '_archive_batch'];
     grants record;
 BEGIN
     FOREACH r IN ARRAY ARRAY['tasker_worker', 'tasker_reader', 'tasker_admin'] LOOP
@@ -450,7 +569,7 @@ BEGIN
         JOIN pg_proc p ON p.pronamespace = 'tasker_core'::regnamespace AND p.proname = ANY (g.fns)
         ORDER BY 1, 2::text
     LOOP
-        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', grants.fn, grants.role);
+        EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO %I', grants.fn, grants.role);
     END LOOP;
     -- The compatibility functions run as their caller and read the maintained state.
     GRANT SELECT ON tasker_core.step_state, tasker_core.tracking TO tasker_reader;
@@ -474,6 +593,11 @@ BEGIN
        AND pg_catalog.has_function_privilege('tasker_reader', 'tasker_core.task_graph_dot(bigint)', 'EXECUTE') THEN
         GRANT EXECUTE ON FUNCTION tasker_core.explain_task(bigint), tasker_core.explain_step(bigint)
             TO tasker_reader;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'tasker_admin')
+       AND pg_catalog.has_function_privilege('tasker_admin', 'tasker_core.cancel_task(bigint,text)', 'EXECUTE') THEN
+        GRANT EXECUTE ON ROUTINE tasker_core.archive_tasks(interval, integer, integer, bigint),
+            tasker_core._archive_batch(interval, integer) TO tasker_admin;
     END IF;
 END;
 $grant$;

@@ -34,6 +34,8 @@ pub mod store;
 );
 // Operations: verify(), metrics(), health().
 ::pgrx::extension_sql_file!("../sql/ops.sql", name = "ops", requires = ["worker"]);
+// Retention: archive_tasks() deletes finished tasks in committed batches.
+::pgrx::extension_sql_file!("../sql/retention.sql", name = "retention", requires = ["ops"]);
 // "Why is this step not running?": explain_task() and explain_step().
 ::pgrx::extension_sql_file!("../sql/explain.sql", name = "explain", requires = ["worker"]);
 // Pointing a Rails database's public functions at tasker_core, and back.
