@@ -22,6 +22,7 @@
 --   backoff            it waits out its backoff until T
 --   scheduled          its task is scheduled to start at T (a root step; claims and tick()
 --                      start it when T has passed)
+--   concurrency_limit  its task's concurrency key K is full (N of N in progress)
 --   tracking           the maintained state disagrees with the tables (run check_tracking())
 --   ready              none of the above: claimable since T
 --
@@ -91,8 +92,17 @@ BEGIN
         WITH s AS (
             SELECT s.*, %1$s AS backoff_until,
                    (SELECT o.run_at FROM tasker_core.task_options o
-                    WHERE o.task_id = s.task_id AND cardinality(s.parent_ids) = 0) AS run_at
+                    WHERE o.task_id = s.task_id AND cardinality(s.parent_ids) = 0) AS run_at,
+                   k.concurrency_key, k.concurrency_limit, k.live
             FROM tasker_core.step_state s
+            LEFT JOIN LATERAL (
+                SELECT o.concurrency_key, o.concurrency_limit,
+                       (SELECT count(*) FROM tasker_core.step_claims c
+                        JOIN tasker_core.task_options o2 ON o2.task_id = c.task_id
+                        WHERE o2.concurrency_key = o.concurrency_key
+                          AND c.lease_expires_at > $5 AT TIME ZONE 'UTC') AS live
+                FROM tasker_core.task_options o
+                WHERE o.task_id = s.task_id AND o.concurrency_key IS NOT NULL) k ON true
             WHERE s.task_id = $1 AND ($2::bigint IS NULL OR s.workflow_step_id = $2)),
         why AS (
             SELECT s.workflow_step_id, 'task_complete' AS code, 'its task is flagged complete' AS reason,
@@ -160,6 +170,11 @@ BEGIN
             SELECT s.workflow_step_id, 'backoff', format('backoff until %%s', s.backoff_until AT TIME ZONE 'UTC'),
                    NULL, s.backoff_until
             FROM s WHERE s.backoff_until > $5
+          UNION ALL
+            SELECT s.workflow_step_id, 'concurrency_limit',
+                   format('concurrency key %%s is full (%%s of %%s in progress)', s.concurrency_key, s.live,
+                          s.concurrency_limit), NULL, NULL
+            FROM s WHERE s.live >= s.concurrency_limit AND s.in_process IS NOT TRUE
           UNION ALL
             SELECT s.workflow_step_id, 'scheduled', format('its task is scheduled for %%s', s.not_before AT TIME ZONE 'UTC'),
                    NULL, s.not_before

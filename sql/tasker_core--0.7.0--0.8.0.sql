@@ -3,6 +3,8 @@
 --   tasker_core.task_options holds them; step_state gains priority and not_before; the
 --   claimable index is ordered by priority (rebuilt here: on a large step_state this takes
 --   a while and blocks writes to it); a scheduled index; claims and tick() promote due steps.
+-- * Concurrency limits per key (a template's "concurrency" key pointer and limit):
+--   task_options records each task's key; claims take turns on tasker_core.concurrency_gates.
 -- * explain_task(task_id) and explain_step(step_id): why a step is not running (readers).
 -- * CALL archive_tasks(finished_before, max_tasks): retention of finished tasks (admins).
 -- * create_roles() grants them to tasker_reader; where it ran before, tasker_reader gets them here.
@@ -32,9 +34,25 @@ CREATE INDEX step_state_scheduled_idx ON tasker_core.step_state (not_before)
 CREATE TABLE tasker_core.task_options (
     task_id bigint PRIMARY KEY,
     priority integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -1000 AND 1000),
-    run_at timestamp without time zone
+    run_at timestamp without time zone,
+    -- the template's concurrency key ("namespace.name:" and the context's value at its
+    -- pointer) and limit: at most that many steps of tasks with the key in progress at once
+    concurrency_key text,
+    concurrency_limit integer CHECK (concurrency_limit > 0)
+);
+CREATE INDEX task_options_concurrency_key_idx ON tasker_core.task_options (concurrency_key)
+    WHERE concurrency_key IS NOT NULL;
+
+-- One row per concurrency key in use: claims of a key's steps take turns on it (a claimer
+-- that finds it held skips the key's steps), so the count of its live leases they read is
+-- exact; `claims` moves with every claim, so a claimer under REPEATABLE READ that could miss
+-- another's claim fails to serialize instead.
+CREATE TABLE tasker_core.concurrency_gates (
+    key text PRIMARY KEY,
+    claims bigint NOT NULL DEFAULT 0
 );
 SELECT pg_catalog.pg_extension_config_dump('tasker_core.task_options', '');
+SELECT pg_catalog.pg_extension_config_dump('tasker_core.concurrency_gates', '');
 
 CREATE FUNCTION tasker_core._task_priority(task bigint) RETURNS integer
 LANGUAGE sql STABLE AS $$
@@ -240,6 +258,7 @@ $$;
 --   backoff            it waits out its backoff until T
 --   scheduled          its task is scheduled to start at T (a root step; claims and tick()
 --                      start it when T has passed)
+--   concurrency_limit  its task's concurrency key K is full (N of N in progress)
 --   tracking           the maintained state disagrees with the tables (run check_tracking())
 --   ready              none of the above: claimable since T
 --
@@ -309,8 +328,17 @@ BEGIN
         WITH s AS (
             SELECT s.*, %1$s AS backoff_until,
                    (SELECT o.run_at FROM tasker_core.task_options o
-                    WHERE o.task_id = s.task_id AND cardinality(s.parent_ids) = 0) AS run_at
+                    WHERE o.task_id = s.task_id AND cardinality(s.parent_ids) = 0) AS run_at,
+                   k.concurrency_key, k.concurrency_limit, k.live
             FROM tasker_core.step_state s
+            LEFT JOIN LATERAL (
+                SELECT o.concurrency_key, o.concurrency_limit,
+                       (SELECT count(*) FROM tasker_core.step_claims c
+                        JOIN tasker_core.task_options o2 ON o2.task_id = c.task_id
+                        WHERE o2.concurrency_key = o.concurrency_key
+                          AND c.lease_expires_at > $5 AT TIME ZONE 'UTC') AS live
+                FROM tasker_core.task_options o
+                WHERE o.task_id = s.task_id AND o.concurrency_key IS NOT NULL) k ON true
             WHERE s.task_id = $1 AND ($2::bigint IS NULL OR s.workflow_step_id = $2)),
         why AS (
             SELECT s.workflow_step_id, 'task_complete' AS code, 'its task is flagged complete' AS reason,
@@ -378,6 +406,11 @@ BEGIN
             SELECT s.workflow_step_id, 'backoff', format('backoff until %%s', s.backoff_until AT TIME ZONE 'UTC'),
                    NULL, s.backoff_until
             FROM s WHERE s.backoff_until > $5
+          UNION ALL
+            SELECT s.workflow_step_id, 'concurrency_limit',
+                   format('concurrency key %%s is full (%%s of %%s in progress)', s.concurrency_key, s.live,
+                          s.concurrency_limit), NULL, NULL
+            FROM s WHERE s.live >= s.concurrency_limit AND s.in_process IS NOT TRUE
           UNION ALL
             SELECT s.workflow_step_id, 'scheduled', format('its task is scheduled for %%s', s.not_before AT TIME ZONE 'UTC'),
                    NULL, s.not_before

@@ -88,12 +88,28 @@ CREATE INDEX step_state_scheduled_idx ON tasker_core.step_state (not_before)
 CREATE TABLE tasker_core.task_options (
     task_id bigint PRIMARY KEY,
     priority integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN -1000 AND 1000),
-    run_at timestamp without time zone
+    run_at timestamp without time zone,
+    -- the template's concurrency key ("namespace.name:" and the context's value at its
+    -- pointer) and limit: at most that many steps of tasks with the key in progress at once
+    concurrency_key text,
+    concurrency_limit integer CHECK (concurrency_limit > 0)
+);
+CREATE INDEX task_options_concurrency_key_idx ON tasker_core.task_options (concurrency_key)
+    WHERE concurrency_key IS NOT NULL;
+
+-- One row per concurrency key in use: claims of a key's steps take turns on it (a claimer
+-- that finds it held skips the key's steps), so the count of its live leases they read is
+-- exact; `claims` moves with every claim, so a claimer under REPEATABLE READ that could miss
+-- another's claim fails to serialize instead.
+CREATE TABLE tasker_core.concurrency_gates (
+    key text PRIMARY KEY,
+    claims bigint NOT NULL DEFAULT 0
 );
 
 SELECT pg_catalog.pg_extension_config_dump('tasker_core.tracking', '');
 SELECT pg_catalog.pg_extension_config_dump('tasker_core.step_state', '');
 SELECT pg_catalog.pg_extension_config_dump('tasker_core.task_options', '');
+SELECT pg_catalog.pg_extension_config_dump('tasker_core.concurrency_gates', '');
 
 -- A task's priority (tasker_core.task_options), 0 without options.
 -- (No SET clause: the tracking triggers inline it; they pin their search_path themselves.)

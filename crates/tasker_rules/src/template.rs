@@ -37,6 +37,65 @@ pub struct TaskTemplate {
     pub schema: Option<Value>,
     /// Steps in declaration order.
     pub steps: Vec<StepTemplate>,
+    /// At most `limit` steps of this template's tasks with the same value at `key` in their
+    /// context in progress at once (`"concurrency": {"key": "/customer_id", "limit": 2}`).
+    pub concurrency: Option<Concurrency>,
+}
+
+/// A template's concurrency limit per key (see [`TaskTemplate::concurrency`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Concurrency {
+    /// A JSON pointer (RFC 6901) into the task context.
+    pub key: String,
+    pub limit: i32,
+}
+
+/// The largest concurrency limit a template may declare.
+pub const MAX_CONCURRENCY_LIMIT: i64 = 100_000;
+
+fn concurrency_field(obj: &Map<String, Value>) -> Result<Option<Concurrency>, TaskerError> {
+    let c = match obj.get("concurrency") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(c)) => c,
+        Some(other) => {
+            return Err(invalid(format!("concurrency must be an object, not {}", kind(other))))
+        }
+    };
+    let key = match c.get("key") {
+        Some(Value::String(k)) if k.starts_with('/') && k.len() <= 256 => k.clone(),
+        _ => {
+            return Err(invalid(
+                "concurrency.key must be a JSON pointer into the task context (\"/customer_id\"), at most 256 bytes",
+            ))
+        }
+    };
+    let limit = match c.get("limit").and_then(Value::as_i64) {
+        Some(l) if (1..=MAX_CONCURRENCY_LIMIT).contains(&l) => l as i32,
+        _ => {
+            return Err(invalid(format!(
+                "concurrency.limit must be an integer from 1 to {MAX_CONCURRENCY_LIMIT}"
+            )))
+        }
+    };
+    if let Some(extra) = c.keys().find(|k| *k != "key" && *k != "limit") {
+        return Err(invalid(format!(
+            "concurrency has an unknown field {:?}",
+            extra.chars().take(40).collect::<String>()
+        )));
+    }
+    Ok(Some(Concurrency { key, limit }))
+}
+
+impl Concurrency {
+    /// The key value of a task with `context`: the value at the pointer (a string as it is,
+    /// anything else as JSON text), or `None` when the context has nothing there (no limit).
+    pub fn value_of(&self, context: &Value) -> Option<String> {
+        match context.pointer(&self.key)? {
+            Value::Null => None,
+            Value::String(s) => Some(s.clone()),
+            other => Some(other.to_string()),
+        }
+    }
 }
 
 /// Which rules a parse applies.
@@ -372,7 +431,9 @@ impl TaskTemplate {
                 }
             }
         }
-        let template = TaskTemplate { name, namespace, version, description, schema, steps };
+        let concurrency = concurrency_field(obj)?;
+        let template =
+            TaskTemplate { name, namespace, version, description, schema, steps, concurrency };
         if let Err(cycle) = template.dag().topological_order() {
             return Err(TaskerError::TemplateCycle {
                 steps: cycle.iter().map(|&i| template.steps[i as usize].name.clone()).collect(),

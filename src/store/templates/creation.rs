@@ -276,8 +276,12 @@ pub fn create_task(
             )
             .map_err(spi)?;
         }
-        let scheduled = if options.priority != 0 || options.start.is_some() {
-            set_options(client, task_id, options)?
+        // the template's concurrency key: "namespace.name:" and the context's value there
+        let key = t.concurrency.as_ref().and_then(|c| {
+            c.value_of(context).map(|v| (format!("{}.{}:{v}", t.namespace, t.name), c.limit))
+        });
+        let scheduled = if options.priority != 0 || options.start.is_some() || key.is_some() {
+            set_options(client, task_id, options, key)?
         } else {
             false
         };
@@ -297,13 +301,15 @@ fn set_options(
     client: &SpiClient<'_>,
     task_id: i64,
     options: &TaskOptions,
+    key: Option<(String, i32)>,
 ) -> Result<bool, TaskerError> {
     if !crate::store::worker::scheduling_installed() {
         return Err(TaskerError::InvalidArgument {
             argument: "options",
-            reason: "priority, run_at and delay_seconds need the SQL of this version: run ALTER EXTENSION tasker_core UPDATE".into(),
+            reason: "priority, run_at, delay_seconds and templates' concurrency keys need the SQL of this version: run ALTER EXTENSION tasker_core UPDATE".into(),
         });
     }
+    let (key, limit) = key.unzip();
     let (at, delay) = match &options.start {
         Some(Start::At(at)) => (Some(at.clone()), None),
         Some(Start::After(d)) => (None, Some(*d)),
@@ -313,14 +319,18 @@ fn set_options(
         client,
         "create_task_options",
         "",
-        &[INT8, INT4, TEXT, FLOAT8],
+        &[INT8, INT4, TEXT, FLOAT8, TEXT, INT4],
         || {
             format!(
                 "WITH o AS (
-                     INSERT INTO tasker_core.task_options (task_id, priority, run_at)
+                     INSERT INTO tasker_core.task_options (task_id, priority, run_at, concurrency_key, concurrency_limit)
                      VALUES ($1, $2, CASE WHEN $3::text IS NOT NULL THEN $3::text::timestamptz AT TIME ZONE 'UTC'
-                                          WHEN $4::float8 IS NOT NULL THEN {NOW} + $4 * interval '1 second' END)
+                                          WHEN $4::float8 IS NOT NULL THEN {NOW} + $4 * interval '1 second' END,
+                             $5, $6)
                      RETURNING priority, CASE WHEN run_at > {NOW} THEN run_at END AS not_before),
+                 g AS (
+                     INSERT INTO tasker_core.concurrency_gates (key) SELECT $5 WHERE $5 IS NOT NULL
+                     ON CONFLICT (key) DO NOTHING),
                  s AS (
                      UPDATE tasker_core.step_state s
                         SET priority = o.priority,
@@ -333,7 +343,14 @@ fn set_options(
             one_value::<bool>(
                 client,
                 stmt,
-                &[task_id.into(), options.priority.into(), at.clone().into(), delay.into()],
+                &[
+                    task_id.into(),
+                    options.priority.into(),
+                    at.clone().into(),
+                    delay.into(),
+                    key.clone().into(),
+                    limit.into(),
+                ],
             )
         },
     )

@@ -1,6 +1,7 @@
 //! Claims: ready steps taken under a lease, expired leases released, tasks started.
 
 use super::*;
+use std::collections::HashMap;
 
 /// One claimed step, with what its worker needs.
 #[derive(Debug, Clone)]
@@ -130,26 +131,148 @@ pub(super) fn release(
 }
 
 /// Promotes the root steps of scheduled tasks that are due into the ready queue, when there
-/// are any (one probe of the scheduled index otherwise): claims do not depend on `tick()`
-/// running to start a scheduled task.
-fn promote_due(client: &SpiClient<'_>) -> Result<(), TaskerError> {
+/// are any (one probe of the scheduled index otherwise: claims do not depend on `tick()`
+/// running to start a scheduled task), and tells whether any task has a concurrency key (one
+/// probe of its index).
+fn claim_prelude(client: &SpiClient<'_>) -> Result<bool, TaskerError> {
     with_write_plan(
         client,
-        "promote_due",
+        "claim_prelude",
         "",
         &[],
         || {
-            // the head of the scheduled index (ORDER BY and LIMIT: an index probe whatever
-            // the statistics, never a scan of step_state)
+            // the heads of the indexes (ORDER BY and LIMIT: an index probe whatever the
+            // statistics, never a scan)
             format!(
                 "SELECT CASE WHEN (SELECT s.not_before FROM tasker_core.step_state s
                                    WHERE s.not_before IS NOT NULL ORDER BY s.not_before LIMIT 1) <= {NOW}
-                             THEN tasker_core._promote_scheduled(1000) ELSE 0 END"
+                             THEN tasker_core._promote_scheduled(1000) ELSE 0 END,
+                        EXISTS (SELECT 1 FROM tasker_core.task_options o WHERE o.concurrency_key IS NOT NULL)"
             )
         },
-        |stmt| one_value::<i32>(client, stmt, &[]).map(|_| ()),
+        |stmt| {
+            let keyed = one_row(client, stmt, &[], |r| r.get::<bool>(2))?;
+            Ok(keyed.flatten().unwrap_or(false))
+        },
     )
     .map_err(spi)
+}
+
+/// The concurrency keys whose live leases reach their limit: the claim's scan passes over
+/// their steps (the in-progress steps are few; their claims are read, not the ready queue).
+fn full_keys(client: &SpiClient<'_>) -> Result<Vec<String>, TaskerError> {
+    with_write_plan(
+        client,
+        "claim_full_keys",
+        "",
+        &[],
+        || {
+            "SELECT o.concurrency_key
+             FROM tasker_core.step_claims c
+             JOIN tasker_core.task_options o ON o.task_id = c.task_id
+             WHERE o.concurrency_key IS NOT NULL AND c.lease_expires_at > tasker_core.now()
+             GROUP BY o.concurrency_key, o.concurrency_limit
+             HAVING count(*) >= o.concurrency_limit"
+                .to_owned()
+        },
+        |stmt| all_rows(client, stmt, &[], |row| Ok(row.get::<String>(1)?.unwrap_or_default())),
+    )
+    .map_err(spi)
+}
+
+/// The concurrency key and limit of each of `tasks` that has one.
+fn task_keys(
+    client: &SpiClient<'_>,
+    tasks: Vec<i64>,
+) -> Result<HashMap<i64, (String, i32)>, TaskerError> {
+    with_write_plan(
+        client,
+        "claim_task_keys",
+        "",
+        &[INT8ARRAY],
+        || {
+            "SELECT o.task_id, o.concurrency_key, o.concurrency_limit FROM tasker_core.task_options o
+             WHERE o.task_id = ANY ($1) AND o.concurrency_key IS NOT NULL"
+                .to_owned()
+        },
+        |stmt| {
+            all_rows(client, stmt, &[tasks.into()], |row| {
+                Ok((
+                    row.get::<i64>(1)?.unwrap_or_default(),
+                    (row.get::<String>(2)?.unwrap_or_default(), row.get::<i32>(3)?.unwrap_or(1)),
+                ))
+            })
+        },
+    )
+    .map_err(spi)
+}
+
+/// The concurrency gates a claim holds: per key, whether it got the gate, and how many live
+/// leases the key has (read under the gate) plus the steps this claim took.
+#[derive(Default)]
+struct Gates(HashMap<String, Option<i64>>);
+
+impl Gates {
+    /// Whether one more step of `key` may start: the gate is taken (or held already) and the
+    /// key's live leases are below `limit`. A gate another claimer holds means no.
+    fn admits(
+        &mut self,
+        client: &SpiClient<'_>,
+        key: &str,
+        limit: i32,
+    ) -> Result<bool, TaskerError> {
+        if !self.0.contains_key(key) {
+            let live = with_write_plan(
+                client,
+                "claim_gate",
+                "",
+                &[TEXT],
+                || {
+                    // Takes the key's gate (skipping it when another claimer holds it) and
+                    // moves it, then counts the key's live leases in a statement of its own:
+                    // under READ COMMITTED that snapshot sees every claim committed before
+                    // the gate was free; under REPEATABLE READ a claim that committed since
+                    // the transaction's snapshot moved the gate, and taking it fails to
+                    // serialize instead.
+                    "WITH g AS (SELECT key FROM tasker_core.concurrency_gates WHERE key = $1
+                                FOR UPDATE SKIP LOCKED),
+                          u AS (UPDATE tasker_core.concurrency_gates x SET claims = x.claims + 1
+                                FROM g WHERE x.key = g.key RETURNING 1)
+                     SELECT count(*) FROM u"
+                        .to_owned()
+                },
+                |stmt| one_value::<i64>(client, stmt, &[key.into()]),
+            )
+            .map_err(spi)?;
+            let live = if live.unwrap_or(0) == 0 {
+                None
+            } else {
+                with_write_plan(
+                    client,
+                    "claim_gate_count",
+                    "",
+                    &[TEXT],
+                    || {
+                        "SELECT count(*) FROM tasker_core.step_claims c
+                         JOIN tasker_core.task_options o ON o.task_id = c.task_id
+                         WHERE o.concurrency_key = $1 AND c.lease_expires_at > tasker_core.now()"
+                            .to_owned()
+                    },
+                    |stmt| one_value::<i64>(client, stmt, &[key.into()]),
+                )
+                .map_err(spi)?
+            };
+            self.0.insert(key.to_owned(), live);
+        }
+        Ok(matches!(self.0.get(key), Some(Some(n)) if *n < i64::from(limit)))
+    }
+
+    /// Counts a step of `key` this claim took.
+    fn took(&mut self, key: &str) {
+        if let Some(Some(n)) = self.0.get_mut(key) {
+            *n += 1;
+        }
+    }
 }
 
 /// Claims up to `max_steps` ready steps of the given namespaces (all when `None`) for
@@ -174,9 +297,16 @@ pub fn claim(
         let per_namespace = events::step_namespaces_installed();
         let (claimable, variant) = super::claimable();
         let scheduling = variant.is_empty();
-        if scheduling {
-            promote_due(client)?;
-        }
+        let keyed = scheduling && claim_prelude(client)?;
+        // steps of keys at their limit are passed over by the scan (the SQL of 0.8.0 on)
+        let full: Option<Vec<String>> = if keyed { Some(full_keys(client)?) } else { None };
+        let without_full_keys = if scheduling {
+            "AND ($3::text[] IS NULL OR NOT EXISTS (
+                     SELECT 1 FROM tasker_core.task_options o
+                     WHERE o.task_id = s.task_id AND o.concurrency_key = ANY ($3)))"
+        } else {
+            ""
+        };
         // highest priority first, then oldest (the SQL of 0.8.0 on has priorities)
         let order = if scheduling { "s.priority DESC, " } else { "" };
         let outer_order = if scheduling { "x.priority DESC, " } else { "" };
@@ -189,7 +319,7 @@ pub fn claim(
                 (false, false) => "claim_candidates_07",
             },
             schema.as_str(),
-            &[INT4, TEXTARRAY],
+            &[INT4, TEXTARRAY, TEXTARRAY],
             || {
                 let ready = if per_namespace {
                     // the first ready steps of each namespace (step_state_claimable_ns_idx),
@@ -208,6 +338,7 @@ pub fn claim(
                                AND nt.task_namespace_id = tn.task_namespace_id
                                AND {claimable}
                                AND t.complete IS NOT TRUE
+                               {without_full_keys}
                              ORDER BY s.namespace_id, {order}s.workflow_step_id
                              LIMIT $1 + 32) x
                          WHERE ($2::text[] IS NULL OR tn.name = ANY ($2))
@@ -226,6 +357,7 @@ pub fn claim(
                          WHERE {claimable}
                            AND t.complete IS NOT TRUE
                            AND ($2::text[] IS NULL OR tn.name = ANY ($2))
+                           {without_full_keys}
                          ORDER BY {order}s.workflow_step_id
                          LIMIT $1 + 32"
                     )
@@ -247,7 +379,7 @@ pub fn claim(
                     }
                 )
             },
-            |stmt| all_rows(client, stmt, &[max_steps.into(), namespaces.clone().into()], |row| Ok((
+            |stmt| all_rows(client, stmt, &[max_steps.into(), namespaces.clone().into(), full.clone().into()], |row| Ok((
                         row.get::<i64>(1)?.unwrap_or_default(),
                         row.get::<i64>(2)?.unwrap_or_default(),
                         row.get::<String>(3)?,
@@ -262,7 +394,19 @@ pub fn claim(
         let mut traced = BTreeSet::new();
         let mut claimed_ids = Vec::new();
         let mut tasks_started = BTreeSet::new();
+        let keys = if keyed {
+            task_keys(client, candidates.iter().map(|c| c.1).collect())?
+        } else {
+            HashMap::new()
+        };
+        let mut gates = Gates::default();
         for (step_id, task_id, state) in candidates {
+            let key = keys.get(&task_id);
+            if let Some((k, limit)) = key {
+                if !gates.admits(client, k, *limit)? {
+                    continue;
+                }
+            }
             if let Some(tp) = traceparent {
                 if traced.insert(task_id) {
                     events::record_trace(client, task_id, tp).map_err(spi)?;
@@ -286,6 +430,9 @@ pub fn claim(
                 Ok(true) => {
                     claimed_ids.push(step_id);
                     tasks_started.insert(task_id);
+                    if let Some((k, _)) = key {
+                        gates.took(k);
+                    }
                 }
                 Ok(false)
                 | Err(TaskerError::ExpectedFromMismatch { .. })
