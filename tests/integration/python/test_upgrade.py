@@ -152,6 +152,16 @@ def test_update_from_an_earlier_version_equals_a_fresh_install(old_and_new, star
     assert old.execute("SELECT * FROM tasker_core.check_tracking()") == []
     # and what 0.8.0 added: explain, for readers too
     assert old.execute("SELECT code FROM tasker_core.explain_task(%s)", (task,)) != []
+    # priorities, scheduled starts, retention on the upgraded database (the claimable index was
+    # rebuilt with the priority; existing steps have priority 0)
+    later = old.scalar("SELECT tasker_core.create_task('upgrade', 'up', NULL, '{\"s\": 1}', "
+                       "'{\"delay_seconds\": 3600}')")
+    urgent = old.scalar("SELECT tasker_core.create_task('upgrade', 'up', NULL, '{\"s\": 2}', '{\"priority\": 5}')")
+    assert [r[0] for r in old.execute("SELECT task_id FROM tasker_core.claim_steps('w4', NULL, 1, 60)")] == [urgent]
+    assert old.scalar("SELECT code FROM tasker_core.explain_task(%s) LIMIT 1", (later,)) == "scheduled"
+    old.execute("CALL tasker_core.archive_tasks('0', 1000)")
+    assert old.scalar("SELECT count(*) FROM tasker_tasks WHERE complete") == 0
+    assert old.execute("SELECT * FROM tasker_core.check_tracking()") == []
     if start != "0.1.0":
         assert old.scalar("SELECT has_function_privilege('tasker_reader', "
                           "'tasker_core.explain_step(bigint)', 'EXECUTE')")
