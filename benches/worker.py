@@ -46,7 +46,14 @@ def pgbench(args, dbname):
     return float(m.group(1)), out.stdout
 
 
-def setup(tasks, profile="lean", migrate=False):
+FAIR = TEMPLATE.replace('"bench_flow"', '"bench_fair"').replace(
+    '"version": "1.0.0",', '"version": "1.0.0", "concurrency": {"key": "/customer", "limit": 2},')
+
+PLAIN_TASKS = "SELECT tasker_core.create_task('bench', 'bench_flow', NULL, jsonb_build_object('n', i)) " \
+              "FROM generate_series(1, %s) i"
+
+
+def setup(tasks, profile="lean", migrate=False, create=PLAIN_TASKS):
     with connect("postgres") as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
         admin.execute(f"CREATE DATABASE {DB}")
@@ -58,9 +65,9 @@ def setup(tasks, profile="lean", migrate=False):
         conn.execute("SELECT tasker_core.enable_tracking()")
         conn.execute("SELECT tasker_core.register_task_template(%s::jsonb)", (TEMPLATE,))
         conn.execute("SELECT tasker_core.register_task_template(%s::jsonb)", (CHAIN,))
+        conn.execute("SELECT tasker_core.register_task_template(%s::jsonb)", (FAIR,))
         conn.execute("SET tasker_core.notify = off")
-        conn.execute("SELECT tasker_core.create_task('bench', 'bench_flow', NULL, jsonb_build_object('n', i)) "
-                     "FROM generate_series(1, %s) i", (tasks,))
+        conn.execute(create, (tasks,))
         conn.execute("VACUUM ANALYZE")
     wait_for_notifier()
 
@@ -238,7 +245,35 @@ def main():
         drift = conn.execute("SELECT count(*) FROM tasker_core.check_tracking()").fetchone()[0]
     print(f"\nafter the runs: verify() {problems} rows, check_tracking() {drift} rows")
     index_profiles()
+    features()
     sys.stdout.flush()
+
+
+def features():
+    """What priorities and concurrency keys cost the worker loop when tasks use them: the same
+    loop (8 SQL workers, wake-ups on, one step per transaction) over tasks without options,
+    with 10 priorities, with 1,000 concurrency keys (limit 2 each), and with both."""
+    tasks = int(os.environ.get("TASKER_BENCH_FEATURE_TASKS", "8000"))
+    print(f"\n**the worker loop when tasks use priorities and concurrency keys** (8 SQL workers, "
+          f"wake-ups on, {tasks:,} four-step tasks, mean of two runs)\n")
+    print("| tasks | steps/s | vs tasks without options |")
+    print("|---|---|---|")
+    prio = ", jsonb_build_object('priority', i %% 10)"
+    cases = (("without options", PLAIN_TASKS),
+             ("10 priorities", PLAIN_TASKS.replace("jsonb_build_object('n', i))", "jsonb_build_object('n', i)" + prio + ")")),
+             ("1,000 concurrency keys", "SELECT tasker_core.create_task('bench', 'bench_fair', NULL, "
+                                        "jsonb_build_object('n', i, 'customer', i %% 1000)) FROM generate_series(1, %s) i"),
+             ("both", "SELECT tasker_core.create_task('bench', 'bench_fair', NULL, "
+                      "jsonb_build_object('n', i, 'customer', i %% 1000)" + prio + ") FROM generate_series(1, %s) i"))
+    base = None
+    for label, create in cases:
+        setup(tasks, create=create)
+        settle()
+        throughput(notify=True)
+        rate = statistics.mean(throughput(notify=True)[0] for _ in range(2))
+        base = base or rate
+        print(f"| {label} | {rate:,.0f} | {rate / base:.2f} |")
+        sys.stdout.flush()
 
 
 def index_profiles():
