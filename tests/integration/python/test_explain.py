@@ -12,11 +12,18 @@ TEMPLATE = {"name": "why", "namespace_name": "explain", "version": "1.0.0",
                                {"name": "join", "handler_class": "J", "depends_on_steps": ["left", "right"]}]}
 
 
+# one step at a time per customer
+KEYED = {"name": "keyed", "namespace_name": "explain", "version": "1.0.0",
+         "concurrency": {"key": "/customer", "limit": 1},
+         "step_templates": [{"name": "only", "handler_class": "K"}]}
+
+
 @pytest.fixture
 def conn(tasker_db):
     with tasker_db.connect() as c:
         c.execute("SELECT tasker_core.enable_tracking()")
         c.execute("SELECT tasker_core.register_task_template(%s::jsonb)", (json.dumps(TEMPLATE),))
+        c.execute("SELECT tasker_core.register_task_template(%s::jsonb)", (json.dumps(KEYED),))
         yield c
 
 
@@ -77,6 +84,14 @@ def build_every_case(c):
     # error_ready: the root failed with no backoff left: in error, claimable again
     s = claim_one(c, tasks["error_ready"], "root")
     c.execute("SELECT tasker_core.fail_step(%s, 'w', '\"flaky\"', true, 0)", (s,))
+    # scheduled for tomorrow
+    tasks["scheduled"] = c.execute("SELECT tasker_core.create_task('explain', 'why', NULL, '{}', "
+                                   "'{\"delay_seconds\": 86400}')").fetchone()[0]
+    # a customer's one slot taken: its second task waits for it
+    held, waiting = [c.execute("SELECT tasker_core.create_task('explain', 'keyed', NULL, %s::jsonb)",
+                               (json.dumps({"customer": 7, "n": n}),)).fetchone()[0] for n in (1, 2)]
+    claim_one(c, held, "only")
+    tasks["key_held"], tasks["key_full"] = held, waiting
     return tasks
 
 
@@ -93,7 +108,7 @@ def test_ready_is_exactly_what_a_claim_takes(conn):
     # every code of the catalog that these cases can show, shown
     codes = {r[0] for rs in every.values() for r in rs}
     assert codes >= {"ready", "leased", "backoff", "not_retryable", "retries_exhausted", "task_cancelled",
-                     "finished", "waiting_for_parent", "task_complete"}, codes
+                     "finished", "waiting_for_parent", "task_complete", "scheduled", "concurrency_limit"}, codes
     # what a claim would take, rolled back
     with conn.transaction(force_rollback=True):
         claimed = {r[0] for r in conn.execute(
