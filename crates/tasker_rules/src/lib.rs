@@ -2,6 +2,7 @@
 //! so every rule can be tested with plain `#[test]`s.
 
 pub mod backoff;
+pub mod condition;
 pub mod context;
 pub mod dag;
 pub mod error;

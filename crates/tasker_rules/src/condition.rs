@@ -1,0 +1,342 @@
+//! Conditions of conditional steps (issue 16: the language and its evaluation; templates do
+//! not accept them yet). A condition is JSON — no SQL from users, nothing evaluated as code —
+//! parsed once and evaluated against the task context and the parents' results:
+//!
+//! ```json
+//! {"path": "/context/payment/status", "eq": "cleared"}
+//! {"path": "/parents/charge/amount", "gt": 100}
+//! {"path": "/context/express", "exists": true}
+//! {"all": [ ... ]}   {"any": [ ... ]}   {"not": { ... }}
+//! ```
+//!
+//! A path is a JSON pointer into `{"context": <task context>, "parents": {<name>: <results>}}`.
+//! Comparisons: `eq` and `ne` (any JSON value, equal as JSON: `1` and `1.0` are equal numbers),
+//! `lt` `le` `gt` `ge` (a number with a number, a string with a string by bytes; anything else
+//! is false), `in` (an array of values), `exists` (true or false). A path with nothing there is
+//! false for every comparison but `ne` and `exists: false`. `all` of nothing is true, `any` of
+//! nothing false.
+
+use super::error::TaskerError;
+use serde_json::{Map, Value};
+use std::cmp::Ordering;
+
+/// The most nodes (comparisons and combinators) a condition may have.
+pub const MAX_NODES: usize = 256;
+/// The deepest nesting of combinators.
+pub const MAX_DEPTH: usize = 16;
+/// The longest path, in bytes.
+pub const MAX_PATH: usize = 256;
+
+/// A comparison operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    In,
+    Exists,
+}
+
+const OPS: [(&str, Op); 8] = [
+    ("eq", Op::Eq),
+    ("ne", Op::Ne),
+    ("lt", Op::Lt),
+    ("le", Op::Le),
+    ("gt", Op::Gt),
+    ("ge", Op::Ge),
+    ("in", Op::In),
+    ("exists", Op::Exists),
+];
+
+/// A parsed condition.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Condition {
+    Compare { path: String, op: Op, value: Value },
+    All(Vec<Condition>),
+    Any(Vec<Condition>),
+    Not(Box<Condition>),
+}
+
+fn invalid(reason: impl Into<String>) -> TaskerError {
+    TaskerError::InvalidTemplate { reason: format!("condition: {}", reason.into()) }
+}
+
+fn kind(v: &Value) -> &'static str {
+    super::template::kind(v)
+}
+
+impl Condition {
+    /// Parses a condition; `TK020` naming what is wrong otherwise.
+    pub fn parse(v: &Value) -> Result<Condition, TaskerError> {
+        let mut nodes = 0;
+        Self::parse_at(v, 0, &mut nodes)
+    }
+
+    fn parse_at(v: &Value, depth: usize, nodes: &mut usize) -> Result<Condition, TaskerError> {
+        *nodes += 1;
+        if *nodes > MAX_NODES {
+            return Err(invalid(format!("more than {MAX_NODES} nodes")));
+        }
+        if depth > MAX_DEPTH {
+            return Err(invalid(format!("nested deeper than {MAX_DEPTH}")));
+        }
+        let obj = v
+            .as_object()
+            .ok_or_else(|| invalid(format!("a condition is an object, not {}", kind(v))))?;
+        let list = |items: &Value, nodes: &mut usize| -> Result<Vec<Condition>, TaskerError> {
+            match items {
+                Value::Array(items) => {
+                    items.iter().map(|i| Self::parse_at(i, depth + 1, nodes)).collect()
+                }
+                other => Err(invalid(format!("all and any take an array, not {}", kind(other)))),
+            }
+        };
+        match (obj.len(), obj.iter().next()) {
+            (1, Some((k, items))) if k == "all" => return Ok(Condition::All(list(items, nodes)?)),
+            (1, Some((k, items))) if k == "any" => return Ok(Condition::Any(list(items, nodes)?)),
+            (1, Some((k, c))) if k == "not" => {
+                return Ok(Condition::Not(Box::new(Self::parse_at(c, depth + 1, nodes)?)))
+            }
+            _ => {}
+        }
+        Self::comparison(obj)
+    }
+
+    fn comparison(obj: &Map<String, Value>) -> Result<Condition, TaskerError> {
+        let path = match obj.get("path") {
+            Some(Value::String(p)) if p.starts_with('/') && p.len() <= MAX_PATH => p.clone(),
+            _ => {
+                return Err(invalid(format!(
+                    "a comparison needs a path: a JSON pointer of at most {MAX_PATH} bytes \
+                     (\"/context/...\" or \"/parents/<step>/...\")"
+                )))
+            }
+        };
+        if !(path == "/context" || path.starts_with("/context/") || path.starts_with("/parents/")) {
+            return Err(invalid(format!(
+                "path {:?} must start with /context or /parents/<step>",
+                path.chars().take(60).collect::<String>()
+            )));
+        }
+        let mut found = None;
+        for (k, v) in obj.iter().filter(|(k, _)| *k != "path") {
+            let op = OPS
+                .iter()
+                .find(|(name, _)| name == k)
+                .map(|(_, op)| *op)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "unknown field {:?} (all, any, not, or path with one of eq, ne, lt, le, gt, ge, in, exists)",
+                        k.chars().take(40).collect::<String>()
+                    ))
+                })?;
+            if found.is_some() {
+                return Err(invalid("a comparison has one operator"));
+            }
+            match (op, v) {
+                (Op::In, Value::Array(_)) | (Op::Exists, Value::Bool(_)) => {}
+                (Op::In, other) => {
+                    return Err(invalid(format!("in takes an array, not {}", kind(other))))
+                }
+                (Op::Exists, other) => {
+                    return Err(invalid(format!("exists takes true or false, not {}", kind(other))))
+                }
+                (Op::Lt | Op::Le | Op::Gt | Op::Ge, Value::Number(_) | Value::String(_)) => {}
+                (Op::Lt | Op::Le | Op::Gt | Op::Ge, other) => {
+                    return Err(invalid(format!(
+                        "{k} compares with a number or a string, not {}",
+                        kind(other)
+                    )))
+                }
+                _ => {}
+            }
+            found = Some((op, v.clone()));
+        }
+        let (op, value) = found.ok_or_else(|| invalid("a comparison needs an operator"))?;
+        Ok(Condition::Compare { path, op, value })
+    }
+
+    /// Evaluates the condition on `input`: `{"context": ..., "parents": {...}}`.
+    pub fn eval(&self, input: &Value) -> bool {
+        match self {
+            Condition::All(cs) => cs.iter().all(|c| c.eval(input)),
+            Condition::Any(cs) => cs.iter().any(|c| c.eval(input)),
+            Condition::Not(c) => !c.eval(input),
+            Condition::Compare { path, op, value } => compare(input.pointer(path), *op, value),
+        }
+    }
+}
+
+/// JSON equality, numbers by value (`1` equals `1.0`).
+fn json_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => match (x.as_f64(), y.as_f64()) {
+            (Some(x), Some(y)) => x == y,
+            _ => x == y,
+        },
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| json_eq(a, b))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+fn order(a: &Value, b: &Value) -> Option<Ordering> {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64()?.partial_cmp(&y.as_f64()?),
+        (Value::String(x), Value::String(y)) => Some(x.as_bytes().cmp(y.as_bytes())),
+        _ => None,
+    }
+}
+
+fn compare(found: Option<&Value>, op: Op, value: &Value) -> bool {
+    let Some(found) = found else {
+        return matches!((op, value), (Op::Ne, _) | (Op::Exists, Value::Bool(false)));
+    };
+    match op {
+        Op::Exists => value == &Value::Bool(true),
+        Op::Eq => json_eq(found, value),
+        Op::Ne => !json_eq(found, value),
+        Op::In => value.as_array().is_some_and(|vs| vs.iter().any(|v| json_eq(found, v))),
+        Op::Lt => order(found, value) == Some(Ordering::Less),
+        Op::Le => matches!(order(found, value), Some(Ordering::Less | Ordering::Equal)),
+        Op::Gt => order(found, value) == Some(Ordering::Greater),
+        Op::Ge => matches!(order(found, value), Some(Ordering::Greater | Ordering::Equal)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn input() -> Value {
+        json!({"context": {"payment": {"status": "cleared", "amount": 120}, "express": false,
+                           "tags": ["gift"]},
+               "parents": {"charge": {"amount": 120.0, "currency": "EUR"}}})
+    }
+
+    fn holds(c: Value) -> bool {
+        Condition::parse(&c).unwrap().eval(&input())
+    }
+
+    fn reason(c: Value) -> String {
+        match Condition::parse(&c) {
+            Err(TaskerError::InvalidTemplate { reason }) => reason,
+            other => panic!("expected an invalid condition, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn comparisons() {
+        assert!(holds(json!({"path": "/context/payment/status", "eq": "cleared"})));
+        assert!(holds(json!({"path": "/parents/charge/amount", "eq": 120}))); // 120.0 == 120
+        assert!(holds(json!({"path": "/parents/charge/amount", "gt": 100})));
+        assert!(!holds(json!({"path": "/parents/charge/amount", "lt": 100})));
+        assert!(holds(json!({"path": "/context/payment/amount", "le": 120})));
+        assert!(holds(json!({"path": "/parents/charge/currency", "ge": "EUR"})));
+        assert!(holds(json!({"path": "/parents/charge/currency", "in": ["USD", "EUR"]})));
+        assert!(holds(json!({"path": "/context/tags", "eq": ["gift"]})));
+        assert!(holds(json!({"path": "/context/express", "exists": true})));
+        assert!(holds(json!({"path": "/context/express", "ne": true})));
+        // a number is not ordered against a string
+        assert!(!holds(json!({"path": "/context/payment/status", "gt": 1})));
+    }
+
+    #[test]
+    fn missing_paths() {
+        let missing = "/context/nope";
+        for (op, v, expected) in [
+            ("eq", json!(null), false),
+            ("ne", json!(1), true),
+            ("gt", json!(1), false),
+            ("in", json!([null]), false),
+            ("exists", json!(true), false),
+            ("exists", json!(false), true),
+        ] {
+            let mut c = json!({"path": missing});
+            c[op] = v;
+            assert_eq!(holds(c), expected, "{op}");
+        }
+    }
+
+    #[test]
+    fn combinators() {
+        let yes = json!({"path": "/context/express", "eq": false});
+        let no = json!({"path": "/context/express", "eq": true});
+        assert!(holds(json!({"all": [yes, yes]})));
+        assert!(!holds(json!({"all": [yes, no]})));
+        assert!(holds(json!({"any": [no, yes]})));
+        assert!(holds(json!({"not": no})));
+        assert!(holds(json!({"all": []})));
+        assert!(!holds(json!({"any": []})));
+    }
+
+    #[test]
+    fn each_defect_is_named() {
+        assert!(reason(json!("x")).contains("is an object"));
+        assert!(reason(json!({"path": "context/x", "eq": 1})).contains("JSON pointer"));
+        assert!(reason(json!({"path": "/task/x", "eq": 1})).contains("must start with /context"));
+        assert!(reason(json!({"path": "/context/x"})).contains("needs an operator"));
+        assert!(reason(json!({"path": "/context/x", "eq": 1, "ne": 2})).contains("one operator"));
+        assert!(
+            reason(json!({"path": "/context/x", "like": "a%"})).contains("unknown field \"like\"")
+        );
+        assert!(reason(json!({"path": "/context/x", "in": 1})).contains("in takes an array"));
+        assert!(reason(json!({"path": "/context/x", "gt": [1]})).contains("gt compares with"));
+        assert!(reason(json!({"path": "/context/x", "exists": 1})).contains("true or false"));
+        assert!(reason(json!({"all": {}})).contains("take an array"));
+        let mut deep = json!({"path": "/context/x", "eq": 1});
+        for _ in 0..=MAX_DEPTH {
+            deep = json!({"not": deep});
+        }
+        assert!(reason(deep).contains("nested deeper"));
+        let wide = json!({"any": vec![json!({"path": "/context/x", "eq": 1}); MAX_NODES]});
+        assert!(reason(wide).contains("more than"));
+    }
+
+    fn leaf() -> impl Strategy<Value = Value> {
+        (
+            prop::sample::select(vec!["/context/a", "/context/b", "/parents/p/c", "/context/none"]),
+            prop::sample::select(vec!["eq", "ne", "lt", "ge", "exists"]),
+            -3i64..3,
+        )
+            .prop_map(|(path, op, n)| {
+                let value = if op == "exists" { json!(n > 0) } else { json!(n) };
+                let mut c = json!({"path": path});
+                c[op] = value;
+                c
+            })
+    }
+
+    fn tree() -> impl Strategy<Value = Value> {
+        leaf().prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(|v| json!({"all": v})),
+                prop::collection::vec(inner.clone(), 0..4).prop_map(|v| json!({"any": v})),
+                inner.prop_map(|c| json!({"not": c})),
+            ]
+        })
+    }
+
+    proptest! {
+        /// not, all and any obey the laws of boolean logic (De Morgan, double negation).
+        #[test]
+        fn boolean_laws(a in tree(), b in tree(), x in -3i64..3, y in -3i64..3, z in -3i64..3) {
+            let input = json!({"context": {"a": x, "b": y}, "parents": {"p": {"c": z}}});
+            let ev = |c: &Value| Condition::parse(c).unwrap().eval(&input);
+            prop_assert_eq!(ev(&json!({"not": {"not": a}})), ev(&a));
+            prop_assert_eq!(ev(&json!({"not": {"all": [a, b]}})),
+                            ev(&json!({"any": [{"not": a}, {"not": b}]})));
+            prop_assert_eq!(ev(&json!({"all": [a, b]})), ev(&a) && ev(&b));
+            prop_assert_eq!(ev(&json!({"any": [a, b]})), ev(&a) || ev(&b));
+        }
+    }
+}
