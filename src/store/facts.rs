@@ -204,14 +204,12 @@ pub fn is_tracked(client: &SpiClient<'_>, schema: &SchemaName) -> SpiResult<bool
 
 /// The facts of the steps of `task_ids` (ascending, each once): read directly when possible
 /// (`store::direct`), through SPI otherwise — connecting to SPI only then. The one way in:
-/// the SPI reads below do not try the direct read again. Give the vector back
-/// (`store::spare::give_back`) when done with it.
+/// the SPI reads below do not try the direct read again.
 pub fn read(schema: &SchemaName, task_ids: &[i64]) -> SpiResult<Vec<StepFacts>> {
-    let mut direct = super::spare::take();
+    let mut direct = Vec::new();
     if super::direct::facts_for_tasks(schema.as_str(), task_ids, &mut direct).is_some() {
         return Ok(direct);
     }
-    super::spare::give_back(direct);
     read_through_spi(schema, task_ids)
 }
 

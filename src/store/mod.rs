@@ -10,7 +10,6 @@ pub mod plans;
 pub mod rows;
 pub mod schema;
 pub mod settings;
-pub mod spare;
 pub mod templates;
 pub mod transitions;
 pub mod wakeups;

@@ -75,7 +75,7 @@ pub struct StepFacts {
 impl StepFacts {
     /// `COALESCE(state, 'pending')`.
     pub fn current_state(&self) -> &str {
-        self.state.as_deref().unwrap_or(State::Pending.as_str())
+        self.inputs(0).current_state()
     }
 
     /// `COALESCE(state, 'pending')`, shared.
@@ -190,9 +190,9 @@ pub struct Inputs<'a> {
     pub backoff_request_seconds: Option<i32>,
 }
 
-impl Inputs<'_> {
+impl<'a> Inputs<'a> {
     /// `COALESCE(state, 'pending')`.
-    pub fn current_state(&self) -> &str {
+    pub fn current_state(&self) -> &'a str {
         self.state.unwrap_or(State::Pending.as_str())
     }
 

@@ -295,8 +295,7 @@ pub fn claim(
         // then locked by id (an index probe each: a join there let the generic plan merge-join
         // the whole step table to reach them).
         let per_namespace = events::step_namespaces_installed();
-        let (claimable, variant) = super::claimable();
-        let scheduling = variant.is_empty();
+        let (claimable, scheduling) = super::claimable();
         let keyed = scheduling && claim_prelude(client)?;
         // steps of keys at their limit are passed over by the scan (the SQL of 0.8.0 on)
         let full: Option<Vec<String>> = if keyed { Some(full_keys(client)?) } else { None };
@@ -520,10 +519,10 @@ pub(super) fn recheck_claimable(
         return Ok(candidates);
     }
     let ids: Vec<i64> = candidates.iter().map(|c| c.0).collect();
-    let (claimable, variant) = super::claimable();
+    let (claimable, scheduling) = super::claimable();
     let still: std::collections::HashMap<i64, Option<String>> = with_write_plan(
         client,
-        if variant.is_empty() { "claim_recheck" } else { "claim_recheck_07" },
+        if scheduling { "claim_recheck" } else { "claim_recheck_07" },
         "",
         &[INT8ARRAY],
         || {

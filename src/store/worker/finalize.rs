@@ -18,10 +18,10 @@ pub(super) fn native_counts(
     client: &SpiClient<'_>,
     task_id: i64,
 ) -> Result<TaskCounts, TaskerError> {
-    let (claimable, variant) = super::claimable();
+    let (claimable, scheduling) = super::claimable();
     with_write_plan(
         client,
-        if variant.is_empty() { "native_counts" } else { "native_counts_07" },
+        if scheduling { "native_counts" } else { "native_counts_07" },
         "",
         &[INT8],
         || {

@@ -100,12 +100,13 @@ pub fn eligible() -> &'static str {
     }
 }
 
-/// [`CLAIMABLE`] for the installed SQL, and a suffix for the keys of the plans built with it.
-pub(super) fn claimable() -> (&'static str, &'static str) {
+/// [`CLAIMABLE`] for the installed SQL, and whether that SQL has the scheduling columns (the
+/// plans built with either text are kept under keys of their own).
+pub(super) fn claimable() -> (&'static str, bool) {
     if scheduling_installed() {
-        (CLAIMABLE, "")
+        (CLAIMABLE, true)
     } else {
-        (CLAIMABLE_07, "_07")
+        (CLAIMABLE_07, false)
     }
 }
 
