@@ -22,6 +22,10 @@
 --   backoff            it waits out its backoff until T
 --   scheduled          its task is scheduled to start at T (a root step; claims and tick()
 --                      start it when T has passed)
+--   dynamic            a conditional or map step not judged yet (judged when its last parent
+--                      finishes), or a map step waiting for its instances
+--   skipped            it was skipped (its condition was false, or a dependency in skip_with
+--                      was skipped)
 --   concurrency_limit  its task's concurrency key K is full (N of N in progress)
 --   tracking           the maintained state disagrees with the tables (run check_tracking())
 --   ready              none of the above: claimable since T
@@ -110,11 +114,25 @@ BEGIN
             FROM s WHERE $3
           UNION ALL
             SELECT s.workflow_step_id,
-                   CASE WHEN s.state = 'cancelled' AND $4 = 'cancelled' THEN 'task_cancelled' ELSE 'finished' END,
+                   CASE WHEN s.state = 'cancelled' AND $4 = 'cancelled' THEN 'task_cancelled'
+                        WHEN d.skipped THEN 'skipped' ELSE 'finished' END,
                    CASE WHEN s.state = 'cancelled' AND $4 = 'cancelled' THEN 'its task was cancelled'
+                        WHEN d.skipped THEN 'it was skipped (its condition was false, or a dependency in skip_with was)'
                         ELSE format('it is %%s', s.state) END,
                    NULL, s.state_at
-            FROM s WHERE s.state IN ('complete', 'resolved_manually', 'cancelled')
+            FROM s LEFT JOIN tasker_core.dynamic_steps d ON d.workflow_step_id = s.workflow_step_id
+            WHERE s.state IN ('complete', 'resolved_manually', 'cancelled')
+          UNION ALL
+            SELECT s.workflow_step_id, 'dynamic',
+                   CASE WHEN d.phase = 'mapped'
+                        THEN 'a map step: it completes with its instances'' results when they have all finished'
+                        WHEN s.blocked_parents > 0
+                        THEN 'a conditional or map step: judged when its last parent finishes'
+                        ELSE 'a conditional or map step whose parents finished without judging it: '
+                             'the next step finished in its task, or tick(), judges it' END,
+                   NULL, NULL
+            FROM s JOIN tasker_core.dynamic_steps d ON d.workflow_step_id = s.workflow_step_id
+            WHERE d.phase <> 'done' AND (s.state IS NULL OR s.state = 'pending')
           UNION ALL
             SELECT s.workflow_step_id, 'unknown_state', format('its current state is %%s', s.state), NULL, s.state_at
             FROM s WHERE s.state IS NOT NULL
@@ -178,7 +196,7 @@ BEGIN
           UNION ALL
             SELECT s.workflow_step_id, 'scheduled', format('its task is scheduled for %%s', s.not_before AT TIME ZONE 'UTC'),
                    NULL, s.not_before
-            FROM s WHERE s.not_before > $5)
+            FROM s WHERE s.not_before > $5 AND s.not_before < 'infinity')
         SELECT s.workflow_step_id, s.name, w.code, w.reason, w.related, w.at AT TIME ZONE 'UTC'
         FROM why w JOIN s USING (workflow_step_id)
       UNION ALL

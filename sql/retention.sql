@@ -4,7 +4,8 @@
 -- max_tasks tasks that are finished — their current state complete, cancelled or
 -- resolved_manually, or flagged complete — and whose last task transition is older than
 -- finished_before, with everything of theirs: steps, edges, step and task transitions,
--- annotations, claims, maintained state (the tracking triggers), options, traces, and the
+-- annotations, claims, maintained state (the tracking triggers), options, traces, dynamic
+-- steps, and the
 -- events of the tasks that every subscription has acknowledged (the others stay until
 -- prune_events). Batches of batch_size tasks, each its own transaction (COMMIT after each):
 -- CALL it outside a transaction block, as pg_cron does. Safe while workers work: a finished
@@ -77,6 +78,7 @@ BEGIN
     EXECUTE format('DELETE FROM %I.tasker_tasks WHERE task_id = ANY ($1)', ds) USING ids;
     DELETE FROM tasker_core.task_options o WHERE o.task_id = ANY (ids);
     DELETE FROM tasker_core.task_traces tr WHERE tr.task_id = ANY (ids);
+    DELETE FROM tasker_core.dynamic_steps d WHERE d.task_id = ANY (ids);
     DELETE FROM tasker_core.events e
     WHERE e.task_id = ANY (ids)
       AND NOT EXISTS (SELECT 1 FROM tasker_core.subscriptions s

@@ -106,10 +106,28 @@ CREATE TABLE tasker_core.concurrency_gates (
     claims bigint NOT NULL DEFAULT 0
 );
 
+-- The dynamic steps of tasks (a template step with a condition, a map or skip_with): one row
+-- per such step, with its rule as the template declared it and its phase: `waiting` for its
+-- parents to finish and to be judged, `mapped` (a map step) waiting for its instances, `done`.
+-- While a step is not done its step_state.not_before is 'infinity': no claim takes it. A map
+-- step's instances are ordinary steps (of the map's named step) and have no row here.
+CREATE TABLE tasker_core.dynamic_steps (
+    workflow_step_id bigint PRIMARY KEY,
+    task_id bigint NOT NULL,
+    rule jsonb NOT NULL,
+    phase text NOT NULL DEFAULT 'waiting' CHECK (phase IN ('waiting', 'mapped', 'done')),
+    -- judged and skipped (its transition to resolved_manually says "skipped": true)
+    skipped boolean NOT NULL DEFAULT false
+);
+CREATE INDEX dynamic_steps_task_idx ON tasker_core.dynamic_steps (task_id);
+-- the steps still to be judged or completed, for the finalizer (per task) and tick() (all)
+CREATE INDEX dynamic_steps_open_idx ON tasker_core.dynamic_steps (task_id) WHERE phase <> 'done';
+
 SELECT pg_catalog.pg_extension_config_dump('tasker_core.tracking', '');
 SELECT pg_catalog.pg_extension_config_dump('tasker_core.step_state', '');
 SELECT pg_catalog.pg_extension_config_dump('tasker_core.task_options', '');
 SELECT pg_catalog.pg_extension_config_dump('tasker_core.concurrency_gates', '');
+SELECT pg_catalog.pg_extension_config_dump('tasker_core.dynamic_steps', '');
 
 -- A task's priority (tasker_core.task_options), 0 without options.
 -- (No SET clause: the tracking triggers inline it; they pin their search_path themselves.)
@@ -466,10 +484,12 @@ BEGIN
                ws.retryable, ws.retry_limit, ws.in_process, ws.processed, ws.attempts,
                ws.last_attempted_at, ws.backoff_request_seconds, ws.created_at,
                nt.task_namespace_id, COALESCE(o.priority, 0),
-               CASE WHEN pe.to_step_id IS NULL AND o.run_at > (tasker_core.now() AT TIME ZONE 'UTC')
+               CASE WHEN d.phase IN ('waiting', 'mapped') THEN 'infinity'::timestamp
+                    WHEN pe.to_step_id IS NULL AND o.run_at > (tasker_core.now() AT TIME ZONE 'UTC')
                     THEN o.run_at END
         FROM %1$I.tasker_workflow_steps ws
         LEFT JOIN tasker_core.task_options o ON o.task_id = ws.task_id
+        LEFT JOIN tasker_core.dynamic_steps d ON d.workflow_step_id = ws.workflow_step_id
         LEFT JOIN %1$I.tasker_named_steps ns ON ns.named_step_id = ws.named_step_id
         LEFT JOIN %1$I.tasker_tasks t ON t.task_id = ws.task_id
         LEFT JOIN %1$I.tasker_named_tasks nt ON nt.named_task_id = t.named_task_id

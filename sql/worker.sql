@@ -63,12 +63,21 @@ BEGIN
     ON CONFLICT (singleton) DO UPDATE SET last_tick_at = excluded.last_tick_at
     RETURNING (SELECT last_tick_at FROM tasker_core.tick_state) INTO since;
     since := COALESCE(since, now_ts - interval '1 hour');
+    -- dynamic steps whose parents finished by writes that did not judge them (an application
+    -- writing transitions itself, transition_step): judged now, before any task is locked
+    FOR r IN SELECT DISTINCT d.task_id FROM tasker_core.dynamic_steps d
+             JOIN tasker_core.step_state s ON s.workflow_step_id = d.workflow_step_id
+             WHERE d.phase <> 'done' AND s.blocked_parents = 0 AND (s.state IS NULL OR s.state = 'pending')
+             ORDER BY d.task_id LIMIT 100 LOOP
+        PERFORM tasker_core._advance_task(r.task_id);
+        woke := woke + 1;
+    END LOOP;
     expired := tasker_core._expire_leases(1000) + tasker_core._promote_scheduled(1000);
     -- failed steps whose backoff ended since the last tick (readiness as the claims see it)
-    EXECUTE format($q$SELECT count(*) FROM tasker_core.step_state s
+    EXECUTE format($q$SELECT $3 + count(*) FROM tasker_core.step_state s
                       WHERE %1$s AND s.state = 'error' AND %2$s > $1 AND %2$s <= $2$q$,
                    tasker_core._readiness_sql('eligible'), tasker_core._readiness_sql('backoff_until'))
-      INTO woke USING since AT TIME ZONE 'UTC', now_ts AT TIME ZONE 'UTC';
+      INTO woke USING since AT TIME ZONE 'UTC', now_ts AT TIME ZONE 'UTC', woke;
     IF expired + woke > 0 AND current_setting('tasker_core.notify', true) IS DISTINCT FROM 'off' THEN
         PERFORM pg_notify('tasker_ready', json_build_object('reason', 'tick', 'steps', expired + woke)::text);
     END IF;
@@ -175,17 +184,28 @@ BEGIN
         IF s.state = 'error' THEN
             PERFORM tasker_core.transition_step(s.workflow_step_id, 'pending', meta);
         END IF;
+        -- a dynamic step that failed when it was judged (a map whose input was unusable) is
+        -- judged again, not claimed as an ordinary step
+        WITH d AS (UPDATE tasker_core.dynamic_steps d SET phase = 'waiting'
+                   WHERE d.workflow_step_id = s.workflow_step_id AND d.phase = 'done' AND NOT d.skipped
+                   RETURNING d.workflow_step_id)
+        UPDATE tasker_core.step_state x SET not_before = 'infinity' FROM d
+        WHERE x.workflow_step_id = d.workflow_step_id;
         n := n + 1;
     END LOOP;
     IF st = 'error' THEN
         PERFORM tasker_core.transition_task(retry_task.task_id, 'pending', meta);
+    END IF;
+    IF EXISTS (SELECT 1 FROM tasker_core.dynamic_steps d WHERE d.task_id = retry_task.task_id) THEN
+        PERFORM tasker_core._advance_task(retry_task.task_id);
     END IF;
     PERFORM pg_notify('tasker_ready', json_build_object('task_id', retry_task.task_id, 'reason', 'retry')::text);
     RETURN n;
 END;
 $$;
 
--- A Graphviz DOT picture of a task's DAG: nodes coloured by state, ready steps outlined.
+-- A Graphviz DOT picture of a task's DAG: nodes coloured by state, ready steps outlined,
+-- skipped steps dashed and grey, the instances of each map step in a box labelled with it.
 CREATE FUNCTION tasker_core.task_graph_dot(task_id bigint) RETURNS text
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -197,20 +217,42 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM tasker_core.task_steps(task_graph_dot.task_id)) THEN
         RETURN format('digraph task_%s {}', task_graph_dot.task_id);
     END IF;
-    SELECT format(E'digraph task_%s {\n  rankdir=LR;\n  node [shape=box, style="rounded,filled", fontname="Helvetica"];\n%s\n%s\n}',
+    WITH maps AS (
+        -- each map step and its instances (the other steps of its named step in the task)
+        SELECT m.workflow_step_id AS map_id, m.name, i.workflow_step_id AS step_id
+        FROM tasker_core.dynamic_steps d
+        JOIN tasker_core.step_state m ON m.workflow_step_id = d.workflow_step_id
+        JOIN tasker_core.step_state i ON i.task_id = m.task_id AND i.named_step_id = m.named_step_id
+                                      AND i.workflow_step_id <> m.workflow_step_id
+        WHERE d.task_id = task_graph_dot.task_id AND d.rule ? 'map'),
+    nodes AS (
+        SELECT r.workflow_step_id,
+               format('s%s [label="%s\n%s", fillcolor="%s"%s];',
+                      r.workflow_step_id, replace(r.name, '"', ''''),
+                      CASE WHEN d.skipped THEN 'skipped' ELSE r.current_state END,
+                      CASE WHEN d.skipped THEN '#eeeeee' ELSE
+                      CASE r.current_state
+                          WHEN 'complete' THEN '#9be39b' WHEN 'resolved_manually' THEN '#c8e6c9'
+                          WHEN 'in_progress' THEN '#8ec5ff' WHEN 'error' THEN '#ff9e9e'
+                          WHEN 'cancelled' THEN '#d0d0d0' ELSE '#ffffff' END END,
+                      CASE WHEN d.skipped THEN ', style="rounded,filled,dashed", fontcolor="#777777"'
+                           WHEN r.ready_for_execution THEN ', penwidth=3, color="#1f6feb"' ELSE '' END) AS line
+        FROM tasker_core.get_step_readiness_status(task_graph_dot.task_id) r
+        LEFT JOIN tasker_core.dynamic_steps d ON d.workflow_step_id = r.workflow_step_id)
+    SELECT format(E'digraph task_%s {\n  rankdir=LR;\n  node [shape=box, style="rounded,filled", fontname="Helvetica"];\n%s\n%s\n%s\n}',
                   task_graph_dot.task_id,
-                  string_agg(DISTINCT n.line, E'\n'),
+                  COALESCE((SELECT string_agg('  ' || n.line, E'\n' ORDER BY n.workflow_step_id) FROM nodes n
+                            WHERE n.workflow_step_id NOT IN (SELECT m.step_id FROM maps m)), ''),
+                  COALESCE((SELECT string_agg(format(E'  subgraph cluster_map_%s {\n    label="%s (map, %s)";\n    style=dashed;\n    %s\n  }',
+                                                     g.map_id, replace(g.name, '"', ''''), g.n, g.lines),
+                                              E'\n' ORDER BY g.map_id)
+                            FROM (SELECT m.map_id, m.name, count(*) AS n,
+                                         string_agg(n.line, E'\n    ' ORDER BY n.workflow_step_id) AS lines
+                                  FROM maps m JOIN nodes n ON n.workflow_step_id = m.step_id
+                                  GROUP BY m.map_id, m.name) g), ''),
                   COALESCE((SELECT string_agg(format('  s%s -> s%s;', p, t.workflow_step_id), E'\n' ORDER BY p, t.workflow_step_id)
                             FROM tasker_core.task_steps(task_graph_dot.task_id) t, unnest(t.parent_step_ids) p), ''))
-      INTO out
-      FROM (SELECT format('  s%s [label="%s\n%s", fillcolor="%s"%s];',
-                          r.workflow_step_id, replace(r.name, '"', ''''), r.current_state,
-                          CASE r.current_state
-                              WHEN 'complete' THEN '#9be39b' WHEN 'resolved_manually' THEN '#c8e6c9'
-                              WHEN 'in_progress' THEN '#8ec5ff' WHEN 'error' THEN '#ff9e9e'
-                              WHEN 'cancelled' THEN '#d0d0d0' ELSE '#ffffff' END,
-                          CASE WHEN r.ready_for_execution THEN ', penwidth=3, color="#1f6feb"' ELSE '' END) AS line
-            FROM tasker_core.get_step_readiness_status(task_graph_dot.task_id) r) n;
+      INTO out;
     RETURN out;
 END;
 $$;

@@ -60,6 +60,16 @@ fn expire_leases(max_steps: i32) -> i32 {
     .or_raise()
 }
 
+/// Judges the dynamic steps of a task whose parents have all finished, then finalizes the
+/// task (used by `tick()` and `retry_task()`; the worker protocol does it as steps finish).
+/// Returns the finalizer's decision (its `execution_status`).
+#[pg_extern(volatile, parallel_unsafe, name = "_advance_task")]
+fn advance_task(task_id: i64) -> String {
+    attempt(move || worker::finalize_task(&store::settings::data_schema()?, task_id))
+        .map(str::to_owned)
+        .or_raise()
+}
+
 /// `tasker_core.max_subscriptions_per_login`, for `subscribe()`: read through the library so
 /// that the setting is defined (superuser-only) even in a session that loaded nothing else.
 #[pg_extern(stable, parallel_safe, name = "_max_subscriptions_per_login")]

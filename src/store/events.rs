@@ -111,7 +111,7 @@ pub fn record_trace(client: &SpiClient<'_>, task_id: i64, traceparent: &str) -> 
 }
 
 /// The oid of relation `tasker_core.<name>`, if it exists (catalog cache lookups by name).
-fn own_relation(name: &std::ffi::CStr) -> Option<pg_sys::Oid> {
+pub(super) fn own_relation(name: &std::ffi::CStr) -> Option<pg_sys::Oid> {
     // SAFETY: catalog cache lookups by name; missing_ok, so no error is raised.
     unsafe {
         let ns = pg_sys::get_namespace_oid(c"tasker_core".as_ptr(), true);

@@ -39,6 +39,10 @@ pub static MAX_SUBSCRIPTIONS_PER_LOGIN: GucSetting<i32> = GucSetting::<i32>::new
 /// `tasker_core.max_template_steps`: most steps a template may declare.
 pub static MAX_TEMPLATE_STEPS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
+/// `tasker_core.max_map_elements`: most instances a map step may expand into.
+pub static MAX_MAP_ELEMENTS: GucSetting<i32> =
+    GucSetting::<i32>::new(crate::core::dynamic::DEFAULT_MAX_MAP_ELEMENTS as i32);
+
 /// `tasker_core.tick_database`: the database the timer background worker runs `tick()` in.
 pub static TICK_DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
@@ -134,6 +138,16 @@ pub fn register_gucs() {
         &MAX_TEMPLATE_STEPS,
         1,
         1_000_000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"tasker_core.max_map_elements",
+        c"Most instances a map step may expand into.",
+        c"A larger map input fails the map step (or create_task, for a map over the context) with SQLSTATE 54000.",
+        &MAX_MAP_ELEMENTS,
+        0,
+        10_000_000,
         GucContext::Suset,
         GucFlags::default(),
     );

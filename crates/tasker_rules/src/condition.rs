@@ -1,5 +1,4 @@
-//! Conditions of conditional steps (issue 16: the language and its evaluation; templates do
-//! not accept them yet). A condition is JSON — no SQL from users, nothing evaluated as code —
+//! Conditions of conditional steps. A condition is JSON — no SQL from users, nothing evaluated as code —
 //! parsed once and evaluated against the task context and the parents' results:
 //!
 //! ```json
@@ -161,13 +160,85 @@ impl Condition {
 
     /// Evaluates the condition on `input`: `{"context": ..., "parents": {...}}`.
     pub fn eval(&self, input: &Value) -> bool {
+        self.eval_by(&|path| input.pointer(path))
+    }
+
+    /// Evaluates the condition with `lookup` resolving each path (what
+    /// [`Condition::eval`] finds at the path in its input), so that the caller need not build
+    /// one document of the context and every parent's results.
+    pub fn eval_by<'a>(&self, lookup: &impl Fn(&str) -> Option<&'a Value>) -> bool {
         match self {
-            Condition::All(cs) => cs.iter().all(|c| c.eval(input)),
-            Condition::Any(cs) => cs.iter().any(|c| c.eval(input)),
-            Condition::Not(c) => !c.eval(input),
-            Condition::Compare { path, op, value } => compare(input.pointer(path), *op, value),
+            Condition::All(cs) => cs.iter().all(|c| c.eval_by(lookup)),
+            Condition::Any(cs) => cs.iter().any(|c| c.eval_by(lookup)),
+            Condition::Not(c) => !c.eval_by(lookup),
+            Condition::Compare { path, op, value } => compare(lookup(path), *op, value),
         }
     }
+
+    /// The condition as JSON (what [`Condition::parse`] reads back to the same condition).
+    pub fn to_json(&self) -> Value {
+        let list = |cs: &[Condition]| Value::Array(cs.iter().map(Condition::to_json).collect());
+        let mut out = Map::new();
+        match self {
+            Condition::All(cs) => {
+                out.insert("all".into(), list(cs));
+            }
+            Condition::Any(cs) => {
+                out.insert("any".into(), list(cs));
+            }
+            Condition::Not(c) => {
+                out.insert("not".into(), c.to_json());
+            }
+            Condition::Compare { path, op, value } => {
+                out.insert("path".into(), Value::String(path.clone()));
+                let name = OPS.iter().find(|(_, o)| o == op).map_or("eq", |(n, _)| n);
+                out.insert(name.into(), value.clone());
+            }
+        }
+        Value::Object(out)
+    }
+
+    /// Every path the condition reads, in order.
+    pub fn paths(&self) -> Vec<&str> {
+        let mut out = Vec::new();
+        self.collect_paths(&mut out);
+        out
+    }
+
+    fn collect_paths<'s>(&'s self, out: &mut Vec<&'s str>) {
+        match self {
+            Condition::All(cs) | Condition::Any(cs) => cs.iter().for_each(|c| c.collect_paths(out)),
+            Condition::Not(c) => c.collect_paths(out),
+            Condition::Compare { path, .. } => out.push(path),
+        }
+    }
+}
+
+/// Where a path points: into the task context, or into the results of the parent named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source<'p> {
+    /// `/context...`: the pointer into the context (`""` for all of it).
+    Context(&'p str),
+    /// `/parents/<step>...`: the step's name (pointer escapes undone) and the pointer into
+    /// its results.
+    Parent(String, &'p str),
+}
+
+/// Splits a path into its [`Source`]; `None` when it starts with neither `/context` nor
+/// `/parents/<step>`.
+pub fn source(path: &str) -> Option<Source<'_>> {
+    if path == "/context" || path.starts_with("/context/") {
+        return Some(Source::Context(&path["/context".len()..]));
+    }
+    let rest = path.strip_prefix("/parents/")?;
+    let (token, pointer) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if token.is_empty() {
+        return None;
+    }
+    Some(Source::Parent(token.replace("~1", "/").replace("~0", "~"), pointer))
 }
 
 /// JSON equality, numbers by value (`1` equals `1.0`).
@@ -268,6 +339,20 @@ mod tests {
     }
 
     #[test]
+    fn sources_of_paths() {
+        assert_eq!(source("/context"), Some(Source::Context("")));
+        assert_eq!(source("/context/a/b"), Some(Source::Context("/a/b")));
+        assert_eq!(source("/parents/charge"), Some(Source::Parent("charge".into(), "")));
+        assert_eq!(source("/parents/a~1b~0c/x"), Some(Source::Parent("a/b~c".into(), "/x")));
+        assert_eq!(source("/parents/"), None);
+        assert_eq!(source("/contextual"), None);
+        let c = Condition::parse(&json!({"all": [{"path": "/context/a", "eq": 1},
+                                                 {"not": {"path": "/parents/p/q", "exists": true}}]}))
+        .unwrap();
+        assert_eq!(c.paths(), vec!["/context/a", "/parents/p/q"]);
+    }
+
+    #[test]
     fn combinators() {
         let yes = json!({"path": "/context/express", "eq": false});
         let no = json!({"path": "/context/express", "eq": true});
@@ -337,6 +422,9 @@ mod tests {
                             ev(&json!({"any": [{"not": a}, {"not": b}]})));
             prop_assert_eq!(ev(&json!({"all": [a, b]})), ev(&a) && ev(&b));
             prop_assert_eq!(ev(&json!({"any": [a, b]})), ev(&a) || ev(&b));
+            // what to_json writes parses back to the same condition
+            let c = Condition::parse(&a).unwrap();
+            prop_assert_eq!(Condition::parse(&c.to_json()).unwrap(), c);
         }
     }
 }

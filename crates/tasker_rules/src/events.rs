@@ -37,6 +37,12 @@ pub const CATALOG: &[EventSpec] = &[
     ev("step.cancelled", "transition", "a step entered cancelled"),
     ev("step.resolved_manually", "transition", "a step was resolved by an operator"),
     ev("step.before_transition", "declared", "before a step transition (Rails in-process hook)"),
+    ev(
+        "step.skipped",
+        "orchestration",
+        "a conditional step was skipped (recorded as resolved_manually)",
+    ),
+    ev("step.map_expanded", "orchestration", "a map step was expanded into one step per element"),
     // workflow
     ev("workflow.task_started", "orchestration", "orchestration of a task began"),
     ev("workflow.task_completed", "declared", "orchestration of a task finished"),

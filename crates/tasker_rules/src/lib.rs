@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod condition;
 pub mod context;
 pub mod dag;
+pub mod dynamic;
 pub mod error;
 pub mod events;
 pub mod finalize;

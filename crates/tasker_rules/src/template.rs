@@ -1,6 +1,7 @@
 //! Task templates: the Rails YAML task template as JSON, parsed and validated.
 
 use super::dag::Dag;
+use super::dynamic::StepRule;
 use super::error::TaskerError;
 use super::interrupt;
 use serde_json::{Map, Value};
@@ -24,6 +25,8 @@ pub struct StepTemplate {
     /// Names of the steps this one depends on (`depends_on_step` and `depends_on_steps`,
     /// without duplicates, in declaration order).
     pub depends_on: Vec<String>,
+    /// Its `condition`, `map` and `skip_with`, when it has any (a dynamic step).
+    pub rule: Option<StepRule>,
 }
 
 /// A validated task template.
@@ -390,7 +393,9 @@ impl TaskTemplate {
                     )))
                 }
             }
+            let rule = StepRule::parse(&step_name, s, &depends_on)?;
             steps.push(StepTemplate {
+                rule,
                 description: string_field(s, "description", &format!("step {step_name:?}"), 255)?,
                 dependent_system: string_field(
                     s,
@@ -453,6 +458,11 @@ impl TaskTemplate {
                 s.depends_on.iter().map(move |d| (index[d.as_str()], i as i64))
             }),
         )
+    }
+
+    /// Whether any step is a dynamic step (a condition, a map or `skip_with`).
+    pub fn is_dynamic(&self) -> bool {
+        self.steps.iter().any(|s| s.rule.is_some())
     }
 
     /// `namespace.name@version`, as Rails names a template.

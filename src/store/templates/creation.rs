@@ -2,6 +2,7 @@
 
 use super::idempotency::{identity_input, identity_sql, legacy_keyed_task};
 use super::lookup::{find_for_creation, TemplateRef};
+use crate::core::dynamic::MapProblem;
 use crate::core::error::TaskerError;
 use crate::core::ident::SchemaName;
 use crate::core::options::Start;
@@ -63,6 +64,9 @@ pub fn create_task(
             if !violations.is_empty() {
                 return Err(TaskerError::ContextInvalid { template: t.full_name(), violations });
             }
+        }
+        if t.is_dynamic() {
+            check_dynamic(t, context)?;
         }
         let key = options.idempotency_key.as_deref();
         // the idempotency identity's input: namespace and name length-prefixed, then the key
@@ -186,8 +190,20 @@ pub fn create_task(
             named.iter().enumerate().filter_map(|(i, id)| id.map(|id| (i, id))).collect();
         let direct = crate::store::maintenance::installed()
             && crate::store::facts::is_tracked(client, schema).map_err(spi)?;
+        if t.is_dynamic() && !direct {
+            return Err(TaskerError::TrackingDisabled { schema: schema.as_str().to_owned() });
+        }
+        let mut id_at: Vec<Option<i64>> = Vec::new();
         if direct {
-            insert_steps_direct(client, schema, task_id, t, &kept, stored.namespace_id, context)?;
+            id_at = insert_steps_direct(
+                client,
+                schema,
+                task_id,
+                t,
+                &kept,
+                stored.namespace_id,
+                context,
+            )?;
         } else {
             let StepColumns { named_ids, retryable, limits, skippable, .. } =
                 StepColumns::of(t, &kept);
@@ -285,11 +301,63 @@ pub fn create_task(
         } else {
             false
         };
+        if t.is_dynamic() {
+            use crate::store::worker::dynamic;
+            let rules: Vec<(i64, &crate::core::dynamic::StepRule)> = t
+                .steps
+                .iter()
+                .zip(&id_at)
+                .filter_map(|(s, id)| Some(((*id)?, s.rule.as_ref()?)))
+                .collect();
+            dynamic::record(client, task_id, &rules)?;
+            // root steps are judged now: a condition on the context, a map over it
+            dynamic::advance(client, schema, task_id)?;
+        }
         if !scheduled {
             crate::store::worker::wake(client, task_id, &t.namespace, None).map_err(spi)?;
         }
         Ok((task_id, true))
     })
+}
+
+/// What a template with dynamic steps needs before a task is created from it: the SQL of
+/// this version, and an array within the limit for each map over the context (a map step with
+/// a condition is checked when it is judged instead: the condition may skip it).
+fn check_dynamic(t: &TaskTemplate, context: &Value) -> Result<(), TaskerError> {
+    if !crate::store::worker::dynamic::installed() {
+        return Err(TaskerError::InvalidArgument {
+            argument: "template",
+            reason: "conditions, maps and skip_with need the SQL of this version: run ALTER EXTENSION tasker_core UPDATE"
+                .into(),
+        });
+    }
+    let max = crate::store::settings::MAX_MAP_ELEMENTS.get().max(0) as usize;
+    for s in &t.steps {
+        let Some(rule) = s.rule.as_ref().filter(|r| r.condition.is_none()) else {
+            continue;
+        };
+        match rule.check_context(context, max) {
+            Ok(()) => {}
+            Err(MapProblem::NotAnArray { found }) => {
+                return Err(TaskerError::ContextInvalid {
+                    template: t.full_name(),
+                    violations: vec![format!(
+                        "step {:?} maps over {}, which holds {found}, not an array",
+                        s.name,
+                        rule.map.as_deref().unwrap_or_default()
+                    )],
+                })
+            }
+            Err(MapProblem::TooMany { count }) => {
+                return Err(TaskerError::LimitExceeded {
+                    what: "elements in a map step's input (tasker_core.max_map_elements)",
+                    limit: max as i64,
+                    actual: count as i64,
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Records a new task's priority and scheduled start (`tasker_core.task_options`) and gives
@@ -413,7 +481,7 @@ fn insert_steps_direct(
     kept: &[(usize, i32)],
     namespace_id: i64,
     context: &Value,
-) -> Result<(), TaskerError> {
+) -> Result<Vec<Option<i64>>, TaskerError> {
     let q = schema.quoted();
     // the step ids first, from the steps' sequence
     let steps = format!("{q}.tasker_workflow_steps").replace('\'', "''");
@@ -514,5 +582,6 @@ fn insert_steps_direct(
             Ok(())
         },
     )
-    .map_err(spi)
+    .map_err(spi)?;
+    Ok(id_at)
 }

@@ -29,7 +29,7 @@ pub fn normalized_json(t: &TaskTemplate, raw: &Value) -> Value {
             t.steps
                 .iter()
                 .map(|s| {
-                    json!({
+                    let mut step = json!({
                         "name": s.name,
                         "description": s.description,
                         "dependent_system": s.dependent_system,
@@ -39,7 +39,14 @@ pub fn normalized_json(t: &TaskTemplate, raw: &Value) -> Value {
                         "default_retry_limit": s.default_retry_limit,
                         "skippable": s.skippable,
                         "depends_on_steps": s.depends_on,
-                    })
+                    });
+                    // a dynamic step's condition, map and skip_with, as parsed
+                    if let (Some(rule), Value::Object(step)) = (&s.rule, &mut step) {
+                        if let Value::Object(fields) = rule.to_json() {
+                            step.extend(fields);
+                        }
+                    }
+                    step
                 })
                 .collect(),
         ),

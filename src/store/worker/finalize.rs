@@ -62,6 +62,11 @@ pub fn finalize(
     schema: &SchemaName,
     task_id: i64,
 ) -> Result<&'static str, TaskerError> {
+    // Dynamic steps whose parents have all finished are judged first, before the task's
+    // lock is taken (judging one locks step rows, whose holders may wait for that lock).
+    if dynamic::installed() {
+        dynamic::advance(client, schema, task_id)?;
+    }
     // Finalizers of one task take turns, and each counts with a snapshot taken after its
     // turn came: two workers finishing the last two steps at once cannot both see the
     // other's step still running.

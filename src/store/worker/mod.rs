@@ -30,6 +30,7 @@ use serde_json::{json, Value};
 use std::collections::BTreeSet;
 
 mod claim;
+pub mod dynamic;
 mod finalize;
 mod lease;
 mod outcome;

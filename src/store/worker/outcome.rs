@@ -113,6 +113,13 @@ pub(super) fn record_outcomes(
                 Err(e) => return Err(e),
             }
         }
+        // (every task's dynamic steps judged before the first task's lock is taken: see
+        // finalize)
+        if dynamic::installed() {
+            for &task_id in &tasks {
+                dynamic::advance(client, schema, task_id)?;
+            }
+        }
         for task_id in tasks {
             finalize(client, schema, task_id)?;
         }

@@ -1,4 +1,4 @@
-"""Upgrades: install an earlier version (0.1.0 to 0.7.0), load data and run part of a workload,
+"""Upgrades: install an earlier version (0.1.0 to 0.8.0), load data and run part of a workload,
 then ALTER EXTENSION tasker_core UPDATE; the catalog must equal a fresh install of the new
 version, and the workload must finish on the upgraded database."""
 import json
@@ -68,14 +68,18 @@ def old_and_new():
     drop_database(new)
 
 
-CURRENT = "0.8.0"
+CURRENT = "0.9.0"
+DYNAMIC = {"name": "dyn", "namespace_name": "upgrade", "version": "1.0.0",
+           "step_templates": [{"name": "each", "handler_class": "E", "map": {"over": "/context/xs"}},
+                              {"name": "never", "handler_class": "N", "depends_on_step": "each",
+                               "condition": {"path": "/context/go", "eq": True}}]}
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-@pytest.mark.parametrize("start", ["0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0"])
+@pytest.mark.parametrize("start", ["0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0", "0.8.0"])
 def test_update_from_an_earlier_version_equals_a_fresh_install(old_and_new, start):
     old, new = old_and_new
-    assert {"0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0", CURRENT} <= set(versions(new)), versions(new)
+    assert {"0.1.0", "0.2.0", "0.3.0", "0.4.0", "0.5.0", "0.6.0", "0.7.0", "0.8.0", CURRENT} <= set(versions(new)), versions(new)
     old.execute(f"CREATE EXTENSION tasker_core VERSION '{start}'")
     old.execute("SELECT tasker_core.install_schema()")
     old.execute("SELECT tasker_core.enable_tracking()")
@@ -165,3 +169,16 @@ def test_update_from_an_earlier_version_equals_a_fresh_install(old_and_new, star
     if start != "0.1.0":
         assert old.scalar("SELECT has_function_privilege('tasker_reader', "
                           "'tasker_core.explain_step(bigint)', 'EXECUTE')")
+    # and what 0.9.0 added: a map step and a conditional step on the upgraded database
+    old.execute("SELECT tasker_core.register_task_template(%s::jsonb)", (json.dumps(DYNAMIC),))
+    task = old.scalar("SELECT tasker_core.create_task('upgrade', 'dyn', NULL, '{\"xs\": [1, 2, 3]}')")
+    while True:
+        rows = old.execute("SELECT workflow_step_id FROM tasker_core.claim_steps('w5', ARRAY['upgrade'], 10, 60)")
+        if not rows:
+            break
+        for (step,) in rows:
+            old.execute("SELECT tasker_core.complete_step(%s, 'w5', '{\"ok\": 1}')", (step,))
+    assert old.scalar("SELECT complete FROM tasker_tasks WHERE task_id = %s", (task,))
+    assert old.scalar("SELECT count(*) FROM tasker_core.events WHERE task_id = %s AND name = 'step.skipped'",
+                      (task,)) == 1
+    assert old.execute("SELECT * FROM tasker_core.check_tracking()") == []

@@ -1,0 +1,384 @@
+//! Dynamic steps (conditions, maps, skips that cascade) at run time: a dynamic step stays out
+//! of the ready queue (`step_state.not_before` is `infinity`) until every parent has finished;
+//! then [`advance`], which runs in the transaction that finished the last parent (from the
+//! finalizer, and at creation for root steps), judges it by its rule
+//! ([`crate::core::dynamic::StepRule::decide`]): it becomes an ordinary step, is skipped
+//! (`resolved_manually`, `"skipped": true`), fails (a map whose input is unusable), or — a map
+//! step — expands into one step per element, which it waits for like parents; when they have
+//! all finished it completes with their results in element order.
+//!
+//! `tasker_core.dynamic_steps` holds one row per dynamic step: its rule and its phase
+//! (`waiting` to be judged, `mapped` waiting for its instances, `done`).
+
+use super::*;
+use crate::core::dynamic::{Decision, Parent, StepRule};
+use crate::store::locks::{with_all_locked, LockSet};
+
+/// Whether the SQL has dynamic steps (0.9.0 on).
+pub fn installed() -> bool {
+    super::events::own_relation(c"dynamic_steps").is_some()
+}
+
+/// Records the dynamic steps of a task being created (`steps`: each step's id and rule) and
+/// keeps them out of the ready queue until they are judged.
+pub(crate) fn record(
+    client: &SpiClient<'_>,
+    task_id: i64,
+    steps: &[(i64, &StepRule)],
+) -> Result<(), TaskerError> {
+    let ids: Vec<i64> = steps.iter().map(|(id, _)| *id).collect();
+    let rules: Vec<String> = steps.iter().map(|(_, r)| r.to_json().to_string()).collect();
+    with_write_plan(
+        client,
+        "dynamic_record",
+        "",
+        &[INT8, INT8ARRAY, TEXTARRAY],
+        || {
+            "WITH d AS (
+                 INSERT INTO tasker_core.dynamic_steps (workflow_step_id, task_id, rule)
+                 SELECT r.id, $1, r.rule::jsonb FROM unnest($2::bigint[], $3::text[]) AS r(id, rule))
+             UPDATE tasker_core.step_state SET not_before = 'infinity'
+             WHERE workflow_step_id = ANY ($2)"
+                .to_owned()
+        },
+        |stmt| {
+            client.select(stmt, None, &[task_id.into(), ids.clone().into(), rules.clone().into()])?;
+            Ok(())
+        },
+    )
+    .map_err(spi)
+}
+
+/// Judges (or, for expanded maps, completes) every dynamic step of the task whose parents have
+/// all finished, again until none is left: a skip or a completion can make further ones due.
+/// Each step is handled with its rows and its children's locked at once
+/// ([`crate::store::locks`]): the caller must not hold its task's lock (whoever holds one of
+/// those rows may be waiting for it).
+pub fn advance(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    task_id: i64,
+) -> Result<(), TaskerError> {
+    loop {
+        let due = due_steps(client, task_id)?;
+        if due.is_empty() {
+            return Ok(());
+        }
+        for step_id in due {
+            let mut states = children_of(client, &[step_id])?;
+            states.push(step_id);
+            let set = LockSet { steps: vec![step_id], transitions_of: vec![step_id], states };
+            with_all_locked(client, schema, set, || judge(client, schema, task_id, step_id))?;
+        }
+    }
+}
+
+/// The task's dynamic steps not done whose parents have all finished, in id order.
+fn due_steps(client: &SpiClient<'_>, task_id: i64) -> Result<Vec<i64>, TaskerError> {
+    with_write_plan(
+        client,
+        "dynamic_due",
+        "",
+        &[INT8],
+        || {
+            "SELECT d.workflow_step_id FROM tasker_core.dynamic_steps d
+             JOIN tasker_core.step_state s ON s.workflow_step_id = d.workflow_step_id
+             WHERE d.task_id = $1 AND d.phase <> 'done' AND s.blocked_parents = 0
+               AND (s.state IS NULL OR s.state = 'pending')
+             ORDER BY d.workflow_step_id"
+                .to_owned()
+        },
+        |stmt| {
+            all_rows(client, stmt, &[task_id.into()], |r| Ok(r.get::<i64>(1)?.unwrap_or_default()))
+        },
+    )
+    .map_err(spi)
+}
+
+/// One due step, its rows locked: read again (another transaction may have judged it since
+/// it was listed), then judged.
+fn judge(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    task_id: i64,
+    step_id: i64,
+) -> Result<(), TaskerError> {
+    let q = schema.quoted();
+    let row: Option<(Value, String, Value)> = with_write_plan(
+        client,
+        "dynamic_judge",
+        schema.as_str(),
+        &[INT8],
+        || {
+            format!(
+                "SELECT d.rule, d.phase, COALESCE(t.context, 'null'::jsonb)
+                 FROM tasker_core.dynamic_steps d
+                 JOIN tasker_core.step_state s ON s.workflow_step_id = d.workflow_step_id
+                 JOIN {q}.tasker_tasks t ON t.task_id = d.task_id
+                 WHERE d.workflow_step_id = $1 AND d.phase <> 'done' AND s.blocked_parents = 0
+                   AND (s.state IS NULL OR s.state = 'pending')
+                 FOR UPDATE OF d"
+            )
+        },
+        |stmt| {
+            one_row(client, stmt, &[step_id.into()], |r| {
+                Ok((
+                    r.get::<JsonB>(1)?.map(|j| j.0).unwrap_or_default(),
+                    r.get::<String>(2)?.unwrap_or_default(),
+                    r.get::<JsonB>(3)?.map(|j| j.0).unwrap_or_default(),
+                ))
+            })
+        },
+    )
+    .map_err(spi)?;
+    let Some((rule, phase, context)) = row else {
+        return Ok(());
+    };
+    if phase == "mapped" {
+        let results = instance_results(client, schema, step_id)?;
+        return complete_map(client, schema, step_id, results);
+    }
+    let rule = StepRule::from_json(&rule)?;
+    let parents = parent_outcomes(client, schema, step_id)?;
+    let views: Vec<Parent<'_>> = parents
+        .iter()
+        .map(|(name, results, skipped)| Parent {
+            name,
+            results: results.as_ref(),
+            skipped: *skipped,
+        })
+        .collect();
+    let max = crate::store::settings::MAX_MAP_ELEMENTS.get().max(0) as usize;
+    match rule.decide(&context, &views, max) {
+        Decision::Run => finish(client, step_id, false),
+        Decision::Skip(reason) => {
+            let meta = JsonB(json!({ "skipped": true, "reason": reason }));
+            transition(
+                schema,
+                Step,
+                step_id,
+                State::ResolvedManually,
+                &meta,
+                Some(State::Pending),
+            )?;
+            record_results(client, schema, step_id, &Value::Null)?;
+            finish(client, step_id, true)?;
+            emit(client, "step.skipped", task_id, Some(step_id), json!({ "reason": reason }))
+        }
+        Decision::Expand([]) => complete_map(client, schema, step_id, Value::Array(Vec::new())),
+        Decision::Expand(items) => expand(client, schema, task_id, step_id, items),
+        Decision::Fail { message, limit } => fail_map(client, schema, step_id, &message, limit),
+    }
+}
+
+/// The step's parents: name, results (none for a skipped one) and whether it was skipped.
+fn parent_outcomes(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    step_id: i64,
+) -> Result<Vec<(String, Option<Value>, bool)>, TaskerError> {
+    let q = schema.quoted();
+    with_write_plan(
+        client,
+        "dynamic_parents",
+        schema.as_str(),
+        &[INT8],
+        || {
+            format!(
+                "SELECT ns.name::text, ws.results, COALESCE(d.skipped, false)
+                 FROM tasker_core.step_state s
+                 CROSS JOIN LATERAL unnest(s.parent_ids) AS p(id)
+                 JOIN {q}.tasker_workflow_steps ws ON ws.workflow_step_id = p.id
+                 JOIN {q}.tasker_named_steps ns ON ns.named_step_id = ws.named_step_id
+                 LEFT JOIN tasker_core.dynamic_steps d ON d.workflow_step_id = p.id
+                 WHERE s.workflow_step_id = $1"
+            )
+        },
+        |stmt| {
+            all_rows(client, stmt, &[step_id.into()], |r| {
+                let skipped = r.get::<bool>(3)?.unwrap_or_default();
+                let results = r.get::<JsonB>(2)?.map(|j| j.0).filter(|_| !skipped);
+                Ok((r.get::<String>(1)?.unwrap_or_default(), results, skipped))
+            })
+        },
+    )
+    .map_err(spi)
+}
+
+/// Marks a judged step done (and `skipped`) and lets the claims see it: its `not_before` goes
+/// back to what an ordinary step has (a root of a task scheduled for later keeps its start).
+fn finish(client: &SpiClient<'_>, step_id: i64, skipped: bool) -> Result<(), TaskerError> {
+    with_write_plan(
+        client,
+        "dynamic_finish",
+        "",
+        &[INT8, BOOL],
+        || {
+            format!(
+                "WITH d AS (UPDATE tasker_core.dynamic_steps SET phase = 'done', skipped = $2
+                            WHERE workflow_step_id = $1)
+                 UPDATE tasker_core.step_state s
+                    SET not_before = CASE WHEN cardinality(s.parent_ids) = 0 THEN
+                        (SELECT CASE WHEN o.run_at > {NOW} THEN o.run_at END
+                         FROM tasker_core.task_options o WHERE o.task_id = s.task_id) END
+                  WHERE s.workflow_step_id = $1"
+            )
+        },
+        |stmt| {
+            client.select(stmt, None, &[step_id.into(), skipped.into()])?;
+            Ok(())
+        },
+    )
+    .map_err(spi)
+}
+
+/// Expands a map step into one step per element (in element order, ids ascending with it):
+/// each a root step of the map's named step with `{"element": e, "index": i}` as its inputs and
+/// an edge into the map step, which waits for them as for parents. One statement, linear in
+/// the element count; the maintained rows are written with the steps (`store::maintenance`).
+fn expand(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    task_id: i64,
+    step_id: i64,
+    items: &[Value],
+) -> Result<(), TaskerError> {
+    let q = schema.quoted();
+    let steps = format!("{q}.tasker_workflow_steps").replace('\'', "''");
+    let _direct = crate::store::maintenance::Direct::begin();
+    with_write_plan(
+        client,
+        "dynamic_expand",
+        schema.as_str(),
+        &[INT8, INT8, JSONB],
+        || {
+            format!(
+                "WITH i AS MATERIALIZED (
+                     SELECT nextval(pg_catalog.pg_get_serial_sequence('{steps}', 'workflow_step_id')) AS id,
+                            e.elem, (e.ord - 1)::integer AS idx
+                     FROM jsonb_array_elements($3) WITH ORDINALITY AS e(elem, ord)),
+                 m AS (SELECT ws.named_step_id, ws.retryable, ws.retry_limit, ws.skippable,
+                              s.name, s.namespace_id, s.priority
+                       FROM {q}.tasker_workflow_steps ws
+                       JOIN tasker_core.step_state s ON s.workflow_step_id = ws.workflow_step_id
+                       WHERE ws.workflow_step_id = $2),
+                 steps AS (
+                     INSERT INTO {q}.tasker_workflow_steps (workflow_step_id, task_id, named_step_id,
+                         retryable, retry_limit, in_process, processed, attempts, inputs, results,
+                         skippable, created_at, updated_at)
+                     SELECT i.id, $1, m.named_step_id, m.retryable, m.retry_limit, false, false, 0,
+                            jsonb_build_object('element', i.elem, 'index', i.idx), '{{}}', m.skippable,
+                            {NOW}, {NOW}
+                     FROM i, m ORDER BY i.id),
+                 states AS (
+                     INSERT INTO tasker_core.step_state (workflow_step_id, task_id, named_step_id, name,
+                         transition_count, parent_ids, child_ids, blocked_parents, retryable,
+                         retry_limit, in_process, processed, attempts, created_at, namespace_id, priority)
+                     SELECT i.id, $1, m.named_step_id, m.name, 0, '{{}}', ARRAY[$2::bigint], 0,
+                            m.retryable, m.retry_limit, false, false, 0, {NOW}, m.namespace_id, m.priority
+                     FROM i, m),
+                 edges AS (
+                     INSERT INTO {q}.tasker_workflow_step_edges (from_step_id, to_step_id, name, created_at, updated_at)
+                     SELECT i.id, $2, 'map_instance', {NOW}, {NOW} FROM i),
+                 map AS (
+                     UPDATE tasker_core.step_state s
+                        SET parent_ids = s.parent_ids || (SELECT array_agg(i.id ORDER BY i.id) FROM i),
+                            blocked_parents = s.blocked_parents + (SELECT count(*) FROM i)::integer
+                      WHERE s.workflow_step_id = $2)
+                 UPDATE tasker_core.dynamic_steps SET phase = 'mapped' WHERE workflow_step_id = $2"
+            )
+        },
+        |stmt| {
+            client.select(
+                stmt,
+                None,
+                &[task_id.into(), step_id.into(), JsonB(Value::Array(items.to_vec())).into()],
+            )?;
+            Ok(())
+        },
+    )
+    .map_err(spi)?;
+    emit(client, "step.map_expanded", task_id, Some(step_id), json!({ "instances": items.len() }))
+}
+
+/// The results of a map step's instances, in element order (ids ascend with it).
+fn instance_results(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    step_id: i64,
+) -> Result<Value, TaskerError> {
+    let q = schema.quoted();
+    with_write_plan(
+        client,
+        "dynamic_instance_results",
+        schema.as_str(),
+        &[INT8],
+        || {
+            format!(
+                "SELECT COALESCE(jsonb_agg(COALESCE(ws.results, 'null'::jsonb) ORDER BY ws.workflow_step_id), '[]')
+                 FROM {q}.tasker_workflow_steps m
+                 JOIN {q}.tasker_workflow_steps ws
+                   ON ws.task_id = m.task_id AND ws.named_step_id = m.named_step_id
+                  AND ws.workflow_step_id <> m.workflow_step_id
+                 WHERE m.workflow_step_id = $1"
+            )
+        },
+        |stmt| one_value::<JsonB>(client, stmt, &[step_id.into()]),
+    )
+    .map(|v| v.map_or(Value::Array(Vec::new()), |j| j.0))
+    .map_err(spi)
+}
+
+/// Completes a map step with `results` (its instances' results, or `[]` for an empty input):
+/// `pending -> in_progress -> complete`, as a step a worker ran.
+fn complete_map(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    step_id: i64,
+    results: Value,
+) -> Result<(), TaskerError> {
+    let n = results.as_array().map_or(0, Vec::len);
+    let meta = JsonB(json!({ "map": { "instances": n } }));
+    transition(schema, Step, step_id, State::InProgress, &meta, Some(State::Pending))?;
+    record_results(client, schema, step_id, &results)?;
+    transition(schema, Step, step_id, State::Complete, &meta, Some(State::InProgress))?;
+    finish(client, step_id, false)
+}
+
+/// Fails a map step whose input is unusable, for good: not retryable, the error in its results
+/// (`code` 54000 for too many elements, TK025 for no array).
+fn fail_map(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    step_id: i64,
+    message: &str,
+    limit: bool,
+) -> Result<(), TaskerError> {
+    let q = schema.quoted();
+    let error = json!({ "message": message, "code": if limit { "54000" } else { "TK025" } });
+    step_update(
+        client,
+        schema,
+        true,
+        "dynamic_fail",
+        "dynamic_fail",
+        &[INT8, JSONB],
+        |_| {
+            let update = format!(
+                "UPDATE {q}.tasker_workflow_steps
+                    SET results = jsonb_build_object('error', $2::jsonb), retryable = false,
+                        attempts = COALESCE(attempts, 0) + 1, last_attempted_at = {NOW},
+                        updated_at = {NOW}
+                  WHERE workflow_step_id = $1"
+            );
+            format!("WITH {} SELECT 1", mirrored(&update, ""))
+        },
+        |stmt| {
+            client.select(stmt, None, &[step_id.into(), JsonB(error.clone()).into()])?;
+            Ok(())
+        },
+    )?;
+    let meta = JsonB(json!({ "error": error, "retryable": false }));
+    transition(schema, Step, step_id, State::Error, &meta, Some(State::Pending))?;
+    finish(client, step_id, false)
+}
