@@ -33,6 +33,8 @@ BEGIN
                 PERFORM tasker_core.complete_step((s ->> 'workflow_step_id')::bigint, worker,
                         jsonb_build_object('handled_by', worker, 'handler', s ->> 'handler_class',
                                            'order_id', s -> 'inputs' -> 'order_id',
+                                           -- a map step's instance (pack_item) gets its element
+                                           'element', s -> 'inputs' -> 'element',
                                            'from_parents', s -> 'parent_results'));
             END IF;
             COMMIT;

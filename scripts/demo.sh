@@ -43,17 +43,18 @@ for _ in $(seq 50); do
 done
 note "wake-ups: $mode"
 
-step "5/8 registering the order-fulfilment template: validate -> {reserve, charge} -> ship -> notify"
+step "5/8 registering the order-fulfilment template: validate -> {reserve, charge, pack each item (a map), gift wrap (a condition)} -> ship -> notify"
 psql_q -v template="$(cat "$ROOT/demo/order_fulfilment.json")" <<'SQL'
 SELECT tasker_core.register_task_template(:'template'::jsonb) AS named_task_id;
 SELECT namespace, name, version, step_count FROM tasker_core.list_task_templates();
 SQL
 
-step "6/8 creating three tasks (charge_payment will fail once in each and retry after its backoff)"
+step "6/8 creating three tasks (charge_payment will fail once in each and retry after its backoff; only order 2 is a gift)"
 psql_q <<'SQL'
 SELECT tasker_core.subscribe('demo', ARRAY['task.*', 'step.*']) AS subscribed_at;
 SELECT tasker_core.create_task('shop', 'order_fulfilment', NULL,
-         jsonb_build_object('order_id', n, 'amount_cents', 1000 * n, 'items', jsonb_build_array('book', 'lamp')),
+         jsonb_build_object('order_id', n, 'amount_cents', 1000 * n, 'items', jsonb_build_array('book', 'lamp'),
+                            'gift', n = 2),
          jsonb_build_object('initiator', 'demo', 'idempotency_key', 'order-' || n)) AS task_id
 FROM generate_series(1, 3) AS n;
 SQL
@@ -98,6 +99,18 @@ FROM tasker_workflow_step_transitions t
 JOIN tasker_workflow_steps ws ON ws.workflow_step_id = t.workflow_step_id
 JOIN tasker_named_steps ns ON ns.named_step_id = ws.named_step_id
 WHERE ws.task_id = 1 AND ns.name = 'charge_payment' ORDER BY t.sort_key;
+\echo 'task 1 step by step: pack_item expanded into one step per item, gift_wrap skipped (not a gift):'
+SELECT s.workflow_step_id AS step, s.name, s.state,
+       CASE WHEN d.skipped THEN 'skipped: ' || (t.metadata ->> 'reason')
+            WHEN d.rule ? 'map' THEN 'map step: results ' || (ws.results)::text
+            WHEN ws.inputs ? 'element' THEN 'instance for ' || (ws.inputs ->> 'element') END AS dynamic
+FROM tasker_core.step_state s
+JOIN tasker_workflow_steps ws ON ws.workflow_step_id = s.workflow_step_id
+LEFT JOIN tasker_core.dynamic_steps d ON d.workflow_step_id = s.workflow_step_id
+LEFT JOIN tasker_workflow_step_transitions t ON t.workflow_step_id = s.workflow_step_id AND t.most_recent
+WHERE s.task_id = 1 ORDER BY s.workflow_step_id;
+\echo 'gift_wrap ran for the gift (task 2):'
+SELECT s.name, s.state FROM tasker_core.step_state s WHERE s.task_id = 2 AND s.name = 'gift_wrap';
 SELECT tasker_core.task_graph_dot(1) AS dag_of_task_1 \gset
 \echo :dag_of_task_1
 \echo 'Why is it not running? A fourth order whose validation failed with a 60 s backoff, explained:'

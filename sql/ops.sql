@@ -115,6 +115,29 @@ BEGIN
         RETURN QUERY
         SELECT 'maintained_state', 'step', k.workflow_step_id, k.problem
         FROM tasker_core.check_tracking() k;
+        -- dynamic steps: a skipped step is resolved_manually; a step whose parents have all
+        -- finished has been judged; a map step that completed holds one result per instance
+        RETURN QUERY EXECUTE format($q$
+            SELECT 'dynamic_steps', 'step', d.workflow_step_id,
+                   CASE WHEN s.workflow_step_id IS NULL THEN 'a dynamic step without its step'
+                        WHEN d.skipped THEN 'skipped but ' || COALESCE(s.state, 'pending')
+                        WHEN d.phase = 'waiting'
+                        THEN 'its parents have finished but it was not judged (tick() judges it)'
+                        WHEN d.phase = 'mapped' THEN 'its instances have finished but it was not completed (tick() does it)'
+                        ELSE 'a map step with ' || jsonb_array_length(ws.results) || ' results for '
+                             || i.n || ' instances' END
+            FROM tasker_core.dynamic_steps d
+            LEFT JOIN tasker_core.step_state s ON s.workflow_step_id = d.workflow_step_id
+            LEFT JOIN %1$I.tasker_workflow_steps ws ON ws.workflow_step_id = d.workflow_step_id
+            LEFT JOIN LATERAL (
+                SELECT count(*) AS n FROM %1$I.tasker_workflow_steps x
+                WHERE x.task_id = ws.task_id AND x.named_step_id = ws.named_step_id
+                  AND x.workflow_step_id <> ws.workflow_step_id) i ON d.rule ? 'map' AND s.state = 'complete'
+            WHERE s.workflow_step_id IS NULL
+               OR (d.skipped AND s.state IS DISTINCT FROM 'resolved_manually')
+               OR (d.phase <> 'done' AND s.blocked_parents = 0 AND (s.state IS NULL OR s.state = 'pending'))
+               OR (i.n IS NOT NULL AND jsonb_typeof(ws.results) = 'array' AND jsonb_array_length(ws.results) <> i.n)
+        $q$, ds);
     END IF;
 END;
 $$;

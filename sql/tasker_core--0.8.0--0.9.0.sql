@@ -7,7 +7,7 @@
 -- * check_tracking() / rebuild_tracking() know that a dynamic step not yet judged is kept out
 --   of the ready queue; explain shows the codes dynamic and skipped; task_graph_dot() draws map
 --   instances grouped under their map step and skipped steps dashed; archive_tasks() deletes
---   the dynamic steps of the tasks it deletes.
+--   the dynamic steps of the tasks it deletes; verify() checks them.
 \echo Use "ALTER EXTENSION tasker_core UPDATE TO '0.9.0'" to load this file. \quit
 
 -- The dynamic steps of tasks (a template step with a condition, a map or skip_with): one row
@@ -28,13 +28,13 @@ CREATE INDEX dynamic_steps_task_idx ON tasker_core.dynamic_steps (task_id);
 CREATE INDEX dynamic_steps_open_idx ON tasker_core.dynamic_steps (task_id) WHERE phase <> 'done';
 SELECT pg_catalog.pg_extension_config_dump('tasker_core.dynamic_steps', '');
 
-CREATE FUNCTION tasker_core."_advance_task"(
-	"task_id" bigint /* i64 */
-) RETURNS TEXT /* alloc::string::String */
+CREATE FUNCTION tasker_core."_advance_tasks"(
+	"task_ids" bigint[] /* alloc::vec::Vec<core::option::Option<i64>> */
+) RETURNS INT /* i32 */
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'advance_task_wrapper';
-REVOKE ALL ON FUNCTION tasker_core._advance_task(bigint) FROM PUBLIC;
+AS 'MODULE_PATHNAME', 'advance_tasks_wrapper';
+REVOKE ALL ON FUNCTION tasker_core._advance_tasks(bigint[]) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION tasker_core._recomputed_step_state(data_schema name)
 RETURNS SETOF tasker_core.step_state
@@ -98,13 +98,11 @@ BEGIN
     since := COALESCE(since, now_ts - interval '1 hour');
     -- dynamic steps whose parents finished by writes that did not judge them (an application
     -- writing transitions itself, transition_step): judged now, before any task is locked
-    FOR r IN SELECT DISTINCT d.task_id FROM tasker_core.dynamic_steps d
-             JOIN tasker_core.step_state s ON s.workflow_step_id = d.workflow_step_id
-             WHERE d.phase <> 'done' AND s.blocked_parents = 0 AND (s.state IS NULL OR s.state = 'pending')
-             ORDER BY d.task_id LIMIT 100 LOOP
-        PERFORM tasker_core._advance_task(r.task_id);
-        woke := woke + 1;
-    END LOOP;
+    SELECT COALESCE(tasker_core._advance_tasks(array_agg(x.task_id)), 0) INTO woke
+    FROM (SELECT DISTINCT d.task_id FROM tasker_core.dynamic_steps d
+          JOIN tasker_core.step_state s ON s.workflow_step_id = d.workflow_step_id
+          WHERE d.phase <> 'done' AND s.blocked_parents = 0 AND (s.state IS NULL OR s.state = 'pending')
+          ORDER BY d.task_id LIMIT 100) x;
     expired := tasker_core._expire_leases(1000) + tasker_core._promote_scheduled(1000);
     -- failed steps whose backoff ended since the last tick (readiness as the claims see it)
     EXECUTE format($q$SELECT $3 + count(*) FROM tasker_core.step_state s
@@ -159,7 +157,7 @@ BEGIN
         PERFORM tasker_core.transition_task(retry_task.task_id, 'pending', meta);
     END IF;
     IF EXISTS (SELECT 1 FROM tasker_core.dynamic_steps d WHERE d.task_id = retry_task.task_id) THEN
-        PERFORM tasker_core._advance_task(retry_task.task_id);
+        PERFORM tasker_core._advance_tasks(ARRAY[retry_task.task_id]);
     END IF;
     PERFORM pg_notify('tasker_ready', json_build_object('task_id', retry_task.task_id, 'reason', 'retry')::text);
     RETURN n;
@@ -435,13 +433,136 @@ BEGIN
 END;
 $$;
 
+CREATE OR REPLACE FUNCTION tasker_core.verify()
+RETURNS TABLE(check_name text, entity text, id bigint, detail text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ds name := tasker_core._data_schema();
+    tracked boolean := EXISTS (SELECT 1 FROM tasker_core.tracking t WHERE t.data_schema = ds);
+    oldest_event timestamptz := (SELECT min(e.created_at) FROM tasker_core.events e);
+BEGIN
+    PERFORM tasker_core._require_tables(ds, ARRAY['tasker_tasks', 'tasker_workflow_steps',
+        'tasker_workflow_step_edges', 'tasker_workflow_step_transitions', 'tasker_task_transitions',
+        'tasker_named_steps', 'tasker_named_tasks']);
+    -- one most_recent transition per owner, and it is the one with the highest sort_key
+    RETURN QUERY EXECUTE format($q$
+        SELECT 'one_most_recent', 'step', workflow_step_id, count(*) || ' most_recent transitions'
+        FROM %1$I.tasker_workflow_step_transitions WHERE most_recent
+        GROUP BY workflow_step_id HAVING count(*) > 1
+        UNION ALL
+        SELECT 'one_most_recent', 'task', task_id, count(*) || ' most_recent transitions'
+        FROM %1$I.tasker_task_transitions WHERE most_recent
+        GROUP BY task_id HAVING count(*) > 1
+        UNION ALL
+        SELECT 'sort_key_increasing', 'step', t.workflow_step_id,
+               'most_recent sort_key ' || t.sort_key || ' is below ' || m.top
+        FROM %1$I.tasker_workflow_step_transitions t
+        JOIN (SELECT workflow_step_id, max(sort_key) AS top FROM %1$I.tasker_workflow_step_transitions
+              GROUP BY workflow_step_id) m ON m.workflow_step_id = t.workflow_step_id
+        WHERE t.most_recent AND t.sort_key < m.top
+        UNION ALL
+        SELECT 'sort_key_increasing', 'task', t.task_id,
+               'most_recent sort_key ' || t.sort_key || ' is below ' || m.top
+        FROM %1$I.tasker_task_transitions t
+        JOIN (SELECT task_id, max(sort_key) AS top FROM %1$I.tasker_task_transitions GROUP BY task_id) m
+          ON m.task_id = t.task_id
+        WHERE t.most_recent AND t.sort_key < m.top
+        UNION ALL
+        -- a child never starts before every parent finished. Compared by transition id, not
+        -- time: created_at is the transaction's start, so a claim that began a moment before
+        -- the parent's completion committed carries an earlier time; ids are drawn in order.
+        SELECT 'parents_before_children', 'step', e.to_step_id,
+               'started by transition ' || c.started || ' but parent ' || e.from_step_id ||
+               COALESCE(' finished by transition ' || p.finished, ' never finished')
+        FROM %1$I.tasker_workflow_step_edges e
+        JOIN (SELECT workflow_step_id, min(id) AS started FROM %1$I.tasker_workflow_step_transitions
+              WHERE to_state = 'in_progress' GROUP BY workflow_step_id) c ON c.workflow_step_id = e.to_step_id
+        LEFT JOIN (SELECT workflow_step_id, min(id) AS finished FROM %1$I.tasker_workflow_step_transitions
+                   WHERE to_state IN ('complete', 'resolved_manually') GROUP BY workflow_step_id) p
+          ON p.workflow_step_id = e.from_step_id
+        WHERE p.finished IS NULL OR p.finished > c.started
+        UNION ALL
+        -- a complete task has only complete or resolved steps, and its flag says so
+        SELECT 'task_state_consistent', 'task', t.task_id,
+               CASE WHEN cur.to_state = 'complete' AND t.complete IS NOT TRUE THEN 'state complete but complete = false'
+                    WHEN cur.to_state IS DISTINCT FROM 'complete' AND t.complete THEN 'complete = true but state ' || COALESCE(cur.to_state, 'pending')
+                    ELSE 'complete with unfinished steps' END
+        FROM %1$I.tasker_tasks t
+        LEFT JOIN %1$I.tasker_task_transitions cur ON cur.task_id = t.task_id AND cur.most_recent
+        WHERE COALESCE(cur.to_state = 'complete', false) IS DISTINCT FROM COALESCE(t.complete, false)
+           OR (cur.to_state = 'complete' AND EXISTS (
+                 SELECT 1 FROM %1$I.tasker_workflow_steps ws
+                 LEFT JOIN %1$I.tasker_workflow_step_transitions sc
+                        ON sc.workflow_step_id = ws.workflow_step_id AND sc.most_recent
+                 WHERE ws.task_id = t.task_id AND sc.to_state IS DISTINCT FROM 'complete'
+                   AND sc.to_state IS DISTINCT FROM 'resolved_manually'))
+        UNION ALL
+        -- every transition tasker_core wrote (from_state recorded) has its event, while the log
+        -- reaches back that far
+        SELECT 'transition_has_event', 'step', t.workflow_step_id,
+               'transition ' || t.id || ' (' || t.from_state || ' -> ' || t.to_state || ') has no event'
+        FROM %1$I.tasker_workflow_step_transitions t
+        WHERE t.from_state IS NOT NULL AND $1 IS NOT NULL AND t.created_at >= ($1 AT TIME ZONE 'UTC')
+          AND NOT EXISTS (SELECT 1 FROM tasker_core.events ev
+                          WHERE ev.step_id = t.workflow_step_id
+                            AND (ev.payload ->> 'transition_id')::bigint = t.id)
+        UNION ALL
+        SELECT 'transition_has_event', 'task', t.task_id,
+               'transition ' || t.id || ' (' || t.from_state || ' -> ' || t.to_state || ') has no event'
+        FROM %1$I.tasker_task_transitions t
+        WHERE t.from_state IS NOT NULL AND $1 IS NOT NULL AND t.created_at >= ($1 AT TIME ZONE 'UTC')
+          AND NOT EXISTS (SELECT 1 FROM tasker_core.events ev
+                          WHERE ev.task_id = t.task_id AND ev.step_id IS NULL
+                            AND (ev.payload ->> 'transition_id')::bigint = t.id)
+    $q$, ds) USING oldest_event;
+    IF tracked THEN
+        -- a step in progress under the worker protocol holds a lease, and a lease belongs to a
+        -- step in progress
+        RETURN QUERY
+        SELECT 'lease_matches_state', 'step', s.workflow_step_id,
+               CASE WHEN c.workflow_step_id IS NULL THEN 'in_process without a lease'
+                    ELSE 'leased to ' || c.worker_id || ' but ' || COALESCE(s.state, 'pending') END
+        FROM tasker_core.step_state s
+        FULL JOIN tasker_core.step_claims c ON c.workflow_step_id = s.workflow_step_id
+        WHERE (c.workflow_step_id IS NULL AND s.in_process AND s.state = 'in_progress')
+           OR (c.workflow_step_id IS NOT NULL AND s.state IS DISTINCT FROM 'in_progress');
+        RETURN QUERY
+        SELECT 'maintained_state', 'step', k.workflow_step_id, k.problem
+        FROM tasker_core.check_tracking() k;
+        -- dynamic steps: a skipped step is resolved_manually; a step whose parents have all
+        -- finished has been judged; a map step that completed holds one result per instance
+        RETURN QUERY EXECUTE format($q$
+            SELECT 'dynamic_steps', 'step', d.workflow_step_id,
+                   CASE WHEN s.workflow_step_id IS NULL THEN 'a dynamic step without its step'
+                        WHEN d.skipped THEN 'skipped but ' || COALESCE(s.state, 'pending')
+                        WHEN d.phase = 'waiting'
+                        THEN 'its parents have finished but it was not judged (tick() judges it)'
+                        WHEN d.phase = 'mapped' THEN 'its instances have finished but it was not completed (tick() does it)'
+                        ELSE 'a map step with ' || jsonb_array_length(ws.results) || ' results for '
+                             || i.n || ' instances' END
+            FROM tasker_core.dynamic_steps d
+            LEFT JOIN tasker_core.step_state s ON s.workflow_step_id = d.workflow_step_id
+            LEFT JOIN %1$I.tasker_workflow_steps ws ON ws.workflow_step_id = d.workflow_step_id
+            LEFT JOIN LATERAL (
+                SELECT count(*) AS n FROM %1$I.tasker_workflow_steps x
+                WHERE x.task_id = ws.task_id AND x.named_step_id = ws.named_step_id
+                  AND x.workflow_step_id <> ws.workflow_step_id) i ON d.rule ? 'map' AND s.state = 'complete'
+            WHERE s.workflow_step_id IS NULL
+               OR (d.skipped AND s.state IS DISTINCT FROM 'resolved_manually')
+               OR (d.phase <> 'done' AND s.blocked_parents = 0 AND (s.state IS NULL OR s.state = 'pending'))
+               OR (i.n IS NOT NULL AND jsonb_typeof(ws.results) = 'array' AND jsonb_array_length(ws.results) <> i.n)
+        $q$, ds);
+    END IF;
+END;
+$$;
+
 DO $secdef$
 DECLARE
     f text;
 BEGIN
     FOREACH f IN ARRAY ARRAY['tasker_core.tick()', 'tasker_core.retry_task(bigint)',
                              'tasker_core.task_graph_dot(bigint)',
-                             'tasker_core._archive_batch(interval,integer)'] LOOP
+                             'tasker_core._archive_batch(interval,integer)', 'tasker_core.verify()'] LOOP
         EXECUTE pg_catalog.format('ALTER FUNCTION %s SECURITY DEFINER SET search_path = pg_catalog, pg_temp', f);
     END LOOP;
 END;

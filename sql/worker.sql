@@ -65,13 +65,11 @@ BEGIN
     since := COALESCE(since, now_ts - interval '1 hour');
     -- dynamic steps whose parents finished by writes that did not judge them (an application
     -- writing transitions itself, transition_step): judged now, before any task is locked
-    FOR r IN SELECT DISTINCT d.task_id FROM tasker_core.dynamic_steps d
-             JOIN tasker_core.step_state s ON s.workflow_step_id = d.workflow_step_id
-             WHERE d.phase <> 'done' AND s.blocked_parents = 0 AND (s.state IS NULL OR s.state = 'pending')
-             ORDER BY d.task_id LIMIT 100 LOOP
-        PERFORM tasker_core._advance_task(r.task_id);
-        woke := woke + 1;
-    END LOOP;
+    SELECT COALESCE(tasker_core._advance_tasks(array_agg(x.task_id)), 0) INTO woke
+    FROM (SELECT DISTINCT d.task_id FROM tasker_core.dynamic_steps d
+          JOIN tasker_core.step_state s ON s.workflow_step_id = d.workflow_step_id
+          WHERE d.phase <> 'done' AND s.blocked_parents = 0 AND (s.state IS NULL OR s.state = 'pending')
+          ORDER BY d.task_id LIMIT 100) x;
     expired := tasker_core._expire_leases(1000) + tasker_core._promote_scheduled(1000);
     -- failed steps whose backoff ended since the last tick (readiness as the claims see it)
     EXECUTE format($q$SELECT $3 + count(*) FROM tasker_core.step_state s
@@ -197,7 +195,7 @@ BEGIN
         PERFORM tasker_core.transition_task(retry_task.task_id, 'pending', meta);
     END IF;
     IF EXISTS (SELECT 1 FROM tasker_core.dynamic_steps d WHERE d.task_id = retry_task.task_id) THEN
-        PERFORM tasker_core._advance_task(retry_task.task_id);
+        PERFORM tasker_core._advance_tasks(ARRAY[retry_task.task_id]);
     END IF;
     PERFORM pg_notify('tasker_ready', json_build_object('task_id', retry_task.task_id, 'reason', 'retry')::text);
     RETURN n;

@@ -83,7 +83,16 @@ function classify(error) {
   return { retryable: true, retryAfter: Number.isFinite(after) ? Math.max(0, Math.ceil(after)) : null };
 }
 
+// A map step's instance has {element, index} as its inputs.
+function isMapInstance(inputs) {
+  if (inputs === null || typeof inputs !== 'object' || Array.isArray(inputs)) return false;
+  const keys = Object.keys(inputs).sort();
+  return keys.length === 2 && keys[0] === 'element' && keys[1] === 'index';
+}
+
 function toStep(row) {
+  const inputs = row.inputs ?? {};
+  const instance = isMapInstance(inputs);
   return {
     taskId: Number(row.task_id),
     stepId: Number(row.workflow_step_id),
@@ -92,7 +101,10 @@ function toStep(row) {
     taskName: row.task_name,
     handlerClass: row.handler_class,
     config: row.handler_config ?? {},
-    inputs: row.inputs ?? {},
+    inputs,
+    // a map step's instance: its element of the mapped array and its position (else undefined)
+    element: instance ? inputs.element : undefined,
+    index: instance ? inputs.index : undefined,
     parentResults: row.parent_results ?? {},
     attempt: row.attempt,
     leaseExpiresAt: row.lease_expires_at,

@@ -60,14 +60,16 @@ fn expire_leases(max_steps: i32) -> i32 {
     .or_raise()
 }
 
-/// Judges the dynamic steps of a task whose parents have all finished, then finalizes the
-/// task (used by `tick()` and `retry_task()`; the worker protocol does it as steps finish).
-/// Returns the finalizer's decision (its `execution_status`).
-#[pg_extern(volatile, parallel_unsafe, name = "_advance_task")]
-fn advance_task(task_id: i64) -> String {
-    attempt(move || worker::finalize_task(&store::settings::data_schema()?, task_id))
-        .map(str::to_owned)
-        .or_raise()
+/// Judges the dynamic steps of tasks whose parents have all finished, then finalizes the
+/// tasks (used by `tick()` and `retry_task()`; the worker protocol does it as steps finish).
+/// Returns how many tasks it finalized.
+#[pg_extern(volatile, parallel_unsafe, name = "_advance_tasks")]
+fn advance_tasks(task_ids: Vec<Option<i64>>) -> i32 {
+    attempt(move || {
+        let ids: Vec<i64> = task_ids.into_iter().flatten().collect();
+        worker::advance_tasks(&store::settings::data_schema()?, ids)
+    })
+    .or_raise()
 }
 
 /// `tasker_core.max_subscriptions_per_login`, for `subscribe()`: read through the library so

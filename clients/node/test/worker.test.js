@@ -520,3 +520,34 @@ test('createTask takes a priority and a later start (runAt as a Date, or delaySe
     await w.stop({ graceMs: 0 });
   });
 });
+
+test('a map instance gets its element and index, the fan-in the array of their results', async () => {
+  await withDatabase(async (t) => {
+    await t.template({
+      name: 'map', namespace_name: 'node_map', version: '1.0.0',
+      step_templates: [
+        { name: 'fetch', handler_class: 'Fetch' },
+        { name: 'price', handler_class: 'Price', depends_on_step: 'fetch', map: { over: '/parents/fetch/skus' } },
+        { name: 'gift', handler_class: 'Gift', depends_on_step: 'fetch', condition: { path: '/context/gift', eq: true } },
+        { name: 'total', handler_class: 'Total', depends_on_steps: ['price', 'gift'] },
+      ],
+    });
+    const w = t.worker({ namespaces: ['node_map'] });
+    const seen = [];
+    w.register('Fetch', async () => ({ skus: ['a', 'bb', 'ccc'] }));
+    w.register('Price', async (step) => {
+      seen.push([step.index, step.element]);
+      return { price: step.element.length };
+    });
+    w.register('Gift', async () => { throw new Error('the gift step is skipped'); });
+    w.register('Total', async (step) => {
+      assert.equal(step.element, undefined);
+      return { prices: step.parentResults.price.map((r) => r.price), gift: step.parentResults.gift };
+    });
+    const task = await t.task('node_map', 'map', { gift: false });
+    await w.start();
+    assert.equal(await t.waitForTask(task), 'complete');
+    assert.deepEqual(seen.sort(), [[0, 'a'], [1, 'bb'], [2, 'ccc']]);
+    assert.deepEqual((await t.step(task, 'total')).results, { prices: [1, 2, 3], gift: null });
+  });
+});

@@ -107,6 +107,21 @@ class Step:
     attempt: int
     traceparent: Optional[str] = None  # W3C trace context of the task, for the handler's span
 
+    @property
+    def element(self) -> Any:
+        """A map step's instance: its element of the mapped array (its inputs are
+        {"element": e, "index": i}); None for other steps."""
+        return self.inputs.get("element") if self.is_map_instance else None
+
+    @property
+    def index(self) -> Optional[int]:
+        """A map step's instance: the position of its element; None for other steps."""
+        return self.inputs.get("index") if self.is_map_instance else None
+
+    @property
+    def is_map_instance(self) -> bool:
+        return isinstance(self.inputs, dict) and set(self.inputs) == {"element", "index"}
+
 
 @dataclass
 class _Handler:

@@ -436,3 +436,42 @@ def test_create_task_with_priority_and_a_later_start(db):
     # only the urgent task can start now
     assert [r[0] for r in db.rows("SELECT task_id FROM tasker_core.claim_steps('w', NULL, 10, 60)")] == [urgent]
     assert delayed != urgent
+
+
+MAP = template("map", [
+    ("fetch", "Map::Fetch", []),
+    ("price", "Map::Price", ["fetch"], {"map": {"over": "/parents/fetch/skus"}}),
+    ("gift", "Map::Gift", ["fetch"], {"condition": {"path": "/context/gift", "eq": True}}),
+    ("total", "Map::Total", ["price", "gift"]),
+])
+
+
+def test_a_map_instance_gets_its_element_and_the_fan_in_the_array(db):
+    db.register(MAP)
+    task = db.create_task(MAP, {"gift": False})
+    seen = []
+    w = Worker(db.conninfo, worker_id="mapper", poll_interval=0.1)
+
+    @w.handler("Map::Fetch")
+    def fetch(step):
+        return {"skus": ["a", "bb", "ccc"]}
+
+    @w.handler("Map::Price")
+    def price(step):
+        seen.append((step.index, step.element))
+        return {"sku": step.element, "price": len(step.element)}
+
+    @w.handler("Map::Gift")
+    def gift(step):  # pragma: no cover - skipped by its condition
+        raise AssertionError("the gift step is skipped")
+
+    @w.handler("Map::Total")
+    def total(step):
+        assert not step.is_map_instance and step.element is None
+        return {"prices": [r["price"] for r in step.parent_results["price"]],
+                "gift": step.parent_results["gift"]}
+
+    w.run(until=lambda: db.task_state(task) in ("complete", "error"))
+    assert db.task_state(task) == "complete"
+    assert sorted(seen) == [(0, "a"), (1, "bb"), (2, "ccc")]
+    assert db.step(task, "total")[3] == {"prices": [1, 2, 3], "gift": None}

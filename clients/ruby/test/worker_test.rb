@@ -33,6 +33,25 @@ class WorkerTest < Minitest::Test
     end
   end
 
+  def test_a_map_instance_gets_its_element_and_the_fan_in_the_array
+    name = template("map", [
+      ["fetch", "MapShop::Fetch"],
+      ["price", "MapShop::Price", ["fetch"], { "map" => { "over" => "/parents/fetch/skus" } }],
+      ["gift", "CardDeclined", ["fetch"], { "condition" => { "path" => "/context/gift", "eq" => true } }],
+      ["total", "MapShop::Total", %w[price gift]],
+    ])
+    task_id = TaskerCore.create_task(namespace, name, { "gift" => false })
+    run_until(worker(concurrency: 3)) { finished?(task_id) }
+
+    assert_equal "complete", TaskerCore.task_status(task_id)
+    assert_equal({ "prices" => [1, 2, 3], "gift" => nil }, steps_of(task_id)["total"]["results"])
+    instances = TaskerCore::SQL.rows(<<~SQL, [task_id]).map { |r| r["results"] }
+      SELECT ws.results FROM tasker_workflow_steps ws JOIN tasker_named_steps ns USING (named_step_id)
+      WHERE ws.task_id = $1 AND ns.name = 'price' AND ws.inputs ? 'element' ORDER BY ws.workflow_step_id
+    SQL
+    assert_equal [%w[a 0], %w[bb 1], %w[ccc 2]], instances.map { |r| [r["sku"], r["index"].to_s] }
+  end
+
   def test_outcomes_finishing_together_are_recorded_in_one_transaction
     name = template("many", 10.times.map { |i| ["s#{i}", "PlainHandler"] })
     task_id = TaskerCore.create_task(namespace, name, {})

@@ -99,7 +99,7 @@ mod tests {
         let count = |g: &str| CATALOG.iter().filter(|e| group(e.name) == g).count();
         assert_eq!(
             (count("task"), count("step"), count("workflow"), count("observability")),
-            (8, 10, 19, 8)
+            (8, 12, 19, 8)
         );
     }
 }

@@ -310,8 +310,12 @@ pub fn create_task(
                 .filter_map(|(s, id)| Some(((*id)?, s.rule.as_ref()?)))
                 .collect();
             dynamic::record(client, task_id, &rules)?;
-            // root steps are judged now: a condition on the context, a map over it
-            dynamic::advance(client, schema, task_id)?;
+            // root steps are judged now: a condition on the context, a map over it; when any
+            // was, the task may already be finished (every step skipped or an empty map) or
+            // failed (a map whose input is unusable)
+            if dynamic::advance(client, schema, task_id)? > 0 {
+                crate::store::worker::finalize(client, schema, task_id)?;
+            }
         }
         if !scheduled {
             crate::store::worker::wake(client, task_id, &t.namespace, None).map_err(spi)?;

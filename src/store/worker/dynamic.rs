@@ -51,6 +51,7 @@ pub(crate) fn record(
 
 /// Judges (or, for expanded maps, completes) every dynamic step of the task whose parents have
 /// all finished, again until none is left: a skip or a completion can make further ones due.
+/// Returns how many it looked at.
 /// Each step is handled with its rows and its children's locked at once
 /// ([`crate::store::locks`]): the caller must not hold its task's lock (whoever holds one of
 /// those rows may be waiting for it).
@@ -58,12 +59,14 @@ pub fn advance(
     client: &SpiClient<'_>,
     schema: &SchemaName,
     task_id: i64,
-) -> Result<(), TaskerError> {
+) -> Result<usize, TaskerError> {
+    let mut judged = 0;
     loop {
         let due = due_steps(client, task_id)?;
         if due.is_empty() {
-            return Ok(());
+            return Ok(judged);
         }
+        judged += due.len();
         for step_id in due {
             let mut states = children_of(client, &[step_id])?;
             states.push(step_id);

@@ -186,6 +186,26 @@ pub fn finalize_task(schema: &SchemaName, task_id: i64) -> Result<&'static str, 
     Spi::connect_mut(|client| finalize(client, schema, task_id))
 }
 
+/// Judges the dynamic steps of `tasks` whose parents have all finished, all of them before any
+/// task's lock is taken (see [`finalize`]), then finalizes the tasks in id order. Returns how
+/// many it finalized.
+pub fn advance_tasks(schema: &SchemaName, mut tasks: Vec<i64>) -> Result<i32, TaskerError> {
+    tasks.sort_unstable();
+    tasks.dedup();
+    Spi::connect_mut(|client| {
+        require_tracked(client, schema)?;
+        if dynamic::installed() {
+            for &task_id in &tasks {
+                dynamic::advance(client, schema, task_id)?;
+            }
+        }
+        for &task_id in &tasks {
+            finalize(client, schema, task_id)?;
+        }
+        Ok(tasks.len() as i32)
+    })
+}
+
 /// Marks a step `resolved_manually` with `results` (an in-progress step is failed first, since
 /// the state machine has no direct edge), releases its lease and finalizes its task.
 pub fn resolve_manually(

@@ -420,3 +420,64 @@ def test_a_scheduled_task_keeps_its_judged_root_for_later(conn):
     codes = {r[0] for r in conn.execute("SELECT code FROM tasker_core.explain_task(%s)", (task,))}
     assert "scheduled" in codes and "dynamic" not in codes
     assert_consistent(conn)
+
+
+def random_template(rng, k):
+    """A random template of up to 6 steps with maps, conditions and skip_with (the shapes the
+    core property test draws)."""
+    steps = []
+    for i in range(rng.randint(1, 6)):
+        deps = sorted({f"s{d}" for d in rng.sample(range(i), min(i, rng.randint(0, 2)))})
+        s = {"name": f"s{i}", "handler_class": "H", "depends_on_steps": deps}
+        cond, mapped = rng.randint(0, 3), rng.randint(0, 3)
+        if cond == 1:
+            s["condition"] = {"path": "/context/flag", "eq": True}
+        elif cond == 2 and deps:
+            s["condition"] = {"path": f"/parents/{deps[0]}/ok", "eq": True}
+        if mapped == 1:
+            s["map"] = {"over": "/context/items"}
+        elif mapped == 2 and deps:
+            s["map"] = {"over": f"/parents/{deps[-1]}/items"}
+        if deps and rng.random() < 0.4:
+            s["skip_with"] = True
+        steps.append(s)
+    return {"name": f"rnd{k}", "namespace_name": "rnd", "version": "1.0.0", "step_templates": steps}
+
+
+def test_random_dynamic_tasks_end_complete_or_in_error_never_stuck(conn):
+    import random
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    for k in range(25):
+        t = random_template(rng, k)
+        register(conn, t)
+        task = create(conn, t["name"], {"flag": rng.random() < 0.5,
+                                        "items": list(range(rng.randint(0, 5)))}, namespace="rnd")
+        failed_for_good = False
+        for _ in range(500):
+            rows = claim(conn, 3)
+            if not rows:
+                conn.execute("SELECT tasker_core.tick()")
+                rows = claim(conn, 3)
+                if not rows:
+                    break
+            for step, name, inputs, parents in rows:
+                r = rng.random()
+                if r < 0.1:
+                    conn.execute("SELECT tasker_core.fail_step(%s, 'w', '\"no\"'::jsonb, false)", (step,))
+                    failed_for_good = True
+                elif r < 0.25:
+                    conn.execute("SELECT tasker_core.fail_step(%s, 'w', '\"again\"'::jsonb, true, 0)", (step,))
+                else:
+                    complete(conn, step, {"ok": rng.random() < 0.7,
+                                          "items": list(range(rng.randint(0, 3)))})
+        state = task_state(conn, task)
+        context = f"seed {seed}, template {json.dumps(t)}"
+        assert state in ("complete", "error"), f"stuck in {state}: {context}"
+        if state == "complete":
+            assert set(sum(states(conn, task).values(), [])) <= {"complete", "resolved_manually"}, context
+        else:
+            assert failed_for_good or conn.execute(
+                "SELECT count(*) FROM tasker_core.step_state WHERE task_id = %s AND state = 'error'",
+                (task,)).fetchone()[0] > 0, context
+        assert_consistent(conn)

@@ -524,14 +524,14 @@ def test_error_in_a_transaction_rolls_back_with_it(mdb):
 def test_event_catalog(conn):
     cat = conn.execute("SELECT name, event_group, source, description FROM tasker_core.event_catalog()").fetchall()
     names = [r[0] for r in cat]
-    assert len(names) == len(set(names)) == 45
+    assert len(names) == len(set(names)) == 47
     groups = {}
     for name, group, source, description in cat:
         assert name.split(".")[0] == group
         assert source in ("transition", "orchestration", "declared"), name
         assert description
         groups[group] = groups.get(group, 0) + 1
-    assert groups == {"task": 8, "step": 10, "workflow": 19, "observability": 8}
+    assert groups == {"task": 8, "step": 12, "workflow": 19, "observability": 8}
     # every event a transition can emit is catalogued as a transition event
     by_name = {r[0]: r[2] for r in cat}
     for kind, allowed in (("task", TASK_ALLOWED), ("step", STEP_ALLOWED)):
@@ -541,5 +541,5 @@ def test_event_catalog(conn):
     for name in ("task.before_transition", "step.before_handle", "step.handle", "step.before_transition",
                  "workflow.task_started", "workflow.viable_steps_discovered", "workflow.no_viable_steps",
                  "workflow.steps_execution_completed", "observability.task.enqueue",
-                 "observability.step.max_retries_reached"):
+                 "observability.step.max_retries_reached", "step.skipped", "step.map_expanded"):
         assert name in by_name, name

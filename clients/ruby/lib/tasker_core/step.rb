@@ -1,5 +1,6 @@
 module TaskerCore
-  # A claimed step, as a handler sees it. `inputs` is the task context; `parent_results` the
+  # A claimed step, as a handler sees it. `inputs` is the task context (a map step's instance:
+  # its element and index, see #element); `parent_results` the
   # results of the step's parents by step name; `attempt` counts from 1; `traceparent` the
   # task's W3C trace context (nil when it has none), for the handler's span.
   Step = Struct.new(:task_id, :step_id, :name, :namespace, :task_name, :handler_class, :config,
@@ -13,6 +14,21 @@ module TaskerCore
     end
 
     alias_method :context, :inputs
+
+    # Whether the step is an instance of a map step: its inputs are {"element" => e, "index" => i}.
+    def map_instance?
+      inputs.is_a?(Hash) && inputs.keys.sort == %w[element index]
+    end
+
+    # A map step's instance: its element of the mapped array (nil for other steps).
+    def element
+      inputs["element"] if map_instance?
+    end
+
+    # A map step's instance: the position of its element (nil for other steps).
+    def index
+      inputs["index"] if map_instance?
+    end
   end
 
   # Base class for step handlers (any class whose instances respond to `call(step)` will do).

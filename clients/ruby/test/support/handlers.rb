@@ -79,3 +79,26 @@ class TraceRecorder < TaskerCore::StepHandler
     {}
   end
 end
+
+# A map step over a dependency's results, and the fan-in that gets the array of its results.
+module MapShop
+  class Fetch < TaskerCore::StepHandler
+    def call(_step)
+      { "skus" => %w[a bb ccc] }
+    end
+  end
+
+  class Price < TaskerCore::StepHandler
+    def call(step)
+      { "sku" => step.element, "index" => step.index, "price" => step.element.length }
+    end
+  end
+
+  class Total < TaskerCore::StepHandler
+    def call(step)
+      raise "not a map instance" if step.map_instance?
+
+      { "prices" => step.parent_results.fetch("price").map { |r| r["price"] }, "gift" => step.parent_results["gift"] }
+    end
+  end
+end
