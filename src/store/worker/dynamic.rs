@@ -71,7 +71,7 @@ pub fn advance(
             let mut states = children_of(client, &[step_id])?;
             states.push(step_id);
             let set = LockSet { steps: vec![step_id], transitions_of: vec![step_id], states };
-            with_all_locked(client, schema, set, || judge(client, schema, task_id, step_id))?;
+            with_all_locked(client, schema, set, || judge(client, schema, (task_id, step_id)))?;
         }
     }
 }
@@ -98,21 +98,32 @@ fn due_steps(client: &SpiClient<'_>, task_id: i64) -> Result<Vec<i64>, TaskerErr
     .map_err(spi)
 }
 
+/// Runs kept statement `key` of the data schema (`sql` gets its quoted name) with the step id
+/// as `$1`, and `read` on its rows.
+fn per_step<R>(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    (key, step_id): (&'static str, i64),
+    sql: impl FnOnce(&str) -> String,
+    read: impl FnOnce(&pgrx::spi::OwnedPreparedStatement, i64) -> SpiResult<R>,
+) -> Result<R, TaskerError> {
+    let q = schema.quoted();
+    with_write_plan(client, key, schema.as_str(), &[INT8], || sql(&q), |stmt| read(stmt, step_id))
+        .map_err(spi)
+}
+
 /// One due step, its rows locked: read again (another transaction may have judged it since
 /// it was listed), then judged.
 fn judge(
     client: &SpiClient<'_>,
     schema: &SchemaName,
-    task_id: i64,
-    step_id: i64,
+    (task_id, step_id): (i64, i64),
 ) -> Result<(), TaskerError> {
-    let q = schema.quoted();
-    let row: Option<(Value, String, Value)> = with_write_plan(
+    let row: Option<(Value, String, Value)> = per_step(
         client,
-        "dynamic_judge",
-        schema.as_str(),
-        &[INT8],
-        || {
+        schema,
+        ("dynamic_judge", step_id),
+        |q| {
             format!(
                 "SELECT d.rule, d.phase, COALESCE(t.context, 'null'::jsonb)
                  FROM tasker_core.dynamic_steps d
@@ -123,8 +134,8 @@ fn judge(
                  FOR UPDATE OF d"
             )
         },
-        |stmt| {
-            one_row(client, stmt, &[step_id.into()], |r| {
+        |stmt, id| {
+            one_row(client, stmt, &[id.into()], |r| {
                 Ok((
                     r.get::<JsonB>(1)?.map(|j| j.0).unwrap_or_default(),
                     r.get::<String>(2)?.unwrap_or_default(),
@@ -132,8 +143,7 @@ fn judge(
                 ))
             })
         },
-    )
-    .map_err(spi)?;
+    )?;
     let Some((rule, phase, context)) = row else {
         return Ok(());
     };
@@ -180,13 +190,11 @@ fn parent_outcomes(
     schema: &SchemaName,
     step_id: i64,
 ) -> Result<Vec<(String, Option<Value>, bool)>, TaskerError> {
-    let q = schema.quoted();
-    with_write_plan(
+    per_step(
         client,
-        "dynamic_parents",
-        schema.as_str(),
-        &[INT8],
-        || {
+        schema,
+        ("dynamic_parents", step_id),
+        |q| {
             format!(
                 "SELECT ns.name::text, ws.results, COALESCE(d.skipped, false)
                  FROM tasker_core.step_state s
@@ -197,15 +205,14 @@ fn parent_outcomes(
                  WHERE s.workflow_step_id = $1"
             )
         },
-        |stmt| {
-            all_rows(client, stmt, &[step_id.into()], |r| {
+        |stmt, id| {
+            all_rows(client, stmt, &[id.into()], |r| {
                 let skipped = r.get::<bool>(3)?.unwrap_or_default();
                 let results = r.get::<JsonB>(2)?.map(|j| j.0).filter(|_| !skipped);
                 Ok((r.get::<String>(1)?.unwrap_or_default(), results, skipped))
             })
         },
     )
-    .map_err(spi)
 }
 
 /// Marks a judged step done (and `skipped`) and lets the claims see it: its `not_before` goes
@@ -310,13 +317,11 @@ fn instance_results(
     schema: &SchemaName,
     step_id: i64,
 ) -> Result<Value, TaskerError> {
-    let q = schema.quoted();
-    with_write_plan(
+    per_step(
         client,
-        "dynamic_instance_results",
-        schema.as_str(),
-        &[INT8],
-        || {
+        schema,
+        ("dynamic_instance_results", step_id),
+        |q| {
             format!(
                 "SELECT COALESCE(jsonb_agg(COALESCE(ws.results, 'null'::jsonb) ORDER BY ws.workflow_step_id), '[]')
                  FROM {q}.tasker_workflow_steps m
@@ -326,10 +331,9 @@ fn instance_results(
                  WHERE m.workflow_step_id = $1"
             )
         },
-        |stmt| one_value::<JsonB>(client, stmt, &[step_id.into()]),
+        |stmt, id| one_value::<JsonB>(client, stmt, &[id.into()]),
     )
     .map(|v| v.map_or(Value::Array(Vec::new()), |j| j.0))
-    .map_err(spi)
 }
 
 /// Completes a map step with `results` (its instances' results, or `[]` for an empty input):
