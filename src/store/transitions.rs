@@ -287,32 +287,47 @@ fn insert(
 
 /// Moves the blocked counts of a step's children by one per edge (children locked in id
 /// order first, as the trigger does): down when the step now satisfies them, up when it no
-/// longer does.
+/// longer does. A dynamic child (not judged yet) whose last parent this was is noted for the
+/// finalizer ([`crate::store::worker::dynamic::note_due`]).
 fn move_children(client: &SpiClient<'_>, children: Vec<i64>, now_done: bool) -> SpiResult<()> {
     if children.is_empty() {
         return Ok(());
     }
+    let dynamic = crate::store::worker::dynamic::installed();
     with_keyed_plan(
         client,
-        "direct_move_children",
+        if dynamic { "direct_move_children_dynamic" } else { "direct_move_children" },
         "",
         &[INT8ARRAY, INT4],
         || {
-            "WITH locked AS MATERIALIZED (SELECT c.workflow_step_id FROM tasker_core.step_state c \
-                                           WHERE c.workflow_step_id = ANY ($1) \
-                                           ORDER BY c.workflow_step_id FOR UPDATE), \
-                  d AS (SELECT x AS id, count(*)::integer AS n FROM unnest($1) AS x GROUP BY x) \
-             UPDATE tasker_core.step_state c SET blocked_parents = c.blocked_parents + d.n * $2 \
-             FROM d WHERE c.workflow_step_id = d.id \
-               AND c.workflow_step_id IN (SELECT l.workflow_step_id FROM locked l)"
-                .to_owned()
+            let due = if dynamic {
+                " RETURNING c.blocked_parents = 0 AND c.not_before = 'infinity'"
+            } else {
+                ""
+            };
+            format!(
+                "WITH locked AS MATERIALIZED (SELECT c.workflow_step_id FROM tasker_core.step_state c \
+                                               WHERE c.workflow_step_id = ANY ($1) \
+                                               ORDER BY c.workflow_step_id FOR UPDATE), \
+                      d AS (SELECT x AS id, count(*)::integer AS n FROM unnest($1) AS x GROUP BY x) \
+                 UPDATE tasker_core.step_state c SET blocked_parents = c.blocked_parents + d.n * $2 \
+                 FROM d WHERE c.workflow_step_id = d.id \
+                   AND c.workflow_step_id IN (SELECT l.workflow_step_id FROM locked l){due}"
+            )
         },
         |stmt| {
-            client.select(
+            let rows = client.select(
                 stmt,
                 None,
                 &[children.into(), (if now_done { -1 } else { 1 }).into()],
             )?;
+            if dynamic {
+                for row in rows {
+                    if row.get::<bool>(1)?.unwrap_or_default() {
+                        crate::store::worker::dynamic::note_due();
+                    }
+                }
+            }
             Ok(())
         },
     )

@@ -19,6 +19,38 @@ pub fn installed() -> bool {
     super::events::own_relation(c"dynamic_steps").is_some()
 }
 
+thread_local! {
+    /// Whether this transaction made a dynamic step due (its last parent finished) since the
+    /// finalizer last looked: without it the finalizer does not look (no statement for tasks
+    /// without dynamic steps). Writes that do not go through the library (an application's
+    /// own SQL) leave it to `tick()`.
+    static DUE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Notes that a dynamic step became due in this transaction (see [`advance`]).
+pub fn note_due() {
+    DUE.with(|d| d.set(true));
+}
+
+/// Whether this transaction made a dynamic step due since [`advance`] last ran; forgets it.
+pub fn take_due() -> bool {
+    DUE.with(|d| d.replace(false))
+}
+
+/// [`advance`] when this transaction made a dynamic step due since it last ran (else nothing,
+/// and no statement). The step is of this task: callers that finish steps of several tasks
+/// advance each of them first ([`take_due`], then [`advance`]).
+pub fn advance_if_due(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    task_id: i64,
+) -> Result<usize, TaskerError> {
+    if !take_due() {
+        return Ok(0);
+    }
+    advance(client, schema, task_id)
+}
+
 /// Records the dynamic steps of a task being created (`steps`: each step's id and rule) and
 /// keeps them out of the ready queue until they are judged.
 pub(crate) fn record(
@@ -51,7 +83,9 @@ pub(crate) fn record(
 
 /// Judges (or, for expanded maps, completes) every dynamic step of the task whose parents have
 /// all finished, again until none is left: a skip or a completion can make further ones due.
-/// Returns how many it looked at.
+/// Returns how many it looked at. (Callers that know a step may be due without this
+/// transaction having made it so — creation, `tick()`, `retry_task()` — call it directly; the
+/// finalizer calls [`advance_if_due`].)
 /// Each step is handled with its rows and its children's locked at once
 /// ([`crate::store::locks`]): the caller must not hold its task's lock (whoever holds one of
 /// those rows may be waiting for it).
@@ -61,8 +95,21 @@ pub fn advance(
     task_id: i64,
 ) -> Result<usize, TaskerError> {
     let mut judged = 0;
+    // A step is due at most twice: to be judged, and (a map step) when its instances have
+    // finished. A step listed again after that was left as it was by another transaction
+    // (its rows read again under the locks): it is not looked at again here.
+    let mut visits: std::collections::HashMap<i64, u8> = std::collections::HashMap::new();
     loop {
-        let due = due_steps(client, task_id)?;
+        // (what the judgements below make due, the next round finds)
+        take_due();
+        let due: Vec<i64> = due_steps(client, task_id)?
+            .into_iter()
+            .filter(|id| {
+                let n = visits.entry(*id).or_default();
+                *n += 1;
+                *n <= 2
+            })
+            .collect();
         if due.is_empty() {
             return Ok(judged);
         }
@@ -148,8 +195,7 @@ fn judge(
         return Ok(());
     };
     if phase == "mapped" {
-        let results = instance_results(client, schema, step_id)?;
-        return complete_map(client, schema, step_id, results);
+        return complete_map(client, schema, step_id);
     }
     let rule = StepRule::from_json(&rule)?;
     let parents = parent_outcomes(client, schema, step_id)?;
@@ -178,7 +224,7 @@ fn judge(
             finish(client, step_id, true)?;
             emit(client, "step.skipped", task_id, Some(step_id), json!({ "reason": reason }))
         }
-        Decision::Expand([]) => complete_map(client, schema, step_id, Value::Array(Vec::new())),
+        Decision::Expand([]) => complete_map(client, schema, step_id),
         Decision::Expand(items) => expand(client, schema, task_id, step_id, items),
         Decision::Fail { message, limit } => fail_map(client, schema, step_id, &message, limit),
     }
@@ -311,43 +357,51 @@ fn expand(
     emit(client, "step.map_expanded", task_id, Some(step_id), json!({ "instances": items.len() }))
 }
 
-/// The results of a map step's instances, in element order (ids ascend with it).
-fn instance_results(
-    client: &SpiClient<'_>,
-    schema: &SchemaName,
-    step_id: i64,
-) -> Result<Value, TaskerError> {
-    per_step(
-        client,
-        schema,
-        ("dynamic_instance_results", step_id),
-        |q| {
-            format!(
-                "SELECT COALESCE(jsonb_agg(COALESCE(ws.results, 'null'::jsonb) ORDER BY ws.workflow_step_id), '[]')
-                 FROM {q}.tasker_workflow_steps m
-                 JOIN {q}.tasker_workflow_steps ws
-                   ON ws.task_id = m.task_id AND ws.named_step_id = m.named_step_id
-                  AND ws.workflow_step_id <> m.workflow_step_id
-                 WHERE m.workflow_step_id = $1"
-            )
-        },
-        |stmt, id| one_value::<JsonB>(client, stmt, &[id.into()]),
-    )
-    .map(|v| v.map_or(Value::Array(Vec::new()), |j| j.0))
-}
-
-/// Completes a map step with `results` (its instances' results, or `[]` for an empty input):
-/// `pending -> in_progress -> complete`, as a step a worker ran.
+/// Completes a map step: `pending -> in_progress -> complete`, as a step a worker ran, its
+/// results the array of its instances' results in element order (ids ascend with it; `[]`
+/// without instances), gathered and written by one statement. The caller holds the step's rows
+/// and has read its blocked count 0 under them: every instance has finished, which is what the
+/// guard of `-> in_progress` would check edge by edge.
 fn complete_map(
     client: &SpiClient<'_>,
     schema: &SchemaName,
     step_id: i64,
-    results: Value,
 ) -> Result<(), TaskerError> {
-    let n = results.as_array().map_or(0, Vec::len);
+    let start = JsonB(json!({ "map": "completing" }));
+    transitions::transition_without_guard(schema, Step, step_id, State::InProgress, &start)?;
+    // (the steps' maintained rows are written by the statement: the row trigger skips it)
+    let direct = crate::store::maintenance::Direct::begin();
+    let n = per_step(
+        client,
+        schema,
+        ("dynamic_collect", step_id),
+        |q| {
+            let update = format!(
+                "UPDATE {q}.tasker_workflow_steps w
+                    SET results = r.results, processed = true, processed_at = {NOW},
+                        in_process = false, updated_at = {NOW}
+                   FROM r WHERE w.workflow_step_id = $1"
+            );
+            format!(
+                "WITH r AS (
+                     SELECT COALESCE(jsonb_agg(COALESCE(ws.results, 'null'::jsonb)
+                                               ORDER BY ws.workflow_step_id), '[]') AS results,
+                            count(ws.workflow_step_id) AS n
+                     FROM {q}.tasker_workflow_steps m
+                     JOIN {q}.tasker_workflow_steps ws
+                       ON ws.task_id = m.task_id AND ws.named_step_id = m.named_step_id
+                      AND ws.workflow_step_id <> m.workflow_step_id
+                     WHERE m.workflow_step_id = $1),
+                 {}
+                 SELECT (SELECT r.n FROM r)",
+                mirrored(&update, "")
+            )
+        },
+        |stmt, id| one_value::<i64>(client, stmt, &[id.into()]),
+    )?
+    .unwrap_or_default();
+    drop(direct);
     let meta = JsonB(json!({ "map": { "instances": n } }));
-    transition(schema, Step, step_id, State::InProgress, &meta, Some(State::Pending))?;
-    record_results(client, schema, step_id, &results)?;
     transition(schema, Step, step_id, State::Complete, &meta, Some(State::InProgress))?;
     finish(client, step_id, false)
 }

@@ -65,7 +65,7 @@ pub fn finalize(
     // Dynamic steps whose parents have all finished are judged first, before the task's
     // lock is taken (judging one locks step rows, whose holders may wait for that lock).
     if dynamic::installed() {
-        dynamic::advance(client, schema, task_id)?;
+        dynamic::advance_if_due(client, schema, task_id)?;
     }
     // Finalizers of one task take turns, and each counts with a snapshot taken after its
     // turn came: two workers finishing the last two steps at once cannot both see the

@@ -115,7 +115,7 @@ pub(super) fn record_outcomes(
         }
         // (every task's dynamic steps judged before the first task's lock is taken: see
         // finalize)
-        if dynamic::installed() {
+        if dynamic::installed() && dynamic::take_due() {
             for &task_id in &tasks {
                 dynamic::advance(client, schema, task_id)?;
             }

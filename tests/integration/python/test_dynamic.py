@@ -481,3 +481,38 @@ def test_random_dynamic_tasks_end_complete_or_in_error_never_stuck(conn):
                 "SELECT count(*) FROM tasker_core.step_state WHERE task_id = %s AND state = 'error'",
                 (task,)).fetchone()[0] > 0, context
         assert_consistent(conn)
+
+
+def test_rails_functions_read_an_expanded_task_as_the_reference_does(conn):
+    """The instances are ordinary steps and edges: the Rails functions (tasker_core's, from the
+    maintained state) return the rows the PL/pgSQL reference computes from the tables, at every
+    point of a run with a map, a skip and a retry."""
+    from pathlib import Path
+    conn.execute(Path(__file__).resolve().parents[3].joinpath("sql/reference/tasker_reference.sql").read_text())
+    task = create(conn, "order", {"gift": True})
+
+    def same():
+        for fn in ("get_step_readiness_status", "get_task_execution_context", "calculate_dependency_levels"):
+            differing = conn.execute(
+                f"SELECT count(*) FROM ((SELECT * FROM tasker_core.{fn}(%(t)s::bigint) "
+                f"EXCEPT ALL SELECT * FROM tasker_ref.{fn}(%(t)s::bigint)) UNION ALL "
+                f"(SELECT * FROM tasker_ref.{fn}(%(t)s::bigint) "
+                f"EXCEPT ALL SELECT * FROM tasker_core.{fn}(%(t)s::bigint))) x", {"t": task}).fetchone()[0]
+            assert differing == 0, fn
+
+    same()
+    (fetch, *_), = claim(conn)
+    complete(conn, fetch, {"lines": ["a", "b", "c"], "total": 5})  # expands; gift_note skipped
+    same()
+    rows = claim(conn)
+    assert len(rows) == 3
+    conn.execute("SELECT tasker_core.fail_step(%s, 'w', '\"x\"'::jsonb, true, 0)", (rows[0][0],))
+    complete(conn, rows[1][0], {})
+    same()
+    complete(conn, rows[2][0], {})
+    (again, *_), = claim(conn)
+    complete(conn, again, {})
+    same()
+    run_task(conn, order_handlers(total=5))
+    assert task_state(conn, task) == "complete"
+    same()
