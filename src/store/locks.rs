@@ -237,15 +237,19 @@ pub fn lock_step_and_children<T>(
     client: &SpiClient<'_>,
     schema: &SchemaName,
     step: i64,
-    children: &[i64],
+    children: &crate::store::worker::Children,
     body: impl FnOnce() -> Result<T, TaskerError>,
 ) -> Result<T, TaskerError> {
-    let mut states = children.to_vec();
+    let mut states = children.all.clone();
     states.push(step);
+    // a dynamic child the step's completion may make due is judged in the same transaction,
+    // which writes its own rows: taken now, with the others
+    let mut steps = children.unjudged.clone();
+    steps.push(step);
     with_all_locked(
         client,
         schema,
-        LockSet { steps: vec![step], transitions_of: vec![step], states },
+        LockSet { steps: steps.clone(), transitions_of: steps, states },
         body,
     )
 }

@@ -115,7 +115,7 @@ pub fn advance(
         }
         judged += due.len();
         for step_id in due {
-            let mut states = children_of(client, &[step_id])?;
+            let mut states = children_of(client, &[step_id])?.all;
             states.push(step_id);
             let set = LockSet { steps: vec![step_id], transitions_of: vec![step_id], states };
             with_all_locked(client, schema, set, || judge(client, schema, (task_id, step_id)))?;

@@ -55,7 +55,7 @@ pub(super) fn lock_step_rows<T>(
 ) -> Result<T, TaskerError> {
     if with_children {
         let children = children_of(client, &[step_id])?;
-        if !children.is_empty() {
+        if !children.all.is_empty() {
             return crate::store::locks::lock_step_and_children(
                 client, schema, step_id, &children, body,
             );

@@ -66,13 +66,15 @@ pub fn report(
             .filter(|(_, o)| matches!(o, Outcome::Complete { .. }))
             .map(|(id, _)| *id)
             .collect();
-        let mut states = children_of(client, &completing)?;
+        let children = children_of(client, &completing)?;
+        let mut states = children.all;
         states.extend(&completing);
-        let set = crate::store::locks::LockSet {
-            steps: order.iter().map(|(id, _)| *id).collect(),
-            transitions_of: completing,
-            states,
-        };
+        // (the unjudged dynamic children are locked with them: see Children)
+        let mut steps: Vec<i64> = order.iter().map(|(id, _)| *id).collect();
+        steps.extend(&children.unjudged);
+        let mut transitions_of = completing;
+        transitions_of.extend(children.unjudged);
+        let set = crate::store::locks::LockSet { steps, transitions_of, states };
         crate::store::locks::with_all_locked(client, schema, set, || {
             record_outcomes(client, schema, worker_id, &order)
         })
@@ -158,28 +160,56 @@ pub fn report_and_claim(
     Ok((reported, claimed))
 }
 
-/// The children of `steps` (each child once per edge), from their maintained rows.
-pub(super) fn children_of(client: &SpiClient<'_>, steps: &[i64]) -> Result<Vec<i64>, TaskerError> {
+/// The children of steps (see [`children_of`]).
+#[derive(Debug, Default)]
+pub struct Children {
+    /// Each child once per edge.
+    pub all: Vec<i64>,
+    /// The dynamic steps among them not judged yet (`not_before` is `infinity`): completing
+    /// their last parent judges them in the same transaction, so their own rows are locked
+    /// with the completion's (a `cancel_task` that took them first would otherwise wait for
+    /// the completion while it waited for them).
+    pub unjudged: Vec<i64>,
+}
+
+/// The children of `steps`, from their maintained rows.
+pub(super) fn children_of(client: &SpiClient<'_>, steps: &[i64]) -> Result<Children, TaskerError> {
     if steps.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Children::default());
     }
-    with_plan(
+    let dynamic = dynamic::installed();
+    let rows: Vec<(i64, bool)> = with_plan(
         client,
-        "worker_children_of",
+        if dynamic { "worker_children_of_dynamic" } else { "worker_children_of" },
         "",
         &[INT8ARRAY],
         || {
-            "SELECT c FROM tasker_core.step_state s, unnest(s.child_ids) c
-             WHERE s.workflow_step_id = ANY ($1)"
-                .to_owned()
+            if dynamic {
+                "SELECT c.id, COALESCE(k.not_before = 'infinity', false)
+                 FROM tasker_core.step_state s
+                 CROSS JOIN LATERAL unnest(s.child_ids) AS c(id)
+                 LEFT JOIN tasker_core.step_state k ON k.workflow_step_id = c.id
+                 WHERE s.workflow_step_id = ANY ($1)"
+            } else {
+                "SELECT c, false FROM tasker_core.step_state s, unnest(s.child_ids) c
+                 WHERE s.workflow_step_id = ANY ($1)"
+            }
+            .to_owned()
         },
         |stmt| {
             all_rows(client, stmt, &[steps.to_vec().into()], |row| {
-                Ok(row.get::<i64>(1)?.unwrap_or_default())
+                Ok((
+                    row.get::<i64>(1)?.unwrap_or_default(),
+                    row.get::<bool>(2)?.unwrap_or_default(),
+                ))
             })
         },
     )
-    .map_err(spi)
+    .map_err(spi)?;
+    let mut unjudged: Vec<i64> = rows.iter().filter(|(_, u)| *u).map(|(id, _)| *id).collect();
+    unjudged.sort_unstable();
+    unjudged.dedup();
+    Ok(Children { all: rows.into_iter().map(|(id, _)| id).collect(), unjudged })
 }
 
 /// A step's failure as its worker reports it: the error (stored under `error` in the step's

@@ -516,3 +516,50 @@ def test_rails_functions_read_an_expanded_task_as_the_reference_does(conn):
     run_task(conn, order_handlers(total=5))
     assert task_state(conn, task) == "complete"
     same()
+
+
+def test_the_last_instance_and_a_canceller_never_deadlock(conn):
+    """A canceller locks a task's steps in id order, the map step before its instances. The
+    completion of the last instance judges the map step, writing its rows: it takes them with
+    its own, all at once, so it never holds the instance while waiting for the map step (which
+    would deadlock with the canceller holding the map step and waiting for the instance)."""
+    task = create(conn, "items", {"items": [1, 2]})
+    (fetch, *_), = claim(conn)
+    complete(conn, fetch, {})
+    (a, *_), (b, *_) = claim(conn)
+    complete(conn, a, {})
+    map_step = conn.execute("SELECT workflow_step_id FROM tasker_core.step_state WHERE task_id = %s "
+                            "AND name = 'double' ORDER BY workflow_step_id LIMIT 1", (task,)).fetchone()[0]
+    errors = []
+    with conn.db.connect(autocommit=False) as canceller:
+        # the canceller has the map step (as cancel_task's first locks would) ...
+        canceller.execute("SELECT 1 FROM tasker_workflow_steps WHERE workflow_step_id = %s FOR NO KEY UPDATE",
+                          (map_step,))
+
+        def last():
+            try:
+                with conn.db.connect() as c:
+                    complete(c, b, {"last": True})
+            except psycopg.Error as e:
+                errors.append(e.sqlstate)
+
+        t = threading.Thread(target=last)
+        t.start()
+        # ... the completion of the last instance waits for it ...
+        for _ in range(200):
+            waiting = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                   "AND wait_event_type = 'Lock'").fetchone()[0]
+            if waiting:
+                break
+            conn.execute("SELECT pg_sleep(0.02)")
+        assert waiting
+        # ... holding nothing: the canceller's next lock, the instance, is free
+        canceller.execute("SET lock_timeout = '5s'")
+        canceller.execute("SELECT 1 FROM tasker_workflow_steps WHERE workflow_step_id = %s FOR NO KEY UPDATE", (b,))
+        canceller.rollback()
+        t.join(30)
+    assert errors == []
+    assert states(conn, task)["double"] == ["complete"] * 3
+    (total, name, _, parents), = claim(conn)
+    assert name == "total" and parents["double"] == [{}, {"last": True}]
+    assert_consistent(conn)
