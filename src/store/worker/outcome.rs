@@ -178,7 +178,7 @@ pub(super) fn children_of(client: &SpiClient<'_>, steps: &[i64]) -> Result<Child
         return Ok(Children::default());
     }
     let dynamic = dynamic::installed();
-    let rows: Vec<(i64, bool)> = with_plan(
+    let mut children: Children = with_plan(
         client,
         if dynamic { "worker_children_of_dynamic" } else { "worker_children_of" },
         "",
@@ -197,19 +197,21 @@ pub(super) fn children_of(client: &SpiClient<'_>, steps: &[i64]) -> Result<Child
             .to_owned()
         },
         |stmt| {
-            all_rows(client, stmt, &[steps.to_vec().into()], |row| {
-                Ok((
-                    row.get::<i64>(1)?.unwrap_or_default(),
-                    row.get::<bool>(2)?.unwrap_or_default(),
-                ))
-            })
+            let mut out = Children::default();
+            for row in client.select(stmt, None, &[steps.to_vec().into()])? {
+                let id = row.get::<i64>(1)?.unwrap_or_default();
+                if row.get::<bool>(2)?.unwrap_or_default() {
+                    out.unjudged.push(id);
+                }
+                out.all.push(id);
+            }
+            Ok(out)
         },
     )
     .map_err(spi)?;
-    let mut unjudged: Vec<i64> = rows.iter().filter(|(_, u)| *u).map(|(id, _)| *id).collect();
-    unjudged.sort_unstable();
-    unjudged.dedup();
-    Ok(Children { all: rows.into_iter().map(|(id, _)| id).collect(), unjudged })
+    children.unjudged.sort_unstable();
+    children.unjudged.dedup();
+    Ok(children)
 }
 
 /// A step's failure as its worker reports it: the error (stored under `error` in the step's
