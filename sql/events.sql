@@ -96,12 +96,17 @@ $$;
 CREATE FUNCTION tasker_core._horizon_xid() RETURNS xid8
 LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
     WITH s AS (SELECT pg_current_snapshot() AS snap)
-    SELECT COALESCE(
-        (SELECT min(x) FROM s, pg_snapshot_xip(s.snap) AS x
-          WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-                             WHERE a.backend_xid = xid(x) AND a.datid IS NOT NULL
-                               AND a.datname IS DISTINCT FROM current_database())),
-        (SELECT pg_snapshot_xmax(s.snap) FROM s))
+    SELECT CASE WHEN pg_is_in_recovery()
+        -- On a hot standby a snapshot holds the primary's running transactions among its
+        -- subtransactions (a standby cannot tell them apart), which pg_snapshot_xip does not
+        -- return: its xmin is the horizon there (held back by every database's transactions).
+        THEN (SELECT pg_snapshot_xmin(s.snap) FROM s)
+        ELSE COALESCE(
+            (SELECT min(x) FROM s, pg_snapshot_xip(s.snap) AS x
+              WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                                 WHERE a.backend_xid = xid(x) AND a.datid IS NOT NULL
+                                   AND a.datname IS DISTINCT FROM current_database())),
+            (SELECT pg_snapshot_xmax(s.snap) FROM s)) END
 $$;
 
 -- The position every reader may safely advance to.

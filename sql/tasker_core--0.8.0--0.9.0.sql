@@ -8,6 +8,9 @@
 --   of the ready queue; explain shows the codes dynamic and skipped; task_graph_dot() draws map
 --   instances grouped under their map step and skipped steps dashed; archive_tasks() deletes
 --   the dynamic steps of the tasks it deletes; verify() checks them.
+-- * events_after() and event_horizon() on a hot standby: the horizon is the snapshot's xmin
+--   there (a standby's snapshot lists the primary's running transactions as subtransactions,
+--   which the horizon did not see: a consumer polling a standby could skip events).
 \echo Use "ALTER EXTENSION tasker_core UPDATE TO '0.9.0'" to load this file. \quit
 
 -- The dynamic steps of tasks (a template step with a condition, a map or skip_with): one row
@@ -554,6 +557,22 @@ BEGIN
         $q$, ds);
     END IF;
 END;
+$$;
+
+CREATE OR REPLACE FUNCTION tasker_core._horizon_xid() RETURNS xid8
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+    WITH s AS (SELECT pg_current_snapshot() AS snap)
+    SELECT CASE WHEN pg_is_in_recovery()
+        -- On a hot standby a snapshot holds the primary's running transactions among its
+        -- subtransactions (a standby cannot tell them apart), which pg_snapshot_xip does not
+        -- return: its xmin is the horizon there (held back by every database's transactions).
+        THEN (SELECT pg_snapshot_xmin(s.snap) FROM s)
+        ELSE COALESCE(
+            (SELECT min(x) FROM s, pg_snapshot_xip(s.snap) AS x
+              WHERE NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                                 WHERE a.backend_xid = xid(x) AND a.datid IS NOT NULL
+                                   AND a.datname IS DISTINCT FROM current_database())),
+            (SELECT pg_snapshot_xmax(s.snap) FROM s)) END
 $$;
 
 DO $secdef$
