@@ -63,11 +63,22 @@ fn invalid(step: &str, reason: impl std::fmt::Display) -> TaskerError {
     TaskerError::InvalidTemplate { reason: format!("step {step:?} {reason}") }
 }
 
+/// Whether `name` may be read or named by the step: one of `deps`, or anything when the
+/// dependencies are not checked (`None`: a stored rule, checked when it was registered).
+fn is_dependency(deps: Option<&[String]>, name: &String) -> bool {
+    deps.is_none_or(|d| d.contains(name))
+}
+
 /// Checks that `path` reads the context or one of `deps`.
-fn check_source(step: &str, what: &str, path: &str, deps: &[String]) -> Result<(), TaskerError> {
+fn check_source(
+    step: &str,
+    what: &str,
+    path: &str,
+    deps: Option<&[String]>,
+) -> Result<(), TaskerError> {
     match condition::source(path) {
         Some(Source::Context(_)) => Ok(()),
-        Some(Source::Parent(name, _)) if deps.contains(&name) => Ok(()),
+        Some(Source::Parent(name, _)) if is_dependency(deps, &name) => Ok(()),
         Some(Source::Parent(name, _)) => Err(invalid(
             step,
             format!("{what} reads /parents/{name}, which is not one of its dependencies"),
@@ -86,6 +97,15 @@ impl StepRule {
         step: &str,
         obj: &Map<String, Value>,
         deps: &[String],
+    ) -> Result<Option<StepRule>, TaskerError> {
+        Self::parse_with(step, obj, Some(deps))
+    }
+
+    /// [`StepRule::parse`], the paths and `skip_with` checked against `deps` when given.
+    fn parse_with(
+        step: &str,
+        obj: &Map<String, Value>,
+        deps: Option<&[String]>,
     ) -> Result<Option<StepRule>, TaskerError> {
         let condition = match obj.get("condition") {
             None | Some(Value::Null) => None,
@@ -130,12 +150,12 @@ impl StepRule {
         };
         let skip_with = match obj.get("skip_with") {
             None | Some(Value::Null) | Some(Value::Bool(false)) => Vec::new(),
-            Some(Value::Bool(true)) => deps.to_vec(),
+            Some(Value::Bool(true)) => deps.unwrap_or_default().to_vec(),
             Some(Value::Array(items)) => {
                 let mut names = Vec::with_capacity(items.len());
                 for i in items {
                     match i {
-                        Value::String(n) if deps.contains(n) => {
+                        Value::String(n) if is_dependency(deps, n) => {
                             if !names.contains(n) {
                                 names.push(n.clone())
                             }
@@ -195,27 +215,7 @@ impl StepRule {
         let obj = v.as_object().ok_or_else(|| TaskerError::Internal {
             context: format!("a stored step rule is {}, not an object", kind(v)),
         })?;
-        let deps: Vec<String> = match obj.get("skip_with") {
-            Some(Value::Array(items)) => {
-                items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect()
-            }
-            _ => Vec::new(),
-        };
-        // every parent a path names counts as a dependency here
-        let mut all = deps.clone();
-        let mut paths: Vec<String> = Vec::new();
-        if let Some(c) = obj.get("condition") {
-            paths.extend(Condition::parse(c)?.paths().into_iter().map(str::to_owned));
-        }
-        if let Some(p) = obj.get("map").and_then(|m| m.get("over")).and_then(Value::as_str) {
-            paths.push(p.to_owned());
-        }
-        for p in &paths {
-            if let Some(Source::Parent(name, _)) = condition::source(p) {
-                all.push(name);
-            }
-        }
-        Ok(StepRule::parse("(stored)", obj, &all)?.unwrap_or(StepRule {
+        Ok(StepRule::parse_with("(stored)", obj, None)?.unwrap_or(StepRule {
             condition: None,
             map: None,
             skip_with: Vec::new(),

@@ -472,6 +472,12 @@ fn edge_positions(t: &TaskTemplate, id_at: &[Option<i64>]) -> Vec<(usize, usize)
     out
 }
 
+/// The SQL expression of a new workflow step id of `schema`, from the steps' own sequence.
+pub fn next_step_id(schema: &SchemaName) -> String {
+    let steps = format!("{}.tasker_workflow_steps", schema.quoted()).replace('\'', "''");
+    format!("nextval(pg_catalog.pg_get_serial_sequence('{steps}', 'workflow_step_id'))")
+}
+
 /// Inserts a new task's steps and edges and their maintained rows (`step_state`), all in one
 /// statement, the tracking triggers skipped (`store::maintenance`): the step ids are taken from
 /// the steps' sequence first, so each step's parents and children are known before anything is
@@ -488,13 +494,7 @@ fn insert_steps_direct(
 ) -> Result<Vec<Option<i64>>, TaskerError> {
     let q = schema.quoted();
     // the step ids first, from the steps' sequence
-    let steps = format!("{q}.tasker_workflow_steps").replace('\'', "''");
-    let sql = || {
-        format!(
-            "SELECT nextval(pg_catalog.pg_get_serial_sequence('{steps}', 'workflow_step_id'))
-             FROM generate_series(1, $1)"
-        )
-    };
+    let sql = || format!("SELECT {} FROM generate_series(1, $1)", next_step_id(schema));
     let n = kept.len() as i32;
     let ids: Vec<i64> =
         with_write_plan(client, "create_task_step_ids", schema.as_str(), &[INT4], sql, |stmt| {

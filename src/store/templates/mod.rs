@@ -8,7 +8,7 @@ mod listing;
 mod lookup;
 mod registration;
 
-pub use creation::{create_task, TaskOptions};
+pub use creation::{create_task, next_step_id, TaskOptions};
 pub use listing::{list, Listed};
 pub use lookup::{find, find_for_creation, ForCreation, Stored, TemplateRef};
 pub use registration::{normalized_json, register};

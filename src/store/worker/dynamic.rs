@@ -32,6 +32,26 @@ pub fn note_due() {
     DUE.with(|d| d.set(true));
 }
 
+/// Judges the dynamic steps of `tasks` (ascending, each once), all of them before any task's
+/// lock is taken (see [`super::finalize`]), then finalizes the tasks in that order. `due`:
+/// only when this transaction made a dynamic step due (the worker protocol), else always.
+pub(super) fn advance_and_finalize(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    tasks: &BTreeSet<i64>,
+    due: bool,
+) -> Result<(), TaskerError> {
+    if (!due && installed()) || take_due() {
+        for &task_id in tasks {
+            advance(client, schema, task_id)?;
+        }
+    }
+    for &task_id in tasks {
+        super::finalize(client, schema, task_id)?;
+    }
+    Ok(())
+}
+
 /// Whether this transaction made a dynamic step due since [`advance`] last ran; forgets it.
 pub fn take_due() -> bool {
     DUE.with(|d| d.replace(false))
@@ -123,6 +143,11 @@ pub fn advance(
     }
 }
 
+/// Whether dynamic step `d` (its maintained row `s`) is due: not done, every parent finished,
+/// and still pending (a step an operator resolved or cancelled is left alone).
+const DUE_SQL: &str =
+    "d.phase <> 'done' AND s.blocked_parents = 0 AND (s.state IS NULL OR s.state = 'pending')";
+
 /// The task's dynamic steps not done whose parents have all finished, in id order.
 fn due_steps(client: &SpiClient<'_>, task_id: i64) -> Result<Vec<i64>, TaskerError> {
     with_write_plan(
@@ -131,12 +156,12 @@ fn due_steps(client: &SpiClient<'_>, task_id: i64) -> Result<Vec<i64>, TaskerErr
         "",
         &[INT8],
         || {
-            "SELECT d.workflow_step_id FROM tasker_core.dynamic_steps d
-             JOIN tasker_core.step_state s ON s.workflow_step_id = d.workflow_step_id
-             WHERE d.task_id = $1 AND d.phase <> 'done' AND s.blocked_parents = 0
-               AND (s.state IS NULL OR s.state = 'pending')
-             ORDER BY d.workflow_step_id"
-                .to_owned()
+            format!(
+                "SELECT d.workflow_step_id FROM tasker_core.dynamic_steps d
+                 JOIN tasker_core.step_state s ON s.workflow_step_id = d.workflow_step_id
+                 WHERE d.task_id = $1 AND {DUE_SQL}
+                 ORDER BY d.workflow_step_id"
+            )
         },
         |stmt| {
             all_rows(client, stmt, &[task_id.into()], |r| Ok(r.get::<i64>(1)?.unwrap_or_default()))
@@ -172,12 +197,15 @@ fn judge(
         ("dynamic_judge", step_id),
         |q| {
             format!(
-                "SELECT d.rule, d.phase, COALESCE(t.context, 'null'::jsonb)
+                "SELECT d.rule, d.phase,
+                        -- (the context only for a step to judge: a map step's collection does
+                        -- not read it, and it may hold the whole mapped array)
+                        CASE WHEN d.phase = 'waiting' THEN
+                            (SELECT COALESCE(t.context, 'null'::jsonb) FROM {q}.tasker_tasks t
+                             WHERE t.task_id = d.task_id) END
                  FROM tasker_core.dynamic_steps d
                  JOIN tasker_core.step_state s ON s.workflow_step_id = d.workflow_step_id
-                 JOIN {q}.tasker_tasks t ON t.task_id = d.task_id
-                 WHERE d.workflow_step_id = $1 AND d.phase <> 'done' AND s.blocked_parents = 0
-                   AND (s.state IS NULL OR s.state = 'pending')
+                 WHERE d.workflow_step_id = $1 AND {DUE_SQL}
                  FOR UPDATE OF d"
             )
         },
@@ -300,7 +328,7 @@ fn expand(
     items: &[Value],
 ) -> Result<(), TaskerError> {
     let q = schema.quoted();
-    let steps = format!("{q}.tasker_workflow_steps").replace('\'', "''");
+    let next_id = crate::store::templates::next_step_id(schema);
     let _direct = crate::store::maintenance::Direct::begin();
     with_write_plan(
         client,
@@ -310,7 +338,7 @@ fn expand(
         || {
             format!(
                 "WITH i AS MATERIALIZED (
-                     SELECT nextval(pg_catalog.pg_get_serial_sequence('{steps}', 'workflow_step_id')) AS id,
+                     SELECT {next_id} AS id,
                             e.elem, (e.ord - 1)::integer AS idx
                      FROM jsonb_array_elements($3) WITH ORDINALITY AS e(elem, ord)),
                  m AS (SELECT ws.named_step_id, ws.retryable, ws.retry_limit, ws.skippable,
@@ -369,13 +397,15 @@ fn complete_map(
 ) -> Result<(), TaskerError> {
     let start = JsonB(json!({ "map": "completing" }));
     transitions::transition_without_guard(schema, Step, step_id, State::InProgress, &start)?;
-    // (the steps' maintained rows are written by the statement: the row trigger skips it)
-    let direct = crate::store::maintenance::Direct::begin();
-    let n = per_step(
+    let q = schema.quoted();
+    let n = step_update(
         client,
         schema,
-        ("dynamic_collect", step_id),
-        |q| {
+        true,
+        "dynamic_collect",
+        "dynamic_collect",
+        &[INT8],
+        |_| {
             let update = format!(
                 "UPDATE {q}.tasker_workflow_steps w
                     SET results = r.results, processed = true, processed_at = {NOW},
@@ -397,10 +427,9 @@ fn complete_map(
                 mirrored(&update, "")
             )
         },
-        |stmt, id| one_value::<i64>(client, stmt, &[id.into()]),
+        |stmt| one_value::<i64>(client, stmt, &[step_id.into()]),
     )?
     .unwrap_or_default();
-    drop(direct);
     let meta = JsonB(json!({ "map": { "instances": n } }));
     transition(schema, Step, step_id, State::Complete, &meta, Some(State::InProgress))?;
     finish(client, step_id, false)

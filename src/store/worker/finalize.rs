@@ -64,9 +64,7 @@ pub fn finalize(
 ) -> Result<&'static str, TaskerError> {
     // Dynamic steps whose parents have all finished are judged first, before the task's
     // lock is taken (judging one locks step rows, whose holders may wait for that lock).
-    if dynamic::installed() {
-        dynamic::advance_if_due(client, schema, task_id)?;
-    }
+    dynamic::advance_if_due(client, schema, task_id)?;
     // Finalizers of one task take turns, and each counts with a snapshot taken after its
     // turn came: two workers finishing the last two steps at once cannot both see the
     // other's step still running.
@@ -189,19 +187,11 @@ pub fn finalize_task(schema: &SchemaName, task_id: i64) -> Result<&'static str, 
 /// Judges the dynamic steps of `tasks` whose parents have all finished, all of them before any
 /// task's lock is taken (see [`finalize`]), then finalizes the tasks in id order. Returns how
 /// many it finalized.
-pub fn advance_tasks(schema: &SchemaName, mut tasks: Vec<i64>) -> Result<i32, TaskerError> {
-    tasks.sort_unstable();
-    tasks.dedup();
+pub fn advance_tasks(schema: &SchemaName, tasks: Vec<i64>) -> Result<i32, TaskerError> {
+    let tasks: BTreeSet<i64> = tasks.into_iter().collect();
     Spi::connect_mut(|client| {
         require_tracked(client, schema)?;
-        if dynamic::installed() {
-            for &task_id in &tasks {
-                dynamic::advance(client, schema, task_id)?;
-            }
-        }
-        for &task_id in &tasks {
-            finalize(client, schema, task_id)?;
-        }
+        dynamic::advance_and_finalize(client, schema, &tasks, false)?;
         Ok(tasks.len() as i32)
     })
 }

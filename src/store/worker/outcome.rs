@@ -115,16 +115,7 @@ pub(super) fn record_outcomes(
                 Err(e) => return Err(e),
             }
         }
-        // (every task's dynamic steps judged before the first task's lock is taken: see
-        // finalize)
-        if dynamic::installed() && dynamic::take_due() {
-            for &task_id in &tasks {
-                dynamic::advance(client, schema, task_id)?;
-            }
-        }
-        for task_id in tasks {
-            finalize(client, schema, task_id)?;
-        }
+        dynamic::advance_and_finalize(client, schema, &tasks, true)?;
         Ok(out)
     }
 }
@@ -178,7 +169,7 @@ pub(super) fn children_of(client: &SpiClient<'_>, steps: &[i64]) -> Result<Child
         return Ok(Children::default());
     }
     let dynamic = dynamic::installed();
-    let mut children: Children = with_plan(
+    with_plan(
         client,
         if dynamic { "worker_children_of_dynamic" } else { "worker_children_of" },
         "",
@@ -208,10 +199,7 @@ pub(super) fn children_of(client: &SpiClient<'_>, steps: &[i64]) -> Result<Child
             Ok(out)
         },
     )
-    .map_err(spi)?;
-    children.unjudged.sort_unstable();
-    children.unjudged.dedup();
-    Ok(children)
+    .map_err(spi)
 }
 
 /// A step's failure as its worker reports it: the error (stored under `error` in the step's
