@@ -7,6 +7,8 @@ source "$(dirname "$0")/lib.sh"
 
 wanted=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang ruby ruby-activerecord ruby-pg)
 wanted+=(postgresql-$PG_MAJOR-cron)                  # the recurring-task recipe's test runs the real pg_cron
+wanted+=(postgresql-$PG_MAJOR-auto-failover pg-auto-failover-cli)  # the failover test (docs/scaling.md)
+wanted+=(postgresql-$PG_MAJOR-plproxy)               # the sharding test and bench (docs/scaling.md)
 is_root && wanted+=(sudo)
 wanted+=(graphviz)                                   # the demo draws its DAG with dot
 command -v node >/dev/null || wanted+=(nodejs npm)   # the Node client and its tests

@@ -13,6 +13,17 @@ const pg = require('pg');
 
 const READY_CHANNEL = 'tasker_ready';
 const LEASE_LOST = 'TK030';
+// errors of a connection rather than of a statement: socket errors, connection exceptions
+// (class 08), the server shutting down or not yet accepting (57P0x), a read-only server
+const SOCKET_ERRORS = new Set(['ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH']);
+
+/** True when an error says the connection failed, not the statement: what it did is unknown. */
+function connectionLost(err) {
+  const code = err && err.code;
+  if (typeof code === 'string' && (SOCKET_ERRORS.has(code) || code.startsWith('08')
+    || ['57P01', '57P02', '57P03', '25006'].includes(code))) return true;
+  return /Connection terminated|connection error|timeout exceeded when trying to connect|not queryable/i.test(err?.message ?? '');
+}
 
 /** A failure worth retrying; `retryAfter` (seconds) overrides the database's backoff. */
 class RetryableError extends Error {
@@ -493,28 +504,36 @@ class Worker extends EventEmitter {
       this.#reserved += free;
       try {
         let rows;
-        if (this.#combined) {
-          const trace = free > 0 && this.traceparent ? (this.traceparent() ?? null) : null;
-          ({ rows } = await this.pool.query(
-            "SELECT r.*, CASE WHEN r.outcome = 'claimed' THEN tasker_core.task_traceparent(r.task_id) END AS traceparent " +
-              'FROM tasker_core.report_and_claim($1, $2::jsonb, $3::text[], $4, $5, $6) r',
-            [this.workerId, `[${items.join(',')}]`, this.namespaces, free, this.leaseSeconds, trace],
-          ));
-          for (const r of rows) if (r.outcome === 'claimed') this.#launch(toStep(r));
-        } else {
-          ({ rows } = await this.pool.query(
-            'SELECT workflow_step_id, outcome, backoff_seconds FROM tasker_core.report_steps($1, $2::jsonb)',
-            [this.workerId, `[${items.join(',')}]`],
-          ));
-        }
+        const resent = await this.#resending(`recording ${batch.length} outcomes`, async () => {
+          if (this.#combined) {
+            const trace = free > 0 && this.traceparent ? (this.traceparent() ?? null) : null;
+            ({ rows } = await this.pool.query(
+              "SELECT r.*, CASE WHEN r.outcome = 'claimed' THEN tasker_core.task_traceparent(r.task_id) END AS traceparent " +
+                'FROM tasker_core.report_and_claim($1, $2::jsonb, $3::text[], $4, $5, $6) r',
+              [this.workerId, `[${items.join(',')}]`, this.namespaces, free, this.leaseSeconds, trace],
+            ));
+            for (const r of rows) if (r.outcome === 'claimed') this.#launch(toStep(r));
+          } else {
+            ({ rows } = await this.pool.query(
+              'SELECT workflow_step_id, outcome, backoff_seconds FROM tasker_core.report_steps($1, $2::jsonb)',
+              [this.workerId, `[${items.join(',')}]`],
+            ));
+          }
+        });
         const byId = new Map(rows.filter((r) => r.outcome !== 'claimed').map((r) => [Number(r.workflow_step_id), r]));
         for (const o of batch) {
           const r = byId.get(o.stepId);
-          if (r.outcome === 'lease_lost') o.reject(Object.assign(new Error(`step ${o.stepId} is no longer held by ${this.workerId}`), { code: LEASE_LOST }));
+          if (r.outcome === 'lease_lost' && resent) this.#noLongerHeld(o);
+          else if (r.outcome === 'lease_lost') o.reject(Object.assign(new Error(`step ${o.stepId} is no longer held by ${this.workerId}`), { code: LEASE_LOST }));
           else o.resolve({ backoff: r.backoff_seconds });
         }
         return;
       } catch (err) {
+        if (connectionLost(err)) {
+          this.log.error(`recording ${batch.length} outcomes gave up (${err.message}): their steps run again when the leases expire`);
+          for (const o of batch) o.reject(err);
+          return;
+        }
         // the whole batch was refused: one by one, so that one bad outcome does not hold back the rest
         this.log.warn(`recording ${batch.length} outcomes failed (${err.message}); recording them one by one`);
       } finally {
@@ -525,20 +544,56 @@ class Worker extends EventEmitter {
   }
 
   async #recordOne(o) {
+    let resent = false;
     try {
-      if (o.error === undefined) {
-        await this.pool.query('SELECT tasker_core.complete_step($1, $2, $3::jsonb)', [o.stepId, this.workerId, o.results]);
-        o.resolve({ backoff: null });
-      } else {
-        const { rows } = await this.pool.query(
-          'SELECT tasker_core.fail_step($1, $2, $3::jsonb, $4, $5) AS backoff',
-          [o.stepId, this.workerId, o.error, o.retryable, o.retryAfter],
-        );
-        o.resolve({ backoff: rows[0].backoff });
-      }
+      resent = await this.#resending(`step ${o.stepId}: recording the outcome`, async () => {
+        if (o.error === undefined) {
+          await this.pool.query('SELECT tasker_core.complete_step($1, $2, $3::jsonb)', [o.stepId, this.workerId, o.results]);
+          o.resolve({ backoff: null });
+        } else {
+          const { rows } = await this.pool.query(
+            'SELECT tasker_core.fail_step($1, $2, $3::jsonb, $4, $5) AS backoff',
+            [o.stepId, this.workerId, o.error, o.retryable, o.retryAfter],
+          );
+          o.resolve({ backoff: rows[0].backoff });
+        }
+      }, (r) => { resent = r; });
     } catch (err) {
-      o.reject(err);
+      if (err.code === LEASE_LOST && resent) this.#noLongerHeld(o);
+      else o.reject(err);
     }
+  }
+
+  /**
+   * Runs `send` until it settles. A lost connection (a failover, a restart) leaves the outcome
+   * of the call unknown: it is sent again on a new connection after a short pause, for up to
+   * twice the lease (a minute at least); any other error is thrown. Sending an
+   * outcome again is safe: the server applies it only while this worker holds the step's lease
+   * and recording it ends the lease, so a second send of a recorded outcome finds the step no
+   * longer held and changes nothing. Resolves with true when it had to send again.
+   */
+  async #resending(what, send, onResend = () => {}) {
+    const giveUp = Date.now() + Math.max(60_000, 2_000 * this.leaseSeconds);
+    let resent = false;
+    for (;;) {
+      try {
+        await send();
+        return resent;
+      } catch (err) {
+        if (!connectionLost(err) || Date.now() >= giveUp) throw err;
+        this.log.warn(`${what}: connection lost (${err.message}); sending again`);
+        resent = true;
+        onResend(true);
+        await new Promise((r) => setTimeout(r, Math.min(1000, this.pollIntervalMs)));
+      }
+    }
+  }
+
+  /** A resent outcome found its step no longer held: recorded by the first send, or the lease passed on. */
+  #noLongerHeld(o) {
+    this.log.info(`step ${o.stepId}: outcome sent again after a lost connection; the step is no longer held `
+      + '(recorded by the first send, or its lease passed on)');
+    o.resolve({ backoff: null, noLongerHeld: true });
   }
 
   async #heartbeat(entry) {

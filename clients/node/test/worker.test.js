@@ -294,6 +294,40 @@ test('a lost lease (TK030 on complete) is logged and skipped; the worker goes on
   });
 });
 
+for (const lost of ['before the commit', 'after the commit']) {
+  test(`an outcome whose connection was lost ${lost} is sent again and applied once`, async () => {
+    await withDatabase(async (t) => {
+      await t.template(single('lossy', 'Once'));
+      const w = t.worker({ namespaces: ['lossy'], pollIntervalMs: 200 });
+      const runs = [];
+      w.register('Once', async (step) => { runs.push(step.stepId); return { ok: true }; });
+      // the pool's connection breaks once while the outcome is being recorded (a failover):
+      // the worker cannot tell whether the commit happened
+      const query = w.pool.query.bind(w.pool);
+      let broken = false;
+      w.pool.query = async (sql, params) => {
+        if (!broken && /FROM tasker_core\.report_/.test(sql)) {
+          broken = true;
+          if (lost === 'after the commit') await query(sql, params);
+          throw new Error('Connection terminated unexpectedly');
+        }
+        return query(sql, params);
+      };
+      const task = await t.task('lossy', 'single');
+      await w.start();
+      assert.equal(await t.waitForTask(task), 'complete');
+      await w.stop(); // after the outcome's second send (the first may have completed the task)
+      assert.ok(broken);
+      assert.ok(w.logs.some((m) => /connection lost .*sending again/.test(m)), w.logs.join('\n'));
+      assert.equal(w.logs.some((m) => /no longer held/.test(m)), lost === 'after the commit', w.logs.join('\n'));
+      const step = await t.step(task, 'only');
+      assert.deepEqual(runs, [step.id]);
+      assert.equal(step.attempts, 1);
+      assert.deepEqual(edges(await t.transitions(step.id)), ['pending->in_progress', 'in_progress->complete']);
+    });
+  });
+}
+
 test('a lease lost while the handler runs is noticed by the heartbeat: step.signal aborts, nothing is reported', async () => {
   await withDatabase(async (t) => {
     await t.template(single('lost', 'Waits'));

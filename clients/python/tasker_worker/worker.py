@@ -14,6 +14,14 @@ tasker_core before 0.6.0, `report_steps`), and each claimed
 step runs in its own daemon thread. Claims, reports and heartbeats take connections from a
 pool (`psycopg_pool`). The claim loop sleeps on a pipe that wake-ups, finished steps and
 signals write to: the signal handler only writes a byte, so it can never deadlock the loop.
+
+A connection lost in the middle of recording outcomes (a failover, a restart) leaves their fate
+unknown: the commit may or may not have happened. The reporter sends them again on a new
+connection until the server answers. That is safe because the server applies an outcome only
+while this worker holds the step's lease and recording it ends the lease: a second send of an
+outcome that was recorded finds the step no longer held (`lease_lost`) and changes nothing. A
+claim lost the same way is simply made again; steps it may have taken wait for their lease to
+expire and run then.
 """
 from __future__ import annotations
 
@@ -33,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 log = logging.getLogger("tasker_worker")
 
@@ -153,6 +161,18 @@ def _error(exc: BaseException, error_class: Optional[str] = None) -> str:
         "error_class": error_class or name,
         "traceback": tb[-TRACEBACK_CHARS:],
     })
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """True when an error says the connection failed, not the statement: no connection could be
+    had, it broke, or the server is shutting down or read-only (a failover under way). What the
+    statement did is unknown then."""
+    if isinstance(exc, PoolTimeout):
+        return True
+    state = _sqlstate(exc)
+    if state is None:
+        return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+    return state.startswith("08") or state in ("57P01", "57P02", "57P03", "25006")
 
 
 def _sqlstate(exc: BaseException) -> Optional[str]:
@@ -409,21 +429,46 @@ class Worker:
                     self._cv.notify_all()
                 self._poke()
 
+    def _resending(self, what: str, send: Callable[[bool], None]) -> None:
+        """Calls `send(resent)` until it returns. A lost connection leaves the outcome of the call
+        unknown: it is sent again (resent=True) on a new connection after a short pause, for up
+        to twice the lease (by then the steps' leases have expired and they run again anyway) or
+        until a second signal forces the worker to stop. Any other error is raised."""
+        give_up = time.monotonic() + max(60.0, 2.0 * self.lease_seconds)
+        resent = False
+        while True:
+            try:
+                return send(resent)
+            except Exception as e:
+                if not _connection_lost(e) or self._forced() or time.monotonic() >= give_up:
+                    raise
+                log.warning("%s: connection lost (%s); sending again", what, str(e).strip() or type(e).__name__)
+                resent = True
+                time.sleep(min(1.0, self.poll_interval))
+
     def _record(self, batch: List[tuple]) -> None:
         if self._batched:
-            free = self._reserve(len(batch)) if self._combined else 0
+            def send(resent: bool) -> None:
+                free = self._reserve(len(batch)) if self._combined else 0
+                try:
+                    self._record_batch(batch, free, resent)
+                finally:
+                    if free:
+                        self._unreserve(free)
             try:
-                self._record_batch(batch, free)
+                self._resending(f"recording {len(batch)} outcomes", send)
                 return
-            except Exception as e:  # the whole batch was refused: one by one, so one bad outcome
+            except Exception as e:
+                if _connection_lost(e):
+                    log.error("recording %d outcomes gave up (%s): their steps run again when the leases expire",
+                              len(batch), e)
+                    return
+                # the whole batch was refused: one by one, so one bad outcome holds back no other
                 log.warning("recording %d outcomes failed (%s); recording them one by one", len(batch), e)
-            finally:
-                if free:
-                    self._unreserve(free)
         for ex, o in batch:
             self._record_one(ex.step, o)
 
-    def _record_batch(self, batch: List[tuple], free: int) -> None:
+    def _record_batch(self, batch: List[tuple], free: int, resent: bool = False) -> None:
         """One transaction: the outcomes, and with `free` slots the next steps (claimed in it)."""
         items = []
         for ex, o in batch:
@@ -437,7 +482,7 @@ class Worker:
         by_id = {ex.step.step_id: ex for ex, _ in batch}
         if not self._combined:
             for step_id, outcome, backoff in self._sql(REPORT_SQL, (self.worker_id, outcomes)):
-                self._recorded(by_id[step_id].step, outcome, backoff)
+                self._recorded(by_id[step_id].step, outcome, backoff, resent)
             return
         tp = (self.traceparent() if self.traceparent else None) if free else None
         rows = self._sql(REPORT_CLAIM_SQL, (self.worker_id, outcomes, self.namespaces, free,
@@ -447,27 +492,31 @@ class Worker:
             if r[0] == "claimed":
                 claimed.append((r[3], r[1]) + tuple(r[4:]))
             else:
-                self._recorded(by_id[r[1]].step, r[0], r[2])
+                self._recorded(by_id[r[1]].step, r[0], r[2], resent)
         self._start(claimed)
 
     def _record_one(self, step: Step, outcome: _Outcome) -> None:
+        def send(resent: bool) -> None:
+            try:
+                if outcome.ok:
+                    self._sql("SELECT tasker_core.complete_step(%s, %s, %s::jsonb)",
+                              (step.step_id, self.worker_id, outcome.payload))
+                    self._recorded(step, "completed", None)
+                else:
+                    backoff = self._sql("SELECT tasker_core.fail_step(%s, %s, %s::jsonb, %s, %s)",
+                                        (step.step_id, self.worker_id, outcome.payload,
+                                         outcome.retryable, outcome.retry_after))[0][0]
+                    self._recorded(step, "failed", backoff)
+            except Exception as e:
+                if _sqlstate(e) != LEASE_LOST:
+                    raise
+                self._recorded(step, "lease_lost", None, resent)
         try:
-            if outcome.ok:
-                self._sql("SELECT tasker_core.complete_step(%s, %s, %s::jsonb)",
-                          (step.step_id, self.worker_id, outcome.payload))
-                self._recorded(step, "completed", None)
-            else:
-                backoff = self._sql("SELECT tasker_core.fail_step(%s, %s, %s::jsonb, %s, %s)",
-                                    (step.step_id, self.worker_id, outcome.payload,
-                                     outcome.retryable, outcome.retry_after))[0][0]
-                self._recorded(step, "failed", backoff)
+            self._resending(f"step {step.step_id}: recording the outcome", send)
         except Exception as e:
-            if _sqlstate(e) == LEASE_LOST:
-                self._recorded(step, "lease_lost", None)
-            else:
-                log.error("step %s: recording the outcome failed: %s", step.step_id, e)
+            log.error("step %s: recording the outcome failed: %s", step.step_id, e)
 
-    def _recorded(self, step: Step, outcome: str, backoff: Optional[int]) -> None:
+    def _recorded(self, step: Step, outcome: str, backoff: Optional[int], resent: bool = False) -> None:
         if outcome == "completed":
             log.debug("step %s (%s) complete", step.step_id, step.handler_class)
         elif outcome == "failed":
@@ -476,6 +525,11 @@ class Worker:
             if backoff is not None:  # wake up for the retry without waiting for a poll
                 with self._cv:
                     heapq.heappush(self._retry_at, time.monotonic() + backoff + 0.05)
+        elif resent:
+            # the first send was recorded (it ended the lease), or the lease expired and the step
+            # passed on: either way this send changed nothing
+            log.info("step %s: outcome sent again after a lost connection; the step is no longer "
+                     "held (recorded by the first send, or its lease passed on)", step.step_id)
         else:
             log.warning("step %s: lease lost, outcome dropped", step.step_id)
 
@@ -567,9 +621,30 @@ class Worker:
                                             kwargs={"autocommit": True}, open=True,
                                             name=f"{self.worker_id}-pool")
             pool = self._pool
-        with pool.connection() as conn:  # a broken connection is discarded by the pool
-            cur = conn.execute(query, params)
-            return cur.fetchall() if cur.description else []
+        try:
+            # a broken connection is discarded by the pool; waiting for one is bounded, so a
+            # lost server shows as PoolTimeout (a lost connection) instead of a stall
+            with pool.connection(timeout=max(5.0, self.poll_interval)) as conn:
+                cur = conn.execute(query, params)
+                return cur.fetchall() if cur.description else []
+        except Exception as e:
+            if _connection_lost(e):
+                self._drop_pool(pool)
+            raise
+
+    def _drop_pool(self, pool: ConnectionPool) -> None:
+        """Replaces a pool whose server went away (a failover, a restart): its other connections
+        are as dead as the one that failed, and it would reconnect with a growing backoff (1 s,
+        2 s, 4 s...), long after a promoted standby took over. The next call makes a new pool,
+        which connects at once (and, with a multi-host connection string, to the new primary)."""
+        with self._pool_lock:
+            if self._pool is not pool:
+                return
+            self._pool = None
+        try:
+            pool.close(timeout=0)
+        except Exception:
+            pass
 
     @staticmethod
     def _close(conn: Optional[psycopg.Connection]) -> None:

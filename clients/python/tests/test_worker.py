@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from conftest import PACKAGE_ROOT, running
@@ -242,6 +243,41 @@ def test_a_lost_lease_is_logged_and_the_worker_goes_on(db, caplog):
     assert attempts == 2 and results == {"attempt": 2}
     reasons = [m.get("reason") for _, to, m in db.transitions(step_id) if to == "error"]
     assert reasons == ["lease_expired"]
+
+
+@pytest.mark.parametrize("lost", ["before the commit", "after the commit"])
+def test_an_outcome_whose_connection_was_lost_is_sent_again_and_applied_once(db, caplog, lost):
+    """The connection breaks while an outcome is being recorded (a failover): before the
+    commit, or after it with the answer lost. Either way the worker cannot know which; it sends
+    the outcome again on a new connection, and the step is completed exactly once."""
+    t = template("lossy", [("only", "Lossy::Only", [])])
+    db.register(t)
+    task_id = db.create_task(t)
+    w = Worker(db.conninfo, worker_id="w-lossy", poll_interval=0.2)
+    runs = []
+    w.handler("Lossy::Only")(lambda step: runs.append(step.step_id) or {"ok": True})
+    real, broken = w._sql, []
+
+    def lossy(query, params=None):
+        if "report_" in query and not broken:
+            broken.append(query)
+            if lost == "after the commit":
+                real(query, params)
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return real(query, params)
+    w._sql = lossy
+
+    with caplog.at_level(logging.INFO, logger="tasker_worker"):
+        with running(w):
+            assert db.wait_task(task_id) == "complete"
+    messages = [r.getMessage() for r in caplog.records]
+    assert broken and any("connection lost" in m and "sending again" in m for m in messages), messages
+    resent_found_it_done = any("no longer held" in m for m in messages)
+    assert resent_found_it_done == (lost == "after the commit"), messages
+    assert not any("lease lost, outcome dropped" in m for m in messages)
+    step_id, attempts, _, results = db.step(task_id, "only")
+    assert runs == [step_id] and attempts == 1 and results == {"ok": True}
+    assert [to for _, to, _ in db.transitions(step_id)].count("complete") == 1
 
 
 @pytest.mark.parametrize("case", ["finishes", "releases"])

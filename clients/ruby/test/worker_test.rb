@@ -215,6 +215,41 @@ class WorkerTest < Minitest::Test
     assert_match(/outcome not recorded, lease lost: .*step #{steps["a"]["workflow_step_id"]}/, log_io.string)
   end
 
+  # Loses the connection once while recording outcomes: before the commit, or after it with the
+  # answer lost (a failover), which the worker cannot tell apart.
+  class LossyWorker < TaskerCore::Worker
+    attr_accessor :lose
+
+    private def record_and_claim(batch, items)
+      if (mode = lose)
+        self.lose = nil
+        super if mode == :after_commit
+        raise ActiveRecord::ConnectionNotEstablished, "server closed the connection unexpectedly"
+      end
+      super
+    end
+  end
+
+  def test_an_outcome_whose_connection_was_lost_is_sent_again_and_applied_once
+    name = template("lossy", [["only", "PlainHandler"]])
+    %i[before_commit after_commit].each do |mode|
+      log_io.truncate(0)
+      log_io.rewind
+      task_id = TaskerCore.create_task(namespace, name, {})
+      w = LossyWorker.new(namespaces: [namespace], logger: Logger.new(log_io), poll_interval: 0.2)
+      w.lose = mode
+      run_until(w) { finished?(task_id) }
+
+      assert_equal "complete", TaskerCore.task_status(task_id), mode
+      assert_nil w.lose, "#{mode}: the loss happened"
+      assert_match(/recording 1 outcomes: connection lost .*; sending again/, log_io.string)
+      assert_equal mode == :after_commit, log_io.string.include?("no longer held"), "#{mode}: #{log_io.string}"
+      step = steps_of(task_id)["only"]
+      assert_equal 1, step["attempts"]
+      assert_equal %w[pending>in_progress in_progress>complete], states(step["workflow_step_id"]), mode
+    end
+  end
+
   def test_a_listening_worker_picks_up_a_new_task_well_before_its_poll_interval
     name = template("wake", [["only", "PlainHandler"]])
     w = worker(poll_interval: 30)

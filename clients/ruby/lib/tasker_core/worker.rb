@@ -22,6 +22,9 @@ module TaskerCore
   # needs concurrency + 3 connections. The LISTEN connection is a separate PG::Connection.
   class Worker
     CHANNEL = "tasker_ready"
+    # SQLSTATEs (and classes) of a connection that failed rather than a statement: connection
+    # exceptions, the server shutting down or not yet accepting, a read-only server
+    CONNECTION_LOST = %w[08 57P01 57P02 57P03 25006].freeze
     Running = Struct.new(:step, :thread, :reporting, :killed)
 
     attr_reader :worker_id, :concurrency
@@ -263,6 +266,9 @@ module TaskerCore
         end
       when :lease_lost
         log(:warn, "step #{step.step_id}: outcome not recorded, lease lost#{detail && ": #{detail}"}")
+      when :no_longer_held # a resend after a lost connection: recorded by the first send, or the lease passed on
+        log(:info, "step #{step.step_id}: outcome sent again after a lost connection; the step is no longer held " \
+                   "(recorded by the first send, or its lease passed on)")
       else
         log(:error, "step #{step.step_id}: recording the outcome failed: #{detail}")
       end
@@ -272,23 +278,55 @@ module TaskerCore
       [!value.is_a?(PermanentError), (value.retry_after if value.is_a?(RetryableError))]
     end
 
-    # Records one outcome on its own: [:completed], [:failed, backoff or nil], [:lease_lost, why].
+    # Records one outcome on its own: [:completed], [:failed, backoff or nil], [:lease_lost, why]
+    # ([:no_longer_held] when it was sent again after a lost connection).
     def record_one(step, kind, value)
-      wrapped do
-        TaskerCore.record_class.connection_pool.with_connection do
-          if kind == :complete
-            SQL.complete_step(step.step_id, @worker_id, value)
-            [:completed]
-          else
-            retryable, retry_after = failure_args(value)
-            [:failed, SQL.fail_step(step.step_id, @worker_id, error_json(value), retryable: retryable, retry_after: retry_after)]
+      resending("step #{step.step_id}: recording the outcome") do |resent|
+        wrapped do
+          TaskerCore.record_class.connection_pool.with_connection do
+            if kind == :complete
+              SQL.complete_step(step.step_id, @worker_id, value)
+              [:completed]
+            else
+              retryable, retry_after = failure_args(value)
+              [:failed, SQL.fail_step(step.step_id, @worker_id, error_json(value), retryable: retryable, retry_after: retry_after)]
+            end
           end
         end
+      rescue LeaseLost => e
+        resent ? [:no_longer_held] : [:lease_lost, e.message]
       end
-    rescue LeaseLost => e
-      [:lease_lost, e.message]
     rescue StandardError => e
       [:error, brief(e)]
+    end
+
+    # Yields (resent) until the block returns. A lost connection (a failover, a restart) leaves
+    # the call's outcome unknown: the block runs again on a new connection (resent = true) after
+    # a short pause, for up to twice the lease or until the worker is forced to stop; any other
+    # error is raised. Sending an outcome again is safe: the server applies it only while this
+    # worker holds the step's lease and recording it ends the lease, so a second send of a
+    # recorded outcome finds the step no longer held and changes nothing.
+    def resending(what)
+      give_up = now + [60.0, 2.0 * @lease_seconds].max
+      resent = false
+      begin
+        yield resent
+      rescue StandardError => e
+        raise unless connection_lost?(e) && !@force && now < give_up
+
+        log(:warn, "#{what}: connection lost (#{brief(e)}); sending again")
+        resent = true
+        sleep([1.0, @poll_interval].min)
+        retry
+      end
+    end
+
+    # The error says the connection failed, not the statement: none could be had, it broke, or
+    # the server is shutting down or read-only (a failover under way).
+    def connection_lost?(error)
+      [error, error.cause].any? do |e|
+        e.is_a?(ActiveRecord::ConnectionNotEstablished) || e.is_a?(PG::ConnectionBad) || e.is_a?(PG::UnableToSend)
+      end || CONNECTION_LOST.any? { |state| SQL.sqlstate(error)&.start_with?(state) }
     end
 
     # Hands the outcome to the reporter thread and waits until it is recorded.
@@ -323,14 +361,24 @@ module TaskerCore
         { "step_id" => step.step_id, "error" => error_json(value), "retryable" => retryable,
           "retry_after_seconds" => retry_after&.ceil }
       end
-      rows = wrapped { TaskerCore.record_class.connection_pool.with_connection { record_and_claim(batch, items) } }
+      resent = false
+      rows = resending("recording #{batch.size} outcomes") do |again|
+        resent = again
+        wrapped { TaskerCore.record_class.connection_pool.with_connection { record_and_claim(batch, items) } }
+      end
       by_id = rows.to_h { |r| [r["workflow_step_id"], r] }
       batch.each do |step, _, _, reply|
         row = by_id.fetch(step.step_id)
         outcome = row["outcome"].to_sym
+        outcome = :no_longer_held if outcome == :lease_lost && resent
         reply << [outcome, outcome == :lease_lost ? "#{@worker_id} no longer holds step #{step.step_id}" : row["backoff_seconds"]]
       end
-    rescue StandardError => e # refused as a whole: one by one, so one bad outcome holds back no other
+    rescue StandardError => e
+      if connection_lost?(e)
+        log(:error, "recording #{batch.size} outcomes gave up (#{brief(e)}): their steps run again when the leases expire")
+        return batch.each { |_, _, _, reply| reply << [:error, brief(e)] }
+      end
+      # refused as a whole: one by one, so one bad outcome holds back no other
       log(:warn, "recording #{batch.size} outcomes failed (#{brief(e)}); recording them one by one")
       batch.each { |step, kind, value, reply| reply << record_one(step, kind, value) }
     end
