@@ -1,7 +1,7 @@
 # tasker_core — the two set-up commands are `make demo` and `make test`.
 # Both install whatever is missing first (Debian packages, cargo-pgrx, pgrx init, test clients).
 
-.PHONY: demo test bench prereqs install test-core test-fuzz test-pg test-integration cluster-start cluster-stop fmt lint clean-cluster
+.PHONY: demo test bench prereqs install test-core test-fuzz test-pg test-integration test-failover test-replica test-sharding bench-shards cluster-start cluster-stop fmt lint clean-cluster
 
 demo:
 	@scripts/demo.sh
@@ -29,6 +29,19 @@ test-pg: prereqs
 
 test-integration: prereqs
 	@scripts/test.sh integration
+
+# beyond one machine (docs/scaling.md); make test runs the three tests too
+test-failover:
+	@scripts/scaling.sh failover
+
+test-replica:
+	@scripts/scaling.sh replica
+
+test-sharding:
+	@scripts/scaling.sh sharding
+
+bench-shards:
+	@scripts/scaling.sh bench
 
 cluster-start:
 	@scripts/cluster.sh start

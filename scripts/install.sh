@@ -14,7 +14,8 @@ is_root || args+=(--sudo)
 PG_CONFIG="$(command -v pg_config)"
 lib="$("$PG_CONFIG" --pkglibdir)/tasker_core.so"
 stamp="$ROOT/target/.install-stamp"
-sources="$(find Cargo.toml Cargo.lock tasker_core.control src crates sql -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-64)"
+# (sql/plproxy is the PL/Proxy router's SQL, not part of the extension)
+sources="$(find Cargo.toml Cargo.lock tasker_core.control src crates sql -type f -not -path 'sql/plproxy/*' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-64)"
 installed="$( [ -f "$lib" ] && sha256sum "$lib" | cut -c1-64 || echo none)"
 want="$sources $profile $installed"
 

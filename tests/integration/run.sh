@@ -4,6 +4,7 @@
 # Starts (or reuses) the throwaway cluster with tasker_core installed, then runs every test
 # under tests/integration/:
 #   python/test_*.py     pytest + psycopg (fixtures in python/conftest.py)
+#   ../scaling/test_*.py pg_auto_failover and PL/Proxy on clusters of their own (once)
 #   ruby/*_test.rb       plain Ruby (ActiveRecord, pg) — each file is one program, exit 0 = pass
 #   node/*.test.js       node --test, with `pg` from target/node
 #   clients/{python,node,ruby}  the worker clients' own test suites
@@ -33,6 +34,10 @@ run "python (pytest)" "$ROOT/target/venv/bin/pytest" -q -p no:cacheprovider "$HE
 # and again with the exact Rails index set in every database install_schema() creates
 run "python (pytest), Rails index profile" env TASKER_INDEX_PROFILE=rails \
     "$ROOT/target/venv/bin/pytest" -q -p no:cacheprovider "$HERE/python" "$@"
+
+# Beyond one machine (docs/scaling.md), once: formations and partitions of their own clusters
+run "failover (pg_auto_failover: tests/scaling/test_failover.py)" \
+    "$ROOT/target/venv/bin/pytest" -q -s -p no:cacheprovider "$ROOT/tests/scaling/test_failover.py"
 
 shopt -s nullglob
 for t in "$HERE"/ruby/*_test.rb; do

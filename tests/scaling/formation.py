@@ -1,0 +1,160 @@
+"""A pg_auto_failover formation on this machine: a monitor, a primary and a synchronous
+secondary, each a PostgreSQL cluster of its own (own port and data directory under
+target/failover/), run by the packaged `pg_autoctl` as the postgres user when we are root.
+
+Each node's `pg_autoctl run` is started in a session of its own, so `kill_hard` can SIGKILL the
+keeper, its postgres and every backend at once: the machine is gone, as far as the others see.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+# The monitor's failure detection, shortened for a test (defaults: a health check every 5 s,
+# a node unhealthy after 20 s, a demoted primary awaited 30 s): promotion in seconds.
+FAST_DETECTION = {
+    "pgautofailover.health_check_period": 1000,
+    "pgautofailover.health_check_timeout": 1000,
+    "pgautofailover.health_check_max_retries": 1,
+    "pgautofailover.health_check_retry_delay": 500,
+    "pgautofailover.node_considered_unhealthy_timeout": 3000,
+    "pgautofailover.startup_grace_period": 2000,
+    "pgautofailover.primary_demote_timeout": 5000,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Formation:
+    def __init__(self, base: Path, dbname: str = "app"):
+        self.base, self.dbname = base, dbname
+        self.root = os.geteuid() == 0
+        self.ports = {}
+        self.procs = {}
+
+    # ------------------------------------------------------------------ processes
+    def _env(self):
+        return dict(os.environ, PG_CONFIG=shutil.which("pg_config") or "pg_config",
+                    XDG_CONFIG_HOME=str(self.base / "config"), XDG_DATA_HOME=str(self.base / "state"))
+
+    def _argv(self, args):
+        return ["runuser", "-u", "postgres", "--", *args] if self.root else list(args)
+
+    def autoctl(self, *args, check=True):
+        r = subprocess.run(self._argv(["pg_autoctl", *args]), env=self._env(), capture_output=True, text=True)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"pg_autoctl {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+        return r
+
+    def _run(self, name):
+        log = open(self.base / f"{name}.log", "a")
+        self.procs[name] = subprocess.Popen(self._argv(["pg_autoctl", "run", "--pgdata", str(self.base / name)]),
+                                            env=self._env(), stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    def pgdata(self, name):
+        return str(self.base / name)
+
+    # ------------------------------------------------------------------ set-up
+    def create(self):
+        self.destroy()
+        self.base.mkdir(parents=True)
+        if self.root:
+            shutil.chown(self.base, "postgres", "postgres")
+        self.ports = {n: free_port() for n in ("monitor", "node1", "node2")}
+        self.autoctl("create", "monitor", "--pgdata", self.pgdata("monitor"), "--pgport", str(self.ports["monitor"]),
+                     "--hostname", "127.0.0.1", "--auth", "trust", "--no-ssl")
+        self._run("monitor")
+        self.wait(lambda: self._try("monitor", "pg_auto_failover", "SELECT 1"), "the monitor to accept connections")
+        with self.connect("monitor", "pg_auto_failover") as m:
+            for name, value in FAST_DETECTION.items():
+                m.execute(f"ALTER SYSTEM SET {name} = {int(value)}")
+            m.execute("SELECT pg_reload_conf()")
+        monitor = f"postgres://autoctl_node@127.0.0.1:{self.ports['monitor']}/pg_auto_failover?sslmode=disable"
+        for node in ("node1", "node2"):  # node1 becomes the primary: it registers first
+            self.autoctl("create", "postgres", "--pgdata", self.pgdata(node), "--pgport", str(self.ports[node]),
+                         "--hostname", "127.0.0.1", "--listen", "127.0.0.1", "--auth", "trust", "--no-ssl",
+                         "--monitor", monitor, "--dbname", self.dbname, "--name", node)
+            self._run(node)
+            if node == "node1":  # alone in the formation, it is "single" until a secondary joins
+                self.wait(lambda: self.states().get("node1") == ("single", "single"), "node1 to run", timeout=90)
+        self.wait(lambda: self.states() == {"node1": ("primary", "primary"), "node2": ("secondary", "secondary")},
+                  "node1 primary and node2 its secondary", timeout=90)
+
+    def states(self):
+        """{node name: (reported state, assigned state)} from the monitor."""
+        try:
+            with self.connect("monitor", "pg_auto_failover") as m:
+                rows = m.execute("SELECT nodename, reportedstate::text, goalstate::text FROM pgautofailover.node").fetchall()
+        except Exception:
+            return {}
+        return {n: (r, g) for n, r, g in rows}
+
+    # ------------------------------------------------------------------ connections
+    def conninfo(self, nodes=("node1", "node2"), **extra):
+        """A multi-host connection string: libpq tries the hosts in turn and keeps the first that
+        is read-write (the primary, wherever it is now)."""
+        hosts = ",".join("127.0.0.1" for _ in nodes)
+        ports = ",".join(str(self.ports[n]) for n in nodes)
+        params = dict(host=hosts, port=ports, user="postgres", dbname=self.dbname,
+                      target_session_attrs="read-write", connect_timeout=2, **extra)
+        return " ".join(f"{k}={v}" for k, v in params.items())
+
+    def connect(self, node, dbname=None):
+        import psycopg
+        return psycopg.connect(host="127.0.0.1", port=self.ports[node], user="postgres",
+                               dbname=dbname or self.dbname, autocommit=True, connect_timeout=2)
+
+    def _try(self, node, dbname, sql):
+        try:
+            with self.connect(node, dbname) as c:
+                return c.execute(sql).fetchone()[0]
+        except Exception:
+            return None
+
+    def writable(self, node):
+        return self._try(node, self.dbname, "SELECT NOT pg_is_in_recovery() AND "
+                         "current_setting('default_transaction_read_only') = 'off'") is True
+
+    @staticmethod
+    def wait(predicate, what, timeout=60, every=0.1):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(every)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+    # ------------------------------------------------------------------ failure and tear-down
+    def kill_hard(self, node):
+        """SIGKILL to the node's keeper, its postgres and every backend (one session)."""
+        os.killpg(self.procs[node].pid, signal.SIGKILL)
+        self.procs[node].wait()
+
+    def destroy(self):
+        for name, proc in list(self.procs.items()):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        self.procs.clear()
+        # a previous run's leftovers (a crashed test): their postmaster.pid names the postmaster
+        for pid_file in self.base.glob("*/postmaster.pid") if self.base.exists() else []:
+            try:
+                pid = int(pid_file.read_text().split()[0])
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+            except (ValueError, OSError, IndexError):
+                pass
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def describe(self):
+        return json.dumps(self.states())
