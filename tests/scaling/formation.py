@@ -75,7 +75,8 @@ class Formation:
         self._run("monitor")
         self.wait(lambda: self._try("monitor", "pg_auto_failover", "SELECT 1"), "the monitor to accept connections")
         with self.connect("monitor", "pg_auto_failover") as m:
-            for name, value in FAST_DETECTION.items():
+            # FO_DEFAULT_DETECTION=1 keeps pg_auto_failover's defaults (to measure them)
+            for name, value in ({} if os.environ.get("FO_DEFAULT_DETECTION") == "1" else FAST_DETECTION).items():
                 m.execute(f"ALTER SYSTEM SET {name} = {int(value)}")
             m.execute("SELECT pg_reload_conf()")
         monitor = f"postgres://autoctl_node@127.0.0.1:{self.ports['monitor']}/pg_auto_failover?sslmode=disable"
