@@ -38,6 +38,8 @@ run "python (pytest), Rails index profile" env TASKER_INDEX_PROFILE=rails \
 # Beyond one machine (docs/scaling.md), once: formations and partitions of their own clusters
 run "failover (pg_auto_failover: tests/scaling/test_failover.py)" \
     "$ROOT/target/venv/bin/pytest" -q -s -p no:cacheprovider "$ROOT/tests/scaling/test_failover.py"
+run "sharding (PL/Proxy: tests/scaling/test_sharding.py)" \
+    "$ROOT/target/venv/bin/pytest" -q -p no:cacheprovider "$ROOT/tests/scaling/test_sharding.py"
 
 shopt -s nullglob
 for t in "$HERE"/ruby/*_test.rb; do
