@@ -17,11 +17,20 @@ const LEASE_LOST = 'TK030';
 // (class 08), the server shutting down or not yet accepting (57P0x), a read-only server
 const SOCKET_ERRORS = new Set(['ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH']);
 
+/** One outcome as an element of report_steps' JSON array. */
+function itemOf(o) {
+  return o.error === undefined
+    ? `{"step_id":${o.stepId},"results":${o.results}}`
+    : `{"step_id":${o.stepId},"error":${o.error},"retryable":${o.retryable},"retry_after_seconds":${o.retryAfter ?? 'null'}}`;
+}
+
 /** True when an error says the connection failed, not the statement: what it did is unknown. */
 function connectionLost(err) {
   const code = err && err.code;
-  if (typeof code === 'string' && (SOCKET_ERRORS.has(code) || code.startsWith('08')
-    || ['57P01', '57P02', '57P03', '25006'].includes(code))) return true;
+  if (typeof code === 'string') {
+    return SOCKET_ERRORS.has(code) || code.startsWith('08') || ['57P01', '57P02', '57P03', '25006'].includes(code);
+  }
+  // node-postgres' own errors of a broken or unavailable connection carry no code
   return /Connection terminated|connection error|timeout exceeded when trying to connect|not queryable/i.test(err?.message ?? '');
 }
 
@@ -142,6 +151,7 @@ class Worker extends EventEmitter {
   #batched = true; // the server has report_steps
   #combined = true; // the server has report_and_claim
   #reserved = 0; // slots of claims under way
+  #graceUntil = null; // when stop()'s grace period ends: resends give up after it
 
   /**
    * @param {object} options pg settings (connectionString, host, database, ...) plus
@@ -244,6 +254,7 @@ class Worker extends EventEmitter {
   stop({ graceMs = this.shutdownGraceMs } = {}) {
     this.#stopPromise ??= (async () => {
       this.#stopping = true;
+      this.#graceUntil = Date.now() + graceMs;
       this.#wake();
       await this.#loop;
       for (const t of this.#timers) clearTimeout(t);
@@ -447,7 +458,8 @@ class Worker extends EventEmitter {
     } catch (err) {
       return this.#fail(step, err, what); // e.g. a BigInt or a cycle in the results
     }
-    await this.#record({ stepId: step.stepId, results });
+    const { unknown } = await this.#record({ stepId: step.stepId, results });
+    if (unknown) return; // sent again after a lost connection and not applied: logged there
     this.log.info(`${what} complete`);
     this.emit('completed', step, value);
   }
@@ -455,7 +467,8 @@ class Worker extends EventEmitter {
   async #fail(step, error, what) {
     const { retryable, retryAfter } = classify(error);
     const json = errorJson(error);
-    const { backoff } = await this.#record({ stepId: step.stepId, error: JSON.stringify(json), retryable, retryAfter });
+    const { backoff, unknown } = await this.#record({ stepId: step.stepId, error: JSON.stringify(json), retryable, retryAfter });
+    if (unknown) return; // its first send was cut off: logged there
     // nobody else may NOTIFY when the backoff runs out (unless tick() runs): wake ourselves
     if (backoff != null) this.#wakeIn(backoff * 1000 + 20);
     this.log.warn(`${what} failed (${json.name}: ${json.message}); ${backoff != null ? `retry in ${backoff} s` : 'not retried'}`);
@@ -495,16 +508,17 @@ class Worker extends EventEmitter {
     this.#outbox = [];
     if (batch.length === 0) return;
     if (this.#batched) {
-      const items = batch.map((o) => (o.error === undefined
-        ? `{"step_id":${o.stepId},"results":${o.results}}`
-        : `{"step_id":${o.stepId},"error":${o.error},"retryable":${o.retryable},"retry_after_seconds":${o.retryAfter ?? 'null'}}`));
       // the batch's steps are still in flight: their slots are the ones a claim may fill
       const free = this.#combined && !this.#stopping
         ? Math.max(0, this.batchSize - this.#inFlight.size + batch.length - this.#reserved) : 0;
       this.#reserved += free;
       try {
         let rows;
-        const resent = await this.#resending(`recording ${batch.length} outcomes`, async () => {
+        let sent = batch;
+        const resent = await this.#resending(`recording ${batch.length} outcomes`, async (again) => {
+          sent = again ? batch.filter((o) => this.#sendable(o)) : batch;
+          if (sent.length === 0) { rows = []; return; }
+          const items = sent.map(itemOf);
           if (this.#combined) {
             const trace = free > 0 && this.traceparent ? (this.traceparent() ?? null) : null;
             ({ rows } = await this.pool.query(
@@ -523,7 +537,8 @@ class Worker extends EventEmitter {
         const byId = new Map(rows.filter((r) => r.outcome !== 'claimed').map((r) => [Number(r.workflow_step_id), r]));
         for (const o of batch) {
           const r = byId.get(o.stepId);
-          if (r.outcome === 'lease_lost' && resent) this.#noLongerHeld(o);
+          if (!sent.includes(o)) o.resolve({ backoff: null, unknown: true }); // not sent again (#sendable)
+          else if (r.outcome === 'lease_lost' && resent) this.#noLongerHeld(o);
           else if (r.outcome === 'lease_lost') o.reject(Object.assign(new Error(`step ${o.stepId} is no longer held by ${this.workerId}`), { code: LEASE_LOST }));
           else o.resolve({ backoff: r.backoff_seconds });
         }
@@ -546,7 +561,11 @@ class Worker extends EventEmitter {
   async #recordOne(o) {
     let resent = false;
     try {
-      resent = await this.#resending(`step ${o.stepId}: recording the outcome`, async () => {
+      resent = await this.#resending(`step ${o.stepId}: recording the outcome`, async (again) => {
+        if (again && !this.#sendable(o)) {
+          o.resolve({ backoff: null, unknown: true });
+          return;
+        }
         if (o.error === undefined) {
           await this.pool.query('SELECT tasker_core.complete_step($1, $2, $3::jsonb)', [o.stepId, this.workerId, o.results]);
           o.resolve({ backoff: null });
@@ -577,10 +596,11 @@ class Worker extends EventEmitter {
     let resent = false;
     for (;;) {
       try {
-        await send();
+        await send(resent);
         return resent;
       } catch (err) {
-        if (!connectionLost(err) || Date.now() >= giveUp) throw err;
+        const pastGrace = this.#graceUntil !== null && Date.now() > this.#graceUntil;
+        if (!connectionLost(err) || Date.now() >= giveUp || pastGrace) throw err;
         this.log.warn(`${what}: connection lost (${err.message}); sending again`);
         resent = true;
         onResend(true);
@@ -593,7 +613,23 @@ class Worker extends EventEmitter {
   #noLongerHeld(o) {
     this.log.info(`step ${o.stepId}: outcome sent again after a lost connection; the step is no longer held `
       + '(recorded by the first send, or its lease passed on)');
-    o.resolve({ backoff: null, noLongerHeld: true });
+    o.resolve({ backoff: null, unknown: true });
+  }
+
+  /**
+   * Whether an outcome whose first send was cut off may be sent again. A completion or a
+   * permanent failure may: if the first send was recorded, the step is finished and no claim
+   * can take it again, so the server refuses the resend (the lease is gone) and nothing
+   * changes. A retryable failure may not: if its first send was recorded, the step may already
+   * be claimed again by this worker (the claim half of that very call takes it when the backoff
+   * is 0), and the resend would count as the new attempt's failure. Unsent, it is as if the
+   * worker had died: the lease expires, the attempt counts, the step is retried.
+   */
+  #sendable(o) {
+    if (o.error === undefined || !o.retryable) return true;
+    this.log.info(`step ${o.stepId}: a retryable failure is not sent again after a lost connection `
+      + '(its lease will expire and the step be retried)');
+    return false;
   }
 
   async #heartbeat(entry) {

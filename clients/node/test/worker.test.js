@@ -328,6 +328,37 @@ for (const lost of ['before the commit', 'after the commit']) {
   });
 }
 
+test('a retryable failure whose connection was lost after the commit is not sent again', async () => {
+  await withDatabase(async (t) => {
+    await t.template(single('lossyfail', 'FailsOnce'));
+    const w = t.worker({ namespaces: ['lossyfail'], pollIntervalMs: 200, leaseSeconds: 2 });
+    let calls = 0;
+    w.register('FailsOnce', async () => {
+      calls += 1;
+      if (calls === 1) throw new RetryableError('first try fails', { retryAfter: 0 });
+      return { ok: true };
+    });
+    const query = w.pool.query.bind(w.pool);
+    let broken = false;
+    w.pool.query = async (sql, params) => {
+      if (!broken && /FROM tasker_core\.report_/.test(sql)) {
+        broken = true;
+        await query(sql, params); // committed, the answer lost
+        throw new Error('Connection terminated unexpectedly');
+      }
+      return query(sql, params);
+    };
+    const task = await t.task('lossyfail', 'single');
+    await w.start();
+    assert.equal(await t.waitForTask(task), 'complete');
+    await w.stop();
+    assert.ok(w.logs.some((m) => /a retryable failure is not sent again/.test(m)), w.logs.join('\n'));
+    const step = await t.step(task, 'only');
+    const failures = (await t.transitions(step.id)).filter((x) => x.to_state === 'error' && x.metadata.reason !== 'lease_expired');
+    assert.equal(failures.length, 1); // recorded once, by the first send
+  });
+});
+
 test('a lease lost while the handler runs is noticed by the heartbeat: step.signal aborts, nothing is reported', async () => {
   await withDatabase(async (t) => {
     await t.template(single('lost', 'Waits'));

@@ -16,12 +16,14 @@ pool (`psycopg_pool`). The claim loop sleeps on a pipe that wake-ups, finished s
 signals write to: the signal handler only writes a byte, so it can never deadlock the loop.
 
 A connection lost in the middle of recording outcomes (a failover, a restart) leaves their fate
-unknown: the commit may or may not have happened. The reporter sends them again on a new
-connection until the server answers. That is safe because the server applies an outcome only
-while this worker holds the step's lease and recording it ends the lease: a second send of an
+unknown: the commit may or may not have happened. The reporter sends completions and permanent
+failures again on a new connection until the server answers (while their lease lasts). That is
+safe because the server applies an outcome only while this worker holds the step's lease, and
+recording one of those ends the lease and finishes the step for good: a second send of an
 outcome that was recorded finds the step no longer held (`lease_lost`) and changes nothing. A
-claim lost the same way is simply made again; steps it may have taken wait for their lease to
-expire and run then.
+retryable failure is not sent again (the step could already be claimed again, by this worker);
+its lease expires and the step is retried. A claim lost the same way is simply made again;
+steps it may have taken wait for their lease to expire and run then.
 """
 from __future__ import annotations
 
@@ -146,10 +148,16 @@ class _Outcome:
 
 
 class _Execution:
-    def __init__(self, step: Step):
+    def __init__(self, step: Step, lease_seconds: float):
         self.step = step
         self.reporting = False  # the handler is done and its outcome is being recorded
         self.released = False  # shutdown gave the step back: drop the outcome
+        # a claim handed this step to us again: the lease this outcome belonged to has ended
+        # (its first send was recorded, or the lease expired), so it must never be sent again
+        self.superseded = False
+        # when the lease ends unless renewed (claim, then each heartbeat): sending the outcome
+        # later could only be refused, or meet a later claim of the step
+        self.lease_until = time.monotonic() + lease_seconds
 
 
 def _error(exc: BaseException, error_class: Optional[str] = None) -> str:
@@ -225,6 +233,7 @@ class Worker:
         self._batched = True  # the server has report_steps
         self._combined = True  # the server has report_and_claim
         self._reserved = 0  # slots of claims under way (guarded by _cv)
+        self._done: Optional[threading.Event] = None  # set when run() winds its threads down
 
     # ------------------------------------------------------------------ registration
     def handler(self, handler_class: str, *, timeout: Optional[float] = None):
@@ -268,6 +277,7 @@ class Worker:
         """Work until stop(), SIGTERM/SIGINT, or `until()` returns true (checked every 0.1 s)."""
         restore = self._install_signal_handlers()
         done = threading.Event()  # ends this run's listener, heartbeat and reporter threads
+        self._done = done
         threads: List[threading.Thread] = []
         try:
             with psycopg.connect(self.conninfo, autocommit=True) as probe:  # fails fast on a bad conninfo
@@ -332,8 +342,10 @@ class Worker:
                 rows = self._sql(CLAIM_SQL, (self.worker_id, self.namespaces, free, self.lease_seconds))
             else:
                 rows = self._sql(CLAIM_TRACED_SQL, (self.worker_id, self.namespaces, free, self.lease_seconds, tp))
-        except psycopg.OperationalError as e:  # connection trouble: try again after the poll interval
-            log.warning("claim failed: %s", e)
+        except psycopg.Error as e:
+            if not _connection_lost(e):
+                raise
+            log.warning("claim failed: %s", e)  # connection trouble: try again after the poll interval
             return
         finally:
             self._unreserve(free)
@@ -345,8 +357,11 @@ class Worker:
             step = Step(task_id=r[0], step_id=r[1], name=r[2], namespace=r[3], task_name=r[4],
                         handler_class=r[5], config=r[6] or {}, inputs=r[7] or {},
                         parent_results=r[8] or {}, attempt=r[9], traceparent=r[10])
-            ex = _Execution(step)
+            ex = _Execution(step, self.lease_seconds)
             with self._cv:
+                earlier = self._inflight.get(step.step_id)
+                if earlier is not None:  # its outcome's lease has ended: never send it again
+                    earlier.superseded = True
                 self._inflight[step.step_id] = ex
             threading.Thread(target=self._execute, args=(ex,), daemon=True,
                              name=f"{self.worker_id}-step-{step.step_id}").start()
@@ -425,33 +440,57 @@ class Worker:
             finally:
                 with self._cv:
                     for ex, _ in batch:
-                        self._inflight.pop(ex.step.step_id, None)
+                        if self._inflight.get(ex.step.step_id) is ex:  # not a later claim of it
+                            del self._inflight[ex.step.step_id]
                     self._cv.notify_all()
                 self._poke()
 
     def _resending(self, what: str, send: Callable[[bool], None]) -> None:
         """Calls `send(resent)` until it returns. A lost connection leaves the outcome of the call
-        unknown: it is sent again (resent=True) on a new connection after a short pause, for up
-        to twice the lease (by then the steps' leases have expired and they run again anyway) or
-        until a second signal forces the worker to stop. Any other error is raised."""
-        give_up = time.monotonic() + max(60.0, 2.0 * self.lease_seconds)
+        unknown: it is sent again (resent=True) on a new connection after a short pause. `send`
+        drops, on a resend, the outcomes that must not go again (`_sendable`); the loop ends when
+        the run winds down or a second signal forces the worker to stop. Any other error is
+        raised."""
         resent = False
         while True:
             try:
                 return send(resent)
             except Exception as e:
-                if not _connection_lost(e) or self._forced() or time.monotonic() >= give_up:
+                if not _connection_lost(e) or self._forced() or (self._done is not None and self._done.is_set()):
                     raise
                 log.warning("%s: connection lost (%s); sending again", what, str(e).strip() or type(e).__name__)
                 resent = True
                 time.sleep(min(1.0, self.poll_interval))
 
+    @staticmethod
+    def _sendable(ex: _Execution, outcome: _Outcome) -> bool:
+        """Whether an outcome whose first send was cut off may be sent again. A completion or a
+        permanent failure may: if the first send was recorded, the step is finished and no claim
+        can take it again, so the resend is refused (TK030) and changes nothing. A retryable
+        failure may not: if its first send was recorded, the step may already be claimed again
+        by this worker (the claim half of that very call can take it when the backoff is 0), and
+        a resend would count as the new attempt's failure. Not sent, it is as if the worker had
+        died: the lease expires, the attempt counts, the step is retried. Nothing is sent once
+        the lease has ended (it could only be refused) or a claim gave the step back to us."""
+        if not outcome.ok and outcome.retryable:
+            log.info("step %s: a retryable failure is not sent again (its lease will expire and the "
+                     "step be retried)", ex.step.step_id)
+            return False
+        if ex.superseded or time.monotonic() >= ex.lease_until:
+            log.info("step %s: outcome not sent again, its lease has ended (it was recorded, or the "
+                     "step runs again)", ex.step.step_id)
+            return False
+        return True
+
     def _record(self, batch: List[tuple]) -> None:
         if self._batched:
             def send(resent: bool) -> None:
-                free = self._reserve(len(batch)) if self._combined else 0
+                live = [(ex, o) for ex, o in batch if self._sendable(ex, o)] if resent else batch
+                if not live:
+                    return
+                free = self._reserve(len(live)) if self._combined else 0
                 try:
-                    self._record_batch(batch, free, resent)
+                    self._record_batch(live, free, resent)
                 finally:
                     if free:
                         self._unreserve(free)
@@ -466,7 +505,7 @@ class Worker:
                 # the whole batch was refused: one by one, so one bad outcome holds back no other
                 log.warning("recording %d outcomes failed (%s); recording them one by one", len(batch), e)
         for ex, o in batch:
-            self._record_one(ex.step, o)
+            self._record_one(ex, o)
 
     def _record_batch(self, batch: List[tuple], free: int, resent: bool = False) -> None:
         """One transaction: the outcomes, and with `free` slots the next steps (claimed in it)."""
@@ -495,8 +534,12 @@ class Worker:
                 self._recorded(by_id[r[1]].step, r[0], r[2], resent)
         self._start(claimed)
 
-    def _record_one(self, step: Step, outcome: _Outcome) -> None:
+    def _record_one(self, ex: _Execution, outcome: _Outcome) -> None:
+        step = ex.step
+
         def send(resent: bool) -> None:
+            if resent and not self._sendable(ex, outcome):
+                return
             try:
                 if outcome.ok:
                     self._sql("SELECT tasker_core.complete_step(%s, %s, %s::jsonb)",
@@ -558,7 +601,9 @@ class Worker:
                 running = [ex for ex in self._inflight.values() if not ex.reporting]
             for ex in running:
                 try:
+                    sent = time.monotonic()
                     self._sql("SELECT tasker_core.heartbeat(%s, %s)", (ex.step.step_id, self.worker_id))
+                    ex.lease_until = sent + self.lease_seconds
                 except Exception as e:
                     if not (ex.reporting or ex.released):
                         log.warning("step %s: heartbeat failed: %s", ex.step.step_id, e)

@@ -280,6 +280,47 @@ def test_an_outcome_whose_connection_was_lost_is_sent_again_and_applied_once(db,
     assert [to for _, to, _ in db.transitions(step_id)].count("complete") == 1
 
 
+@pytest.mark.parametrize("lost", ["before the commit", "after the commit"])
+def test_a_retryable_failure_whose_connection_was_lost_is_not_sent_again(db, caplog, lost):
+    """A retryable failure's first send is cut off. If it committed, the step may already be
+    claimed again (here: by the claim half of that very call, the backoff being 0), so a resend
+    could count as the new attempt's failure: the worker does not send it again. The step is
+    retried either way (after its lease expires when the failure was not recorded) and the
+    handler's failure is recorded at most once."""
+    t = template("lossyfail", [("only", "LossyFail::Only", [])])
+    db.register(t)
+    task_id = db.create_task(t)
+    w = Worker(db.conninfo, worker_id="w-lossyfail", poll_interval=0.2, lease_seconds=2)
+    runs = []
+
+    @w.handler("LossyFail::Only")
+    def only(step):
+        runs.append(step.attempt)
+        if len(runs) == 1:
+            raise RetryableError("first try fails", retry_after=0)
+        return {"ok": True}
+    real, broken = w._sql, []
+
+    def lossy(query, params=None):
+        if "report_" in query and not broken:
+            broken.append(query)
+            if lost == "after the commit":
+                real(query, params)
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return real(query, params)
+    w._sql = lossy
+
+    with caplog.at_level(logging.INFO, logger="tasker_worker"):
+        with running(w):
+            assert db.wait_task(task_id) == "complete"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("retryable failure is not sent again" in m for m in messages), messages
+    step_id, _, _, results = db.step(task_id, "only")
+    assert results == {"ok": True}
+    failures = [m for _, to, m in db.transitions(step_id) if to == "error" and m.get("reason") != "lease_expired"]
+    assert len(failures) == (1 if lost == "after the commit" else 0), db.transitions(step_id)
+
+
 @pytest.mark.parametrize("case", ["finishes", "releases"])
 def test_sigterm_mid_step_finishes_or_releases_and_nothing_is_lost(db, case):
     t = template("term", [("slow", "Slow::Step", []), ("after", "Slow::Step", ["slow"])])

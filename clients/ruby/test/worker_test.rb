@@ -250,6 +250,23 @@ class WorkerTest < Minitest::Test
     end
   end
 
+  def test_a_retryable_failure_whose_connection_was_lost_is_not_sent_again
+    name = template("lossyfail", [["charge", "FlakyGateway", [], { "handler_config" => { "retry_after" => 0 }, "default_retry_limit" => 3 }]])
+    task_id = TaskerCore.create_task(namespace, name, {})
+    w = LossyWorker.new(namespaces: [namespace], logger: Logger.new(log_io), poll_interval: 0.2, lease_seconds: 2)
+    w.lose = :after_commit
+    run_until(w) { finished?(task_id) }
+
+    assert_nil w.lose
+    assert_equal "complete", TaskerCore.task_status(task_id)
+    assert_match(/a retryable failure is not sent again/, log_io.string)
+    step = steps_of(task_id)["charge"]
+    failures = step_transitions(step["workflow_step_id"]).count do |t|
+      t["to_state"] == "error" && t["metadata"]["reason"] != "lease_expired"
+    end
+    assert_equal 1, failures, log_io.string # recorded once, by the first send
+  end
+
   def test_a_listening_worker_picks_up_a_new_task_well_before_its_poll_interval
     name = template("wake", [["only", "PlainHandler"]])
     w = worker(poll_interval: 30)

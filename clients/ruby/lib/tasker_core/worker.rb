@@ -269,6 +269,9 @@ module TaskerCore
       when :no_longer_held # a resend after a lost connection: recorded by the first send, or the lease passed on
         log(:info, "step #{step.step_id}: outcome sent again after a lost connection; the step is no longer held " \
                    "(recorded by the first send, or its lease passed on)")
+      when :not_resent # a retryable failure whose first send was cut off (see sendable?)
+        log(:info, "step #{step.step_id}: a retryable failure is not sent again after a lost connection " \
+                   "(its lease will expire and the step be retried)")
       else
         log(:error, "step #{step.step_id}: recording the outcome failed: #{detail}")
       end
@@ -282,6 +285,8 @@ module TaskerCore
     # ([:no_longer_held] when it was sent again after a lost connection).
     def record_one(step, kind, value)
       resending("step #{step.step_id}: recording the outcome") do |resent|
+        next [:not_resent] if resent && !sendable?(kind, value)
+
         wrapped do
           TaskerCore.record_class.connection_pool.with_connection do
             if kind == :complete
@@ -302,23 +307,33 @@ module TaskerCore
 
     # Yields (resent) until the block returns. A lost connection (a failover, a restart) leaves
     # the call's outcome unknown: the block runs again on a new connection (resent = true) after
-    # a short pause, for up to twice the lease or until the worker is forced to stop; any other
-    # error is raised. Sending an outcome again is safe: the server applies it only while this
-    # worker holds the step's lease and recording it ends the lease, so a second send of a
-    # recorded outcome finds the step no longer held and changes nothing.
+    # a short pause, for up to twice the lease (a minute at least), until the worker is forced
+    # to stop or its shutdown's grace period is over; any other error is raised. What may be
+    # sent again: see sendable?.
     def resending(what)
       give_up = now + [60.0, 2.0 * @lease_seconds].max
       resent = false
       begin
         yield resent
       rescue StandardError => e
-        raise unless connection_lost?(e) && !@force && now < give_up
+        raise unless connection_lost?(e) && !@force && now < give_up && !(@shutdown_deadline && now > @shutdown_deadline)
 
         log(:warn, "#{what}: connection lost (#{brief(e)}); sending again")
         resent = true
         sleep([1.0, @poll_interval].min)
         retry
       end
+    end
+
+    # Whether an outcome whose first send was cut off may be sent again. A completion or a
+    # permanent failure may: if the first send was recorded, the step is finished and no claim
+    # can take it again, so the server refuses the resend (the lease is gone) and nothing
+    # changes. A retryable failure may not: if its first send was recorded, the step may already
+    # be claimed again by this worker (the claim half of that very call takes it when the
+    # backoff is 0), and the resend would count as the new attempt's failure. Unsent, it is as
+    # if the worker had died: the lease expires, the attempt counts, the step is retried.
+    def sendable?(kind, value)
+      kind == :complete || !failure_args(value).first
     end
 
     # The error says the connection failed, not the statement: none could be had, it broke, or
@@ -364,11 +379,20 @@ module TaskerCore
       resent = false
       rows = resending("recording #{batch.size} outcomes") do |again|
         resent = again
-        wrapped { TaskerCore.record_class.connection_pool.with_connection { record_and_claim(batch, items) } }
+        live = again ? items.each_index.select { |i| sendable?(batch[i][1], batch[i][2]) } : items.each_index.to_a
+        next [] if live.empty?
+
+        wrapped do
+          TaskerCore.record_class.connection_pool.with_connection do
+            record_and_claim(live.map { |i| batch[i] }, live.map { |i| items[i] })
+          end
+        end
       end
       by_id = rows.to_h { |r| [r["workflow_step_id"], r] }
       batch.each do |step, _, _, reply|
-        row = by_id.fetch(step.step_id)
+        row = by_id[step.step_id]
+        next reply << [:not_resent] unless row # dropped from the resend (sendable?)
+
         outcome = row["outcome"].to_sym
         outcome = :no_longer_held if outcome == :lease_lost && resent
         reply << [outcome, outcome == :lease_lost ? "#{@worker_id} no longer holds step #{step.step_id}" : row["backoff_seconds"]]
@@ -430,7 +454,7 @@ module TaskerCore
     # ---- shutdown
 
     def shutdown
-      deadline = now + @shutdown_timeout
+      deadline = @shutdown_deadline = now + @shutdown_timeout
       left = @mutex.synchronize { @running.size }
       log(:info, "stopping: #{left} running step(s), waiting up to #{@shutdown_timeout}s") if left.positive?
       while @mutex.synchronize { @running.any? } && !@force && now < deadline
@@ -441,7 +465,8 @@ module TaskerCore
     end
 
     def give_back(entry)
-      return if entry.reporting && entry.thread.join(5) # recording its outcome: let it
+      # recording its outcome: let it (a resend gives up once the grace period is over)
+      return if entry.reporting && entry.thread.join(5)
 
       entry.killed = true
       entry.thread.kill
