@@ -14,7 +14,7 @@ loops of benches/worker.py unchanged: through the router they run against PL/Pro
 of the same names. Template: a -> (b, c) -> d. Tasks are created on each partition directly
 (setup, not measured).
 
-Run: target/venv/bin/python benches/shards.py   (about 4 minutes; `make bench-shards`, and `make bench`)
+Run: target/venv/bin/python benches/shards.py   (about 3.5 minutes; `make bench-shards`, and `make bench`)
 Prints the table, never asserts.
 """
 import os

@@ -11,6 +11,10 @@ source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
 
 what="${1:-}"
+case "$what" in
+    failover|replica|sharding|bench) ;;
+    *) die "usage: scripts/scaling.sh failover|replica|sharding|bench" ;;
+esac
 "$ROOT/scripts/prereqs.sh"
 if [ "$what" = bench ]; then "$ROOT/scripts/install.sh" --release; else "$ROOT/scripts/install.sh"; fi
 export TASKER_ROOT="$ROOT"

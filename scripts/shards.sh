@@ -114,7 +114,7 @@ DO \$\$ BEGIN
 END \$\$;
 -- the router holds no data: its functions are made afresh, in the same transaction
 DROP SCHEMA IF EXISTS tasker_core CASCADE;
-\i $ROOT/sql/plproxy/router.sql
+\i '$ROOT/sql/plproxy/router.sql'
 COMMIT;
 SQL
     # Each partition reached through the router must be the one its ids say it is.

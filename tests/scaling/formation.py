@@ -15,22 +15,29 @@ import time
 from pathlib import Path
 
 # The monitor's failure detection, shortened for a test (defaults: a health check every 5 s,
-# a node unhealthy after 20 s, a demoted primary awaited 30 s): promotion in seconds.
+# a node unhealthy after 20 s, a demoted primary awaited 30 s): promotion in seconds, with room
+# for a loaded 2-core machine (a spurious "unhealthy" would turn synchronous replication off).
 FAST_DETECTION = {
     "pgautofailover.health_check_period": 1000,
-    "pgautofailover.health_check_timeout": 1000,
-    "pgautofailover.health_check_max_retries": 1,
+    "pgautofailover.health_check_timeout": 2000,
+    "pgautofailover.health_check_max_retries": 2,
     "pgautofailover.health_check_retry_delay": 500,
-    "pgautofailover.node_considered_unhealthy_timeout": 3000,
+    "pgautofailover.node_considered_unhealthy_timeout": 5000,
     "pgautofailover.startup_grace_period": 2000,
     "pgautofailover.primary_demote_timeout": 5000,
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list:
+    """n distinct free ports (the sockets held open together, so none is picked twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class Formation:
@@ -42,8 +49,13 @@ class Formation:
 
     # ------------------------------------------------------------------ processes
     def _env(self):
-        return dict(os.environ, PG_CONFIG=shutil.which("pg_config") or "pg_config",
-                    XDG_CONFIG_HOME=str(self.base / "config"), XDG_DATA_HOME=str(self.base / "state"))
+        # not the integration cluster's PGHOST/PGPORT/... (run.sh exports them): pg_autoctl reads them
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        # its configuration, state and pid files under base (the pid files default to /tmp,
+        # where a stale one from an earlier run would say "already running")
+        return dict(env, PG_CONFIG=shutil.which("pg_config") or "pg_config",
+                    XDG_CONFIG_HOME=str(self.base / "config"), XDG_DATA_HOME=str(self.base / "state"),
+                    XDG_RUNTIME_DIR=str(self.base / "run"))
 
     def _argv(self, args):
         return ["runuser", "-u", "postgres", "--", *args] if self.root else list(args)
@@ -66,10 +78,14 @@ class Formation:
     # ------------------------------------------------------------------ set-up
     def create(self):
         self.destroy()
-        self.base.mkdir(parents=True)
+        (self.base / "run").mkdir(parents=True)
         if self.root:
             shutil.chown(self.base, "postgres", "postgres")
-        self.ports = {n: free_port() for n in ("monitor", "node1", "node2")}
+            shutil.chown(self.base / "run", "postgres", "postgres")
+            probe = subprocess.run(["runuser", "-u", "postgres", "--", "test", "-w", str(self.base)])
+            if probe.returncode != 0:
+                raise RuntimeError(f"the postgres user cannot write {self.base}: a parent directory is closed to it")
+        self.ports = dict(zip(("monitor", "node1", "node2"), free_ports(3)))
         self.autoctl("create", "monitor", "--pgdata", self.pgdata("monitor"), "--pgport", str(self.ports["monitor"]),
                      "--hostname", "127.0.0.1", "--auth", "trust", "--no-ssl")
         self._run("monitor")
@@ -141,18 +157,30 @@ class Formation:
         self.procs[node].wait()
 
     def destroy(self):
-        for name, proc in list(self.procs.items()):
+        # An immediate stop first: PostgreSQL's processes are each a session of their own, and
+        # the monitor's health-check worker does not exit when its postmaster is killed.
+        for name in sorted(self.procs, key=lambda n: n == "monitor"):
+            proc = self.procs[name]
+            if proc.poll() is None:
+                self.autoctl("stop", "--pgdata", self.pgdata(name), "--immediate", check=False)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    pass
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             proc.wait()
         self.procs.clear()
-        # a previous run's leftovers (a crashed test): their postmaster.pid names the postmaster
+        # a previous run's leftovers (a crashed test): their postmaster.pid names the postmaster,
+        # killed with its keeper's session only if that pid is still a postgres of this directory
         for pid_file in self.base.glob("*/postmaster.pid") if self.base.exists() else []:
             try:
                 pid = int(pid_file.read_text().split()[0])
-                os.killpg(os.getpgid(pid), signal.SIGKILL)
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                if "postgres" in cmdline and str(pid_file.parent) in cmdline:
+                    os.killpg(os.getpgid(pid), signal.SIGKILL)
             except (ValueError, OSError, IndexError):
                 pass
         shutil.rmtree(self.base, ignore_errors=True)

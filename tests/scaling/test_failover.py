@@ -84,6 +84,8 @@ def run():
             assert all(w.poll() is None for w in workers.values()), "a worker died:\n" + logs()
             return (scalar(f, "node1", COMPLETE) or 0) >= KILL_AT * STEPS
         f.wait(going, "the workers to get going", timeout=120)
+        # still a healthy pair with synchronous replication (a spurious "unhealthy" would not be)
+        assert f.states() == {"node1": ("primary", "primary"), "node2": ("secondary", "secondary")}, f.describe()
         at_kill = {w: count_lines(p) for w, p in runs.items()}
         killed = time.time()
         f.kill_hard("node1")
