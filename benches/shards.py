@@ -28,6 +28,8 @@ from pathlib import Path
 
 import psycopg
 
+from worker import COMBINED_SCRIPT, TEMPLATE, WORKER_SCRIPT  # benches/worker.py (its directory is on the path)
+
 ROOT = Path(os.environ.get("TASKER_ROOT", Path(__file__).resolve().parents[1]))
 SHARDS = ROOT / "scripts" / "shards.sh"
 SETS = [int(n) for n in os.environ.get("TASKER_BENCH_SHARDS_SETS", "1,2,4").split(",")]
@@ -37,23 +39,8 @@ REPEATS = int(os.environ.get("TASKER_BENCH_SHARDS_REPEATS", "3"))
 TASKS_PER_RUN = int(os.environ.get("TASKER_BENCH_SHARDS_TASKS", "1500"))
 PG_OPTS = "-c fsync=on -c synchronous_commit=on -c full_page_writes=on -c autovacuum_naptime=10s"
 
-TEMPLATE = """{"name": "bench_flow", "namespace_name": "bench", "version": "1.0.0",
-  "step_templates": [
-    {"name": "a", "handler_class": "A"},
-    {"name": "b", "handler_class": "B", "depends_on_step": "a"},
-    {"name": "c", "handler_class": "C", "depends_on_step": "a"},
-    {"name": "d", "handler_class": "D", "depends_on_steps": ["b", "c"]}]}"""
-
-# the loops of benches/worker.py
-SCRIPTS = {
-    "claim + complete": """SELECT COALESCE((SELECT workflow_step_id FROM tasker_core.claim_steps('w' || :client_id, NULL, 1, 60)), 0) AS s \\gset
-SELECT CASE WHEN :s > 0 THEN tasker_core.complete_step(:s, 'w' || :client_id, '{}') END;
-""",
-    "report_and_claim": """SELECT COALESCE(jsonb_agg(jsonb_build_object('step_id', workflow_step_id))
-                         FILTER (WHERE outcome = 'claimed'), '[]')::text AS held
-  FROM tasker_core.report_and_claim('w' || :client_id, ':held'::jsonb, NULL, 1, 60) \\gset
-""",
-}
+# the workload and the loops of benches/worker.py (claim + complete; report_and_claim of one)
+SCRIPTS = {"claim + complete": WORKER_SCRIPT, "report_and_claim": COMBINED_SCRIPT.format(n=1)}
 
 
 class Set:

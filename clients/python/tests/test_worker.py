@@ -245,6 +245,23 @@ def test_a_lost_lease_is_logged_and_the_worker_goes_on(db, caplog):
     assert reasons == ["lease_expired"]
 
 
+def lose_one_report(worker, lost):
+    """Makes the worker's first report lose its connection, `lost` "before the commit" or "after
+    the commit" (the answer lost): what a failover does to a call in flight. Returns a list that
+    holds the report's SQL once it happened."""
+    real, broken = worker._sql, []
+
+    def lossy(query, params=None):
+        if "report_" in query and not broken:
+            broken.append(query)
+            if lost == "after the commit":
+                real(query, params)
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return real(query, params)
+    worker._sql = lossy
+    return broken
+
+
 @pytest.mark.parametrize("lost", ["before the commit", "after the commit"])
 def test_an_outcome_whose_connection_was_lost_is_sent_again_and_applied_once(db, caplog, lost):
     """The connection breaks while an outcome is being recorded (a failover): before the
@@ -256,16 +273,7 @@ def test_an_outcome_whose_connection_was_lost_is_sent_again_and_applied_once(db,
     w = Worker(db.conninfo, worker_id="w-lossy", poll_interval=0.2)
     runs = []
     w.handler("Lossy::Only")(lambda step: runs.append(step.step_id) or {"ok": True})
-    real, broken = w._sql, []
-
-    def lossy(query, params=None):
-        if "report_" in query and not broken:
-            broken.append(query)
-            if lost == "after the commit":
-                real(query, params)
-            raise psycopg.OperationalError("server closed the connection unexpectedly")
-        return real(query, params)
-    w._sql = lossy
+    broken = lose_one_report(w, lost)
 
     with caplog.at_level(logging.INFO, logger="tasker_worker"):
         with running(w):
@@ -299,16 +307,7 @@ def test_a_retryable_failure_whose_connection_was_lost_is_not_sent_again(db, cap
         if len(runs) == 1:
             raise RetryableError("first try fails", retry_after=0)
         return {"ok": True}
-    real, broken = w._sql, []
-
-    def lossy(query, params=None):
-        if "report_" in query and not broken:
-            broken.append(query)
-            if lost == "after the commit":
-                real(query, params)
-            raise psycopg.OperationalError("server closed the connection unexpectedly")
-        return real(query, params)
-    w._sql = lossy
+    broken = lose_one_report(w, lost)
 
     with caplog.at_level(logging.INFO, logger="tasker_worker"):
         with running(w):
