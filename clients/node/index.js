@@ -559,27 +559,31 @@ class Worker extends EventEmitter {
   }
 
   async #recordOne(o) {
-    let resent = false;
     try {
-      resent = await this.#resending(`step ${o.stepId}: recording the outcome`, async (again) => {
+      await this.#resending(`step ${o.stepId}: recording the outcome`, async (again) => {
         if (again && !this.#sendable(o)) {
           o.resolve({ backoff: null, unknown: true });
           return;
         }
-        if (o.error === undefined) {
-          await this.pool.query('SELECT tasker_core.complete_step($1, $2, $3::jsonb)', [o.stepId, this.workerId, o.results]);
-          o.resolve({ backoff: null });
-        } else {
-          const { rows } = await this.pool.query(
-            'SELECT tasker_core.fail_step($1, $2, $3::jsonb, $4, $5) AS backoff',
-            [o.stepId, this.workerId, o.error, o.retryable, o.retryAfter],
-          );
-          o.resolve({ backoff: rows[0].backoff });
+        try {
+          if (o.error === undefined) {
+            await this.pool.query('SELECT tasker_core.complete_step($1, $2, $3::jsonb)', [o.stepId, this.workerId, o.results]);
+            o.resolve({ backoff: null });
+          } else {
+            const { rows } = await this.pool.query(
+              'SELECT tasker_core.fail_step($1, $2, $3::jsonb, $4, $5) AS backoff',
+              [o.stepId, this.workerId, o.error, o.retryable, o.retryAfter],
+            );
+            o.resolve({ backoff: rows[0].backoff });
+          }
+        } catch (err) {
+          if (err.code !== LEASE_LOST) throw err;
+          if (again) this.#noLongerHeld(o);
+          else o.reject(err);
         }
-      }, (r) => { resent = r; });
+      });
     } catch (err) {
-      if (err.code === LEASE_LOST && resent) this.#noLongerHeld(o);
-      else o.reject(err);
+      o.reject(err);
     }
   }
 
@@ -591,7 +595,7 @@ class Worker extends EventEmitter {
    * and recording it ends the lease, so a second send of a recorded outcome finds the step no
    * longer held and changes nothing. Resolves with true when it had to send again.
    */
-  async #resending(what, send, onResend = () => {}) {
+  async #resending(what, send) {
     const giveUp = Date.now() + Math.max(60_000, 2_000 * this.leaseSeconds);
     let resent = false;
     for (;;) {
@@ -603,7 +607,6 @@ class Worker extends EventEmitter {
         if (!connectionLost(err) || Date.now() >= giveUp || pastGrace) throw err;
         this.log.warn(`${what}: connection lost (${err.message}); sending again`);
         resent = true;
-        onResend(true);
         await new Promise((r) => setTimeout(r, Math.min(1000, this.pollIntervalMs)));
       }
     }

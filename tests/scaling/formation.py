@@ -11,8 +11,9 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
+
+from support import wait_until
 
 # The monitor's failure detection, shortened for a test (defaults: a health check every 5 s,
 # a node unhealthy after 20 s, a demoted primary awaited 30 s): promotion in seconds, with room
@@ -89,7 +90,7 @@ class Formation:
         self.autoctl("create", "monitor", "--pgdata", self.pgdata("monitor"), "--pgport", str(self.ports["monitor"]),
                      "--hostname", "127.0.0.1", "--auth", "trust", "--no-ssl")
         self._run("monitor")
-        self.wait(lambda: self._try("monitor", "pg_auto_failover", "SELECT 1"), "the monitor to accept connections")
+        wait_until(lambda: self._try("monitor", "pg_auto_failover", "SELECT 1"), 60, "the monitor to accept connections")
         with self.connect("monitor", "pg_auto_failover") as m:
             # FO_DEFAULT_DETECTION=1 keeps pg_auto_failover's defaults (to measure them)
             for name, value in ({} if os.environ.get("FO_DEFAULT_DETECTION") == "1" else FAST_DETECTION).items():
@@ -102,9 +103,9 @@ class Formation:
                          "--monitor", monitor, "--dbname", self.dbname, "--name", node)
             self._run(node)
             if node == "node1":  # alone in the formation, it is "single" until a secondary joins
-                self.wait(lambda: self.states().get("node1") == ("single", "single"), "node1 to run", timeout=90)
-        self.wait(lambda: self.states() == {"node1": ("primary", "primary"), "node2": ("secondary", "secondary")},
-                  "node1 primary and node2 its secondary", timeout=90)
+                wait_until(lambda: self.states().get("node1") == ("single", "single"), 90, "node1 to run")
+        wait_until(lambda: self.states() == {"node1": ("primary", "primary"), "node2": ("secondary", "secondary")},
+                   90, "node1 primary and node2 its secondary")
 
     def states(self):
         """{node name: (reported state, assigned state)} from the monitor."""
@@ -140,15 +141,6 @@ class Formation:
     def writable(self, node):
         return self._try(node, self.dbname, "SELECT NOT pg_is_in_recovery() AND "
                          "current_setting('default_transaction_read_only') = 'off'") is True
-
-    @staticmethod
-    def wait(predicate, what, timeout=60, every=0.1):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(every)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
     # ------------------------------------------------------------------ failure and tear-down
     def kill_hard(self, node):

@@ -21,6 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from formation import Formation  # noqa: E402
+from support import wait_until  # noqa: E402
 
 ROOT = Path(os.environ.get("TASKER_ROOT", Path(__file__).resolve().parents[2]))
 BASE = ROOT / "target" / "failover"
@@ -83,13 +84,13 @@ def run():
         def going():
             assert all(w.poll() is None for w in workers.values()), "a worker died:\n" + logs()
             return (scalar(f, "node1", COMPLETE) or 0) >= KILL_AT * STEPS
-        f.wait(going, "the workers to get going", timeout=120)
+        wait_until(going, 120, "the workers to get going")
         # still a healthy pair with synchronous replication (a spurious "unhealthy" would not be)
         assert f.states() == {"node1": ("primary", "primary"), "node2": ("secondary", "secondary")}, f.describe()
         at_kill = {w: count_lines(p) for w, p in runs.items()}
         killed = time.time()
         f.kill_hard("node1")
-        f.wait(lambda: f.writable("node2"), "node2 to be promoted and writable", timeout=120)
+        wait_until(lambda: f.writable("node2"), 120, "node2 to be promoted and writable")
         promoted = time.time() - killed
         first = None
         deadline = time.monotonic() + 180

@@ -27,6 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "clients" / "python"))
 from tasker_worker import PermanentError, RetryableError, Worker  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from support import wait_until  # noqa: E402
+
 SHARDS = ROOT / "scripts" / "shards.sh"
 E2E = ROOT / "tests" / "integration" / "e2e"
 NODE_MODULES = ROOT / "target" / "node" / "node_modules"
@@ -82,15 +85,6 @@ def sqlstate(conn, sql, params=None):
     except psycopg.Error as e:
         return e.sqlstate
     return None
-
-
-def wait_until(predicate, seconds, what):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
 
 
 def statuses(db, task_ids):

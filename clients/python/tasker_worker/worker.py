@@ -152,9 +152,6 @@ class _Execution:
         self.step = step
         self.reporting = False  # the handler is done and its outcome is being recorded
         self.released = False  # shutdown gave the step back: drop the outcome
-        # a claim handed this step to us again: the lease this outcome belonged to has ended
-        # (its first send was recorded, or the lease expired), so it must never be sent again
-        self.superseded = False
         # when the lease ends unless renewed (claim, then each heartbeat): sending the outcome
         # later could only be refused, or meet a later claim of the step
         self.lease_until = time.monotonic() + lease_seconds
@@ -359,9 +356,7 @@ class Worker:
                         parent_results=r[8] or {}, attempt=r[9], traceparent=r[10])
             ex = _Execution(step, self.lease_seconds)
             with self._cv:
-                earlier = self._inflight.get(step.step_id)
-                if earlier is not None:  # its outcome's lease has ended: never send it again
-                    earlier.superseded = True
+                # (an earlier execution of the step still reporting is superseded: see _sendable)
                 self._inflight[step.step_id] = ex
             threading.Thread(target=self._execute, args=(ex,), daemon=True,
                              name=f"{self.worker_id}-step-{step.step_id}").start()
@@ -462,8 +457,7 @@ class Worker:
                 resent = True
                 time.sleep(min(1.0, self.poll_interval))
 
-    @staticmethod
-    def _sendable(ex: _Execution, outcome: _Outcome) -> bool:
+    def _sendable(self, ex: _Execution, outcome: _Outcome) -> bool:
         """Whether an outcome whose first send was cut off may be sent again. A completion or a
         permanent failure may: if the first send was recorded, the step is finished and no claim
         can take it again, so the resend is refused (TK030) and changes nothing. A retryable
@@ -476,7 +470,9 @@ class Worker:
             log.info("step %s: a retryable failure is not sent again (its lease will expire and the "
                      "step be retried)", ex.step.step_id)
             return False
-        if ex.superseded or time.monotonic() >= ex.lease_until:
+        with self._cv:  # a claim gave the step to us again: this execution's lease has ended
+            superseded = self._inflight.get(ex.step.step_id) is not ex
+        if superseded or time.monotonic() >= ex.lease_until:
             log.info("step %s: outcome not sent again, its lease has ended (it was recorded, or the "
                      "step runs again)", ex.step.step_id)
             return False

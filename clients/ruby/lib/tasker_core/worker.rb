@@ -369,24 +369,14 @@ module TaskerCore
     end
 
     def flush(batch)
-      items = batch.map do |step, kind, value, _|
-        next { "step_id" => step.step_id, "results" => value } if kind == :complete
-
-        retryable, retry_after = failure_args(value)
-        { "step_id" => step.step_id, "error" => error_json(value), "retryable" => retryable,
-          "retry_after_seconds" => retry_after&.ceil }
-      end
       resent = false
       rows = resending("recording #{batch.size} outcomes") do |again|
         resent = again
-        live = again ? items.each_index.select { |i| sendable?(batch[i][1], batch[i][2]) } : items.each_index.to_a
-        next [] if live.empty?
+        sent = again ? batch.select { |_, kind, value, _| sendable?(kind, value) } : batch
+        next [] if sent.empty?
 
-        wrapped do
-          TaskerCore.record_class.connection_pool.with_connection do
-            record_and_claim(live.map { |i| batch[i] }, live.map { |i| items[i] })
-          end
-        end
+        items = sent.map { |step, kind, value, _| outcome_item(step, kind, value) }
+        wrapped { TaskerCore.record_class.connection_pool.with_connection { record_and_claim(sent, items) } }
       end
       by_id = rows.to_h { |r| [r["workflow_step_id"], r] }
       batch.each do |step, _, _, reply|
@@ -405,6 +395,15 @@ module TaskerCore
       # refused as a whole: one by one, so one bad outcome holds back no other
       log(:warn, "recording #{batch.size} outcomes failed (#{brief(e)}); recording them one by one")
       batch.each { |step, kind, value, reply| reply << record_one(step, kind, value) }
+    end
+
+    # One outcome as an element of report_steps' JSON array.
+    def outcome_item(step, kind, value)
+      return { "step_id" => step.step_id, "results" => value } if kind == :complete
+
+      retryable, retry_after = failure_args(value)
+      { "step_id" => step.step_id, "error" => error_json(value), "retryable" => retryable,
+        "retry_after_seconds" => retry_after&.ceil }
     end
 
     # The batch's outcomes; with report_and_claim, also the next steps for the slots it frees
