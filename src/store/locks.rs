@@ -231,25 +231,16 @@ pub fn with_all_locked<T>(
     }
 }
 
-/// Locks step `step` (its row, its current transition, its maintained row) and the maintained
-/// rows of its `children` all at once, then runs `body` ([`with_all_locked`]).
+/// Locks step `step` (its row, its current transition, its maintained row), the maintained
+/// rows of its `children` and the rows of the unjudged dynamic steps its completion may judge
+/// ([`crate::store::worker::Children::lock_set`]) all at once, then runs `body`
+/// ([`with_all_locked`]).
 pub fn lock_step_and_children<T>(
     client: &SpiClient<'_>,
     schema: &SchemaName,
     step: i64,
-    children: &crate::store::worker::Children,
+    children: crate::store::worker::Children,
     body: impl FnOnce() -> Result<T, TaskerError>,
 ) -> Result<T, TaskerError> {
-    let mut states = children.all.clone();
-    states.push(step);
-    // a dynamic child the step's completion may make due is judged in the same transaction,
-    // which writes its own rows: taken now, with the others
-    let mut steps = children.unjudged.clone();
-    steps.push(step);
-    with_all_locked(
-        client,
-        schema,
-        LockSet { steps: steps.clone(), transitions_of: steps, states },
-        body,
-    )
+    with_all_locked(client, schema, children.lock_set(&[step], &[]), body)
 }

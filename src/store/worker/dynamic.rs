@@ -12,7 +12,7 @@
 
 use super::*;
 use crate::core::dynamic::{Decision, Parent, StepRule};
-use crate::store::locks::{with_all_locked, LockSet};
+use crate::store::locks::with_all_locked;
 
 /// Whether the SQL has dynamic steps (0.9.0 on).
 pub fn installed() -> bool {
@@ -134,12 +134,12 @@ pub fn advance(
             return Ok(judged);
         }
         judged += due.len();
-        for step_id in due {
-            let mut states = children_of(client, &[step_id])?.all;
-            states.push(step_id);
-            let set = LockSet { steps: vec![step_id], transitions_of: vec![step_id], states };
-            with_all_locked(client, schema, set, || judge(client, schema, (task_id, step_id)))?;
-        }
+        // every row the round may write, and a cascade from it, taken at once (the rows of a
+        // later round are among them: taken again, they are this transaction's already)
+        let set = children_of(client, &due)?.lock_set(&due, &[]);
+        with_all_locked(client, schema, set, || {
+            due.iter().try_for_each(|&step_id| judge(client, schema, (task_id, step_id)))
+        })?;
     }
 }
 

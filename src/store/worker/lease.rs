@@ -57,7 +57,7 @@ pub(super) fn lock_step_rows<T>(
         let children = children_of(client, &[step_id])?;
         if !children.all.is_empty() {
             return crate::store::locks::lock_step_and_children(
-                client, schema, step_id, &children, body,
+                client, schema, step_id, children, body,
             );
         }
     }

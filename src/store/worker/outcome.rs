@@ -66,15 +66,8 @@ pub fn report(
             .filter(|(_, o)| matches!(o, Outcome::Complete { .. }))
             .map(|(id, _)| *id)
             .collect();
-        let children = children_of(client, &completing)?;
-        let mut states = children.all;
-        states.extend(&completing);
-        // (the unjudged dynamic children are locked with them: see Children)
-        let mut steps: Vec<i64> = order.iter().map(|(id, _)| *id).collect();
-        steps.extend(&children.unjudged);
-        let mut transitions_of = completing;
-        transitions_of.extend(children.unjudged);
-        let set = crate::store::locks::LockSet { steps, transitions_of, states };
+        let failing: Vec<i64> = order.iter().map(|(id, _)| *id).collect();
+        let set = children_of(client, &completing)?.lock_set(&completing, &failing);
         crate::store::locks::with_all_locked(client, schema, set, || {
             record_outcomes(client, schema, worker_id, &order)
         })
@@ -156,11 +149,35 @@ pub fn report_and_claim(
 pub struct Children {
     /// Each child once per edge.
     pub all: Vec<i64>,
-    /// The dynamic steps among them not judged yet (`not_before` is `infinity`): completing
-    /// their last parent judges them in the same transaction, so their own rows are locked
-    /// with the completion's (a `cancel_task` that took them first would otherwise wait for
-    /// the completion while it waited for them).
+    /// The dynamic steps among them not judged yet (`not_before` is `infinity`), and those a
+    /// judgement of them may make due in turn (a skip that cascades, an empty map that
+    /// completes at once): the unjudged dynamic steps reachable from them through unjudged
+    /// dynamic steps. Completing their last parent judges them in the same transaction, so
+    /// their own rows are locked with the completion's, before anything is held: a
+    /// `cancel_task` locking the task's steps in id order, one of them first, would otherwise
+    /// wait for the completion while the completion waited for it.
     pub unjudged: Vec<i64>,
+    /// The children of `unjudged` (whose maintained rows a judgement of those writes).
+    pub reached: Vec<i64>,
+}
+
+impl Children {
+    /// What a call that finishes (or judges) `finishing` and writes the rows of `others` takes
+    /// at once: those steps' rows, the current transitions and maintained rows of the steps it
+    /// finishes, the maintained rows of their children, and every row of the unjudged dynamic
+    /// steps it may judge in the same transaction.
+    pub fn lock_set(self, finishing: &[i64], others: &[i64]) -> crate::store::locks::LockSet {
+        let mut steps = others.to_vec();
+        steps.extend(finishing);
+        steps.extend(&self.unjudged);
+        let mut transitions_of = finishing.to_vec();
+        transitions_of.extend(&self.unjudged);
+        let mut states = self.all;
+        states.extend(finishing);
+        states.extend(self.unjudged);
+        states.extend(self.reached);
+        crate::store::locks::LockSet { steps, transitions_of, states }
+    }
 }
 
 /// The children of `steps`, from their maintained rows.
@@ -169,7 +186,7 @@ pub(super) fn children_of(client: &SpiClient<'_>, steps: &[i64]) -> Result<Child
         return Ok(Children::default());
     }
     let dynamic = dynamic::installed();
-    with_plan(
+    let mut children = with_plan(
         client,
         if dynamic { "worker_children_of_dynamic" } else { "worker_children_of" },
         "",
@@ -199,7 +216,49 @@ pub(super) fn children_of(client: &SpiClient<'_>, steps: &[i64]) -> Result<Child
             Ok(out)
         },
     )
-    .map_err(spi)
+    .map_err(spi)?;
+    if !children.unjudged.is_empty() {
+        cascade(client, &mut children)?;
+    }
+    Ok(children)
+}
+
+/// Widens `children.unjudged` to every unjudged dynamic step reachable from them through
+/// unjudged dynamic steps, and lists their children in `reached` (only for steps with an
+/// unjudged dynamic child: no statement otherwise).
+fn cascade(client: &SpiClient<'_>, children: &mut Children) -> Result<(), TaskerError> {
+    let (unjudged, reached) = with_plan(
+        client,
+        "worker_children_cascade",
+        "",
+        &[INT8ARRAY],
+        || {
+            "WITH RECURSIVE c(id) AS (
+                 SELECT unnest($1::bigint[])
+                 UNION
+                 SELECT k.workflow_step_id
+                 FROM c
+                 JOIN tasker_core.step_state s ON s.workflow_step_id = c.id
+                 CROSS JOIN LATERAL unnest(s.child_ids) AS x(id)
+                 JOIN tasker_core.step_state k
+                   ON k.workflow_step_id = x.id AND k.not_before = 'infinity')
+             SELECT c.id, s.child_ids FROM c
+             JOIN tasker_core.step_state s ON s.workflow_step_id = c.id"
+                .to_owned()
+        },
+        |stmt| {
+            let (mut unjudged, mut reached) = (Vec::new(), Vec::new());
+            for row in client.select(stmt, None, &[children.unjudged.clone().into()])? {
+                unjudged.push(row.get::<i64>(1)?.unwrap_or_default());
+                reached.extend(row.get::<Vec<i64>>(2)?.unwrap_or_default());
+            }
+            Ok((unjudged, reached))
+        },
+    )
+    .map_err(spi)?;
+    children.unjudged = unjudged;
+    children.reached = reached;
+    Ok(())
 }
 
 /// A step's failure as its worker reports it: the error (stored under `error` in the step's

@@ -563,3 +563,58 @@ def test_the_last_instance_and_a_canceller_never_deadlock(conn):
     (total, name, _, parents), = claim(conn)
     assert name == "total" and parents["double"] == [{}, {"last": True}]
     assert_consistent(conn)
+
+
+def test_a_cascade_of_skips_and_a_canceller_never_deadlock(conn):
+    """Step ids follow the template's order, which need not be the graph's: here the skipped
+    step's dependent has the lowest id. Completing `fetch` skips `gift_note`, which skips `wrap`
+    in the same transaction. A canceller locking the task's steps in id order takes `wrap`
+    first and then waits for `fetch`: the completion takes `wrap`'s rows with its own, all at
+    once, so it never holds `fetch` while waiting for `wrap`."""
+    register(conn, {"name": "backwards", "namespace_name": "dyn", "version": "1.0.0",
+                    "step_templates": [
+                        {"name": "wrap", "handler_class": "Wrap", "depends_on_step": "gift_note",
+                         "skip_with": True},
+                        {"name": "fetch", "handler_class": "Fetch"},
+                        {"name": "gift_note", "handler_class": "Note", "depends_on_step": "fetch",
+                         "condition": {"path": "/context/gift", "eq": True}}]})
+    task = create(conn, "backwards", {"gift": False})
+    ids = dict(conn.execute("SELECT name, workflow_step_id FROM tasker_core.step_state "
+                            "WHERE task_id = %s", (task,)).fetchall())
+    assert ids["wrap"] < ids["fetch"] < ids["gift_note"]
+    (fetch, *_), = claim(conn)
+    errors = []
+    with conn.db.connect(autocommit=False) as canceller:
+        # the canceller has wrap (as cancel_task's first lock would) ...
+        canceller.execute("SELECT 1 FROM tasker_workflow_steps WHERE workflow_step_id = %s FOR NO KEY UPDATE",
+                          (ids["wrap"],))
+
+        def completion():
+            try:
+                with conn.db.connect() as c:
+                    complete(c, fetch, {})
+            except psycopg.Error as e:
+                errors.append(e.sqlstate)
+
+        t = threading.Thread(target=completion)
+        t.start()
+        # ... the completion waits for it ...
+        for _ in range(200):
+            waiting = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                   "AND wait_event_type = 'Lock'").fetchone()[0]
+            if waiting:
+                break
+            conn.execute("SELECT pg_sleep(0.02)")
+        assert waiting
+        # ... holding nothing: the canceller's next lock, fetch, is free (with the completion
+        # holding fetch while waiting for wrap, one of the two would get 40P01 here)
+        canceller.execute("SET lock_timeout = '5s'")
+        canceller.execute("SELECT 1 FROM tasker_workflow_steps WHERE workflow_step_id = %s FOR NO KEY UPDATE",
+                          (fetch,))
+        canceller.rollback()
+        t.join(30)
+    assert errors == []
+    assert states(conn, task) == {"wrap": ["resolved_manually"], "fetch": ["complete"],
+                                  "gift_note": ["resolved_manually"]}
+    assert task_state(conn, task) == "complete"
+    assert_consistent(conn)
