@@ -289,6 +289,15 @@ fn parent_outcomes(
     )
 }
 
+/// When a root step of task `task` (an SQL expression) may start: its task's later start, NULL
+/// when it has none or it has passed (what a root's `not_before` holds once claims promoted it).
+fn start_of(task: &str) -> String {
+    format!(
+        "(SELECT CASE WHEN o.run_at > {NOW} THEN o.run_at END
+          FROM tasker_core.task_options o WHERE o.task_id = {task})"
+    )
+}
+
 /// Marks a judged step done (and `skipped`) and lets the claims see it: its `not_before` goes
 /// back to what an ordinary step has (a root of a task scheduled for later keeps its start).
 fn finish(client: &SpiClient<'_>, step_id: i64, skipped: bool) -> Result<(), TaskerError> {
@@ -298,13 +307,12 @@ fn finish(client: &SpiClient<'_>, step_id: i64, skipped: bool) -> Result<(), Tas
         "",
         &[INT8, BOOL],
         || {
+            let start = start_of("s.task_id");
             format!(
                 "WITH d AS (UPDATE tasker_core.dynamic_steps SET phase = 'done', skipped = $2
                             WHERE workflow_step_id = $1)
                  UPDATE tasker_core.step_state s
-                    SET not_before = CASE WHEN cardinality(s.parent_ids) = 0 THEN
-                        (SELECT CASE WHEN o.run_at > {NOW} THEN o.run_at END
-                         FROM tasker_core.task_options o WHERE o.task_id = s.task_id) END
+                    SET not_before = CASE WHEN cardinality(s.parent_ids) = 0 THEN {start} END
                   WHERE s.workflow_step_id = $1"
             )
         },
@@ -336,11 +344,14 @@ fn expand(
         schema.as_str(),
         &[INT8, INT8, JSONB],
         || {
+            let start = start_of("$1");
             format!(
                 "WITH i AS MATERIALIZED (
                      SELECT {next_id} AS id,
                             e.elem, (e.ord - 1)::integer AS idx
-                     FROM jsonb_array_elements($3) WITH ORDINALITY AS e(elem, ord)),
+                     -- (ids drawn in element order: the fan-in orders the results by id)
+                     FROM (SELECT elem, ord FROM jsonb_array_elements($3) WITH ORDINALITY AS a(elem, ord)
+                           ORDER BY ord) AS e),
                  m AS (SELECT ws.named_step_id, ws.retryable, ws.retry_limit, ws.skippable,
                               s.name, s.namespace_id, s.priority
                        FROM {q}.tasker_workflow_steps ws
@@ -357,9 +368,13 @@ fn expand(
                  states AS (
                      INSERT INTO tasker_core.step_state (workflow_step_id, task_id, named_step_id, name,
                          transition_count, parent_ids, child_ids, blocked_parents, retryable,
-                         retry_limit, in_process, processed, attempts, created_at, namespace_id, priority)
+                         retry_limit, in_process, processed, attempts, created_at, namespace_id, priority,
+                         not_before)
                      SELECT i.id, $1, m.named_step_id, m.name, 0, '{{}}', ARRAY[$2::bigint], 0,
-                            m.retryable, m.retry_limit, false, false, 0, {NOW}, m.namespace_id, m.priority
+                            m.retryable, m.retry_limit, false, false, 0, {NOW}, m.namespace_id, m.priority,
+                            -- (root steps: a root map of a task scheduled for later expands at
+                            -- creation, and its instances wait for the start like other roots)
+                            {start}
                      FROM i, m),
                  edges AS (
                      INSERT INTO {q}.tasker_workflow_step_edges (from_step_id, to_step_id, name, created_at, updated_at)

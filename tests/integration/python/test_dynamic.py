@@ -618,3 +618,26 @@ def test_a_cascade_of_skips_and_a_canceller_never_deadlock(conn):
                                   "gift_note": ["resolved_manually"]}
     assert task_state(conn, task) == "complete"
     assert_consistent(conn)
+
+
+def test_a_scheduled_task_keeps_its_root_maps_instances_for_later(conn):
+    """A root map over the context expands at creation; its instances are root steps and wait
+    for the task's start like any root (they were claimable at once before)."""
+    register(conn, {"name": "later_map", "namespace_name": "dyn", "version": "1.0.0",
+                    "step_templates": [{"name": "each", "handler_class": "E",
+                                        "map": {"over": "/context/items"}},
+                                       {"name": "after", "handler_class": "A", "depends_on_step": "each"}]})
+    task = create(conn, "later_map", {"items": [1, 2, 3]}, options={"delay_seconds": 3600})
+    assert states(conn, task)["each"] == ["pending"] * 4
+    assert claim(conn) == []
+    scheduled = conn.execute("SELECT count(*) FROM tasker_core.explain_task(%s) WHERE code = 'scheduled'",
+                             (task,)).fetchone()[0]
+    assert scheduled == 3
+    assert_consistent(conn)
+    # once the start has come (moved to now), the claims promote and take the three instances
+    conn.execute("UPDATE tasker_core.task_options SET run_at = now() AT TIME ZONE 'UTC' - interval '1 second' "
+                 "WHERE task_id = %s", (task,))
+    conn.execute("UPDATE tasker_core.step_state SET not_before = now() AT TIME ZONE 'UTC' - interval '1 second' "
+                 "WHERE task_id = %s AND not_before < 'infinity'", (task,))
+    rows = claim(conn)
+    assert sorted(r[2]["index"] for r in rows) == [0, 1, 2]
