@@ -398,9 +398,36 @@ def test_a_step_finished_outside_the_worker_protocol_is_judged_by_tick(conn):
     codes = {r[0] for r in conn.execute("SELECT code FROM tasker_core.explain_task(%s) "
                                         "WHERE step_name IN ('charge', 'gift_note')", (task,))}
     assert "dynamic" in codes and "ready" not in codes
+    # verify() names the two steps left unjudged, and nothing once tick() judged them
+    unjudged = conn.execute("SELECT id, detail FROM tasker_core.verify() "
+                            "WHERE check_name = 'dynamic_steps' ORDER BY id").fetchall()
+    assert len(unjudged) == 2 and all("not judged" in p for _, p in unjudged)
     conn.execute("SELECT tasker_core.tick()")
+    assert_consistent(conn)
     names = sorted(r[1] for r in claim(conn))
     assert names == ["charge", "gift_note"]
+
+
+def test_verify_reports_a_broken_skip_and_a_map_short_of_results(conn):
+    """verify() knows the dynamic rules: a skipped step must be resolved_manually, and a map
+    step that completed holds one result per instance."""
+    task = create(conn, "order", {"gift": False})
+    run_task(conn, order_handlers(total=10))
+    assert_consistent(conn)
+    ids = dict(conn.execute("SELECT name, min(workflow_step_id) FROM tasker_core.step_state "
+                            "WHERE task_id = %s GROUP BY name", (task,)).fetchall())
+    conn.execute("UPDATE tasker_workflow_steps SET results = '[{}]' WHERE workflow_step_id = %s",
+                 (ids["charge"],))
+    conn.execute("UPDATE tasker_core.dynamic_steps SET skipped = true WHERE workflow_step_id = %s",
+                 (ids["charge"],))
+    problems = dict(conn.execute("SELECT id, detail FROM tasker_core.verify() "
+                                 "WHERE check_name = 'dynamic_steps'").fetchall())
+    assert problems == {ids["charge"]: "skipped but complete"}
+    conn.execute("UPDATE tasker_core.dynamic_steps SET skipped = false WHERE workflow_step_id = %s",
+                 (ids["charge"],))
+    problems = dict(conn.execute("SELECT id, detail FROM tasker_core.verify() "
+                                 "WHERE check_name = 'dynamic_steps'").fetchall())
+    assert problems == {ids["charge"]: "a map step with 1 results for 2 instances"}
 
 
 def test_dot_groups_instances_and_marks_skips(conn):
@@ -491,14 +518,27 @@ def test_rails_functions_read_an_expanded_task_as_the_reference_does(conn):
     conn.execute(Path(__file__).resolve().parents[3].joinpath("sql/reference/tasker_reference.sql").read_text())
     task = create(conn, "order", {"gift": True})
 
+    # every Rails function and the DAG relationships, as rows of text ({s}: the schema); the
+    # slowest lists with a limit above their candidates (ties cut alike: exact equality)
+    calls = [f"{{s}}.{fn}(%(t)s::bigint)" for fn in (
+                 "get_step_readiness_status", "get_task_execution_context", "calculate_dependency_levels",
+                 "step_dag_relationships")] + [
+             "{s}.get_step_readiness_status_batch(ARRAY[%(t)s::bigint])",
+             "{s}.get_task_execution_contexts_batch(ARRAY[%(t)s::bigint])",
+             "{s}.get_system_health_counts_v01()",
+             "{s}.get_analytics_metrics_v01()",
+             "{s}.get_analytics_metrics_v01(now() - interval '1 hour')",
+             "{s}.get_slowest_steps_v01(NULL, 1000)",
+             "{s}.get_slowest_tasks_v01(NULL, 1000)"]
+
     def same():
-        for fn in ("get_step_readiness_status", "get_task_execution_context", "calculate_dependency_levels"):
+        for call in calls:
+            impl, ref = call.format(s="tasker_core"), call.format(s="tasker_ref")
             differing = conn.execute(
-                f"SELECT count(*) FROM ((SELECT * FROM tasker_core.{fn}(%(t)s::bigint) "
-                f"EXCEPT ALL SELECT * FROM tasker_ref.{fn}(%(t)s::bigint)) UNION ALL "
-                f"(SELECT * FROM tasker_ref.{fn}(%(t)s::bigint) "
-                f"EXCEPT ALL SELECT * FROM tasker_core.{fn}(%(t)s::bigint))) x", {"t": task}).fetchone()[0]
-            assert differing == 0, fn
+                f"SELECT count(*) FROM ((SELECT r::text FROM {impl} r EXCEPT ALL SELECT r::text FROM {ref} r) "
+                f"UNION ALL (SELECT r::text FROM {ref} r EXCEPT ALL SELECT r::text FROM {impl} r)) x",
+                {"t": task}).fetchone()[0]
+            assert differing == 0, call
 
     same()
     (fetch, *_), = claim(conn)
@@ -641,3 +681,32 @@ def test_a_scheduled_task_keeps_its_root_maps_instances_for_later(conn):
                  "WHERE task_id = %s AND not_before < 'infinity'", (task,))
     rows = claim(conn)
     assert sorted(r[2]["index"] for r in rows) == [0, 1, 2]
+
+
+def test_skippable_and_bypass_steps_keep_their_rails_meaning(conn):
+    """Stored as Rails stores them, acted on by nothing (as in Rails): a skippable step whose
+    condition holds runs, a map step named in bypass_steps still expands and runs, and its
+    instances copy its skippable flag."""
+    register(conn, {"name": "flags", "namespace_name": "dyn", "version": "1.0.0",
+                    "step_templates": [
+                        {"name": "each", "handler_class": "E", "skippable": True,
+                         "map": {"over": "/context/items"}},
+                        {"name": "maybe", "handler_class": "M", "skippable": True,
+                         "condition": {"path": "/context/go", "eq": True}},
+                        {"name": "last", "handler_class": "L", "depends_on_steps": ["each", "maybe"]}]})
+    task = create(conn, "flags", {"items": [1, 2], "go": True}, options={"bypass_steps": ["each", "maybe"]})
+    assert conn.execute("SELECT bypass_steps::jsonb FROM tasker_tasks WHERE task_id = %s",
+                        (task,)).fetchone()[0] == ["each", "maybe"]
+    skippable = conn.execute("SELECT array_agg(ws.skippable ORDER BY ws.workflow_step_id) "
+                             "FROM tasker_workflow_steps ws JOIN tasker_named_steps ns USING (named_step_id) "
+                             "WHERE ws.task_id = %s AND ns.name = 'each'", (task,)).fetchone()[0]
+    assert skippable == [True, True, True]
+    ran = []
+
+    def handler(name):
+        return lambda inputs, parents: ran.append(name) or {"name": name}
+
+    run_task(conn, {n: handler(n) for n in ("each", "maybe", "last")})
+    assert sorted(ran) == ["each", "each", "last", "maybe"]
+    assert task_state(conn, task) == "complete"
+    assert_consistent(conn)
