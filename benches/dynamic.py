@@ -8,7 +8,7 @@ makes its dependent ready), each against a floor measured in the same run:
   transaction, without foreign keys and with the Tasker tables' (steps to tasks and named
   steps, edges to steps: four checks per element);
 - fan-in: an ordinary completion (the median of the instances') plus reading the N results into
-  one array in id order (jsonb_agg), in one transaction.
+  one array in id order (jsonb_agg), each timed as a statement of its own and added.
 
 Every figure is the median of RUNS tasks, each a commit with fsync on. Run by `make bench`;
 prints, never asserts.
