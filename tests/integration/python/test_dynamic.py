@@ -558,11 +558,44 @@ def test_rails_functions_read_an_expanded_task_as_the_reference_does(conn):
     same()
 
 
+def completion_beside_a_canceller(conn, first, step, results):
+    """Completes `step` while a canceller, locking the task's steps in id order as cancel_task
+    does, holds step `first` (a row the completion writes) and then takes `step`: the
+    completion waits for `first` holding nothing, so `step` is free (a completion holding
+    `step` while waiting for `first` would deadlock with the canceller, one of the two getting
+    40P01). Returns the SQLSTATEs the completion raised."""
+    errors = []
+    lock = "SELECT 1 FROM tasker_workflow_steps WHERE workflow_step_id = %s FOR NO KEY UPDATE"
+    with conn.db.connect(autocommit=False) as canceller:
+        canceller.execute(lock, (first,))
+
+        def completion():
+            try:
+                with conn.db.connect() as c:
+                    complete(c, step, results)
+            except psycopg.Error as e:
+                errors.append(e.sqlstate)
+
+        t = threading.Thread(target=completion)
+        t.start()
+        for _ in range(200):
+            waiting = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                   "AND wait_event_type = 'Lock'").fetchone()[0]
+            if waiting:
+                break
+            conn.execute("SELECT pg_sleep(0.02)")
+        assert waiting, "the completion waits for the canceller"
+        canceller.execute("SET lock_timeout = '5s'")
+        canceller.execute(lock, (step,))
+        canceller.rollback()
+        t.join(30)
+    return errors
+
+
 def test_the_last_instance_and_a_canceller_never_deadlock(conn):
     """A canceller locks a task's steps in id order, the map step before its instances. The
     completion of the last instance judges the map step, writing its rows: it takes them with
-    its own, all at once, so it never holds the instance while waiting for the map step (which
-    would deadlock with the canceller holding the map step and waiting for the instance)."""
+    its own, all at once, so it never holds the instance while waiting for the map step."""
     task = create(conn, "items", {"items": [1, 2]})
     (fetch, *_), = claim(conn)
     complete(conn, fetch, {})
@@ -570,35 +603,7 @@ def test_the_last_instance_and_a_canceller_never_deadlock(conn):
     complete(conn, a, {})
     map_step = conn.execute("SELECT workflow_step_id FROM tasker_core.step_state WHERE task_id = %s "
                             "AND name = 'double' ORDER BY workflow_step_id LIMIT 1", (task,)).fetchone()[0]
-    errors = []
-    with conn.db.connect(autocommit=False) as canceller:
-        # the canceller has the map step (as cancel_task's first locks would) ...
-        canceller.execute("SELECT 1 FROM tasker_workflow_steps WHERE workflow_step_id = %s FOR NO KEY UPDATE",
-                          (map_step,))
-
-        def last():
-            try:
-                with conn.db.connect() as c:
-                    complete(c, b, {"last": True})
-            except psycopg.Error as e:
-                errors.append(e.sqlstate)
-
-        t = threading.Thread(target=last)
-        t.start()
-        # ... the completion of the last instance waits for it ...
-        for _ in range(200):
-            waiting = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                   "AND wait_event_type = 'Lock'").fetchone()[0]
-            if waiting:
-                break
-            conn.execute("SELECT pg_sleep(0.02)")
-        assert waiting
-        # ... holding nothing: the canceller's next lock, the instance, is free
-        canceller.execute("SET lock_timeout = '5s'")
-        canceller.execute("SELECT 1 FROM tasker_workflow_steps WHERE workflow_step_id = %s FOR NO KEY UPDATE", (b,))
-        canceller.rollback()
-        t.join(30)
-    assert errors == []
+    assert completion_beside_a_canceller(conn, map_step, b, {"last": True}) == []
     assert states(conn, task)["double"] == ["complete"] * 3
     (total, name, _, parents), = claim(conn)
     assert name == "total" and parents["double"] == [{}, {"last": True}]
@@ -608,9 +613,9 @@ def test_the_last_instance_and_a_canceller_never_deadlock(conn):
 def test_a_cascade_of_skips_and_a_canceller_never_deadlock(conn):
     """Step ids follow the template's order, which need not be the graph's: here the skipped
     step's dependent has the lowest id. Completing `fetch` skips `gift_note`, which skips `wrap`
-    in the same transaction. A canceller locking the task's steps in id order takes `wrap`
-    first and then waits for `fetch`: the completion takes `wrap`'s rows with its own, all at
-    once, so it never holds `fetch` while waiting for `wrap`."""
+    in the same transaction. The canceller takes `wrap` first and then `fetch`: the completion
+    takes `wrap`'s rows with its own, all at once, so it never holds `fetch` while waiting for
+    `wrap`."""
     register(conn, {"name": "backwards", "namespace_name": "dyn", "version": "1.0.0",
                     "step_templates": [
                         {"name": "wrap", "handler_class": "Wrap", "depends_on_step": "gift_note",
@@ -623,37 +628,7 @@ def test_a_cascade_of_skips_and_a_canceller_never_deadlock(conn):
                             "WHERE task_id = %s", (task,)).fetchall())
     assert ids["wrap"] < ids["fetch"] < ids["gift_note"]
     (fetch, *_), = claim(conn)
-    errors = []
-    with conn.db.connect(autocommit=False) as canceller:
-        # the canceller has wrap (as cancel_task's first lock would) ...
-        canceller.execute("SELECT 1 FROM tasker_workflow_steps WHERE workflow_step_id = %s FOR NO KEY UPDATE",
-                          (ids["wrap"],))
-
-        def completion():
-            try:
-                with conn.db.connect() as c:
-                    complete(c, fetch, {})
-            except psycopg.Error as e:
-                errors.append(e.sqlstate)
-
-        t = threading.Thread(target=completion)
-        t.start()
-        # ... the completion waits for it ...
-        for _ in range(200):
-            waiting = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                                   "AND wait_event_type = 'Lock'").fetchone()[0]
-            if waiting:
-                break
-            conn.execute("SELECT pg_sleep(0.02)")
-        assert waiting
-        # ... holding nothing: the canceller's next lock, fetch, is free (with the completion
-        # holding fetch while waiting for wrap, one of the two would get 40P01 here)
-        canceller.execute("SET lock_timeout = '5s'")
-        canceller.execute("SELECT 1 FROM tasker_workflow_steps WHERE workflow_step_id = %s FOR NO KEY UPDATE",
-                          (fetch,))
-        canceller.rollback()
-        t.join(30)
-    assert errors == []
+    assert completion_beside_a_canceller(conn, ids["wrap"], fetch, {}) == []
     assert states(conn, task) == {"wrap": ["resolved_manually"], "fetch": ["complete"],
                                   "gift_note": ["resolved_manually"]}
     assert task_state(conn, task) == "complete"
