@@ -196,26 +196,10 @@ pub fn with_all_locked<T>(
     set: LockSet,
     body: impl FnOnce() -> Result<T, TaskerError>,
 ) -> Result<T, TaskerError> {
-    let mut set = set;
-    for ids in [&mut set.steps, &mut set.transitions_of, &mut set.states] {
-        ids.sort_unstable();
-        ids.dedup();
-    }
+    let set = set.sorted();
     let mut body = Some(body);
     loop {
-        let locking = Cell::new(true);
-        let done = subtransaction(None, &locking, || {
-            lock(client, schema, Rows::Steps, &set.steps, true).map_err(spi)?;
-            lock(client, schema, Rows::CurrentTransitions, &set.transitions_of, true)
-                .map_err(spi)?;
-            lock(client, schema, Rows::States, &set.states, true).map_err(spi)?;
-            locking.set(false);
-            match body.take() {
-                Some(body) => body().map(Some),
-                None => Err(TaskerError::Internal { context: "the locked body ran twice".into() }),
-            }
-        })?;
-        if let Some(out) = done {
+        if let Some(out) = attempt(client, schema, &set, &mut body)? {
             return Ok(out);
         }
         // wait until each row is free (taking it and letting it go at once), then try again
@@ -229,6 +213,50 @@ pub fn with_all_locked<T>(
             }
         }
     }
+}
+
+/// [`with_all_locked`] for a caller that already holds rows, which must not wait while it
+/// holds them: when any row of `set` is another transaction's, nothing is taken, `body` does
+/// not run and the answer is `None`. (Rows the caller holds are taken at once.)
+pub fn try_all_locked<T>(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    set: LockSet,
+    body: impl FnOnce() -> Result<T, TaskerError>,
+) -> Result<Option<T>, TaskerError> {
+    attempt(client, schema, &set.sorted(), &mut Some(body))
+}
+
+impl LockSet {
+    /// Each list in id order, once per id (the order every locker takes rows in).
+    fn sorted(mut self) -> LockSet {
+        for ids in [&mut self.steps, &mut self.transitions_of, &mut self.states] {
+            ids.sort_unstable();
+            ids.dedup();
+        }
+        self
+    }
+}
+
+/// One try of [`with_all_locked`]: every row of `set` at once (NOWAIT) and then `body`, in one
+/// subtransaction; `None`, with nothing taken and `body` kept, when a row is held elsewhere.
+fn attempt<T, F: FnOnce() -> Result<T, TaskerError>>(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    set: &LockSet,
+    body: &mut Option<F>,
+) -> Result<Option<T>, TaskerError> {
+    let locking = Cell::new(true);
+    subtransaction(None, &locking, || {
+        lock(client, schema, Rows::Steps, &set.steps, true).map_err(spi)?;
+        lock(client, schema, Rows::CurrentTransitions, &set.transitions_of, true).map_err(spi)?;
+        lock(client, schema, Rows::States, &set.states, true).map_err(spi)?;
+        locking.set(false);
+        match body.take() {
+            Some(body) => body().map(Some),
+            None => Err(TaskerError::Internal { context: "the locked body ran twice".into() }),
+        }
+    })
 }
 
 /// Locks step `step` (its row, its current transition, its maintained row), the maintained

@@ -16,7 +16,7 @@
 //! nothing false.
 
 use super::error::TaskerError;
-use serde_json::{Map, Value};
+use serde_json::{Map, Number, Value};
 use std::cmp::Ordering;
 
 /// The most nodes (comparisons and combinators) a condition may have.
@@ -241,13 +241,32 @@ pub fn source(path: &str) -> Option<Source<'_>> {
     Some(Source::Parent(token.replace("~1", "/").replace("~0", "~"), pointer))
 }
 
-/// JSON equality, numbers by value (`1` equals `1.0`).
+/// Two JSON numbers by value (`1` equals `1.0`), integers exactly however large (as `f64`,
+/// 2^53 + 1 would equal 2^53). An integer against a float: exactly when the float is a whole
+/// number an `i128` holds (every float from 2^53 up is one), else as floats, which then cannot
+/// misorder them (a float with a fraction is below 2^53 in size).
+fn num_cmp(x: &Number, y: &Number) -> Option<Ordering> {
+    fn int(n: &Number) -> Option<i128> {
+        n.as_i64().map(i128::from).or_else(|| n.as_u64().map(i128::from))
+    }
+    fn whole(f: f64) -> Option<i128> {
+        (f.fract() == 0.0 && f.abs() < 1e38).then_some(f as i128)
+    }
+    match (int(x), int(y)) {
+        (Some(a), Some(b)) => Some(a.cmp(&b)),
+        (Some(a), None) => {
+            let f = y.as_f64()?;
+            whole(f).map_or_else(|| (a as f64).partial_cmp(&f), |b| Some(a.cmp(&b)))
+        }
+        (None, Some(_)) => num_cmp(y, x).map(Ordering::reverse),
+        (None, None) => x.as_f64()?.partial_cmp(&y.as_f64()?),
+    }
+}
+
+/// JSON equality, numbers by value (`1` equals `1.0`, see [`num_cmp`]).
 fn json_eq(a: &Value, b: &Value) -> bool {
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => match (x.as_f64(), y.as_f64()) {
-            (Some(x), Some(y)) => x == y,
-            _ => x == y,
-        },
+        (Value::Number(x), Value::Number(y)) => num_cmp(x, y) == Some(Ordering::Equal),
         (Value::Array(x), Value::Array(y)) => {
             x.len() == y.len() && x.iter().zip(y).all(|(a, b)| json_eq(a, b))
         }
@@ -260,7 +279,7 @@ fn json_eq(a: &Value, b: &Value) -> bool {
 
 fn order(a: &Value, b: &Value) -> Option<Ordering> {
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => x.as_f64()?.partial_cmp(&y.as_f64()?),
+        (Value::Number(x), Value::Number(y)) => num_cmp(x, y),
         (Value::String(x), Value::String(y)) => Some(x.as_bytes().cmp(y.as_bytes())),
         _ => None,
     }
@@ -319,6 +338,25 @@ mod tests {
         assert!(holds(json!({"path": "/context/express", "ne": true})));
         // a number is not ordered against a string
         assert!(!holds(json!({"path": "/context/payment/status", "gt": 1})));
+    }
+
+    #[test]
+    fn numbers_compare_exactly() {
+        let at = |v: Value, c: Value| {
+            Condition::parse(&c).unwrap().eval(&json!({"context": {"n": v}, "parents": {}}))
+        };
+        let (big, next) = (json!(9_007_199_254_740_992_i64), 9_007_199_254_740_993_i64);
+        assert!(!at(big.clone(), json!({"path": "/context/n", "eq": next})));
+        assert!(at(big.clone(), json!({"path": "/context/n", "lt": next})));
+        assert!(at(big.clone(), json!({"path": "/context/n", "ne": next})));
+        assert!(at(big, json!({"path": "/context/n", "eq": 9_007_199_254_740_992.0})));
+        let top = json!(u64::MAX);
+        assert!(at(top.clone(), json!({"path": "/context/n", "gt": i64::MAX})));
+        assert!(!at(top, json!({"path": "/context/n", "eq": i64::MAX})));
+        assert!(at(json!(2.5), json!({"path": "/context/n", "gt": 2})));
+        assert!(at(json!(-3), json!({"path": "/context/n", "lt": -2.5})));
+        assert!(at(json!(1e300), json!({"path": "/context/n", "gt": u64::MAX})));
+        assert!(at(json!(1), json!({"path": "/context/n", "in": [0.5, 1.0]})));
     }
 
     #[test]

@@ -222,6 +222,35 @@ impl StepRule {
         }))
     }
 
+    /// What the rule reads when it is judged: the members of the task context, and of each
+    /// dependency's results, that its paths start with (the first step of each path), so that
+    /// only those need be fetched and parsed — a document's other members may be anything
+    /// PostgreSQL stores (deeper than serde's 128 levels, numbers beyond `f64`). `None` for
+    /// the context when no path reads it; dependencies in the order first read.
+    pub fn reads(&self) -> Reads {
+        let mut paths: Vec<&str> =
+            self.condition.as_ref().map(Condition::paths).unwrap_or_default();
+        paths.extend(self.map.as_deref());
+        let mut out = Reads::default();
+        for source in paths.into_iter().filter_map(condition::source) {
+            let (members, pointer) = match source {
+                Source::Context(p) => (out.context.get_or_insert_with(Members::default), p),
+                Source::Parent(name, p) => {
+                    let i = match out.parents.iter().position(|(n, _)| *n == name) {
+                        Some(i) => i,
+                        None => {
+                            out.parents.push((name, Members::default()));
+                            out.parents.len() - 1
+                        }
+                    };
+                    (&mut out.parents[i].1, p)
+                }
+            };
+            members.add(pointer);
+        }
+        out
+    }
+
     /// The dependency a map step reads its array from, if it is one.
     pub fn map_parent(&self) -> Option<String> {
         match condition::source(self.map.as_deref()?)? {
@@ -299,6 +328,36 @@ impl StepRule {
                 ),
                 limit: false,
             },
+        }
+    }
+}
+
+/// What a rule reads (see [`StepRule::reads`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reads {
+    pub context: Option<Members>,
+    pub parents: Vec<(String, Members)>,
+}
+
+/// The part of a JSON document a rule's paths read: all of it (a path to the document
+/// itself), or the members named (each path's first step, pointer escapes undone; each once).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Members {
+    pub whole: bool,
+    pub keys: Vec<String>,
+}
+
+impl Members {
+    /// Notes the member JSON pointer `pointer` (into the document) starts with.
+    fn add(&mut self, pointer: &str) {
+        let Some(rest) = pointer.strip_prefix('/') else {
+            self.whole = true;
+            return;
+        };
+        let token = rest.split('/').next().unwrap_or_default();
+        let key = token.replace("~1", "/").replace("~0", "~");
+        if !self.keys.contains(&key) {
+            self.keys.push(key);
         }
     }
 }

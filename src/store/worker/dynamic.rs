@@ -11,8 +11,8 @@
 //! (`waiting` to be judged, `mapped` waiting for its instances, `done`).
 
 use super::*;
-use crate::core::dynamic::{Decision, Parent, StepRule};
-use crate::store::locks::with_all_locked;
+use crate::core::dynamic::{Decision, Parent, Reads, StepRule};
+use crate::store::locks::{try_all_locked, with_all_locked};
 
 /// Whether the SQL has dynamic steps (0.9.0 on).
 pub fn installed() -> bool {
@@ -42,8 +42,11 @@ pub(super) fn advance_and_finalize(
     due: bool,
 ) -> Result<(), TaskerError> {
     if (!due && installed()) || take_due() {
+        // (the worker protocol's batch holds its steps' rows; tick() and retry_task() start
+        // holding none of these)
+        let mut holding = due;
         for &task_id in tasks {
-            advance(client, schema, task_id)?;
+            advance(client, schema, task_id, &mut holding)?;
         }
     }
     for &task_id in tasks {
@@ -68,7 +71,8 @@ pub fn advance_if_due(
     if !take_due() {
         return Ok(0);
     }
-    advance(client, schema, task_id)
+    // (the finalizer's caller holds the rows of the step it finished)
+    advance(client, schema, task_id, &mut true)
 }
 
 /// Records the dynamic steps of a task being created (`steps`: each step's id and rule) and
@@ -106,18 +110,25 @@ pub(crate) fn record(
 /// Returns how many it looked at. (Callers that know a step may be due without this
 /// transaction having made it so — creation, `tick()`, `retry_task()` — call it directly; the
 /// finalizer calls [`advance_if_due`].)
-/// Each step is handled with its rows and its children's locked at once
-/// ([`crate::store::locks`]): the caller must not hold its task's lock (whoever holds one of
-/// those rows may be waiting for it).
+/// Each step is handled with its rows, its children's and those of every step a cascade from
+/// it may reach locked at once ([`crate::store::locks`]); the caller must not hold its task's
+/// lock (whoever holds one of those rows may be waiting for it). `holding`: whether this
+/// transaction holds rows already (set once it does). Holding some, it never waits for
+/// others: a step whose rows another transaction holds is left to `tick()`. The steps this
+/// transaction made due are never left so: their rows were taken with the rows of the step
+/// that finished their last parent. (A step made due by other writes is, and the other
+/// transaction may be a completion waiting for rows this one holds.)
 pub fn advance(
     client: &SpiClient<'_>,
     schema: &SchemaName,
     task_id: i64,
+    holding: &mut bool,
 ) -> Result<usize, TaskerError> {
     let mut judged = 0;
     // A step is due at most twice: to be judged, and (a map step) when its instances have
     // finished. A step listed again after that was left as it was by another transaction
-    // (its rows read again under the locks): it is not looked at again here.
+    // (its rows read again under the locks), or its rows were another's: it is not looked
+    // at again here.
     let mut visits: std::collections::HashMap<i64, u8> = std::collections::HashMap::new();
     loop {
         // (what the judgements below make due, the next round finds)
@@ -126,7 +137,7 @@ pub fn advance(
             .into_iter()
             .filter(|id| {
                 let n = visits.entry(*id).or_default();
-                *n += 1;
+                *n = n.saturating_add(1);
                 *n <= 2
             })
             .collect();
@@ -134,12 +145,18 @@ pub fn advance(
             return Ok(judged);
         }
         judged += due.len();
-        // every row the round may write, and a cascade from it, taken at once (the rows of a
-        // later round are among them: taken again, they are this transaction's already)
-        let set = children_of(client, &due)?.lock_set(&due, &[]);
-        with_all_locked(client, schema, set, || {
-            due.iter().try_for_each(|&step_id| judge(client, schema, (task_id, step_id)))
-        })?;
+        for step_id in due {
+            // (a cascade's steps of a later round are among these rows: taken again, they are
+            // this transaction's already)
+            let set = children_of(client, &[step_id])?.lock_set(&[step_id], &[]);
+            let body = || judge(client, schema, (task_id, step_id));
+            if !*holding {
+                with_all_locked(client, schema, set, body)?;
+                *holding = true;
+            } else if try_all_locked(client, schema, set, body)?.is_none() {
+                visits.insert(step_id, u8::MAX);
+            }
+        }
     }
 }
 
@@ -191,18 +208,17 @@ fn judge(
     schema: &SchemaName,
     (task_id, step_id): (i64, i64),
 ) -> Result<(), TaskerError> {
-    let row: Option<(Value, String, Value)> = per_step(
+    let row: Option<(Value, String, bool)> = per_step(
         client,
         schema,
         ("dynamic_judge", step_id),
         |q| {
             format!(
                 "SELECT d.rule, d.phase,
-                        -- (the context only for a step to judge: a map step's collection does
-                        -- not read it, and it may hold the whole mapped array)
-                        CASE WHEN d.phase = 'waiting' THEN
-                            (SELECT COALESCE(t.context, 'null'::jsonb) FROM {q}.tasker_tasks t
-                             WHERE t.task_id = d.task_id) END
+                        -- (judged before and run by a worker: retry_task sent it back)
+                        EXISTS (SELECT 1 FROM {q}.tasker_workflow_step_transitions tr
+                                WHERE tr.workflow_step_id = d.workflow_step_id
+                                  AND tr.to_state = 'in_progress')
                  FROM tasker_core.dynamic_steps d
                  JOIN tasker_core.step_state s ON s.workflow_step_id = d.workflow_step_id
                  WHERE d.workflow_step_id = $1 AND {DUE_SQL}
@@ -214,19 +230,28 @@ fn judge(
                 Ok((
                     r.get::<JsonB>(1)?.map(|j| j.0).unwrap_or_default(),
                     r.get::<String>(2)?.unwrap_or_default(),
-                    r.get::<JsonB>(3)?.map(|j| j.0).unwrap_or_default(),
+                    r.get::<bool>(3)?.unwrap_or_default(),
                 ))
             })
         },
     )?;
-    let Some((rule, phase, context)) = row else {
+    let Some((rule, phase, ran)) = row else {
         return Ok(());
     };
     if phase == "mapped" {
         return complete_map(client, schema, step_id);
     }
+    if ran {
+        // retry_task sends every failed dynamic step back to be judged, for the map steps whose
+        // input was unusable; one that was judged to run and failed in a worker's hands runs
+        // again, as a retried ordinary step does (its condition is not judged a second time)
+        return finish(client, step_id, false);
+    }
     let rule = StepRule::from_json(&rule)?;
-    let parents = parent_outcomes(client, schema, step_id)?;
+    let (context, parents) = match read_inputs(client, schema, (task_id, step_id), &rule)? {
+        Ok(inputs) => inputs,
+        Err(message) => return fail_judged(client, schema, step_id, &message, "TK026"),
+    };
     let views: Vec<Parent<'_>> = parents
         .iter()
         .map(|(name, results, skipped)| Parent {
@@ -254,23 +279,116 @@ fn judge(
         }
         Decision::Expand([]) => complete_map(client, schema, step_id),
         Decision::Expand(items) => expand(client, schema, task_id, step_id, items),
-        Decision::Fail { message, limit } => fail_map(client, schema, step_id, &message, limit),
+        Decision::Fail { message, limit } => {
+            fail_judged(client, schema, step_id, &message, if limit { "54000" } else { "TK025" })
+        }
     }
 }
 
-/// The step's parents: name, results (none for a skipped one) and whether it was skipped.
+/// A finished parent: its name, its results (read only when the rule reads them) and whether
+/// it was skipped.
+type ParentInputs = Vec<(String, Option<Value>, bool)>;
+
+/// The expression of `doc` trimmed to what a rule reads: all of it when `$whole` (or it is no
+/// object), else an object of just the members named in `keys` it has.
+fn trimmed(doc: &str, whole: &str, keys: &str) -> String {
+    format!(
+        "CASE WHEN {doc} IS NULL OR {whole} OR jsonb_typeof({doc}) <> 'object' THEN {doc}
+              ELSE COALESCE((SELECT jsonb_object_agg(k.k, {doc} -> k.k) FROM ({keys}) AS k(k)
+                             WHERE {doc} ? k.k), '{{}}') END"
+    )
+}
+
+/// What the rule of a step reads, and only that: the task context trimmed to the members its
+/// paths start with (`null` when none is read), and every parent with its results trimmed the
+/// same way (none for a parent not read). The documents come as text and are parsed here: a
+/// member serde cannot hold (nested past 128 levels, a number beyond `f64`: an application may
+/// have stored one) is the inner `Err`, saying which and why — never a panic; members the rule
+/// does not read may hold anything.
+fn read_inputs(
+    client: &SpiClient<'_>,
+    schema: &SchemaName,
+    (task_id, step_id): (i64, i64),
+    rule: &StepRule,
+) -> Result<Result<(Value, ParentInputs), String>, TaskerError> {
+    let reads = rule.reads();
+    let parse = |what: &str, text: &str| {
+        serde_json::from_str::<Value>(text).map_err(|e| format!("{what} cannot be read: {e}"))
+    };
+    let context = match &reads.context {
+        None => Value::Null,
+        Some(m) => {
+            let (whole, keys) = (m.whole, m.keys.clone());
+            let q = schema.quoted();
+            let text = with_write_plan(
+                client,
+                "dynamic_context",
+                schema.as_str(),
+                &[INT8, BOOL, TEXTARRAY],
+                || {
+                    let doc = trimmed("t.context", "$2", "SELECT unnest($3::text[])");
+                    format!("SELECT ({doc})::text FROM {q}.tasker_tasks t WHERE t.task_id = $1")
+                },
+                |stmt| {
+                    one_value::<String>(client, stmt, &[task_id.into(), whole.into(), keys.into()])
+                },
+            )
+            .map_err(spi)?;
+            match parse("the task context", text.as_deref().unwrap_or("null")) {
+                Ok(v) => v,
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+    };
+    let mut parents = Vec::new();
+    for (name, text, skipped) in parent_outcomes(client, schema, step_id, &reads)? {
+        let results = match text {
+            Some(t) => match parse(&format!("the results of {name}"), &t) {
+                Ok(v) => Some(v),
+                Err(e) => return Ok(Err(e)),
+            },
+            None => None,
+        };
+        parents.push((name, results, skipped));
+    }
+    Ok(Ok((context, parents)))
+}
+
+/// The step's parents: name, results as text trimmed to what `reads` reads of them (none for
+/// a parent not read, skipped, or without results) and whether it was skipped.
 fn parent_outcomes(
     client: &SpiClient<'_>,
     schema: &SchemaName,
     step_id: i64,
-) -> Result<Vec<(String, Option<Value>, bool)>, TaskerError> {
-    per_step(
+    reads: &Reads,
+) -> Result<Vec<(String, Option<String>, bool)>, TaskerError> {
+    let whole: Vec<String> =
+        reads.parents.iter().filter(|(_, m)| m.whole).map(|(n, _)| n.clone()).collect();
+    let (mut names, mut keys) = (Vec::new(), Vec::new());
+    for (name, m) in &reads.parents {
+        for k in &m.keys {
+            names.push(name.clone());
+            keys.push(k.clone());
+        }
+    }
+    let q = schema.quoted();
+    with_write_plan(
         client,
-        schema,
-        ("dynamic_parents", step_id),
-        |q| {
+        "dynamic_parents",
+        schema.as_str(),
+        &[INT8, TEXTARRAY, TEXTARRAY, TEXTARRAY],
+        || {
+            let doc = trimmed(
+                "ws.results",
+                "ns.name::text = ANY ($2)",
+                "SELECT r.k FROM unnest($3::text[], $4::text[]) AS r(n, k) WHERE r.n = ns.name::text",
+            );
             format!(
-                "SELECT ns.name::text, ws.results, COALESCE(d.skipped, false)
+                "SELECT ns.name::text,
+                        CASE WHEN NOT COALESCE(d.skipped, false)
+                              AND (ns.name::text = ANY ($2) OR ns.name::text = ANY ($3))
+                             THEN ({doc})::text END,
+                        COALESCE(d.skipped, false)
                  FROM tasker_core.step_state s
                  CROSS JOIN LATERAL unnest(s.parent_ids) AS p(id)
                  JOIN {q}.tasker_workflow_steps ws ON ws.workflow_step_id = p.id
@@ -279,14 +397,18 @@ fn parent_outcomes(
                  WHERE s.workflow_step_id = $1"
             )
         },
-        |stmt, id| {
-            all_rows(client, stmt, &[id.into()], |r| {
-                let skipped = r.get::<bool>(3)?.unwrap_or_default();
-                let results = r.get::<JsonB>(2)?.map(|j| j.0).filter(|_| !skipped);
-                Ok((r.get::<String>(1)?.unwrap_or_default(), results, skipped))
+        |stmt| {
+            let args = [step_id.into(), whole.clone().into(), names.clone().into(), keys.clone().into()];
+            all_rows(client, stmt, &args, |r| {
+                Ok((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?,
+                    r.get::<bool>(3)?.unwrap_or_default(),
+                ))
             })
         },
     )
+    .map_err(spi)
 }
 
 /// When a root step of task `task` (an SQL expression) may start: its task's later start, NULL
@@ -352,10 +474,17 @@ fn expand(
                      -- (ids drawn in element order: the fan-in orders the results by id)
                      FROM (SELECT elem, ord FROM jsonb_array_elements($3) WITH ORDINALITY AS a(elem, ord)
                            ORDER BY ord) AS e),
-                 m AS (SELECT ws.named_step_id, ws.retryable, ws.retry_limit, ws.skippable,
-                              s.name, s.namespace_id, s.priority
+                 -- (the instances' retry policy is the template's: the map step's own may
+                 -- have been changed by its failure and a retry_task)
+                 m AS (SELECT ws.named_step_id,
+                              COALESCE(nts.default_retryable, ws.retryable) AS retryable,
+                              COALESCE(nts.default_retry_limit, ws.retry_limit) AS retry_limit,
+                              ws.skippable, s.name, s.namespace_id, s.priority
                        FROM {q}.tasker_workflow_steps ws
                        JOIN tasker_core.step_state s ON s.workflow_step_id = ws.workflow_step_id
+                       JOIN {q}.tasker_tasks t ON t.task_id = ws.task_id
+                       LEFT JOIN {q}.tasker_named_tasks_named_steps nts
+                         ON nts.named_task_id = t.named_task_id AND nts.named_step_id = ws.named_step_id
                        WHERE ws.workflow_step_id = $2),
                  steps AS (
                      INSERT INTO {q}.tasker_workflow_steps (workflow_step_id, task_id, named_step_id,
@@ -450,17 +579,18 @@ fn complete_map(
     finish(client, step_id, false)
 }
 
-/// Fails a map step whose input is unusable, for good: not retryable, the error in its results
-/// (`code` 54000 for too many elements, TK025 for no array).
-fn fail_map(
+/// Fails a dynamic step that cannot be judged, for good: not retryable, the error in its
+/// results — `code` 54000 for a map with too many elements, TK025 for a map with no array,
+/// TK026 for a document its rule reads that cannot be read. `retry_task` judges it again.
+fn fail_judged(
     client: &SpiClient<'_>,
     schema: &SchemaName,
     step_id: i64,
     message: &str,
-    limit: bool,
+    code: &str,
 ) -> Result<(), TaskerError> {
     let q = schema.quoted();
-    let error = json!({ "message": message, "code": if limit { "54000" } else { "TK025" } });
+    let error = json!({ "message": message, "code": code });
     step_update(
         client,
         schema,

@@ -35,6 +35,33 @@ fn rules_parse_and_round_trip() {
 }
 
 #[test]
+fn what_a_rule_reads() {
+    let r = |v: Value| rule(v).unwrap().unwrap();
+    let keys =
+        |k: &[&str]| Members { whole: false, keys: k.iter().map(|s| s.to_string()).collect() };
+    let plain = r(json!({"depends_on_steps": ["a", "b"], "skip_with": true}));
+    assert_eq!(plain.reads(), Reads::default());
+    let ctx = r(json!({"map": {"over": "/context/items"}}));
+    assert_eq!(ctx.reads(), Reads { context: Some(keys(&["items"])), parents: vec![] });
+    let both = r(json!({"depends_on_steps": ["a", "b"],
+                        "condition": {"all": [{"path": "/parents/b/ok", "eq": true},
+                                              {"path": "/context/x~1y/z", "exists": true},
+                                              {"path": "/parents/b/n/0", "gt": 1},
+                                              {"path": "/parents/b/ok", "ne": 3}]},
+                        "map": {"over": "/parents/a"}}));
+    assert_eq!(
+        both.reads(),
+        Reads {
+            context: Some(keys(&["x/y"])),
+            parents: vec![
+                ("b".into(), keys(&["ok", "n"])),
+                ("a".into(), Members { whole: true, keys: vec![] })
+            ],
+        }
+    );
+}
+
+#[test]
 fn each_defect_is_named() {
     assert!(reason(json!({"condition": {"path": "/parents/x/ok", "eq": 1}}))
         .contains("reads /parents/x, which is not one of its dependencies"));
