@@ -313,7 +313,7 @@ pub fn create_task(
             // root steps are judged now: a condition on the context, a map over it; when any
             // was, the task may already be finished (every step skipped or an empty map) or
             // failed (a map whose input is unusable)
-            if dynamic::advance(client, schema, task_id, &mut false)? > 0 {
+            if dynamic::advance(client, schema, task_id)? > 0 {
                 crate::store::worker::finalize(client, schema, task_id)?;
             }
         }

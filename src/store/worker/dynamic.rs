@@ -12,7 +12,7 @@
 
 use super::*;
 use crate::core::dynamic::{Decision, Parent, Reads, StepRule};
-use crate::store::locks::{try_all_locked, with_all_locked};
+use crate::store::locks::try_all_locked;
 
 /// Whether the SQL has dynamic steps (0.9.0 on).
 pub fn installed() -> bool {
@@ -42,11 +42,8 @@ pub(super) fn advance_and_finalize(
     due: bool,
 ) -> Result<(), TaskerError> {
     if (!due && installed()) || take_due() {
-        // (the worker protocol's batch holds its steps' rows; tick() and retry_task() start
-        // holding none of these)
-        let mut holding = due;
         for &task_id in tasks {
-            advance(client, schema, task_id, &mut holding)?;
+            advance(client, schema, task_id)?;
         }
     }
     for &task_id in tasks {
@@ -71,8 +68,7 @@ pub fn advance_if_due(
     if !take_due() {
         return Ok(0);
     }
-    // (the finalizer's caller holds the rows of the step it finished)
-    advance(client, schema, task_id, &mut true)
+    advance(client, schema, task_id)
 }
 
 /// Records the dynamic steps of a task being created (`steps`: each step's id and rule) and
@@ -111,18 +107,18 @@ pub(crate) fn record(
 /// transaction having made it so — creation, `tick()`, `retry_task()` — call it directly; the
 /// finalizer calls [`advance_if_due`].)
 /// Each step is handled with its rows, its children's and those of every step a cascade from
-/// it may reach locked at once ([`crate::store::locks`]); the caller must not hold its task's
-/// lock (whoever holds one of those rows may be waiting for it). `holding`: whether this
-/// transaction holds rows already (set once it does). Holding some, it never waits for
-/// others: a step whose rows another transaction holds is left to `tick()`. The steps this
-/// transaction made due are never left so: their rows were taken with the rows of the step
-/// that finished their last parent. (A step made due by other writes is, and the other
-/// transaction may be a completion waiting for rows this one holds.)
+/// it may reach locked at once ([`crate::store::locks`]), never waiting for them: the callers
+/// hold rows already (the step a worker finished; every step of the task in `retry_task()`;
+/// steps whose leases `tick()` expired), and a wait while holding rows could close a cycle. A
+/// step whose rows another transaction holds is left to `tick()`. The steps this transaction
+/// made due are never left so: their rows were taken with the rows of the step that finished
+/// their last parent. (A step made due by other writes may be, and the other transaction may
+/// be a completion waiting for rows this one holds.) Creation's rows are new: nobody else
+/// holds them.
 pub fn advance(
     client: &SpiClient<'_>,
     schema: &SchemaName,
     task_id: i64,
-    holding: &mut bool,
 ) -> Result<usize, TaskerError> {
     let mut judged = 0;
     // A step is due at most twice: to be judged, and (a map step) when its instances have
@@ -149,11 +145,9 @@ pub fn advance(
             // (a cascade's steps of a later round are among these rows: taken again, they are
             // this transaction's already)
             let set = children_of(client, &[step_id])?.lock_set(&[step_id], &[]);
-            let body = || judge(client, schema, (task_id, step_id));
-            if !*holding {
-                with_all_locked(client, schema, set, body)?;
-                *holding = true;
-            } else if try_all_locked(client, schema, set, body)?.is_none() {
+            if try_all_locked(client, schema, set, || judge(client, schema, (task_id, step_id)))?
+                .is_none()
+            {
                 visits.insert(step_id, u8::MAX);
             }
         }
@@ -242,9 +236,11 @@ fn judge(
         return complete_map(client, schema, step_id);
     }
     if ran {
-        // retry_task sends every failed dynamic step back to be judged, for the map steps whose
-        // input was unusable; one that was judged to run and failed in a worker's hands runs
-        // again, as a retried ordinary step does (its condition is not judged a second time)
+        // retry_task sends every failed dynamic step back to be judged, for the steps that
+        // failed when they were judged (which go pending -> error, never in_progress); one that
+        // was judged to run and failed in a worker's hands runs again, as a retried ordinary
+        // step does (its condition is not judged a second time). (A step an application moved
+        // to in_progress itself before it was judged is taken as run the same way.)
         return finish(client, step_id, false);
     }
     let rule = StepRule::from_json(&rule)?;
