@@ -4,22 +4,12 @@ rebuilds and retention, and documents an application wrote that serde cannot hol
 import json
 import threading
 
-import psycopg
 import pytest
 
 from conftest import sqlstate_of
-from test_dynamic import (ITEMS, ORDER, assert_consistent, claim, complete, create, register,
+# (conn: test_dynamic's fixture, a database with tracking on and its two templates)
+from test_dynamic import (assert_consistent, claim, complete, conn, create, register,  # noqa: F401
                           states, task_state)
-
-
-@pytest.fixture
-def conn(tasker_db):
-    with tasker_db.connect() as c:
-        c.execute("SELECT tasker_core.enable_tracking()")
-        for t in (ITEMS, ORDER):
-            register(c, t)
-        c.db = tasker_db
-        yield c
 
 
 def ids_of(c, task):
