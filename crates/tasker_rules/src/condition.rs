@@ -238,7 +238,12 @@ pub fn source(path: &str) -> Option<Source<'_>> {
     if token.is_empty() {
         return None;
     }
-    Some(Source::Parent(token.replace("~1", "/").replace("~0", "~"), pointer))
+    Some(Source::Parent(unescape(token), pointer))
+}
+
+/// A JSON pointer's reference token with its escapes undone (`~1` is `/`, `~0` is `~`).
+pub fn unescape(token: &str) -> String {
+    token.replace("~1", "/").replace("~0", "~")
 }
 
 /// Two JSON numbers by value (`1` equals `1.0`), integers exactly however large (as `f64`,

@@ -354,8 +354,7 @@ impl Members {
             self.whole = true;
             return;
         };
-        let token = rest.split('/').next().unwrap_or_default();
-        let key = token.replace("~1", "/").replace("~0", "~");
+        let key = condition::unescape(rest.split('/').next().unwrap_or_default());
         if !self.keys.contains(&key) {
             self.keys.push(key);
         }

@@ -308,11 +308,8 @@ fn read_inputs(
     rule: &StepRule,
 ) -> Result<Result<(Value, ParentInputs), String>, TaskerError> {
     let reads = rule.reads();
-    let parse = |what: &str, text: &str| {
-        serde_json::from_str::<Value>(text).map_err(|e| format!("{what} cannot be read: {e}"))
-    };
     let context = match &reads.context {
-        None => Value::Null,
+        None => None,
         Some(m) => {
             let (whole, keys) = (m.whole, m.keys.clone());
             let q = schema.quoted();
@@ -330,24 +327,26 @@ fn read_inputs(
                 },
             )
             .map_err(spi)?;
-            match parse("the task context", text.as_deref().unwrap_or("null")) {
-                Ok(v) => v,
-                Err(e) => return Ok(Err(e)),
-            }
+            Some(text.unwrap_or_else(|| "null".to_owned()))
         }
     };
-    let mut parents = Vec::new();
-    for (name, text, skipped) in parent_outcomes(client, schema, step_id, &reads)? {
-        let results = match text {
-            Some(t) => match parse(&format!("the results of {name}"), &t) {
-                Ok(v) => Some(v),
-                Err(e) => return Ok(Err(e)),
-            },
-            None => None,
-        };
-        parents.push((name, results, skipped));
-    }
-    Ok(Ok((context, parents)))
+    let parents = parent_outcomes(client, schema, step_id, &reads)?;
+    let parse = |what: &str, text: &str| {
+        serde_json::from_str::<Value>(text).map_err(|e| format!("{what} cannot be read: {e}"))
+    };
+    let parsed = || -> Result<(Value, ParentInputs), String> {
+        let context = context.map_or(Ok(Value::Null), |t| parse("the task context", &t))?;
+        let parents = parents
+            .into_iter()
+            .map(|(name, text, skipped)| {
+                let results =
+                    text.map(|t| parse(&format!("the results of {name}"), &t)).transpose()?;
+                Ok((name, results, skipped))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok((context, parents))
+    };
+    Ok(parsed())
 }
 
 /// The step's parents: name, results as text trimmed to what `reads` reads of them (none for

@@ -66,8 +66,8 @@ pub fn report(
             .filter(|(_, o)| matches!(o, Outcome::Complete { .. }))
             .map(|(id, _)| *id)
             .collect();
-        let failing: Vec<i64> = order.iter().map(|(id, _)| *id).collect();
-        let set = children_of(client, &completing)?.lock_set(&completing, &failing);
+        let reported: Vec<i64> = order.iter().map(|(id, _)| *id).collect();
+        let set = children_of(client, &completing)?.lock_set(&completing, &reported);
         crate::store::locks::with_all_locked(client, schema, set, || {
             record_outcomes(client, schema, worker_id, &order)
         })
